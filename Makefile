@@ -1,0 +1,38 @@
+# fastp2phd: `make test` is the whole set-up on a fresh machine.
+#
+# TORCH_SPEC pins the torch build the venv gets. The default is the CPU wheel this
+# project is developed with; CUDA users override it, e.g.
+#   make test TORCH_SPEC="torch==2.13.0" TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+PYTEST_ARGS ?=
+
+PIP := $(VENV)/bin/python -m pip
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastp2phd-installed
+
+.PHONY: install test info clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip "setuptools>=69" wheel ninja
+
+# Reinstall (and rebuild the extension) when the build or the C++/CUDA sources change.
+$(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(wildcard csrc/*)
+	$(PIP) install $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
+	$(PIP) install --no-build-isolation -e ".[test]"
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m fastp2phd info
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+info: $(STAMP)
+	$(PY) -m fastp2phd info
+
+clean:
+	rm -rf build *.egg-info fastp2phd/_C*.so

@@ -1,0 +1,197 @@
+// instance_mean on the CPU: two passes over the features, no per-pixel temporaries.
+//
+// Pass 1 (threads over rows): each thread maps ids to its own dense segment
+// indices with a hash table and accumulates per-segment sums and pixel counts.
+// Per-thread tables are merged into one, then pass 2 (threads over rows) writes
+// every pixel's segment mean. Work is done per run of equal ids along a row:
+// label maps are spatially coherent, so a row of 2048 pixels has a few dozen
+// runs, one hash lookup each.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "checks.h"
+
+namespace fastp2phd {
+namespace {
+
+// Open-addressing hash map from an instance id to a dense segment index.
+class SegmentTable {
+ public:
+  SegmentTable() { rehash(64); }
+
+  // Index of `id`, inserting it as a new segment when unseen.
+  int64_t insert(int64_t id) {
+    int64_t slot = find_slot(id);
+    if (values_[slot] < 0) {
+      values_[slot] = static_cast<int64_t>(ids_.size());
+      keys_[slot] = id;
+      ids_.push_back(id);
+      if (2 * ids_.size() > keys_.size()) {
+        rehash(2 * keys_.size());
+        slot = find_slot(id);
+      }
+    }
+    return values_[slot];
+  }
+
+  // Index of an id known to be present (read-only, safe to share across threads).
+  int64_t at(int64_t id) const { return values_[find_slot(id)]; }
+
+  // Ids in the order they were first seen: segment i holds ids()[i].
+  const std::vector<int64_t>& ids() const { return ids_; }
+
+ private:
+  static uint64_t mix(uint64_t x) {  // splitmix64 finaliser
+    x ^= x >> 30; x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27; x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+  }
+  int64_t find_slot(int64_t id) const {
+    const uint64_t mask = keys_.size() - 1;
+    uint64_t slot = mix(static_cast<uint64_t>(id)) & mask;
+    while (values_[slot] >= 0 && keys_[slot] != id) slot = (slot + 1) & mask;
+    return static_cast<int64_t>(slot);
+  }
+  void rehash(size_t capacity) {
+    keys_.assign(capacity, 0);
+    values_.assign(capacity, -1);
+    for (size_t i = 0; i < ids_.size(); ++i) {
+      const int64_t slot = find_slot(ids_[i]);
+      keys_[slot] = ids_[i];
+      values_[slot] = static_cast<int64_t>(i);
+    }
+  }
+  std::vector<int64_t> keys_;
+  std::vector<int64_t> values_;  // -1 marks an empty slot
+  std::vector<int64_t> ids_;
+};
+
+struct Run {
+  int64_t begin, end, segment;
+};
+
+// Splits one row of ids into runs of equal ids, mapping each run's id through `lookup`.
+template <typename id_t, typename Lookup>
+void row_runs(const id_t* ids, int64_t stride, int64_t W, Lookup&& lookup, std::vector<Run>& runs) {
+  runs.clear();
+  int64_t x = 0;
+  while (x < W) {
+    const id_t v = ids[x * stride];
+    int64_t end = x + 1;
+    while (end < W && ids[end * stride] == v) ++end;
+    runs.push_back({x, end, lookup(static_cast<int64_t>(v))});
+    x = end;
+  }
+}
+
+// Sums and pixel counts of one thread's segments, indexed [segment * C + c].
+struct Partial {
+  SegmentTable table;
+  std::vector<double> sums;
+  std::vector<int64_t> counts;
+};
+
+template <typename feat_t, typename id_t>
+void instance_mean_kernel(const at::Tensor& feat, const at::Tensor& inst, at::Tensor& out) {
+  using acc_t = at::opmath_type<feat_t>;
+  const int64_t N = feat.size(0), C = feat.size(1), H = feat.size(2), W = feat.size(3);
+  const feat_t* f = feat.const_data_ptr<feat_t>();
+  const int64_t fN = feat.stride(0), fC = feat.stride(1), fH = feat.stride(2), fW = feat.stride(3);
+  feat_t* o = out.mutable_data_ptr<feat_t>();
+  const int64_t oN = out.stride(0), oC = out.stride(1), oH = out.stride(2), oW = out.stride(3);
+  const id_t* ids = inst.const_data_ptr<id_t>();
+  const int64_t iN = inst.stride(0), iH = inst.stride(2), iW = inst.stride(3);
+  const int64_t grain = std::max<int64_t>(1, 16384 / W);
+
+  for (int64_t n = 0; n < N; ++n) {
+    // Pass 1: per-thread partial sums.
+    std::vector<Partial> partials(at::get_num_threads());
+    at::parallel_for(0, H, grain, [&](int64_t y0, int64_t y1) {
+      Partial& p = partials[at::get_thread_num()];
+      std::vector<Run> runs;
+      for (int64_t y = y0; y < y1; ++y) {
+        row_runs(ids + n * iN + y * iH, iW, W, [&](int64_t id) { return p.table.insert(id); }, runs);
+        p.sums.resize(p.table.ids().size() * C, 0.0);
+        p.counts.resize(p.table.ids().size(), 0);
+        for (const Run& r : runs) p.counts[r.segment] += r.end - r.begin;
+        for (int64_t c = 0; c < C; ++c) {
+          const feat_t* src = f + n * fN + c * fC + y * fH;
+          for (const Run& r : runs) {
+            acc_t s = 0;
+            for (int64_t x = r.begin; x < r.end; ++x) s += static_cast<acc_t>(src[x * fW]);
+            p.sums[r.segment * C + c] += s;
+          }
+        }
+      }
+    });
+
+    // Merge the threads' segments and turn sums into means.
+    SegmentTable table;
+    std::vector<double> sums;
+    std::vector<int64_t> counts;
+    for (const Partial& p : partials) {
+      const auto& local_ids = p.table.ids();
+      for (size_t j = 0; j < local_ids.size(); ++j) {
+        const int64_t s = table.insert(local_ids[j]);
+        sums.resize(table.ids().size() * C, 0.0);
+        counts.resize(table.ids().size(), 0);
+        counts[s] += p.counts[j];
+        for (int64_t c = 0; c < C; ++c) sums[s * C + c] += p.sums[j * C + c];
+      }
+    }
+    std::vector<feat_t> means(sums.size());
+    for (size_t s = 0; s < counts.size(); ++s)
+      for (int64_t c = 0; c < C; ++c)
+        means[s * C + c] = static_cast<feat_t>(sums[s * C + c] / static_cast<double>(counts[s]));
+
+    // Pass 2: broadcast each segment's mean over its pixels.
+    at::parallel_for(0, H, grain, [&](int64_t y0, int64_t y1) {
+      std::vector<Run> runs;
+      for (int64_t y = y0; y < y1; ++y) {
+        row_runs(ids + n * iN + y * iH, iW, W, [&](int64_t id) { return table.at(id); }, runs);
+        for (int64_t c = 0; c < C; ++c) {
+          feat_t* dst = o + n * oN + c * oC + y * oH;
+          for (const Run& r : runs) {
+            const feat_t m = means[r.segment * C + c];
+            for (int64_t x = r.begin; x < r.end; ++x) dst[x * oW] = m;
+          }
+        }
+      }
+    });
+  }
+}
+
+at::Tensor instance_mean_cpu(const at::Tensor& feat, const at::Tensor& inst) {
+  check_instance_map(inst, "instance_mean");
+  TORCH_CHECK(feat.dim() == 4, "instance_mean: feat must have shape (N, C, H, W), got ", feat.sizes());
+  TORCH_CHECK(feat.size(0) == inst.size(0) && feat.size(2) == inst.size(2) && feat.size(3) == inst.size(3),
+              "instance_mean: feat ", feat.sizes(), " and inst ", inst.sizes(),
+              " must share batch, height and width");
+  TORCH_CHECK(feat.is_floating_point(), "instance_mean: feat must be a floating-point tensor, got ",
+              feat.scalar_type());
+  TORCH_CHECK(feat.device().is_cpu() && inst.device().is_cpu(),
+              "instance_mean: the CPU kernel got tensors on ", feat.device(), " and ", inst.device());
+  at::Tensor out = at::empty_like(feat);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "instance_mean_feat", [&] {
+    using feat_t = scalar_t;
+    AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, inst.scalar_type(), "instance_mean_ids", [&] {
+      instance_mean_kernel<feat_t, scalar_t>(feat, inst, out);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastp2phd, CPU, m) {
+  m.impl("instance_mean", &instance_mean_cpu);
+}
+
+}  // namespace fastp2phd

@@ -1,0 +1,67 @@
+"""What this installation of fastp2phd can do: versions, devices, and which fast paths run.
+
+``fastp2phd info`` (or ``python -m fastp2phd info``) prints the report;
+``fastp2phd.info()`` prints it and returns the same facts as a dict.
+"""
+from __future__ import annotations
+
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def collect() -> dict[str, Any]:
+    import torch
+
+    from . import __version__, _extension
+    from .ops import IMPL_ENV, fast_paths
+
+    devices = [f"cpu ({torch.get_num_threads()} threads)"]
+    if torch.cuda.is_available():
+        devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    ops = {op: {"reference": None, **{p.name: p.unavailable for p in paths}} for op, paths in fast_paths().items()}
+    return {
+        "fastp2phd": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "numpy": _version("numpy"),
+        "devices": devices,
+        "extension": "loaded" if _extension.is_loaded() else _extension.load_error,
+        "impl_default": os.environ.get(IMPL_ENV, "auto"),
+        "ops": ops,
+    }
+
+
+def format_report(facts: dict[str, Any]) -> str:
+    lines = [
+        f"fastp2phd {facts['fastp2phd']}  (python {facts['python']}, {facts['platform']})",
+        f"torch {facts['torch']} (CUDA {facts['torch_cuda'] or 'none'}), triton {facts['triton'] or 'not installed'}, "
+        f"numpy {facts['numpy']}",
+        "devices: " + ", ".join(facts["devices"]),
+        f"extension fastp2phd._C: {facts['extension']}",
+        f"default impl (FASTP2PHD_IMPL): {facts['impl_default']}",
+        "ops (impl: status):",
+    ]
+    for op, paths in facts["ops"].items():
+        lines.append(f"  {op}")
+        for name, reason in paths.items():
+            lines.append(f"    {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)
+
+
+def info() -> dict[str, Any]:
+    """Print versions, devices and the availability of every fast path; return them as a dict."""
+    facts = collect()
+    print(format_report(facts))
+    return facts

@@ -1,0 +1,81 @@
+"""pix2pixHD's feature ``Encoder``: image -> feat_num channels, averaged per instance."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..ops import instance_mean
+from .checkpoint import OfficialCheckpointMixin, indexed_weights
+from .layers import NORMS, check_choice, check_input, norm_act
+
+
+class Encoder(OfficialCheckpointMixin, nn.Module):
+    """Encoder-decoder (7x7 conv, stride-2 convs, transposed convs, 7x7 conv, tanh)
+    followed by instance-wise average pooling through ``ops.instance_mean``.
+
+    ``forward(image, inst)``: image (N, input_nc, H, W), inst (N, 1, H, W) ids;
+    returns (N, output_nc, H, W) where every instance holds its mean feature.
+    Defaults are pix2pixHD's effective ones (``--nef 16 --n_downsample_E 4``).
+    """
+
+    FLAGS = {
+        "input_nc": "pix2pixHD flag --output_nc (the encoder reads the real image)",
+        "output_nc": "pix2pixHD flag --feat_num",
+        "ngf": "pix2pixHD flag --nef",
+        "n_downsampling": "pix2pixHD flag --n_downsample_E",
+        "norm": "pix2pixHD flag --norm",
+    }
+
+    def __init__(
+        self,
+        input_nc: int,
+        output_nc: int,
+        ngf: int = 16,
+        n_downsampling: int = 4,
+        norm: str = "instance",
+        *,
+        fused: bool = True,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        for name, value in dict(input_nc=input_nc, output_nc=output_nc, ngf=ngf).items():
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Encoder: {name} must be a positive integer, got {value!r}")
+        if not isinstance(n_downsampling, int) or n_downsampling < 0:
+            raise ValueError(f"Encoder: n_downsampling must be a non-negative integer, got {n_downsampling!r}")
+        check_choice("Encoder", "norm", norm, NORMS)
+        self.options = dict(input_nc=input_nc, output_nc=output_nc, ngf=ngf, n_downsampling=n_downsampling, norm=norm)
+        self.output_nc = output_nc
+        self.impl = impl
+
+        def na(channels: int) -> list[nn.Module]:
+            return norm_act(channels, norm, "relu", fused=fused, impl=impl)
+
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7), *na(ngf)]
+        for i in range(n_downsampling):
+            mult = 2**i
+            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1), *na(ngf * mult * 2)]
+        for i in range(n_downsampling):
+            mult = 2 ** (n_downsampling - i)
+            layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1),
+                       *na(ngf * mult // 2)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, input: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+        check_input("Encoder", input, self.options["input_nc"], 2 ** self.options["n_downsampling"])
+        return instance_mean(self.model(input), inst, impl=self.impl)
+
+    @classmethod
+    def options_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        weights = indexed_weights(state_dict, "model")
+        resampling = [s for i, s in weights.items() if i > 1 and len(s) == 4 and s[2] == 3]
+        return {
+            "input_nc": weights[1][1],
+            "output_nc": weights[max(weights)][0],
+            "ngf": weights[1][0],
+            "n_downsampling": len(resampling) // 2,
+            "norm": "batch" if "model.2.running_mean" in state_dict else "instance",
+        }

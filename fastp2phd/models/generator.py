@@ -1,0 +1,298 @@
+"""pix2pixHD generators: G1 ``GlobalGenerator`` and G2 ``LocalEnhancer``.
+
+Layer order, and therefore every state_dict key, follows the original code, so
+official ``latest_net_G.pth`` files load strictly. Networks are built fused by
+default (InstanceNormAct2d + Identity where the original has InstanceNorm2d +
+ReLU); ``fused=False`` builds the plain modules.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .checkpoint import OfficialCheckpointMixin, count_blocks, indexed_weights
+from .layers import NORMS, PADDINGS, check_choice, check_input, norm_act, padded_conv
+
+_INPUT_FLAGS = (
+    "pix2pixHD flags --label_nc (--input_nc when --label_nc 0), --no_instance and --feat_num: "
+    "input channels = label_nc, +1 for the boundary map unless --no_instance, +feat_num with --instance_feat/--label_feat"
+)
+
+
+class ResnetBlock(nn.Module):
+    """x + [pad, conv3x3, norm, act, (dropout), pad, conv3x3, norm](x)."""
+
+    def __init__(
+        self,
+        dim: int,
+        padding_type: str = "reflect",
+        norm: str = "instance",
+        activation: str = "relu",
+        use_dropout: bool = False,
+        *,
+        fused: bool = True,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        check_choice("ResnetBlock", "padding_type", padding_type, PADDINGS)
+        check_choice("ResnetBlock", "norm", norm, NORMS)
+        layers = padded_conv(dim, dim, 3, padding_type) + norm_act(dim, norm, activation, fused=fused, impl=impl)
+        if use_dropout:
+            layers.append(nn.Dropout(0.5))
+        layers += padded_conv(dim, dim, 3, padding_type) + norm_act(dim, norm, "none", fused=fused, impl=impl)
+        self.conv_block = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv_block(x)
+
+
+def _global_layers(
+    input_nc: int,
+    output_nc: int,
+    ngf: int,
+    n_downsampling: int,
+    n_blocks: int,
+    norm: str,
+    padding_type: str,
+    fused: bool,
+    impl: str,
+) -> list[nn.Module]:
+    """G1's layers: 7x7 conv, stride-2 downsampling, residual blocks, transposed-conv upsampling, 7x7 conv, tanh."""
+
+    def na(channels: int) -> list[nn.Module]:
+        return norm_act(channels, norm, "relu", fused=fused, impl=impl)
+
+    layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7), *na(ngf)]
+    for i in range(n_downsampling):
+        mult = 2**i
+        layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1), *na(ngf * mult * 2)]
+    mult = 2**n_downsampling
+    for _ in range(n_blocks):
+        layers.append(ResnetBlock(ngf * mult, padding_type, norm, fused=fused, impl=impl))
+    for i in range(n_downsampling):
+        mult = 2 ** (n_downsampling - i)
+        layers += [
+            nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1),
+            *na(ngf * mult // 2),
+        ]
+    layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
+    return layers
+
+
+def _check_sizes(owner: str, **sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 0 or (value == 0 and name.endswith("nc")):
+            raise ValueError(f"{owner}: {name} must be a {'positive' if name.endswith('nc') else 'non-negative'} integer, got {value!r}")
+
+
+def _options_from_global_layers(state_dict: Mapping[str, Any], prefix: str = "model") -> dict[str, Any]:
+    """input_nc, ngf, n_downsampling, n_blocks, norm of a G1 stored under ``prefix``."""
+    weights = indexed_weights(state_dict, prefix)
+    first = weights[1]
+    # Down- and upsampling are 3x3 (transposed) convs between c and 2c channels, as many of each.
+    resampling = [s for i, s in weights.items() if i > 1 and len(s) == 4 and s[2] == 3 and s[0] == 2 * s[1]]
+    return {
+        "input_nc": first[1],
+        "ngf": first[0],
+        "n_downsampling": len(resampling) // 2,
+        "n_blocks": count_blocks(state_dict, prefix),
+        "norm": "batch" if f"{prefix}.2.running_mean" in state_dict else "instance",
+    }
+
+
+def _padding_from_state_dict(state_dict: Mapping[str, Any]) -> str | None:
+    """'zero' when residual blocks have no padding layers; reflect and replicate look alike."""
+    if any(".conv_block.0.weight" in k for k in state_dict):
+        return "zero"
+    return None
+
+
+class GlobalGenerator(OfficialCheckpointMixin, nn.Module):
+    """G1 of pix2pixHD: label map (+ boundary map, + features) -> image in [-1, 1].
+
+    Parameters follow the original ``GlobalGenerator`` with pix2pixHD's effective
+    defaults (``--n_downsample_global 4``, instance norm, reflection padding).
+    Height and width must be multiples of 2^n_downsampling.
+    """
+
+    FLAGS = {
+        "input_nc": _INPUT_FLAGS,
+        "output_nc": "pix2pixHD flag --output_nc",
+        "ngf": "pix2pixHD flag --ngf",
+        "n_downsampling": "pix2pixHD flag --n_downsample_global",
+        "n_blocks": "pix2pixHD flag --n_blocks_global",
+        "norm": "pix2pixHD flag --norm",
+        "padding_type": "constructor option padding_type",
+    }
+
+    def __init__(
+        self,
+        input_nc: int,
+        output_nc: int,
+        ngf: int = 64,
+        n_downsampling: int = 4,
+        n_blocks: int = 9,
+        norm: str = "instance",
+        padding_type: str = "reflect",
+        *,
+        fused: bool = True,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        _check_sizes("GlobalGenerator", input_nc=input_nc, output_nc=output_nc, ngf=ngf,
+                     n_downsampling=n_downsampling, n_blocks=n_blocks)
+        check_choice("GlobalGenerator", "norm", norm, NORMS)
+        check_choice("GlobalGenerator", "padding_type", padding_type, PADDINGS)
+        self.options = dict(input_nc=input_nc, output_nc=output_nc, ngf=ngf, n_downsampling=n_downsampling,
+                            n_blocks=n_blocks, norm=norm, padding_type=padding_type)
+        self.model = nn.Sequential(
+            *_global_layers(input_nc, output_nc, ngf, n_downsampling, n_blocks, norm, padding_type, fused, impl)
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        check_input("GlobalGenerator", input, self.options["input_nc"], 2 ** self.options["n_downsampling"], _INPUT_FLAGS)
+        return self.model(input)
+
+    @classmethod
+    def options_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        options = _options_from_global_layers(state_dict)
+        weights = indexed_weights(state_dict, "model")
+        options["output_nc"] = weights[max(weights)][0]
+        options["padding_type"] = _padding_from_state_dict(state_dict)
+        return options
+
+    def checkpoint_hint(self, state_dict: Mapping[str, Any]) -> str:
+        if any(k.startswith("model1_") for k in state_dict):
+            return " It holds a local enhancer (keys model1_*): build a LocalEnhancer (pix2pixHD flag --netG local)."
+        return super().checkpoint_hint(state_dict)
+
+
+class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
+    """G2 of pix2pixHD: G1 at 1/2^n_local_enhancers resolution wrapped in local enhancer front/back ends.
+
+    G1 (``self.model``) has ngf * 2^n_local_enhancers filters and loses its final
+    7x7 conv and tanh; each enhancer n sums its front end's output with the
+    coarser output before its back end. Inputs are downsampled by
+    AvgPool2d(3, stride 2, padding 1, count_include_pad=False).
+    Height and width must be multiples of 2^(n_downsample_global + n_local_enhancers).
+    """
+
+    FLAGS = {
+        **GlobalGenerator.FLAGS,
+        "n_downsample_global": "pix2pixHD flag --n_downsample_global",
+        "n_blocks_global": "pix2pixHD flag --n_blocks_global",
+        "n_local_enhancers": "pix2pixHD flag --n_local_enhancers",
+        "n_blocks_local": "pix2pixHD flag --n_blocks_local",
+    }
+
+    def __init__(
+        self,
+        input_nc: int,
+        output_nc: int,
+        ngf: int = 32,
+        n_downsample_global: int = 4,
+        n_blocks_global: int = 9,
+        n_local_enhancers: int = 1,
+        n_blocks_local: int = 3,
+        norm: str = "instance",
+        padding_type: str = "reflect",
+        *,
+        fused: bool = True,
+        impl: str = "auto",
+    ):
+        super().__init__()
+        _check_sizes("LocalEnhancer", input_nc=input_nc, output_nc=output_nc, ngf=ngf,
+                     n_downsample_global=n_downsample_global, n_blocks_global=n_blocks_global,
+                     n_local_enhancers=n_local_enhancers, n_blocks_local=n_blocks_local)
+        if n_local_enhancers < 1:
+            raise ValueError("LocalEnhancer: n_local_enhancers must be at least 1; use GlobalGenerator for none")
+        check_choice("LocalEnhancer", "norm", norm, NORMS)
+        check_choice("LocalEnhancer", "padding_type", padding_type, PADDINGS)
+        self.options = dict(input_nc=input_nc, output_nc=output_nc, ngf=ngf, n_downsample_global=n_downsample_global,
+                            n_blocks_global=n_blocks_global, n_local_enhancers=n_local_enhancers,
+                            n_blocks_local=n_blocks_local, norm=norm, padding_type=padding_type)
+        self.n_local_enhancers = n_local_enhancers
+
+        # G1 always uses reflection padding in its residual blocks, as in the original.
+        ngf_global = ngf * 2**n_local_enhancers
+        global_layers = _global_layers(input_nc, output_nc, ngf_global, n_downsample_global, n_blocks_global,
+                                       norm, "reflect", fused, impl)
+        self.model = nn.Sequential(*global_layers[:-3])  # without the final pad, conv, tanh
+
+        def na(channels: int) -> list[nn.Module]:
+            return norm_act(channels, norm, "relu", fused=fused, impl=impl)
+
+        for n in range(1, n_local_enhancers + 1):
+            width = ngf * 2 ** (n_local_enhancers - n)
+            front = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, width, 7), *na(width),
+                     nn.Conv2d(width, width * 2, 3, stride=2, padding=1), *na(width * 2)]
+            back: list[nn.Module] = [ResnetBlock(width * 2, padding_type, norm, fused=fused, impl=impl)
+                                     for _ in range(n_blocks_local)]
+            back += [nn.ConvTranspose2d(width * 2, width, 3, stride=2, padding=1, output_padding=1), *na(width)]
+            if n == n_local_enhancers:
+                back += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
+            setattr(self, f"model{n}_1", nn.Sequential(*front))
+            setattr(self, f"model{n}_2", nn.Sequential(*back))
+        self.downsample = nn.AvgPool2d(3, stride=2, padding=[1, 1], count_include_pad=False)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        multiple = 2 ** (self.options["n_downsample_global"] + self.n_local_enhancers)
+        check_input("LocalEnhancer", input, self.options["input_nc"], multiple, _INPUT_FLAGS)
+        pyramid = [input]
+        for _ in range(self.n_local_enhancers):
+            pyramid.append(self.downsample(pyramid[-1]))
+        output = self.model(pyramid[-1])
+        for n in range(1, self.n_local_enhancers + 1):
+            front = getattr(self, f"model{n}_1")
+            back = getattr(self, f"model{n}_2")
+            output = back(front(pyramid[self.n_local_enhancers - n]) + output)
+        return output
+
+    def load_global_generator(self, state_dict: Mapping[str, Any]) -> None:
+        """Start coarse-to-fine training from a trained G1: load a GlobalGenerator
+        state_dict into ``self.model``, leaving the enhancer layers as they are.
+
+        The G1 must have been built with ngf * 2^n_local_enhancers filters and the
+        same downsampling and block counts; its final 7x7 conv is not used.
+        """
+        own = self.model.state_dict()
+        g1 = {k[len("model."):]: v for k, v in state_dict.items() if k.startswith("model.")}
+        final_conv = str(len(self.model) + 1)  # G1's final pad, conv, tanh follow self.model's layers
+        extra = [k for k in g1 if k not in own and k.split(".")[0] != final_conv]
+        missing = [k for k in own if k not in g1]
+        bad_shape = [k for k in own if k in g1 and tuple(g1[k].shape) != tuple(own[k].shape)]
+        if extra or missing or bad_shape:
+            ngf_global = self.options["ngf"] * 2**self.n_local_enhancers
+            raise ValueError(
+                f"LocalEnhancer.load_global_generator: the state_dict is not a GlobalGenerator with "
+                f"input_nc={self.options['input_nc']}, ngf={ngf_global}, n_downsampling="
+                f"{self.options['n_downsample_global']}, n_blocks={self.options['n_blocks_global']} "
+                f"(missing: {missing[:3]}, unexpected: {extra[:3]}, shapes differ: {bad_shape[:3]}); "
+                f"train G1 with --ngf {ngf_global} and the same --n_downsample_global and --n_blocks_global"
+            )
+        self.model.load_state_dict({k: g1[k] for k in own}, strict=True)
+
+    @classmethod
+    def options_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        g1 = _options_from_global_layers(state_dict)
+        n_local = len({k.split(".")[0] for k in state_dict if k.startswith("model") and k.split(".")[0].endswith("_1")})
+        last_back = indexed_weights(state_dict, f"model{n_local}_2")
+        return {
+            "input_nc": indexed_weights(state_dict, "model1_1")[1][1],
+            "output_nc": last_back[max(last_back)][0],
+            "ngf": g1["ngf"] // 2**n_local,
+            "n_downsample_global": g1["n_downsampling"],
+            "n_blocks_global": g1["n_blocks"],
+            "n_local_enhancers": n_local,
+            "n_blocks_local": count_blocks(state_dict, "model1_2"),
+            "norm": g1["norm"],
+            "padding_type": _padding_from_state_dict({k: v for k, v in state_dict.items() if k.startswith("model1_")}),
+        }
+
+    def checkpoint_hint(self, state_dict: Mapping[str, Any]) -> str:
+        if not any(k.startswith("model1_") for k in state_dict):
+            return (" It holds a global generator (no model1_* keys): build a GlobalGenerator (pix2pixHD flag "
+                    "--netG global), or start coarse-to-fine training with LocalEnhancer.load_global_generator.")
+        return super().checkpoint_hint(state_dict)

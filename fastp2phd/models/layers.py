@@ -1,0 +1,79 @@
+"""Building blocks shared by the networks: normalisation + activation, padding.
+
+Each helper returns the same number of ``nn.Sequential`` slots as the original
+pix2pixHD code, so parameter keys line up with official checkpoints whether a
+network is built fused (InstanceNormAct2d, Identity) or plain (InstanceNorm2d, ReLU).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..nn import InstanceNormAct2d
+
+NORMS = ("instance", "batch")
+PADDINGS = ("reflect", "replicate", "zero")
+
+
+def check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}")
+
+
+def activation_layer(activation: str, negative_slope: float = 0.2) -> nn.Module:
+    if activation == "relu":
+        return nn.ReLU(True)
+    if activation == "leaky_relu":
+        return nn.LeakyReLU(negative_slope, True)
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def norm_act(
+    num_features: int,
+    norm: str,
+    activation: str,
+    *,
+    fused: bool,
+    impl: str,
+    negative_slope: float = 0.2,
+) -> list[nn.Module]:
+    """[norm, activation] (two slots), or [norm] when activation is "none"."""
+    if norm == "instance" and fused:
+        layers: list[nn.Module] = [InstanceNormAct2d(num_features, activation, negative_slope, impl=impl)]
+        return layers + ([nn.Identity()] if activation != "none" else [])
+    if norm == "instance":
+        layers = [nn.InstanceNorm2d(num_features, affine=False)]
+    elif norm == "batch":
+        layers = [nn.BatchNorm2d(num_features)]
+    else:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return layers + ([activation_layer(activation, negative_slope)] if activation != "none" else [])
+
+
+def padded_conv(
+    in_channels: int, out_channels: int, kernel_size: int, padding_type: str
+) -> list[nn.Module]:
+    """A stride-1 'same' convolution: [pad, conv] for reflect/replicate, [conv] for zero padding."""
+    amount = kernel_size // 2
+    if padding_type == "zero":
+        return [nn.Conv2d(in_channels, out_channels, kernel_size, padding=amount)]
+    pad = nn.ReflectionPad2d(amount) if padding_type == "reflect" else nn.ReplicationPad2d(amount)
+    return [pad, nn.Conv2d(in_channels, out_channels, kernel_size)]
+
+
+def check_input(owner: str, x, channels: int, multiple: int = 1, flag_hint: str = "") -> None:
+    """One clear sentence for a wrong rank, channel count, or a size the network cannot round-trip."""
+    import torch
+
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{owner}: expected an (N, C, H, W) tensor, got {shape}")
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"{owner}: expected {channels} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
+            + (f"; {flag_hint}" if flag_hint else "")
+        )
+    if multiple > 1 and (x.shape[2] % multiple or x.shape[3] % multiple):
+        raise ValueError(
+            f"{owner}: height and width must be multiples of {multiple} (2^downsamplings), got "
+            f"{x.shape[2]}x{x.shape[3]}; resize or crop the input (--resize_or_crop none rounds to a multiple of 32)"
+        )

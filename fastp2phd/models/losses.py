@@ -1,0 +1,100 @@
+"""pix2pixHD's losses: adversarial (LSGAN or vanilla), discriminator feature matching, VGG perceptual."""
+from __future__ import annotations
+
+import os
+from typing import Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .vgg import Vgg19
+
+DiscriminatorOutput = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[Sequence[torch.Tensor]]]
+
+
+class GANLoss(nn.Module):
+    """Adversarial loss summed over the discriminators of a MultiscaleDiscriminator.
+
+    ``use_lsgan=True``: mean squared error to the target label (pix2pixHD's default).
+    ``use_lsgan=False`` (``--no_lsgan``): binary cross entropy. The discriminators
+    here output logits (``use_sigmoid=False``), so BCE is computed from logits,
+    which equals the original BCE(sigmoid(x)) without its overflow; pass
+    ``from_logits=False`` for a discriminator built with ``use_sigmoid=True``.
+    ``input`` is a discriminator's output: a list per scale whose last entry is
+    the prediction, or a single prediction list/tensor.
+    """
+
+    def __init__(self, use_lsgan: bool = True, target_real_label: float = 1.0,
+                 target_fake_label: float = 0.0, from_logits: bool = True):
+        super().__init__()
+        self.use_lsgan = use_lsgan
+        self.real_label = float(target_real_label)
+        self.fake_label = float(target_fake_label)
+        self.from_logits = from_logits
+
+    def _one(self, pred: torch.Tensor, target_is_real: bool) -> torch.Tensor:
+        target = self.real_label if target_is_real else self.fake_label
+        if self.use_lsgan:
+            return (pred - target).pow(2).mean()
+        target_tensor = torch.full_like(pred, target)
+        if self.from_logits:
+            return F.binary_cross_entropy_with_logits(pred, target_tensor)
+        return F.binary_cross_entropy(pred, target_tensor)
+
+    def forward(self, input: DiscriminatorOutput, target_is_real: bool) -> torch.Tensor:
+        if isinstance(input, torch.Tensor):
+            return self._one(input, target_is_real)
+        if isinstance(input[0], (list, tuple)):
+            return sum(self._one(scale[-1], target_is_real) for scale in input)
+        return self._one(input[-1], target_is_real)
+
+
+def feature_matching_loss(
+    pred_fake: Sequence[Sequence[torch.Tensor]],
+    pred_real: Sequence[Sequence[torch.Tensor]],
+    lambda_feat: float = 10.0,
+) -> torch.Tensor:
+    """pix2pixHD's discriminator feature-matching loss.
+
+    L1 between the fake and (detached) real intermediate features of every
+    discriminator, over all layers but the prediction, each weighted
+    ``lambda_feat * 4 / (n_layers_D + 1) / num_D``. Inputs are MultiscaleDiscriminator
+    outputs with intermediate features (n_layers_D + 2 entries per scale).
+    """
+    num_D = len(pred_fake)
+    if num_D == 0 or len(pred_real) != num_D:
+        raise ValueError(f"feature_matching_loss: got {num_D} fake and {len(pred_real)} real discriminator outputs")
+    if len(pred_fake[0]) < 2:
+        raise ValueError(
+            "feature_matching_loss: the discriminator returned no intermediate features; build it with "
+            "getIntermFeat=True (or train with --no_ganFeat_loss)"
+        )
+    feat_weight = 4.0 / (len(pred_fake[0]) - 1)  # 4 / (n_layers_D + 1)
+    loss = pred_fake[0][0].new_zeros(())
+    for fake, real in zip(pred_fake, pred_real):
+        for f, r in zip(fake[:-1], real[:-1]):
+            loss = loss + F.l1_loss(f, r.detach()) * (feat_weight / num_D * lambda_feat)
+    return loss
+
+
+class VGGLoss(nn.Module):
+    """Perceptual L1 loss on VGG19 relu1_1..relu5_1 weighted 1/32, 1/16, 1/8, 1/4, 1.
+
+    As in pix2pixHD, multiply by ``lambda_feat`` outside. ``vgg_weights``: the path to
+    torchvision's VGG19 weights (see ``fastp2phd.models.vgg`` for where they are
+    looked up); ``vgg`` lets a caller pass an already built ``Vgg19``.
+    """
+
+    weights = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
+
+    def __init__(self, vgg_weights: str | os.PathLike | None = None, *, download: bool = True, vgg: Vgg19 | None = None):
+        super().__init__()
+        self.vgg = vgg if vgg is not None else Vgg19(vgg_weights, download=download)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_feats, y_feats = self.vgg(x), self.vgg(y)
+        loss = x.new_zeros(())
+        for weight, xf, yf in zip(self.weights, x_feats, y_feats):
+            loss = loss + weight * F.l1_loss(xf, yf.detach())
+        return loss

@@ -1,0 +1,62 @@
+"""Choosing between an op's fast paths and its PyTorch reference.
+
+Every public op takes ``impl``:
+
+* ``"auto"``: the first fast path that serves the tensor's device and can run
+  here; the reference otherwise. The environment variable ``FASTP2PHD_IMPL=reference``
+  makes ``auto`` pick the reference everywhere (for debugging and comparisons).
+* ``"reference"``: the pure-PyTorch implementation beside the op.
+* a fast path's name (``"cpp"``, ``"cuda"``, ...): that path or a clear error,
+  never a silent fallback.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+IMPL_ENV = "FASTP2PHD_IMPL"
+_DEFAULTS = ("auto", "reference")
+
+
+@dataclass(frozen=True)
+class FastPath:
+    name: str  # what users pass as impl=
+    device_type: str  # the tensors it serves: "cpu" or "cuda"
+    unavailable: Optional[str]  # None when it can run here, else why not (decided at import)
+    run: Callable
+
+
+def default_impl() -> str:
+    value = os.environ.get(IMPL_ENV, "auto")
+    if value not in _DEFAULTS:
+        raise ValueError(f"{IMPL_ENV}={value!r} is not understood; set it to 'auto' or 'reference' or unset it")
+    return value
+
+
+def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPath]) -> Optional[FastPath]:
+    """The fast path to run, or None for the reference implementation."""
+    if impl == "auto":
+        if default_impl() == "reference":
+            return None
+        for path in fast_paths:
+            if path.device_type == device.type and path.unavailable is None:
+                return path
+        return None
+    if impl == "reference":
+        return None
+    for path in fast_paths:
+        if path.name != impl:
+            continue
+        if path.device_type != device.type:
+            raise ValueError(
+                f"{op}: impl={impl!r} runs on {path.device_type} tensors but got a {device.type} tensor; "
+                f"move the tensor to {path.device_type} or use impl='auto'"
+            )
+        if path.unavailable is not None:
+            raise RuntimeError(f"{op}: impl={impl!r} is not available: {path.unavailable}")
+        return path
+    choices = ", ".join(repr(name) for name in ("auto", "reference", *(p.name for p in fast_paths)))
+    raise ValueError(f"{op}: unknown impl={impl!r}; choose one of {choices}")

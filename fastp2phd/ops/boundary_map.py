@@ -1,0 +1,66 @@
+"""boundary_map: the instance boundary map pix2pixHD feeds its generator.
+
+Contract: ``inst`` (N, 1, H, W) holds instance ids (uint8..int64, or float
+holding whole numbers). The result (N, 1, H, W) is 1 where any of the pixel's
+4 neighbours holds a different id and 0 elsewhere; pixels outside the image do
+not count, so image borders never create edges. This equals scikit-image's
+``find_boundaries(ids, mode="thick", connectivity=1)`` on each 2D slice.
+
+Fast paths: ``"cpp"`` (CPU, one pass, threads over rows) and ``"cuda"``, both in
+the extension as ``torch.ops.fastp2phd.boundary_map``. The op has no gradient
+(ids are not differentiable).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _extension
+from ._checks import check_instance_map
+from ._dispatch import FastPath, select
+
+OUTPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool)
+
+
+def boundary_map_reference(inst: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pure-PyTorch boundary map: compare every pixel with its right and lower neighbour."""
+    horizontal = inst[..., :, 1:] != inst[..., :, :-1]  # (N, 1, H, W-1): pixel x differs from x+1
+    vertical = inst[..., 1:, :] != inst[..., :-1, :]  # (N, 1, H-1, W): row y differs from y+1
+    # Each difference marks the pixels on both of its sides; padding with "no difference"
+    # keeps borders edge-free.
+    h = horizontal.to(torch.uint8)
+    v = vertical.to(torch.uint8)
+    edge = F.pad(h, (1, 0)) | F.pad(h, (0, 1)) | F.pad(v, (0, 0, 1, 0)) | F.pad(v, (0, 0, 0, 1))
+    return edge.to(dtype)
+
+
+def _boundary_map_extension(inst: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.ops.fastp2phd.boundary_map(inst, dtype)
+
+
+FAST_PATHS = (
+    FastPath("cpp", "cpu", _extension.missing_kernel_reason("boundary_map", "CPU"), _boundary_map_extension),
+    FastPath("cuda", "cuda", _extension.missing_kernel_reason("boundary_map", "CUDA"), _boundary_map_extension),
+)
+
+if _extension.is_loaded():
+
+    @torch.library.register_fake("fastp2phd::boundary_map")
+    def _boundary_map_fake(inst: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return inst.new_empty(inst.shape, dtype=dtype)
+
+
+def boundary_map(inst: torch.Tensor, *, dtype: torch.dtype = torch.float32, impl: str = "auto") -> torch.Tensor:
+    """Boundary map of an (N, 1, H, W) instance map, as ``dtype`` (default float32).
+
+    ``impl``: "auto", "reference", "cpp" (CPU) or "cuda". A float instance map is
+    checked for fractional values first (one extra pass; pass integer ids to skip it).
+    """
+    check_instance_map("boundary_map", inst)
+    if dtype not in OUTPUT_DTYPES:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in OUTPUT_DTYPES)
+        raise TypeError(f"boundary_map: dtype must be one of {allowed}, got {dtype}")
+    path = select("boundary_map", impl, inst.device, FAST_PATHS)
+    if path is None:
+        return boundary_map_reference(inst, dtype)
+    return path.run(inst, dtype)

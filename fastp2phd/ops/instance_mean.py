@@ -1,0 +1,99 @@
+"""instance_mean: instance-wise average pooling of features (pix2pixHD's encoder output).
+
+Contract: ``feat`` (N, C, H, W) floating point and ``inst`` (N, 1, H, W) ids
+(uint8..int64, or float holding whole numbers; ids may be sparse and large,
+such as Cityscapes' class*1000+k). A segment is the set of pixels of one batch
+item sharing one id; every pixel gets the mean of its segment's features,
+channel by channel. The output has feat's dtype and memory format.
+
+The op is linear and self-adjoint (a projection onto segment-wise constant
+maps), so its backward is the same projection applied to the gradient.
+
+Fast paths: ``"cpp"`` (CPU: per-thread hash tables over runs of equal ids, two
+passes) in the extension as ``torch.ops.fastp2phd.instance_mean``. Sums are
+accumulated in float64 across rows, so results do not depend on the thread count
+beyond the last bit.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _extension
+from ._checks import check_instance_map, check_same_device
+from ._dispatch import FastPath, select
+
+
+def instance_mean_reference(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+    """Vectorised PyTorch reference: unique ids -> scatter_add sums and counts -> gather.
+
+    Accumulates in float32 at least (float64 for float64 input); differentiable
+    through PyTorch's own scatter/gather backward.
+    """
+    N, C, H, W = feat.shape
+    # One dense index space for the ids of all batch items; segments of different
+    # items stay apart because sums are kept per item.
+    ids, segment = torch.unique(inst.reshape(N, H * W), return_inverse=True)  # segment: (N, HW)
+    num_ids = ids.numel()
+    acc_dtype = torch.promote_types(feat.dtype, torch.float32)
+    values = feat.reshape(N, C, H * W).to(acc_dtype)
+    index = segment.unsqueeze(1).expand(N, C, H * W)
+    sums = values.new_zeros(N, C, num_ids).scatter_add(2, index, values)
+    counts = values.new_zeros(N, 1, num_ids).scatter_add(2, segment.unsqueeze(1), values.new_ones(N, 1, H * W))
+    means = sums / counts.clamp_min(1)
+    out = means.gather(2, index).reshape(N, C, H, W).to(feat.dtype)
+    return out.contiguous(memory_format=_memory_format(feat))
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _instance_mean_extension(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+    return torch.ops.fastp2phd.instance_mean(feat, inst)
+
+
+FAST_PATHS = (
+    FastPath("cpp", "cpu", _extension.missing_kernel_reason("instance_mean", "CPU"), _instance_mean_extension),
+)
+
+if _extension.is_loaded():
+
+    @torch.library.register_fake("fastp2phd::instance_mean")
+    def _instance_mean_fake(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(feat)
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def _backward(ctx, grad):
+        (inst,) = ctx.saved_tensors
+        return torch.ops.fastp2phd.instance_mean(grad, inst), None
+
+    torch.library.register_autograd("fastp2phd::instance_mean", _backward, setup_context=_setup_context)
+
+
+def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
+    """Replace every pixel's features by the mean over its (batch item, instance id) segment.
+
+    ``impl``: "auto", "reference" or "cpp" (CPU). Differentiable with respect to ``feat``.
+    """
+    if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
+        shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
+        raise ValueError(f"instance_mean: feat must be an (N, C, H, W) tensor, got {shape}")
+    if not feat.is_floating_point():
+        raise TypeError(f"instance_mean: feat must be floating point, got {feat.dtype}; convert it with .float()")
+    check_instance_map("instance_mean", inst)
+    check_same_device("instance_mean", feat=feat, inst=inst)
+    if feat.shape[0] != inst.shape[0] or feat.shape[2:] != inst.shape[2:]:
+        raise ValueError(
+            f"instance_mean: feat {tuple(feat.shape)} and inst {tuple(inst.shape)} must share batch size, "
+            "height and width; resize the instance map (nearest neighbour) to the feature size"
+        )
+    if feat.numel() == 0:
+        return torch.empty_like(feat)
+    path = select("instance_mean", impl, feat.device, FAST_PATHS)
+    if path is None:
+        return instance_mean_reference(feat, inst)
+    return path.run(feat, inst)

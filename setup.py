@@ -1,0 +1,57 @@
+"""Build fastp2phd and its optional C++/CUDA extension fastp2phd._C.
+
+The extension is a CppExtension by default and a CUDAExtension (adding the .cu
+sources) when torch is a CUDA build and nvcc is found. Environment switches:
+
+  FORCE_CUDA=1         build the CUDA kernels even when torch or nvcc look unfit
+  FASTP2PHD_NO_EXT=1   skip the extension; every op then runs its PyTorch reference
+
+Install with `pip install --no-build-isolation -e .` so the extension is built
+against the torch that is already installed.
+"""
+import glob
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PACKAGES = find_packages(include=["fastp2phd", "fastp2phd.*"]) + ["fastp2phd.kernels"]
+PACKAGE_DIR = {"fastp2phd": "fastp2phd", "fastp2phd.kernels": "kernels"}
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def extension_modules():
+    if _flag("FASTP2PHD_NO_EXT"):
+        print("fastp2phd: FASTP2PHD_NO_EXT is set, skipping the C++/CUDA extension")
+        return [], {}
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    with_cuda = _flag("FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
+    cxx_flags = ["-O3"]
+    if with_cuda:
+        ext = CUDAExtension(
+            "fastp2phd._C",
+            cpp_sources + cuda_sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            py_limited_api=False,
+        )
+    else:
+        ext = CppExtension("fastp2phd._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    print(f"fastp2phd: building the extension with{'' if with_cuda else 'out'} CUDA kernels")
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = extension_modules()
+
+setup(
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
