@@ -19,7 +19,7 @@ def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
         raise TypeError(f"{op}: {name} must hold integer ids (uint8, int8..int64 or float), got {inst.dtype}")
     # Data-dependent check: costs a pass (and a host sync on CUDA), so only for
     # float maps, and skipped while torch.compile traces (it cannot branch on data).
-    if inst.is_floating_point() and inst.numel() and not torch.compiler.is_compiling():
+    if inst.is_floating_point() and inst.numel() and inst.device.type != "meta" and not torch.compiler.is_compiling():
         if not bool(torch.all(inst == torch.trunc(inst))):
             raise ValueError(
                 f"{op}: {name} is a float tensor with fractional or NaN values; instance ids must be "
@@ -28,7 +28,7 @@ def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items()}
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"{op}: tensors must be on one device, got {listing}; move them with .to(device)")

@@ -84,8 +84,8 @@ def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto")
         raise ValueError(f"instance_mean: feat must be an (N, C, H, W) tensor, got {shape}")
     if not feat.is_floating_point():
         raise TypeError(f"instance_mean: feat must be floating point, got {feat.dtype}; convert it with .float()")
-    check_instance_map("instance_mean", inst)
     check_same_device("instance_mean", feat=feat, inst=inst)
+    check_instance_map("instance_mean", inst)
     if feat.shape[0] != inst.shape[0] or feat.shape[2:] != inst.shape[2:]:
         raise ValueError(
             f"instance_mean: feat {tuple(feat.shape)} and inst {tuple(inst.shape)} must share batch size, "

@@ -1,0 +1,85 @@
+"""impl selection, the FASTP2PHD_IMPL switch, and the package without its extension."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import requires_extension
+
+from fastp2phd import ops
+from fastp2phd.ops._dispatch import select
+
+CPU = torch.device("cpu")
+BOUNDARY_PATHS = ops.fast_paths()["boundary_map"]
+
+
+@requires_extension
+def test_auto_picks_the_fast_path_and_env_can_force_reference(monkeypatch):
+    paths = BOUNDARY_PATHS
+    monkeypatch.delenv(ops.IMPL_ENV, raising=False)
+    assert select("boundary_map", "auto", CPU, paths).name == "cpp"
+    assert select("boundary_map", "reference", CPU, paths) is None
+    monkeypatch.setenv(ops.IMPL_ENV, "reference")
+    assert select("boundary_map", "auto", CPU, paths) is None
+    assert select("boundary_map", "cpp", CPU, paths).name == "cpp"  # named paths ignore the default
+    monkeypatch.setenv(ops.IMPL_ENV, "fastest")
+    with pytest.raises(ValueError, match="FASTP2PHD_IMPL='fastest' is not understood"):
+        select("boundary_map", "auto", CPU, paths)
+
+
+def test_auto_falls_back_to_reference_when_no_path_serves_the_device():
+    assert select("instance_norm_act", "auto", CPU, ops.fast_paths()["instance_norm_act"]) is None
+    assert select("boundary_map", "auto", torch.device("meta"), BOUNDARY_PATHS) is None
+
+
+def test_fast_path_that_cannot_run_raises_instead_of_falling_back():
+    cuda = BOUNDARY_PATHS[1]
+    assert cuda.name == "cuda"
+    if cuda.unavailable is None:
+        pytest.skip("the CUDA kernel is available here")
+    with pytest.raises(RuntimeError, match="impl='cuda' is not available"):
+        select("boundary_map", "cuda", torch.device("cuda"), BOUNDARY_PATHS)
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_package_works_without_the_extension():
+    result = run_python(
+        """
+        import sys
+        sys.modules["fastp2phd._C"] = None  # makes `import fastp2phd._C` fail, as when it is not built
+        import torch, fastp2phd
+        from fastp2phd import ops
+        from fastp2phd.models import Encoder
+        inst = torch.tensor([[[[1, 1, 2], [1, 1, 2]]]])
+        assert ops.boundary_map(inst).tolist() == [[[[0, 1, 1], [0, 1, 1]]]]
+        feat = torch.arange(6.0).view(1, 1, 2, 3)
+        assert ops.instance_mean(feat, inst).tolist() == [[[[2.0, 2.0, 3.5], [2.0, 2.0, 3.5]]]]
+        out = Encoder(3, 3, ngf=4, n_downsampling=1)(torch.randn(1, 3, 8, 8), torch.zeros(1, 1, 8, 8))
+        assert out.shape == (1, 3, 8, 8)
+        try:
+            ops.boundary_map(inst, impl="cpp")
+        except RuntimeError as e:
+            print("ERROR:", e)
+        fastp2phd.info()
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ERROR: boundary_map: impl='cpp' is not available: the C++ extension fastp2phd._C could not be loaded" in result.stdout
+    assert "pip install --no-build-isolation -e ." in result.stdout
+    assert "cpp        unavailable" in result.stdout
+
+
+def test_info_command_reports_every_op():
+    result = subprocess.run([sys.executable, "-m", "fastp2phd", "info"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for op in ("boundary_map", "instance_mean", "instance_norm_act"):
+        assert f"  {op}\n    reference  available" in result.stdout
+    assert f"torch {torch.__version__}" in result.stdout

@@ -1,0 +1,119 @@
+"""instance_norm_act: the op against a float64 definition, every activation, dtype and layout."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rel_err
+
+from fastp2phd.ops import ACTIVATIONS, instance_norm_act
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1, 2, 3), (2, 3, 1, 1), (2, 5, 7, 9), (1, 4, 33, 17), (3, 2, 1, 64)]
+
+
+def definition(x: torch.Tensor, activation: str, slope: float = 0.2, eps: float = 1e-5) -> torch.Tensor:
+    """y = act((x - mean) / sqrt(biased var + eps)) per (n, c) plane, in float64."""
+    x = x.double()
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if activation == "relu":
+        return y.clamp_min(0)
+    if activation == "leaky_relu":
+        return torch.where(y >= 0, y, y * slope)
+    return y
+
+
+def tolerance(expected: torch.Tensor, dtype: torch.dtype) -> float:
+    if dtype == torch.float64:
+        return 1e-12
+    if dtype == torch.float32:
+        return 1e-5
+    return 2 * rel_err(expected.to(dtype), expected) + 1e-12  # twice the rounding error of the dtype
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_matches_definition(activation, dtype, shape):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 3 + 1).to(dtype)
+    expected = definition(x, activation, 0.1)
+    out = instance_norm_act(x, activation, 0.1)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert rel_err(out, expected) <= tolerance(expected, dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_backward_matches_definition(activation, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 9, 13, generator=g).to(dtype)
+    grad = torch.randn(2, 3, 9, 13, generator=g).to(dtype)
+    x64 = x.double().requires_grad_(True)
+    definition(x64, activation).backward(grad.double())
+    xd = x.clone().requires_grad_(True)
+    instance_norm_act(xd, activation).backward(grad)
+    assert xd.grad.dtype == dtype
+    bound = 1e-5 if dtype == torch.float32 else 2 * rel_err(x64.grad.to(dtype), x64.grad) + 1e-12
+    assert rel_err(xd.grad, x64.grad) <= bound
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradcheck(activation):
+    x = torch.randn(2, 2, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: instance_norm_act(t, activation, 0.3), (x,))
+
+
+def test_one_pixel_planes_normalise_to_zero():
+    x = torch.randn(2, 3, 1, 1, requires_grad=True)
+    out = instance_norm_act(x, "none")
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_channels_last_stays_channels_last(dtype):
+    x = torch.randn(2, 8, 6, 10).to(dtype).contiguous(memory_format=torch.channels_last)
+    out = instance_norm_act(x, "leaky_relu")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert rel_err(out, definition(x, "leaky_relu")) <= tolerance(definition(x, "leaky_relu"), dtype)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(2, 6, 10, 12)[:, ::2, 1:, ::3]
+    assert rel_err(instance_norm_act(x, "relu"), definition(x, "relu")) < 1e-5
+
+
+def test_eps_is_used():
+    x = torch.tensor([[[[0.0, 1e-3]]]])
+    out = instance_norm_act(x, "none", eps=1.0)
+    assert rel_err(out, definition(x, "none", eps=1.0)) < 1e-6
+    assert out.abs().max() < 1e-3  # with eps=1e-5 it would be about 0.16
+
+
+def test_empty_batch_returns_empty():
+    assert instance_norm_act(torch.zeros(0, 3, 4, 4)).shape == (0, 3, 4, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(x=torch.zeros(3, 4, 4)), ValueError, "x must be an \\(N, C, H, W\\)"),
+        (dict(x=torch.zeros(1, 3, 4, 4, dtype=torch.int64)), TypeError, "floating point"),
+        (dict(x=torch.zeros(1, 3, 4, 4), activation="gelu"), ValueError, "activation must be one of"),
+        (dict(x=torch.zeros(1, 3, 4, 4), eps=0.0), ValueError, "eps must be positive"),
+        (dict(x=torch.zeros(1, 3, 4, 4), impl="triton"), ValueError, "unknown impl='triton'"),
+    ],
+)
+def test_bad_input(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        instance_norm_act(**kwargs)
+
+
+def test_matches_pytorch_modules_exactly_in_float32():
+    # The reference must be interchangeable with the modules it replaces in official checkpoints.
+    x = torch.randn(2, 4, 8, 8)
+    assert torch.equal(instance_norm_act(x, "relu"), F.relu(F.instance_norm(x)))
+    assert torch.equal(instance_norm_act(x, "leaky_relu", 0.2), F.leaky_relu(F.instance_norm(x), 0.2))
