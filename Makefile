@@ -17,7 +17,7 @@ STAMP := $(VENV)/.fastp2phd-installed
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip "setuptools>=69" wheel ninja
+	$(PIP) install --upgrade pip "setuptools>=77" wheel ninja
 
 # Reinstall (and rebuild the extension) when the build or the C++/CUDA sources change.
 $(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(wildcard csrc/*)
