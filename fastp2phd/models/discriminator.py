@@ -106,7 +106,7 @@ class NLayerDiscriminator(OfficialCheckpointMixin, nn.Module):
 
     def forward(self, input: torch.Tensor) -> list[torch.Tensor]:
         """Every layer group's output with getIntermFeat (the last is the prediction), else [prediction]."""
-        check_input("NLayerDiscriminator", input, self.options["input_nc"], flag_hint=_INPUT_FLAGS)
+        check_input(self, input, self.options["input_nc"], flag_hint=_INPUT_FLAGS)
         return _run_groups(self.layer_groups(), input)
 
     @classmethod
@@ -176,7 +176,7 @@ class MultiscaleDiscriminator(OfficialCheckpointMixin, nn.Module):
         return [getattr(self, f"layer{i}")]
 
     def forward(self, input: torch.Tensor) -> list[list[torch.Tensor]]:
-        check_input("MultiscaleDiscriminator", input, self.options["input_nc"], flag_hint=_INPUT_FLAGS)
+        check_input(self, input, self.options["input_nc"], flag_hint=_INPUT_FLAGS)
         results = []
         x = input
         for i in range(self.num_D):

@@ -65,7 +65,7 @@ class Encoder(OfficialCheckpointMixin, nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, input: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
-        check_input("Encoder", input, self.options["input_nc"], 2 ** self.options["n_downsampling"])
+        check_input(self, input, self.options["input_nc"], 2 ** self.options["n_downsampling"])
         return instance_mean(self.model(input), inst, impl=self.impl)
 
     @classmethod

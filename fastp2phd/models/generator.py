@@ -152,7 +152,7 @@ class GlobalGenerator(OfficialCheckpointMixin, nn.Module):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        check_input("GlobalGenerator", input, self.options["input_nc"], 2 ** self.options["n_downsampling"], _INPUT_FLAGS)
+        check_input(self, input, self.options["input_nc"], 2 ** self.options["n_downsampling"], _INPUT_FLAGS)
         return self.model(input)
 
     @classmethod
@@ -239,7 +239,7 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         multiple = 2 ** (self.options["n_downsample_global"] + self.n_local_enhancers)
-        check_input("LocalEnhancer", input, self.options["input_nc"], multiple, _INPUT_FLAGS)
+        check_input(self, input, self.options["input_nc"], multiple, _INPUT_FLAGS)
         pyramid = [input]
         for _ in range(self.n_local_enhancers):
             pyramid.append(self.downsample(pyramid[-1]))

@@ -6,6 +6,7 @@ network is built fused (InstanceNormAct2d, Identity) or plain (InstanceNorm2d, R
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..nn import InstanceNormAct2d
@@ -60,13 +61,17 @@ def padded_conv(
     return [pad, nn.Conv2d(in_channels, out_channels, kernel_size)]
 
 
-def check_input(owner: str, x, channels: int, multiple: int = 1, flag_hint: str = "") -> None:
-    """One clear sentence for a wrong rank, channel count, or a size the network cannot round-trip."""
-    import torch
-
+def check_input(network: nn.Module, x, channels: int, multiple: int = 1, flag_hint: str = "") -> None:
+    """One clear sentence for a wrong rank, device, channel count, or a size the network cannot round-trip."""
+    owner = type(network).__name__
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{owner}: expected an (N, C, H, W) tensor, got {shape}")
+    weight = next(network.parameters(), None)
+    if weight is not None and weight.device != x.device:
+        raise ValueError(
+            f"{owner}: the input is on {x.device} but the network is on {weight.device}; move one with .to(device)"
+        )
     if x.shape[1] != channels:
         raise ValueError(
             f"{owner}: expected {channels} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
