@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .checkpoint import OfficialCheckpointMixin
-from .layers import NORMS, check_choice, check_input, norm_act
+from .layers import NORMS, check_choice, check_input, check_sizes, norm_act
 
 _INPUT_FLAGS = (
     "pix2pixHD flags --label_nc, --no_instance, --feat_num and --output_nc: the discriminator sees the "
@@ -54,9 +54,7 @@ def _discriminator_layers(
 
 
 def _check_options(owner: str, input_nc: int, ndf: int, n_layers: int, norm: str) -> None:
-    for name, value in dict(input_nc=input_nc, ndf=ndf, n_layers=n_layers).items():
-        if not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    check_sizes(owner, input_nc=input_nc, ndf=ndf, n_layers=n_layers)
     check_choice(owner, "norm", norm, NORMS)
 
 
@@ -104,9 +102,11 @@ class NLayerDiscriminator(OfficialCheckpointMixin, nn.Module):
             return [getattr(self, f"model{n}") for n in range(self.n_layers + 2)]
         return [self.model]
 
-    def forward(self, input: torch.Tensor) -> list[torch.Tensor]:
-        """Every layer group's output with getIntermFeat (the last is the prediction), else [prediction]."""
+    def forward(self, input: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
+        """Every layer group's output with getIntermFeat (the last is the prediction), else the prediction."""
         check_input(self, input, self.options["input_nc"], flag_hint=_INPUT_FLAGS)
+        if not self.getIntermFeat:
+            return self.model(input)
         return _run_groups(self.layer_groups(), input)
 
     @classmethod
@@ -153,8 +153,7 @@ class MultiscaleDiscriminator(OfficialCheckpointMixin, nn.Module):
     ):
         super().__init__()
         _check_options("MultiscaleDiscriminator", input_nc, ndf, n_layers, norm)
-        if not isinstance(num_D, int) or num_D <= 0:
-            raise ValueError(f"MultiscaleDiscriminator: num_D must be a positive integer, got {num_D!r}")
+        check_sizes("MultiscaleDiscriminator", num_D=num_D)
         self.options = dict(input_nc=input_nc, ndf=ndf, n_layers=n_layers, norm=norm,
                             getIntermFeat=getIntermFeat, num_D=num_D)
         self.num_D = num_D

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ops import instance_mean
 from .checkpoint import OfficialCheckpointMixin, indexed_weights
-from .layers import NORMS, check_choice, check_input, norm_act
+from .layers import NORMS, check_choice, check_input, check_sizes, norm_act
 
 
 class Encoder(OfficialCheckpointMixin, nn.Module):
@@ -40,11 +40,8 @@ class Encoder(OfficialCheckpointMixin, nn.Module):
         impl: str = "auto",
     ):
         super().__init__()
-        for name, value in dict(input_nc=input_nc, output_nc=output_nc, ngf=ngf).items():
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"Encoder: {name} must be a positive integer, got {value!r}")
-        if not isinstance(n_downsampling, int) or n_downsampling < 0:
-            raise ValueError(f"Encoder: n_downsampling must be a non-negative integer, got {n_downsampling!r}")
+        check_sizes("Encoder", ("n_downsampling",), input_nc=input_nc, output_nc=output_nc, ngf=ngf,
+                    n_downsampling=n_downsampling)
         check_choice("Encoder", "norm", norm, NORMS)
         self.options = dict(input_nc=input_nc, output_nc=output_nc, ngf=ngf, n_downsampling=n_downsampling, norm=norm)
         self.output_nc = output_nc

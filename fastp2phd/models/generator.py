@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .checkpoint import OfficialCheckpointMixin, count_blocks, indexed_weights
-from .layers import NORMS, PADDINGS, check_choice, check_input, norm_act, padded_conv
+from .layers import NORMS, PADDINGS, check_choice, check_input, check_sizes, norm_act, padded_conv
 
 _INPUT_FLAGS = (
     "pix2pixHD flags --label_nc (--input_nc when --label_nc 0), --no_instance and --feat_num: "
@@ -81,12 +81,6 @@ def _global_layers(
     return layers
 
 
-def _check_sizes(owner: str, **sizes: int) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or value < 0 or (value == 0 and name.endswith("nc")):
-            raise ValueError(f"{owner}: {name} must be a {'positive' if name.endswith('nc') else 'non-negative'} integer, got {value!r}")
-
-
 def _options_from_global_layers(state_dict: Mapping[str, Any], prefix: str = "model") -> dict[str, Any]:
     """input_nc, ngf, n_downsampling, n_blocks, norm of a G1 stored under ``prefix``."""
     weights = indexed_weights(state_dict, prefix)
@@ -141,8 +135,8 @@ class GlobalGenerator(OfficialCheckpointMixin, nn.Module):
         impl: str = "auto",
     ):
         super().__init__()
-        _check_sizes("GlobalGenerator", input_nc=input_nc, output_nc=output_nc, ngf=ngf,
-                     n_downsampling=n_downsampling, n_blocks=n_blocks)
+        check_sizes("GlobalGenerator", ("n_downsampling", "n_blocks"), input_nc=input_nc, output_nc=output_nc,
+                    ngf=ngf, n_downsampling=n_downsampling, n_blocks=n_blocks)
         check_choice("GlobalGenerator", "norm", norm, NORMS)
         check_choice("GlobalGenerator", "padding_type", padding_type, PADDINGS)
         self.options = dict(input_nc=input_nc, output_nc=output_nc, ngf=ngf, n_downsampling=n_downsampling,
@@ -203,11 +197,10 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
         impl: str = "auto",
     ):
         super().__init__()
-        _check_sizes("LocalEnhancer", input_nc=input_nc, output_nc=output_nc, ngf=ngf,
-                     n_downsample_global=n_downsample_global, n_blocks_global=n_blocks_global,
-                     n_local_enhancers=n_local_enhancers, n_blocks_local=n_blocks_local)
-        if n_local_enhancers < 1:
-            raise ValueError("LocalEnhancer: n_local_enhancers must be at least 1; use GlobalGenerator for none")
+        check_sizes("LocalEnhancer", ("n_downsample_global", "n_blocks_global", "n_blocks_local"),
+                    input_nc=input_nc, output_nc=output_nc, ngf=ngf, n_downsample_global=n_downsample_global,
+                    n_blocks_global=n_blocks_global, n_local_enhancers=n_local_enhancers,
+                    n_blocks_local=n_blocks_local)
         check_choice("LocalEnhancer", "norm", norm, NORMS)
         check_choice("LocalEnhancer", "padding_type", padding_type, PADDINGS)
         self.options = dict(input_nc=input_nc, output_nc=output_nc, ngf=ngf, n_downsample_global=n_downsample_global,

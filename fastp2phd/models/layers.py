@@ -20,6 +20,15 @@ def check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) ->
         raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}")
 
 
+def check_sizes(owner: str, non_negative: tuple[str, ...] = (), **sizes: int) -> None:
+    """Every size must be a positive integer, except those named in ``non_negative``, which may be 0."""
+    for name, value in sizes.items():
+        minimum = 0 if name in non_negative else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = "non-negative" if minimum == 0 else "positive"
+            raise ValueError(f"{owner}: {name} must be a {kind} integer, got {value!r}")
+
+
 def activation_layer(activation: str, negative_slope: float = 0.2) -> nn.Module:
     if activation == "relu":
         return nn.ReLU(True)
@@ -80,5 +89,5 @@ def check_input(network: nn.Module, x, channels: int, multiple: int = 1, flag_hi
     if multiple > 1 and (x.shape[2] % multiple or x.shape[3] % multiple):
         raise ValueError(
             f"{owner}: height and width must be multiples of {multiple} (2^downsamplings), got "
-            f"{x.shape[2]}x{x.shape[3]}; resize or crop the input (--resize_or_crop none rounds to a multiple of 32)"
+            f"{x.shape[2]}x{x.shape[3]}; resize or crop the input to a multiple of {multiple}"
         )
