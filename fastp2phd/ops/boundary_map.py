@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _extension
-from ._checks import check_instance_map
+from ._common import check_instance_map
 from ._dispatch import FastPath, select
 
 OUTPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .. import _extension
-from ._checks import check_instance_map, check_same_device
+from ._common import check_instance_map, check_same_device, memory_format_of
 from ._dispatch import FastPath, select
 
 
@@ -41,13 +41,7 @@ def instance_mean_reference(feat: torch.Tensor, inst: torch.Tensor) -> torch.Ten
     counts = values.new_zeros(N, 1, num_ids).scatter_add(2, segment.unsqueeze(1), values.new_ones(N, 1, H * W))
     means = sums / counts.clamp_min(1)
     out = means.gather(2, index).reshape(N, C, H, W).to(feat.dtype)
-    return out.contiguous(memory_format=_memory_format(feat))
-
-
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return out.contiguous(memory_format=memory_format_of(feat))
 
 
 def _instance_mean_extension(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:

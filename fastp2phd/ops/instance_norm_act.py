@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._common import memory_format_of
 from ._dispatch import FastPath, select
 
 ACTIVATIONS = ("none", "relu", "leaky_relu")
@@ -42,8 +43,7 @@ def instance_norm_act_reference(
         y = F.relu(y)
     elif activation == "leaky_relu":
         y = F.leaky_relu(y, negative_slope)
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return y.to(x.dtype, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return y.to(x.dtype, memory_format=memory_format_of(x))
 
 
 def instance_norm_act(

@@ -1,4 +1,4 @@
-"""Input validation shared by the ops: one sentence per problem, saying how to fix it."""
+"""Shared by the ops: input validation (one sentence per problem, saying how to fix it) and layout."""
 from __future__ import annotations
 
 import torch
@@ -32,3 +32,10 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
         raise ValueError(f"{op}: tensors must be on one device, got {listing}; move them with .to(device)")
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for an (N, C, H, W) tensor laid out that way, contiguous_format otherwise."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
