@@ -8,7 +8,8 @@ from torch import nn
 
 from ..ops import instance_mean
 from .checkpoint import OfficialCheckpointMixin, indexed_weights
-from .layers import NORMS, check_choice, check_input, check_sizes, norm_act
+from .generator import global_generator_layers, options_from_global_layers
+from .layers import NORMS, check_choice, check_input, check_sizes
 
 
 class Encoder(OfficialCheckpointMixin, nn.Module):
@@ -47,19 +48,9 @@ class Encoder(OfficialCheckpointMixin, nn.Module):
         self.output_nc = output_nc
         self.impl = impl
 
-        def na(channels: int) -> list[nn.Module]:
-            return norm_act(channels, norm, "relu", fused=fused, impl=impl)
-
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7), *na(ngf)]
-        for i in range(n_downsampling):
-            mult = 2**i
-            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1), *na(ngf * mult * 2)]
-        for i in range(n_downsampling):
-            mult = 2 ** (n_downsampling - i)
-            layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1),
-                       *na(ngf * mult // 2)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
-        self.model = nn.Sequential(*layers)
+        self.model = nn.Sequential(
+            *global_generator_layers(input_nc, output_nc, ngf, n_downsampling, 0, norm, "reflect", fused, impl)
+        )
 
     def forward(self, input: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
         check_input(self, input, self.options["input_nc"], 2 ** self.options["n_downsampling"])
@@ -67,12 +58,8 @@ class Encoder(OfficialCheckpointMixin, nn.Module):
 
     @classmethod
     def options_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict[str, Any]:
+        options = options_from_global_layers(state_dict)
+        del options["n_blocks"]
         weights = indexed_weights(state_dict, "model")
-        resampling = [s for i, s in weights.items() if i > 1 and len(s) == 4 and s[2] == 3]
-        return {
-            "input_nc": weights[1][1],
-            "output_nc": weights[max(weights)][0],
-            "ngf": weights[1][0],
-            "n_downsampling": len(resampling) // 2,
-            "norm": "batch" if "model.2.running_mean" in state_dict else "instance",
-        }
+        options["output_nc"] = weights[max(weights)][0]
+        return options

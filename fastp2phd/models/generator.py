@@ -48,7 +48,7 @@ class ResnetBlock(nn.Module):
         return x + self.conv_block(x)
 
 
-def _global_layers(
+def global_generator_layers(
     input_nc: int,
     output_nc: int,
     ngf: int,
@@ -59,7 +59,10 @@ def _global_layers(
     fused: bool,
     impl: str,
 ) -> list[nn.Module]:
-    """G1's layers: 7x7 conv, stride-2 downsampling, residual blocks, transposed-conv upsampling, 7x7 conv, tanh."""
+    """G1's layers: 7x7 conv, stride-2 downsampling, residual blocks, transposed-conv upsampling, 7x7 conv, tanh.
+
+    With no residual blocks this is also the feature Encoder's network.
+    """
 
     def na(channels: int) -> list[nn.Module]:
         return norm_act(channels, norm, "relu", fused=fused, impl=impl)
@@ -81,7 +84,7 @@ def _global_layers(
     return layers
 
 
-def _options_from_global_layers(state_dict: Mapping[str, Any], prefix: str = "model") -> dict[str, Any]:
+def options_from_global_layers(state_dict: Mapping[str, Any], prefix: str = "model") -> dict[str, Any]:
     """input_nc, ngf, n_downsampling, n_blocks, norm of a G1 stored under ``prefix``."""
     weights = indexed_weights(state_dict, prefix)
     first = weights[1]
@@ -142,7 +145,7 @@ class GlobalGenerator(OfficialCheckpointMixin, nn.Module):
         self.options = dict(input_nc=input_nc, output_nc=output_nc, ngf=ngf, n_downsampling=n_downsampling,
                             n_blocks=n_blocks, norm=norm, padding_type=padding_type)
         self.model = nn.Sequential(
-            *_global_layers(input_nc, output_nc, ngf, n_downsampling, n_blocks, norm, padding_type, fused, impl)
+            *global_generator_layers(input_nc, output_nc, ngf, n_downsampling, n_blocks, norm, padding_type, fused, impl)
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -151,7 +154,7 @@ class GlobalGenerator(OfficialCheckpointMixin, nn.Module):
 
     @classmethod
     def options_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        options = _options_from_global_layers(state_dict)
+        options = options_from_global_layers(state_dict)
         weights = indexed_weights(state_dict, "model")
         options["output_nc"] = weights[max(weights)][0]
         options["padding_type"] = _padding_from_state_dict(state_dict)
@@ -210,7 +213,7 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
 
         # G1 always uses reflection padding in its residual blocks, as in the original.
         ngf_global = ngf * 2**n_local_enhancers
-        global_layers = _global_layers(input_nc, output_nc, ngf_global, n_downsample_global, n_blocks_global,
+        global_layers = global_generator_layers(input_nc, output_nc, ngf_global, n_downsample_global, n_blocks_global,
                                        norm, "reflect", fused, impl)
         self.model = nn.Sequential(*global_layers[:-3])  # without the final pad, conv, tanh
 
@@ -269,7 +272,7 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
 
     @classmethod
     def options_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        g1 = _options_from_global_layers(state_dict)
+        g1 = options_from_global_layers(state_dict)
         n_local = len({k.split(".")[0] for k in state_dict if k.startswith("model") and k.split(".")[0].endswith("_1")})
         last_back = indexed_weights(state_dict, f"model{n_local}_2")
         return {
