@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import requires_extension
+from support import requires_extension
 
 from fastp2phd import ops
 from fastp2phd.ops._dispatch import select

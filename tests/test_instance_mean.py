@@ -3,25 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cityscapes_like, rel_err, requires_extension
+from support import cityscapes_like, rel_err, requires_extension
+from support import instance_mean_loop as loop_oracle
 
 from fastp2phd.ops import instance_mean, instance_mean_reference
 
 IMPLS = ["reference", pytest.param("cpp", marks=requires_extension)]
 # (dtype, tolerance of the result against the float64 oracle)
 DTYPES = [(torch.float64, 1e-12), (torch.float32, 1e-6), (torch.float16, None), (torch.bfloat16, None)]
-
-
-def loop_oracle(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
-    """The definition, one segment at a time, in float64."""
-    out = torch.empty_like(feat, dtype=torch.float64)
-    for b in range(feat.shape[0]):
-        ids = inst[b, 0]
-        for value in torch.unique(ids):
-            mask = ids == value
-            for c in range(feat.shape[1]):
-                out[b, c][mask] = feat[b, c][mask].double().mean()
-    return out
 
 
 def make_inputs(n, c, h, w, num_ids=5, dtype=torch.float32, id_dtype=torch.int64, seed=0, offset=0):
@@ -197,3 +186,15 @@ def test_empty_batch_returns_empty(impl):
 def test_bad_input(feat, inst, error, message, impl):
     with pytest.raises(error, match=message):
         instance_mean(feat, inst, impl=impl)
+
+
+def test_registered_triton_op_on_cpu_runs_the_reference():
+    feat, inst = make_inputs(2, 3, 6, 7, seed=14)
+    feat.requires_grad_(True)
+    out = torch.ops.fastp2phd.instance_mean_triton(feat, inst)
+    assert rel_err(out, loop_oracle(feat.detach(), inst)) < 1e-6
+    torch.library.opcheck(torch.ops.fastp2phd.instance_mean_triton.default, (feat, inst))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda f, i: torch.ops.fastp2phd.instance_mean_triton(f, i).sum(), fullgraph=True)
+    compiled(feat, inst).backward()
+    assert rel_err(feat.grad, loop_oracle(torch.ones_like(feat), inst)) < 1e-6

@@ -4,25 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import rel_err
+from support import instance_norm_act_definition as definition
+from support import rel_err
 
 from fastp2phd.ops import ACTIVATIONS, instance_norm_act
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1, 2, 3), (2, 3, 1, 1), (2, 5, 7, 9), (1, 4, 33, 17), (3, 2, 1, 64)]
-
-
-def definition(x: torch.Tensor, activation: str, slope: float = 0.2, eps: float = 1e-5) -> torch.Tensor:
-    """y = act((x - mean) / sqrt(biased var + eps)) per (n, c) plane, in float64."""
-    x = x.double()
-    mean = x.mean(dim=(2, 3), keepdim=True)
-    var = ((x - mean) ** 2).mean(dim=(2, 3), keepdim=True)
-    y = (x - mean) / torch.sqrt(var + eps)
-    if activation == "relu":
-        return y.clamp_min(0)
-    if activation == "leaky_relu":
-        return torch.where(y >= 0, y, y * slope)
-    return y
 
 
 def tolerance(expected: torch.Tensor, dtype: torch.dtype) -> float:
@@ -104,7 +92,8 @@ def test_empty_batch_returns_empty():
         (dict(x=torch.zeros(1, 3, 4, 4, dtype=torch.int64)), TypeError, "floating point"),
         (dict(x=torch.zeros(1, 3, 4, 4), activation="gelu"), ValueError, "activation must be one of"),
         (dict(x=torch.zeros(1, 3, 4, 4), eps=0.0), ValueError, "eps must be positive"),
-        (dict(x=torch.zeros(1, 3, 4, 4), impl="triton"), ValueError, "unknown impl='triton'"),
+        (dict(x=torch.zeros(1, 3, 4, 4), impl="cudnn"), ValueError, "unknown impl='cudnn'"),
+        (dict(x=torch.zeros(1, 3, 4, 4), impl="triton"), ValueError, "runs on cuda tensors \\(or on CPU tensors when TRITON_INTERPRET=1"),
     ],
 )
 def test_bad_input(kwargs, error, message):
@@ -117,3 +106,36 @@ def test_matches_pytorch_modules_exactly_in_float32():
     x = torch.randn(2, 4, 8, 8)
     assert torch.equal(instance_norm_act(x, "relu"), F.relu(F.instance_norm(x)))
     assert torch.equal(instance_norm_act(x, "leaky_relu", 0.2), F.leaky_relu(F.instance_norm(x), 0.2))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_registered_triton_op_on_cpu_runs_the_reference(activation):
+    # Without the interpreter, the op's CPU kernels are the PyTorch reference, so graphs
+    # compiled on the CPU keep working; its CUDA kernels are the Triton ones.
+    x = torch.randn(2, 3, 5, 6, dtype=torch.float64, requires_grad=True)
+    y, mean, rstd = torch.ops.fastp2phd.instance_norm_act(x, activation, 0.2, 1e-5)
+    assert rel_err(y, definition(x, activation)) < 1e-12
+    assert rel_err(mean, x.mean(dim=(2, 3)).flatten()) < 1e-12
+    assert rel_err(rstd, torch.rsqrt(x.var(dim=(2, 3), correction=0) + 1e-5).flatten()) < 1e-12
+    grad = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    x64 = x.detach().requires_grad_(True)
+    definition(x64, activation).backward(grad)
+    assert rel_err(dx, x64.grad) < 1e-10
+
+
+def test_registered_triton_op_opcheck_and_compile_on_cpu():
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    for activation, slope in (("relu", 0.2), ("leaky_relu", 0.2), ("leaky_relu", 0.0), ("none", 0.2)):
+        torch.library.opcheck(torch.ops.fastp2phd.instance_norm_act.default, (x, activation, slope, 1e-5))
+    torch._dynamo.reset()
+
+    def step(t):
+        return torch.ops.fastp2phd.instance_norm_act(t, "leaky_relu", 0.2, 1e-5)[0].square().sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    x1 = x.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    compiled(x1).backward()
+    step(x2).backward()
+    assert rel_err(x1.grad, x2.grad) < 1e-6

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rel_err
+from support import rel_err
 from torch import nn
 
 from fastp2phd import InstanceMeanPool, InstanceNormAct2d, fuse_modules

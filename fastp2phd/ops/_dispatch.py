@@ -6,8 +6,10 @@ Every public op takes ``impl``:
   here; the reference otherwise. The environment variable ``FASTP2PHD_IMPL=reference``
   makes ``auto`` pick the reference everywhere (for debugging and comparisons).
 * ``"reference"``: the pure-PyTorch implementation beside the op.
-* a fast path's name (``"cpp"``, ``"cuda"``, ...): that path or a clear error,
-  never a silent fallback.
+* a fast path's name (``"cpp"``, ``"cuda"``, ``"triton"``): that path or a clear
+  error, never a silent fallback. Triton paths also take CPU tensors by name when
+  Triton's interpreter is on (``TRITON_INTERPRET=1``), which is how they are tested
+  without a GPU; ``"auto"`` never picks the interpreter for CPU tensors.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class FastPath:
     device_type: str  # the tensors it serves: "cpu" or "cuda"
     unavailable: Optional[str]  # None when it can run here, else why not (decided at import)
     run: Callable
+    interpreted: bool = False  # a Triton path running in the interpreter: also takes CPU tensors by name
 
 
 def default_impl() -> str:
@@ -50,10 +53,11 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
     for path in fast_paths:
         if path.name != impl:
             continue
-        if path.device_type != device.type:
+        if path.device_type != device.type and not (path.interpreted and device.type == "cpu"):
+            interpreter = " (or on CPU tensors when TRITON_INTERPRET=1 is set before import)" if impl == "triton" else ""
             raise ValueError(
-                f"{op}: impl={impl!r} runs on {path.device_type} tensors but got a {device.type} tensor; "
-                f"move the tensor to {path.device_type} or use impl='auto'"
+                f"{op}: impl={impl!r} runs on {path.device_type} tensors{interpreter} but got a {device.type} "
+                f"tensor; move the tensor to {path.device_type} or use impl='auto'"
             )
         if path.unavailable is not None:
             raise RuntimeError(f"{op}: impl={impl!r} is not available: {path.unavailable}")

@@ -9,16 +9,24 @@ channel by channel. The output has feat's dtype and memory format.
 The op is linear and self-adjoint (a projection onto segment-wise constant
 maps), so its backward is the same projection applied to the gradient.
 
-Fast paths: ``"cpp"`` (CPU: per-thread hash tables over runs of equal ids, two
-passes) in the extension as ``torch.ops.fastp2phd.instance_mean``. Sums are
-accumulated in float64 across rows, so results do not depend on the thread count
-beyond the last bit.
+Fast paths:
+
+* ``"cpp"`` (CPU): per-thread hash tables over runs of equal ids, two passes; in
+  the extension as ``torch.ops.fastp2phd.instance_mean``. Sums are accumulated in
+  float64 across rows, so results do not depend on the thread count beyond the last bit.
+* ``"triton"`` (CUDA): run sums inside pixel tiles, one float64 atomic per run
+  (``fastp2phd/kernels/instance_mean.py``); registered as
+  ``torch.ops.fastp2phd.instance_mean_triton``, whose CPU kernel is the reference
+  (the Triton kernels under ``TRITON_INTERPRET=1``). With
+  ``torch.use_deterministic_algorithms(True)`` its CUDA kernel runs the reference
+  instead, since float atomics do not add in a fixed order.
 """
 from __future__ import annotations
 
 import torch
 
 from .. import _extension
+from .._triton import interpreted, load_kernels
 from ._common import check_instance_map, check_same_device, memory_format_of
 from ._dispatch import FastPath, select
 
@@ -48,8 +56,42 @@ def _instance_mean_extension(feat: torch.Tensor, inst: torch.Tensor) -> torch.Te
     return torch.ops.fastp2phd.instance_mean(feat, inst)
 
 
+_kernels, _triton_unavailable = load_kernels("instance_mean")
+_INTERPRETED = interpreted()
+
+
+@torch.library.custom_op("fastp2phd::instance_mean_triton", mutates_args=())
+def _triton_op(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+    if feat.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return instance_mean_reference(feat, inst)
+    return _kernels.forward(feat, inst)
+
+
+@_triton_op.register_kernel("cpu")
+def _triton_op_cpu(feat, inst):
+    return _kernels.forward(feat, inst) if _INTERPRETED else instance_mean_reference(feat, inst)
+
+
+@_triton_op.register_fake
+def _triton_op_fake(feat, inst):
+    return torch.empty_like(feat)
+
+
+def _setup_inst(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _triton_backward(ctx, grad):
+    (inst,) = ctx.saved_tensors
+    return _triton_op(grad, inst), None
+
+
+_triton_op.register_autograd(_triton_backward, setup_context=_setup_inst)
+
+
 FAST_PATHS = (
     FastPath("cpp", "cpu", _extension.missing_kernel_reason("instance_mean", "CPU"), _instance_mean_extension),
+    FastPath("triton", "cuda", _triton_unavailable, _triton_op, interpreted=_INTERPRETED),
 )
 
 if _extension.is_loaded():
@@ -58,20 +100,18 @@ if _extension.is_loaded():
     def _instance_mean_fake(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
         return torch.empty_like(feat)
 
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    def _backward(ctx, grad):
+    def _cpp_backward(ctx, grad):
         (inst,) = ctx.saved_tensors
         return torch.ops.fastp2phd.instance_mean(grad, inst), None
 
-    torch.library.register_autograd("fastp2phd::instance_mean", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("fastp2phd::instance_mean", _cpp_backward, setup_context=_setup_inst)
 
 
 def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """Replace every pixel's features by the mean over its (batch item, instance id) segment.
 
-    ``impl``: "auto", "reference" or "cpp" (CPU). Differentiable with respect to ``feat``.
+    ``impl``: "auto", "reference", "cpp" (CPU) or "triton" (CUDA; CPU under TRITON_INTERPRET=1).
+    Differentiable with respect to ``feat``.
     """
     if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
         shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
