@@ -257,7 +257,7 @@ def _backward_dx_kernel(
 def _tiling(N: int, C: int, P: int, stride_c: int, stride_p: int) -> tuple[int, int, int, int, int]:
     """BLOCK_C, BLOCK_P, channel blocks, chunk size and chunk count for this shape and layout."""
     if stride_c == 1 and C > 1:  # channels_last: a tile is a run of channels of the same pixels
-        block_c = min(triton.next_power_of_2(C), 64)
+        block_c = min(triton.next_power_of_2(C), 16)
     else:  # NCHW: a tile is one or more whole planes (many small planes share a program)
         block_c = max(1, min(16, TILE_ELEMENTS // triton.next_power_of_2(P), triton.next_power_of_2(C)))
     block_p = max(16, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(P)))
