@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/python -m pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastp2phd-installed
 
-.PHONY: install test info clean
+.PHONY: install test info gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ test: $(STAMP)
 
 info: $(STAMP)
 	$(PY) -m fastp2phd info
+
+# On a machine with an NVIDIA GPU and PyTorch/Triton already installed (no venv):
+# build, GPU tests, kernel benchmarks; results in OUT.
+OUT ?= bench/results/gpu-check
+gpu-check:
+	bench/gpu_check.sh $(OUT)
 
 clean:
 	rm -rf build *.egg-info fastp2phd/_C*.so

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastp2phd import _extension
 
@@ -71,3 +72,33 @@ def instance_mean_loop(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
             for c in range(feat.shape[1]):
                 out[b, c][mask] = feat[b, c][mask].double().mean()
     return out
+
+
+def pytorch_result(x, activation, slope):
+    """F.instance_norm + activation in x's own precision: the yardstick for our error."""
+    y = F.instance_norm(x) if x.shape[2] * x.shape[3] > 1 else x - x
+    return F.relu(y) if activation == "relu" else F.leaky_relu(y, slope) if activation == "leaky_relu" else y
+
+
+def grad_err(actual, expected, x, grad):
+    """Error of dx relative to the size of the terms it is computed from, rstd * |dy|.
+
+    dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) cancels almost to zero on tiny
+    planes (a 1x2 plane's dx is ~1e-7 of its terms), where error relative to dx
+    itself only measures rounding noise.
+    """
+    x64 = x.detach().double()
+    rstd = 1 / torch.sqrt(x64.var(dim=(2, 3), correction=0) + 1e-5)
+    scale = max(rstd.max().item() * grad.abs().max().item(), expected.abs().max().item())
+    return (actual.double() - expected).abs().max().item() / scale
+
+
+def pytorch_errors(x, grad, activation, slope):
+    """PyTorch's own errors (forward, backward) in x's precision, against float64."""
+    x64 = x.detach().double().requires_grad_(True)
+    expected = instance_norm_act_definition(x64, activation, slope)
+    expected.backward(grad.double())
+    xp = x.detach().clone().requires_grad_(True)
+    y = pytorch_result(xp, activation, slope)
+    y.backward(grad)
+    return rel_err(y, expected), grad_err(xp.grad, x64.grad, x, grad)

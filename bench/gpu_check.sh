@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Device check: on a machine with an NVIDIA GPU and the usual CUDA / PyTorch / Triton
+# stack (no network needed), build the extension with its CUDA kernels, run the GPU
+# tests, run the kernel benchmarks, and print a short table last. Full logs and
+# kernels_gpu.json go to OUT_DIR. Finishes within 8 minutes.
+#
+#   bench/gpu_check.sh OUT_DIR            (PYTHON=python3 by default)
+set -uo pipefail
+out=${1:?usage: bench/gpu_check.sh OUT_DIR}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+
+step() { echo "== $1 ($(date +%H:%M:%S))"; }
+
+step "build"
+if ! FORCE_CUDA=1 timeout 240 "$py" -m pip install --no-build-isolation --no-deps -e . >"$out/build.log" 2>&1; then
+    echo "build failed:"; tail -40 "$out/build.log"; exit 1
+fi
+"$py" -m fastp2phd info | tee "$out/info.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$out/gpu.txt" 2>&1
+
+step "GPU tests"
+timeout 240 "$py" -m pytest tests/test_cuda.py tests/test_triton_compile.py -q -x -p no:cacheprovider \
+    >"$out/tests.log" 2>&1 || status=1
+tail -5 "$out/tests.log"
+
+step "benchmarks"
+timeout 200 "$py" bench/kernels_gpu.py --out "$out" >"$out/bench.log" 2>&1 || status=1
+
+step "results"
+grep -E "^(copy|op |instance|boundary|speedup|  )" "$out/bench.log" | grep -v '^{' | tail -70
+[ $status -eq 0 ] && echo "gpu_check: all steps passed" || echo "gpu_check: a step FAILED (see $out/*.log)"
+exit $status
