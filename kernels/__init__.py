@@ -33,6 +33,17 @@ def cast_rounded(value, dtype: tl.constexpr):
     return value.to(dtype)
 
 
+MAX_ELEMENTS = 2**31 - 1  # offsets inside the kernels are 32-bit
+
+
+def check_size(t: torch.Tensor, op: str) -> None:
+    if t.numel() > MAX_ELEMENTS:
+        raise ValueError(
+            f"{op}: the Triton kernels take tensors of at most 2^31 - 1 elements, got {t.numel()} "
+            f"({tuple(t.shape)}); split the batch, or use impl='reference'"
+        )
+
+
 def plane_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """``t`` (or a copy) whose pixels form one strided axis, and its (n, c, p) strides.
 

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cast_rounded, plane_view
+from . import cast_rounded, check_size, plane_view
 
 BLOCK = 1024  # pixels per tile
 # Use ids directly as segment indices while the id span is at most this many
@@ -110,6 +110,7 @@ def forward(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
     """Segment means of ``feat`` (N, C, H, W) over ``inst`` (N, 1, H, W), in feat's dtype and layout."""
     N, C, H, W = feat.shape
     P = H * W
+    check_size(feat, "instance_mean")
     feat, (stride_fn, stride_fc, stride_fp) = plane_view(feat)
     out = torch.empty_like(feat)
     if feat.numel() == 0:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cast_rounded, plane_view
+from . import cast_rounded, check_size, plane_view
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}
 
@@ -58,7 +58,7 @@ def _activate(xhat, ACTIVATION: tl.constexpr, slope):
 
 
 @triton.jit
-def _tile_offsets(pid_nc, chunk, C, num_c_blocks, stride_n, stride_c, stride_p, BLOCK_C: tl.constexpr):
+def _tile_offsets(pid_nc, C, num_c_blocks, stride_n, stride_c, BLOCK_C: tl.constexpr):
     """Channels of this program and the element offset of each channel's plane start."""
     n = pid_nc // num_c_blocks
     channels = (pid_nc % num_c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -76,7 +76,7 @@ def _forward_stats_kernel(
 ):
     pid_nc = tl.program_id(0)
     chunk = tl.program_id(1)
-    n, channels, plane_offsets = _tile_offsets(pid_nc, chunk, C, num_c_blocks, stride_n, stride_c, stride_p, BLOCK_C)
+    n, channels, plane_offsets = _tile_offsets(pid_nc, C, num_c_blocks, stride_n, stride_c, BLOCK_C)
     c_mask = channels < C
     acc_dtype = partial_mean_ptr.dtype.element_ty
     start = chunk * chunk_size
@@ -135,7 +135,7 @@ def _forward_normalize_kernel(
 ):
     pid_nc = tl.program_id(0)
     chunk = tl.program_id(1)
-    n, channels, plane_offsets = _tile_offsets(pid_nc, chunk, C, num_c_blocks, stride_n, stride_c, stride_p, BLOCK_C)
+    n, channels, plane_offsets = _tile_offsets(pid_nc, C, num_c_blocks, stride_n, stride_c, BLOCK_C)
     c_mask = channels < C
     rows = n * C + channels
     mean, rstd = _merge_stats(partial_mean_ptr, partial_m2_ptr, rows, c_mask, P, num_chunks, chunk_size, eps,
@@ -187,7 +187,7 @@ def _backward_sums_kernel(
 ):
     pid_nc = tl.program_id(0)
     chunk = tl.program_id(1)
-    n, channels, plane_offsets = _tile_offsets(pid_nc, chunk, C, num_c_blocks, stride_n, stride_c, stride_p, BLOCK_C)
+    n, channels, plane_offsets = _tile_offsets(pid_nc, C, num_c_blocks, stride_n, stride_c, BLOCK_C)
     dy_offsets = n * dy_stride_n + channels * dy_stride_c
     c_mask = channels < C
     rows = n * C + channels
@@ -226,7 +226,7 @@ def _backward_dx_kernel(
 ):
     pid_nc = tl.program_id(0)
     chunk = tl.program_id(1)
-    n, channels, plane_offsets = _tile_offsets(pid_nc, chunk, C, num_c_blocks, stride_n, stride_c, stride_p, BLOCK_C)
+    n, channels, plane_offsets = _tile_offsets(pid_nc, C, num_c_blocks, stride_n, stride_c, BLOCK_C)
     dy_offsets = n * dy_stride_n + channels * dy_stride_c
     c_mask = channels < C
     rows = n * C + channels
@@ -278,6 +278,7 @@ def forward(x: torch.Tensor, activation: str, negative_slope: float, eps: float)
     """(y, mean, rstd): y in x's dtype and memory format; mean, rstd (N*C,) in stats_dtype."""
     N, C, H, W = x.shape
     P = H * W
+    check_size(x, "instance_norm_act")
     x, (stride_n, stride_c, stride_p) = plane_view(x)
     y = torch.empty_like(x)
     mean = torch.empty(N * C, device=x.device, dtype=stats_dtype(x.dtype))
