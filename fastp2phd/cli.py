@@ -1,25 +1,110 @@
-"""The ``fastp2phd`` command line: ``fastp2phd <command> [options]``."""
+"""The ``fastp2phd`` command line (also ``python -m fastp2phd``).
+
+Subcommands keep the original pix2pixHD scripts' option names:
+``train`` (train.py), ``test`` (test.py), ``encode-features`` (encode_features.py
+plus the clustering), ``export-onnx``, ``make-synthetic``, ``demo`` and ``info``.
+Several processes: ``torchrun --nproc_per_node N -m fastp2phd train ...``.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+from .options import add_base_options, add_test_options, add_train_options, finish_options, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastp2phd", description="pix2pixHD as a fast PyTorch library")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
+
+    p = commands.add_parser("train", help="train pix2pixHD (options as in the original train.py)")
+    add_base_options(p)
+    add_train_options(p)
+
+    p = commands.add_parser("test", help="generate images for a test set (options as in the original test.py)")
+    add_base_options(p)
+    add_test_options(p)
+
+    p = commands.add_parser("encode-features", help="encode the training set's instances and cluster them per class")
+    add_base_options(p)
+    p.add_argument("--phase", default="train", help="which folders to encode: <phase>_label, ...")
+
+    p = commands.add_parser("export-onnx", help="export the generator to ONNX")
+    add_base_options(p)
+    p.add_argument("--onnx", default=None, help="output file (default: checkpoints_dir/name/<which_epoch>_net_G.onnx)")
+
+    p = commands.add_parser("make-synthetic", help="write the built-in synthetic street scenes as a Cityscapes-style folder")
+    p.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    p.add_argument("--num_train", type=int, default=64, help="training scenes")
+    p.add_argument("--num_test", type=int, default=16, help="test scenes")
+    p.add_argument("--height", type=int, default=256, help="scene height in pixels")
+    p.add_argument("--width", type=int, default=512, help="scene width in pixels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes")
+
+    p = commands.add_parser("demo", help="train a small model on synthetic scenes, cluster styles, and write a web page")
+    p.add_argument("--out", default="demo_output", help="folder for the data, checkpoints and the page")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes and the model")
+
     commands.add_parser("info", help="print versions, devices and which fast paths are available")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "info":
+    command = args.command
+    if command == "info":
         from .diagnostics import info
 
         info()
         return 0
-    return 2
+    if command == "make-synthetic":
+        from .data import DatasetError, make_synthetic
+
+        try:
+            out = make_synthetic(args.out, num_train=args.num_train, num_test=args.num_test,
+                                 height=args.height, width=args.width, seed=args.seed)
+        except (DatasetError, FileExistsError) as exc:
+            print(f"fastp2phd make-synthetic: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {args.num_train} training and {args.num_test} test scenes to {out}")
+        return 0
+    if command == "demo":
+        from .demo import run_demo
+
+        return run_demo(Path(args.out), resolve_device(args.device), minutes=args.minutes, seed=args.seed)
+
+    opt = finish_options(args, is_train=command == "train")
+    device = resolve_device(opt.device)
+    if command == "train":
+        from .training import main_train
+
+        return main_train(opt, device)
+
+    from .inference import InferenceError
+
+    try:
+        if command == "test":
+            from .inference import run_test
+
+            print(f"results: {run_test(opt, device)}")
+        elif command == "encode-features":
+            from .encode_features import encode_features
+
+            print(f"clusters: {encode_features(opt, device)}")
+        elif command == "export-onnx":
+            from .inference import export_onnx
+
+            path, difference = export_onnx(opt, args.onnx)
+            checked = ("not checked (install onnxruntime to check it)" if difference is None
+                       else f"largest difference from PyTorch {difference:.2e}")
+            print(f"exported {path}; {checked}")
+    except (InferenceError, ValueError, FileNotFoundError) as exc:
+        print(f"fastp2phd {command}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

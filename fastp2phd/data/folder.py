@@ -1,0 +1,236 @@
+"""The Cityscapes-style folder dataset of pix2pixHD (``AlignedDataset``).
+
+Layout under ``opt.dataroot`` for phase P ('train' or 'test'):
+
+* ``P_label/``: label maps, single-channel ids (PIL mode L, P, I or I;16); with
+  ``label_nc == 0`` the input folder is ``P_A/`` and holds RGB images instead;
+* ``P_img/``: photos (``P_B/`` when label_nc == 0), read when ``opt.isTrain`` or
+  ``opt.use_encoded_image``;
+* ``P_inst/``: instance maps (8- or 16-bit ids), unless ``opt.no_instance``;
+* ``P_feat/``: precomputed feature maps (RGB images), when ``opt.load_features``.
+
+Each folder is searched recursively for image files (.png .jpg .jpeg .bmp .tif .tiff,
+any case); the lists are sorted by path and paired by position, then cut to
+``opt.max_dataset_size`` items.
+
+Item ``i`` (a dict):
+
+* ``'label'``: LongTensor (1, H, W) of label ids; FloatTensor (3, H, W) in [-1, 1]
+  when label_nc == 0;
+* ``'inst'``: IntTensor (1, H, W) int32 instance ids (zeros when no_instance);
+* ``'image'``: FloatTensor (3, H, W) in [-1, 1] (zeros when the photo is not read);
+* ``'feat'``: FloatTensor (3, H, W) in [-1, 1] when load_features (resampled NEAREST,
+  since feature maps are constant per instance), else zeros (1, H, W);
+* ``'path'``: the label map's path (str).
+
+Randomness: item ``i`` draws its crop and flip from ``random.Random`` seeded with
+(rng_seed, epoch, i), where ``epoch`` is what ``set_epoch`` last set (0 at first); the
+draw does not depend on the global RNGs, the worker or the order items are read in, so a
+training run resumed at an epoch sees the same crops and flips. Call ``set_epoch``
+before creating the epoch's DataLoader iterator (with ``persistent_workers=True`` the
+workers keep the epoch they were started with).
+
+Every problem with the files raises :class:`DatasetError` (a ValueError; a missing
+folder raises :class:`DatasetNotFoundError`, also a FileNotFoundError) whose message
+names the folder or file.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from typing import Dict, List, Optional
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .transforms import get_params, to_image_tensor, to_instance_tensor, to_label_tensor, transform
+
+__all__ = ["AlignedDataset", "DatasetError", "DatasetNotFoundError", "IMAGE_EXTENSIONS", "build_item", "item_rng", "list_images"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+class DatasetError(ValueError):
+    """Bad dataset input: missing or empty folders, unpaired files, unreadable images, bad ids."""
+
+
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """A dataset folder does not exist."""
+
+
+def item_rng(rng_seed: int, epoch: int, index: int) -> random.Random:
+    """The private RNG of one item read in one epoch (a string seed: hashed with SHA-512,
+    so independent of PYTHONHASHSEED and of the process)."""
+    return random.Random(f"fastp2phd:{int(rng_seed)}:{int(epoch)}:{int(index)}")
+
+
+def list_images(folder: str) -> List[str]:
+    """Image files under ``folder`` (recursively), sorted by path."""
+    found = []
+    for root, _dirs, files in os.walk(folder, followlinks=True):
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(root, name))
+    return sorted(found)
+
+
+def open_image(path: str) -> Image.Image:
+    """Open and fully decode an image file, so that a truncated or corrupt file raises
+    DatasetError here (PIL decodes lazily otherwise). Truncation is only detected while
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (PIL's default)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
+        detail = str(error) or type(error).__name__
+        raise DatasetError(f"Cannot read image file {path} ({detail}): it is unreadable, truncated or not an image.") from error
+
+
+def _zeros_like_hw(channels: int, hw, dtype) -> torch.Tensor:
+    return torch.zeros((channels, hw[0], hw[1]), dtype=dtype)
+
+
+def build_item(
+    opt,
+    label: Image.Image,
+    inst: Optional[Image.Image],
+    image: Optional[Image.Image],
+    feat: Optional[Image.Image],
+    rng: random.Random,
+    path: str,
+    label_nc: int,
+) -> Dict[str, object]:
+    """Transform one item's PIL images with one shared ``get_params`` draw into the item dict."""
+    params = get_params(opt, label.size, rng)
+    if label_nc == 0:
+        label_t = to_image_tensor(transform(label, opt, params, nearest=False))
+    else:
+        label_t = to_label_tensor(transform(label, opt, params, nearest=True))
+    hw = label_t.shape[-2:]
+    inst_t = to_instance_tensor(transform(inst, opt, params, nearest=True)) if inst is not None else _zeros_like_hw(1, hw, torch.int32)
+    image_t = to_image_tensor(transform(image, opt, params, nearest=False)) if image is not None else _zeros_like_hw(3, hw, torch.float32)
+    feat_t = to_image_tensor(transform(feat, opt, params, nearest=True)) if feat is not None else _zeros_like_hw(1, hw, torch.float32)
+    return {"label": label_t, "inst": inst_t, "image": image_t, "feat": feat_t, "path": path}
+
+
+def check_label_ids(img: Image.Image, path: str, label_nc: int) -> None:
+    """Raise DatasetError unless ``img`` is a single-channel map with ids in 0..label_nc-1."""
+    if img.mode not in _LABEL_MODES:
+        raise DatasetError(
+            f"Label map {path} has PIL mode {img.mode}, but with label_nc={label_nc} label maps must hold one id per "
+            f"pixel (8- or 16-bit single channel); use label_nc=0 for RGB inputs."
+        )
+    low, high = img.getextrema()
+    if low < 0 or high >= label_nc:
+        bad = low if low < 0 else high
+        raise DatasetError(
+            f"Label map {path} contains id {bad}, outside 0..{label_nc - 1} for label_nc={label_nc}; check --label_nc."
+        )
+
+
+def _dataset_size(n: int, max_size) -> int:
+    if max_size is None or (isinstance(max_size, float) and math.isinf(max_size)):
+        return n
+    return min(n, int(max_size))
+
+
+class AlignedDataset(Dataset):
+    """pix2pixHD's paired folder dataset; see the module docstring for layout and items."""
+
+    def __init__(self, opt, phase: Optional[str] = None, rng_seed: int = 0):
+        self.opt = opt
+        self.phase = opt.phase if phase is None else phase
+        self.rng_seed = int(rng_seed)
+        self.epoch = 0
+        self.label_nc = int(opt.label_nc)
+        self.root = str(opt.dataroot)
+        self.load_image = bool(opt.isTrain or getattr(opt, "use_encoded_image", False))
+        self.load_instance = not getattr(opt, "no_instance", False)
+        self.load_features = bool(getattr(opt, "load_features", False))
+
+        p = self.phase
+        if self.label_nc == 0:
+            label_dir, image_dir = (f"{p}_A", "input images"), (f"{p}_B", "photos")
+        else:
+            label_dir, image_dir = (f"{p}_label", "label maps"), (f"{p}_img", "photos")
+        wanted = [("label", label_dir)]
+        if self.load_image:
+            wanted.append(("image", image_dir))
+        if self.load_instance:
+            wanted.append(("inst", (f"{p}_inst", "instance maps")))
+        if self.load_features:
+            wanted.append(("feat", (f"{p}_feat", "feature maps")))
+
+        if not os.path.isdir(self.root):
+            raise DatasetNotFoundError(f"Dataset root {self.root} does not exist or is not a folder (check --dataroot).")
+        parts = [f"{name}/ ({what})" for _, (name, what) in wanted]
+        layout = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        lists = {}
+        for key, (name, what) in wanted:
+            folder = os.path.join(self.root, name)
+            if not os.path.isdir(folder):
+                raise DatasetNotFoundError(
+                    f"Folder {folder} ({what}) does not exist: for phase '{p}' with label_nc={self.label_nc} "
+                    f"the dataset root {self.root} must contain {layout}"
+                    + (" (or pass --no_instance)." if key == "inst" else ".")
+                )
+            files = list_images(folder)
+            if not files:
+                raise DatasetError(f"Folder {folder} ({what}) holds no image files ({' '.join(IMAGE_EXTENSIONS)}).")
+            lists[key] = (folder, files)
+        counts = {len(files) for _, files in lists.values()}
+        if len(counts) > 1:
+            listing = ", ".join(f"{folder} has {len(files)}" for folder, files in lists.values())
+            raise DatasetError(
+                f"Dataset folders hold different numbers of image files ({listing}); each label map needs exactly "
+                f"one file in every folder, paired by sorted path."
+            )
+        n = _dataset_size(counts.pop(), getattr(opt, "max_dataset_size", float("inf")))
+        self.label_paths = lists["label"][1][:n]
+        self.image_paths = lists["image"][1][:n] if "image" in lists else None
+        self.inst_paths = lists["inst"][1][:n] if "inst" in lists else None
+        self.feat_paths = lists["feat"][1][:n] if "feat" in lists else None
+
+    def __len__(self) -> int:
+        return len(self.label_paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose crops and flips the items get (see the module docstring)."""
+        self.epoch = int(epoch)
+
+    def __getitem__(self, index: int) -> Dict[str, object]:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"AlignedDataset index {index} out of range for {len(self)} items")
+        label_path = self.label_paths[index]
+        label = open_image(label_path)
+        if self.label_nc > 0:
+            check_label_ids(label, label_path, self.label_nc)
+        others = {}
+        for key, paths, what in (
+            ("inst", self.inst_paths, "instance map"),
+            ("image", self.image_paths, "photo"),
+            ("feat", self.feat_paths, "feature map"),
+        ):
+            if paths is None:
+                others[key] = None
+                continue
+            img = open_image(paths[index])
+            if img.size != label.size:
+                raise DatasetError(
+                    f"Files of item {index} differ in size: label map {label_path} is {label.size[0]}x{label.size[1]} "
+                    f"but {what} {paths[index]} is {img.size[0]}x{img.size[1]} (width x height must match)."
+                )
+            if key == "inst" and img.mode not in _LABEL_MODES:
+                raise DatasetError(
+                    f"Instance map {paths[index]} has PIL mode {img.mode}, but instance maps must hold one id per pixel "
+                    f"(8- or 16-bit single channel)."
+                )
+            others[key] = img
+        rng = item_rng(self.rng_seed, self.epoch, index)
+        return build_item(self.opt, label, others["inst"], others["image"], others["feat"], rng, label_path, self.label_nc)

@@ -1,0 +1,701 @@
+"""Instance-level feature embedding: encode, cluster, store and sample (pix2pixHD section 3.4).
+
+pix2pixHD can condition its generator on a low-dimensional feature map produced by an
+Encoder whose output is averaged per instance, so every pixel of an instance holds the
+instance's feature vector. After training, this module provides the rest of the pipeline:
+
+1. **Encode the training set.** :func:`instance_features` takes the (instance-pooled)
+   encoder output and the instance map of a batch and keeps, per instance, ONE feature
+   vector -- the value at the instance's *middle pixel* (position ``num // 2`` of the
+   instance's pixels in row-major order, ``num`` being its pixel count) -- and its relative
+   area ``num / (H * W // 32)``. :func:`class_features` / :class:`FeatureCollector` group
+   these by semantic class (``id if id < 1000 else id // 1000``, the Cityscapes convention)
+   as rows ``[feature..., area]``.
+2. **Cluster.** :func:`cluster_features` keeps instances whose relative area is strictly
+   greater than ``area_threshold`` (0.5) and runs :func:`kmeans` per class with
+   ``min(n_clusters, number of instances)`` clusters.
+3. **Store.** :func:`save_clusters` / :func:`load_clusters` use a pickle-free ``.npz``
+   (``class_026``-style arrays plus a JSON ``__meta__`` string), written atomically.
+   :func:`import_official_clusters` reads the original ``features_clustered_010.npy``
+   (a pickled dict), only when explicitly allowed.
+4. **Sample at test time.** :func:`sample_feature_map` gives every instance whose class has
+   centres one centre (drawn uniformly, or chosen), broadcast over its pixels; other pixels
+   are 0.
+
+Everything runs in torch on the input tensors' device; only numpy is used for file I/O.
+"""
+from __future__ import annotations
+
+import json
+import math
+import operator
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "AREA_BLOCKS",
+    "ClustersFileError",
+    "FeatureCollector",
+    "UnsafePickleError",
+    "class_features",
+    "class_of",
+    "cluster_features",
+    "import_official_clusters",
+    "instance_features",
+    "kmeans",
+    "load_clusters",
+    "sample_feature_map",
+    "save_clusters",
+]
+
+#: The relative area of an instance is ``num_pixels / (H * W // AREA_BLOCKS)``.
+AREA_BLOCKS = 32
+#: ``format`` value written into (and required in) the ``__meta__`` entry of a clusters file.
+CLUSTERS_FORMAT = "fastp2phd-clusters"
+CLUSTERS_VERSION = 1
+_META_KEY = "__meta__"
+_CLASS_KEY = re.compile(r"^class_(\d+)$")
+
+
+class ClustersFileError(ValueError):
+    """A clusters file is not one, is corrupt, or holds something it should not."""
+
+
+class UnsafePickleError(ClustersFileError):
+    """Refused to unpickle a file because pickle=True was not explicitly allowed."""
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding the training set
+# --------------------------------------------------------------------------------------------
+
+
+def class_of(instance_id: int) -> int:
+    """Semantic class of an instance id: ``id`` if ``id < 1000`` else ``id // 1000``."""
+    instance_id = int(instance_id)
+    return instance_id if instance_id < 1000 else instance_id // 1000
+
+
+def _class_tensor(ids: torch.Tensor) -> torch.Tensor:
+    """Elementwise :func:`class_of` for an int64 tensor."""
+    return torch.where(ids < 1000, ids, torch.div(ids, 1000, rounding_mode="floor"))
+
+
+def _as_id_map(inst: torch.Tensor, name: str = "inst") -> torch.Tensor:
+    """Validate an (N, 1, H, W) instance map and return it as int64 of shape (N, H, W).
+
+    Floating maps (the original loads instance maps as float tensors) are accepted when
+    every value is integral.
+    """
+    if not isinstance(inst, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(inst).__name__}.")
+    if inst.dim() != 4 or inst.shape[1] != 1:
+        raise ValueError(f"{name} must have shape (N, 1, H, W), got {tuple(inst.shape)}.")
+    if inst.dtype == torch.bool or inst.is_complex():
+        raise TypeError(f"{name} must hold integer instance ids, got dtype {inst.dtype}.")
+    if inst.is_floating_point():
+        if not bool(torch.all(inst == torch.round(inst))):
+            raise ValueError(f"{name} is floating point but holds non-integral instance ids.")
+    return inst[:, 0].to(torch.int64)
+
+
+def instance_features(feat_map: torch.Tensor, inst: torch.Tensor) -> list[dict[int, tuple[torch.Tensor, float]]]:
+    """One feature vector and relative area per instance of every batch item.
+
+    Args:
+        feat_map: (N, F, H, W) encoder output, normally already averaged per instance.
+        inst: (N, 1, H, W) integer instance ids (integral floating values are accepted).
+
+    Returns:
+        A list with one dict per batch item, ``{instance_id: (feature, relative_area)}``
+        in increasing id order, where ``feature`` is a CPU tensor of shape (F,) and dtype
+        ``feat_map.dtype`` holding ``feat_map`` at the instance's middle pixel -- position
+        ``num // 2`` in the row-major list of the instance's pixels of that item's H x W
+        plane -- and ``relative_area = num / (H * W // 32)`` (the denominator is clamped to
+        at least 1 for planes smaller than 32 pixels). Batch items are kept apart.
+
+    The computation is vectorised (a stable sort of the flattened ids and a gather) and
+    runs on the tensors' device; only the final dict is built in Python.
+    """
+    if not isinstance(feat_map, torch.Tensor) or feat_map.dim() != 4:
+        raise ValueError(f"feat_map must be a (N, F, H, W) tensor, got {getattr(feat_map, 'shape', type(feat_map))}.")
+    ids_map = _as_id_map(inst)
+    n, f, h, w = feat_map.shape
+    if ids_map.shape != (n, h, w):
+        raise ValueError(f"inst shape {tuple(inst.shape)} does not match feat_map shape {tuple(feat_map.shape)} "
+                         "(expected (N, 1, H, W) with the same N, H, W).")
+    if ids_map.device != feat_map.device:
+        raise ValueError(f"feat_map is on {feat_map.device} but inst is on {inst.device}.")
+    denominator = max(h * w // AREA_BLOCKS, 1)
+    feat_flat = feat_map.detach().reshape(n, f, h * w)
+    result = []
+    for b in range(n):
+        ids = ids_map[b].reshape(-1)
+        sorted_ids, order = torch.sort(ids, stable=True)  # row-major order kept within an id
+        uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        middle = order[starts + torch.div(counts, 2, rounding_mode="floor")]
+        feats = feat_flat[b][:, middle].t().cpu()  # (U, F)
+        uniq_list = uniq.tolist()
+        counts_list = counts.tolist()
+        result.append({
+            int(i): (feats[j].clone(), counts_list[j] / denominator) for j, i in enumerate(uniq_list)
+        })
+    return result
+
+
+def class_features(per_item: list[Mapping[int, tuple[torch.Tensor, float]]]) -> dict[int, torch.Tensor]:
+    """Group per-instance features by semantic class.
+
+    Args:
+        per_item: the output of :func:`instance_features` (or several concatenated).
+
+    Returns:
+        ``{class_id: Tensor (n, F + 1)}`` with keys in increasing order, each row being
+        ``[feature..., relative_area]``; rows follow the items' order, then increasing
+        instance id. The dtype is the features' dtype promoted to at least float32.
+    """
+    rows: dict[int, list[torch.Tensor]] = {}
+    for item in per_item:
+        for instance_id in sorted(item):
+            feature, area = item[instance_id]
+            feature = torch.as_tensor(feature).detach().cpu().reshape(-1)
+            dtype = torch.promote_types(feature.dtype, torch.float32)
+            row = torch.cat([feature.to(dtype), torch.tensor([float(area)], dtype=dtype)])
+            rows.setdefault(class_of(instance_id), []).append(row)
+    out = {}
+    for cls in sorted(rows):
+        widths = {r.shape[0] for r in rows[cls]}
+        if len(widths) != 1:
+            raise ValueError(f"class {cls} has features of different lengths {sorted(w - 1 for w in widths)}.")
+        dtype = rows[cls][0].dtype
+        for r in rows[cls][1:]:
+            dtype = torch.promote_types(dtype, r.dtype)
+        out[cls] = torch.stack([r.to(dtype) for r in rows[cls]])
+    return out
+
+
+class FeatureCollector:
+    """Accumulate per-class instance features over a dataset.
+
+    Example::
+
+        collector = FeatureCollector()
+        for label, inst, image in loader:
+            collector.add(encoder(image, inst), inst)
+        features = collector.result()          # {class: (n, F + 1)}
+        centers = cluster_features(features)   # {class: (k, F)}
+    """
+
+    def __init__(self) -> None:
+        self._parts: dict[int, list[torch.Tensor]] = {}
+        self.num_items = 0  #: batch items added so far
+
+    def add(self, feat_map: torch.Tensor, inst: torch.Tensor) -> None:
+        """Add one batch: ``feat_map`` (N, F, H, W) and ``inst`` (N, 1, H, W)."""
+        per_item = instance_features(feat_map, inst)
+        for cls, rows in class_features(per_item).items():
+            self._parts.setdefault(cls, []).append(rows)
+        self.num_items += len(per_item)
+
+    def result(self) -> dict[int, torch.Tensor]:
+        """``{class_id: Tensor (n, F + 1)}`` over everything added, keys in increasing order."""
+        out = {}
+        for cls in sorted(self._parts):
+            parts = self._parts[cls]
+            dtype = parts[0].dtype
+            for p in parts[1:]:
+                dtype = torch.promote_types(dtype, p.dtype)
+            out[cls] = torch.cat([p.to(dtype) for p in parts])
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# K-means
+# --------------------------------------------------------------------------------------------
+
+
+def _sq_dists(x: torch.Tensor, x_sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """(n, k) squared Euclidean distances by the expansion, clamped at 0 against rounding."""
+    d = x_sq[:, None] - 2.0 * (x @ c.t()) + (c * c).sum(1)[None, :]
+    return d.clamp_min_(0)
+
+
+def _kmeans_plus_plus(x: torch.Tensor, x_sq: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++: each new centre is the best (lowest potential) of 2 + log(k)
+    candidates sampled with probability proportional to the squared distance to the
+    nearest chosen centre. Falls back to uniform sampling when every point already
+    coincides with a centre."""
+    n = x.shape[0]
+    trials = 2 + int(math.log(k))
+    centers = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    first = torch.randint(n, (1,), generator=gen, device=x.device)
+    centers[0] = x[first[0]]
+    closest = _sq_dists(x, x_sq, centers[:1]).squeeze(1)
+    for c in range(1, k):
+        if float(closest.sum()) > 0:
+            cand = torch.multinomial(closest, trials, replacement=True, generator=gen)
+        else:
+            cand = torch.randint(n, (trials,), generator=gen, device=x.device)
+        cand_d = _sq_dists(x, x_sq, x[cand]).t()  # (trials, n)
+        new_closest = torch.minimum(closest[None, :], cand_d)
+        best = int(torch.argmin(new_closest.sum(1)))
+        centers[c] = x[cand[best]]
+        closest = new_closest[best]
+    return centers
+
+
+def _lloyd(x: torch.Tensor, x_sq: torch.Tensor, centers: torch.Tensor, max_iter: int,
+           tol: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Lloyd iterations from ``centers``; an empty cluster is re-seeded to the point
+    farthest from its own centre. Stops when the labels repeat or the squared centre
+    shift is <= tol. Returns (centers, labels, inertia) after a final assignment."""
+    k = centers.shape[0]
+    prev_labels = None
+    for _ in range(max_iter):
+        d = _sq_dists(x, x_sq, centers)
+        labels = d.argmin(1)
+        # One-hot matmul instead of index_add_: deterministic on every device.
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)
+        counts = onehot.sum(0)
+        new = (onehot.t() @ x) / counts.clamp_min(1)[:, None]
+        empty = counts == 0
+        n_empty = int(empty.sum())
+        if n_empty:
+            own = d.gather(1, labels[:, None]).squeeze(1)
+            far = torch.topk(own, n_empty).indices
+            new[empty] = x[far]
+        shift = float(((new - centers) ** 2).sum())
+        centers = new
+        if prev_labels is not None and torch.equal(labels, prev_labels):
+            break
+        if shift <= tol:
+            break
+        prev_labels = labels
+    labels = _sq_dists(x, x_sq, centers).argmin(1)
+    inertia = float(((x - centers[labels]) ** 2).sum())
+    return centers, labels, inertia
+
+
+def kmeans(x: torch.Tensor, k: int, *, n_init: int = 10, max_iter: int = 300, tol: float = 1e-4,
+           seed: int = 0, init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """K-means (Lloyd's algorithm with greedy k-means++ initialisation), in torch on x's device.
+
+    Args:
+        x: (n, d) float32 or float64 points, n >= 1.
+        k: number of clusters, >= 1; clamped to n when larger.
+        n_init: restarts from different k-means++ seeds; the lowest inertia wins
+            (the first one on ties).
+        max_iter: Lloyd iterations per restart.
+        tol: relative tolerance: a restart stops when the summed squared centre shift is
+            <= ``tol * mean per-feature variance of x`` (scikit-learn's convention), or
+            when the assignment repeats.
+        seed: seeds a ``torch.Generator`` on x's device; the result is deterministic for a
+            given seed, input and device.
+        init: optional (min(k, n), d) initial centres; when given, a single run starts
+            from them and ``n_init`` is ignored.
+
+    Returns:
+        ``(centers (k, d) in x.dtype, labels (n,) int64, inertia float)`` where
+        ``inertia = sum_i ||x_i - centers[labels_i]||^2`` for the returned labels (the
+        nearest centre of every point). Empty clusters met during the iterations are
+        re-seeded to the point farthest from its centre, so centres are never NaN.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"kmeans expects a 2-D (n, d) tensor, got {getattr(x, 'shape', type(x))}.")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"kmeans expects float32 or float64 points, got {x.dtype}.")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError("kmeans needs at least one point, got an empty (0, d) tensor.")
+    k = operator.index(k)
+    if k < 1:
+        raise ValueError(f"kmeans needs k >= 1, got {k}.")
+    if n_init < 1 or max_iter < 1 or tol < 0:
+        raise ValueError(f"kmeans needs n_init >= 1, max_iter >= 1 and tol >= 0, got {n_init}, {max_iter}, {tol}.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("kmeans input contains NaN or infinite values.")
+    k = min(k, n)
+    x = x.detach()
+    x_sq = (x * x).sum(1)
+    tol_abs = float(x.var(dim=0, unbiased=False).mean()) * tol
+    if init is not None:
+        init = torch.as_tensor(init).detach().to(device=x.device, dtype=x.dtype)
+        if init.shape != (k, x.shape[1]):
+            raise ValueError(f"kmeans init must have shape {(k, x.shape[1])}, got {tuple(init.shape)}.")
+        return _lloyd(x, x_sq, init.clone(), max_iter, tol_abs)
+    gen = torch.Generator(device=x.device)
+    gen.manual_seed(seed)
+    best = None
+    for _ in range(n_init):
+        centers = _kmeans_plus_plus(x, x_sq, k, gen)
+        run = _lloyd(x, x_sq, centers, max_iter, tol_abs)
+        if best is None or run[2] < best[2]:
+            best = run
+    return best
+
+
+def cluster_features(features: Mapping[int, torch.Tensor], n_clusters: int = 10, area_threshold: float = 0.5,
+                     seed: int = 0, device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
+    """Per-class K-means of instance features, as pix2pixHD's clustering step.
+
+    Args:
+        features: ``{class_id: Tensor (n, F + 1)}`` (rows ``[feature..., area]``, e.g. from
+            :func:`class_features`).
+        n_clusters: clusters per class; reduced to the number of kept instances when fewer.
+        area_threshold: rows with relative area strictly greater than this are kept.
+        seed: passed to :func:`kmeans` (the same seed for every class).
+        device: where K-means runs (default: where each class's tensor is).
+
+    Returns:
+        ``{class_id: Tensor (k_c, F)}`` on the CPU, keys in increasing order, float64 if
+        the input is float64 else float32. Classes with no instance left are omitted.
+    """
+    n_clusters = operator.index(n_clusters)
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}.")
+    out = {}
+    for cls in sorted(features, key=int):
+        rows = torch.as_tensor(features[cls])
+        if rows.dim() != 2 or rows.shape[1] < 2:
+            raise ValueError(f"features of class {cls} must be (n, F + 1) with F >= 1, got {tuple(rows.shape)}.")
+        if rows.dtype != torch.float64:
+            rows = rows.to(torch.float32)
+        if device is not None:
+            rows = rows.to(device)
+        kept = rows[rows[:, -1] > area_threshold, :-1]
+        if kept.shape[0] == 0:
+            continue
+        centers, _, _ = kmeans(kept.contiguous(), min(n_clusters, kept.shape[0]), seed=seed)
+        out[int(cls)] = centers.cpu()
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Storage
+# --------------------------------------------------------------------------------------------
+
+
+def _to_numpy_2d(value: Any, what: str) -> np.ndarray:
+    arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
+        raise ClustersFileError(f"{what} must be a numeric array, got dtype {arr.dtype}.")
+    if arr.ndim != 2:
+        raise ClustersFileError(f"{what} must be 2-D (k, F), got shape {arr.shape}.")
+    return arr
+
+
+def _check_widths(arrays: Mapping[int, np.ndarray], source: str) -> int | None:
+    widths = {int(a.shape[1]) for a in arrays.values()}
+    if len(widths) > 1:
+        detail = ", ".join(f"class {c}: {a.shape[1]}" for c, a in sorted(arrays.items()))
+        raise ClustersFileError(f"{source} has cluster centres of inconsistent widths ({detail}).")
+    return widths.pop() if widths else None
+
+
+def save_clusters(path: str | os.PathLike, centers: Mapping[int, Any], meta: Mapping[str, Any] | None = None) -> None:
+    """Write cluster centres to a pickle-free ``.npz`` file, atomically.
+
+    Args:
+        path: destination, written exactly as given (no ``.npz`` is appended).
+        centers: ``{class_id: (k, F) tensor or array}``, class ids non-negative ints, all
+            with the same F. Arrays keep their dtype.
+        meta: extra JSON-serialisable entries stored in ``__meta__``. ``format`` and
+            ``version`` are reserved; ``feat_num`` must match F if given; ``n_clusters``
+            overrides the default (the largest k).
+
+    The file holds one array per class named ``class_%03d`` (``class_026``) and a 0-d
+    string array ``__meta__`` with the JSON object ``{"format": "fastp2phd-clusters",
+    "version": 1, "feat_num": F, "n_clusters": ..., "classes": [...], **meta}``. It is
+    written to a temporary file in the same folder, fsynced, then moved over ``path`` with
+    ``os.replace``, so an interrupted save never leaves a half-written file.
+    """
+    path = os.fspath(path)
+    arrays: dict[int, np.ndarray] = {}
+    for cls, value in centers.items():
+        try:
+            cls_int = operator.index(cls)
+        except TypeError:
+            raise ClustersFileError(f"class ids must be integers, got {cls!r}.") from None
+        if cls_int < 0:
+            raise ClustersFileError(f"class ids must be non-negative, got {cls_int}.")
+        arrays[cls_int] = np.ascontiguousarray(_to_numpy_2d(value, f"centres of class {cls_int}"))
+    feat_num = _check_widths(arrays, "centers")
+    meta = dict(meta or {})
+    for reserved in ("format", "version", "classes"):
+        if reserved in meta:
+            raise ClustersFileError(f"meta key {reserved!r} is reserved by the clusters file format.")
+    if feat_num is not None and meta.get("feat_num", feat_num) != feat_num:
+        raise ClustersFileError(f"meta feat_num={meta['feat_num']} does not match the centres' width {feat_num}.")
+    full_meta = {
+        "format": CLUSTERS_FORMAT,
+        "version": CLUSTERS_VERSION,
+        "feat_num": feat_num if feat_num is not None else meta.get("feat_num"),
+        "n_clusters": max((a.shape[0] for a in arrays.values()), default=0),
+        "classes": sorted(arrays),
+    }
+    full_meta.update({k: v for k, v in meta.items() if k != "feat_num"})
+    try:
+        meta_json = json.dumps(full_meta, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ClustersFileError(f"meta must be JSON-serialisable: {exc}.") from None
+    payload = {f"class_{cls:03d}": arrays[cls] for cls in sorted(arrays)}
+    payload[_META_KEY] = np.array(meta_json)
+
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (POSIX); not possible everywhere
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _sniff(path: str) -> bytes:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Clusters file not found: {path}.")
+    if os.path.isdir(path):
+        raise ClustersFileError(f"{path} is a folder, not a clusters file.")
+    with open(path, "rb") as fh:
+        return fh.read(6)
+
+
+def load_clusters(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """Read a file written by :func:`save_clusters`, never unpickling anything.
+
+    Returns:
+        ``(centers, meta)``: ``{class_id: Tensor (k, F)}`` (CPU, stored dtype, keys in
+        increasing order) and the full ``__meta__`` dict (including ``format``,
+        ``version``, ``feat_num``, ``n_clusters``, ``classes`` and the caller's entries).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ClustersFileError: the file is not a fastp2phd clusters file, is corrupt, or holds
+            a pickled object array (refused: loading uses ``allow_pickle=False``).
+    """
+    path = os.fspath(path)
+    magic = _sniff(path)
+    if magic.startswith(b"\x93NUMPY"):
+        raise ClustersFileError(
+            f"{path} is a single-array .npy file, not a fastp2phd clusters .npz file; the original "
+            "pix2pixHD features_clustered_*.npy is read with import_official_clusters.")
+    if not magic.startswith(b"PK"):
+        raise ClustersFileError(f"{path} is not a fastp2phd clusters file (not a .npz archive: corrupt or another format).")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = list(npz.files)
+            if _META_KEY not in names:
+                raise ClustersFileError(f"{path} is not a fastp2phd clusters file (it has no {_META_KEY} entry).")
+            raw = {name: npz[name] for name in names}
+    except ClustersFileError:
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc):
+            raise ClustersFileError(
+                f"{path} contains a pickled object array, which is refused because unpickling can run code.") from None
+        raise ClustersFileError(f"{path} is corrupt or truncated ({exc}).") from None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, RuntimeError) as exc:
+        raise ClustersFileError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc}).") from None
+
+    meta_arr = raw.pop(_META_KEY)
+    try:
+        if meta_arr.dtype.kind != "U" or meta_arr.size != 1:
+            raise ValueError("not a single string")
+        meta = json.loads(str(meta_arr.reshape(()).item()))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        raise ClustersFileError(f"{path} is not a fastp2phd clusters file (its {_META_KEY} entry is invalid: {exc}).") from None
+    if meta.get("format") != CLUSTERS_FORMAT:
+        raise ClustersFileError(f"{path} is not a fastp2phd clusters file (__meta__ format is {meta.get('format')!r}).")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > CLUSTERS_VERSION:
+        raise ClustersFileError(f"{path} has clusters format version {version!r}; this fastp2phd reads up to {CLUSTERS_VERSION}.")
+    arrays: dict[int, np.ndarray] = {}
+    for name, arr in raw.items():
+        match = _CLASS_KEY.match(name)
+        if match is None:
+            raise ClustersFileError(f"{path} is not a valid clusters file (unexpected entry {name!r}).")
+        arrays[int(match.group(1))] = _to_numpy_2d(arr, f"{path}: entry {name}")
+    width = _check_widths(arrays, path)
+    if width is not None and meta.get("feat_num") not in (None, width):
+        raise ClustersFileError(f"{path} is inconsistent: __meta__ feat_num={meta.get('feat_num')} but centres have width {width}.")
+    centers = {cls: torch.from_numpy(np.array(arrays[cls])) for cls in sorted(arrays)}
+    return centers, meta
+
+
+def import_official_clusters(path: str | os.PathLike, allow_pickle: bool = False) -> dict[int, torch.Tensor]:
+    """Read the original pix2pixHD ``features_clustered_010.npy`` (a pickled dict).
+
+    Args:
+        path: the ``.npy`` written by the original ``np.save(path, {label: centres})``.
+        allow_pickle: must be True to load it: the file is a pickle, and unpickling an
+            untrusted file can run arbitrary code. Convert it once with
+            :func:`save_clusters` and use :func:`load_clusters` afterwards.
+
+    Returns:
+        ``{class_id: Tensor (k, F)}``, keys in increasing order; floating arrays keep their
+        dtype, integer ones become float32.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        UnsafePickleError: ``allow_pickle`` is not True.
+        ClustersFileError: the content is not a dict of non-empty 2-D numeric arrays of one width.
+    """
+    path = os.fspath(path)
+    _sniff(path)
+    if allow_pickle is not True:
+        raise UnsafePickleError(
+            f"{path} is a pickle, and loading a pickle can run arbitrary code, so it is read only when you "
+            "pass allow_pickle=True (--allow_pickle on the command line) for a file you trust; convert it once "
+            "to a pickle-free .npz with save_clusters and use load_clusters from then on.")
+    try:
+        obj = np.load(path, allow_pickle=True, encoding="latin1")
+    except Exception as exc:  # unpickling can fail in many ways
+        raise ClustersFileError(f"{path} could not be read as a NumPy .npy file ({type(exc).__name__}: {exc}).") from None
+    if isinstance(obj, np.lib.npyio.NpzFile):
+        obj.close()
+        raise ClustersFileError(f"{path} is a .npz archive; fastp2phd clusters files are read with load_clusters.")
+    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
+        obj = obj.item()
+    if not isinstance(obj, dict):
+        raise ClustersFileError(f"{path} does not hold a dict of cluster centres (found {type(obj).__name__}).")
+    arrays: dict[int, np.ndarray] = {}
+    for key, value in obj.items():
+        try:
+            cls = operator.index(key)
+        except TypeError:
+            raise ClustersFileError(f"{path} has a non-integer class key {key!r}.") from None
+        arr = _to_numpy_2d(value, f"{path}: centres of class {cls}")
+        if arr.shape[0] == 0:
+            raise ClustersFileError(f"{path}: class {cls} has no cluster centres.")
+        if not np.issubdtype(arr.dtype, np.floating):
+            arr = arr.astype(np.float32)
+        arrays[int(cls)] = arr
+    _check_widths(arrays, path)
+    return {cls: torch.from_numpy(np.array(arrays[cls])) for cls in sorted(arrays)}
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling at test time
+# --------------------------------------------------------------------------------------------
+
+
+def sample_feature_map(inst: torch.Tensor, centers: Mapping[int, Any], feat_num: int, *,
+                       generator: torch.Generator | None = None,
+                       choices: Mapping[int, int] | None = None) -> torch.Tensor:
+    """Feature map for the generator at test time: one cluster centre per instance.
+
+    Args:
+        inst: (N, 1, H, W) integer instance ids.
+        centers: ``{class_id: (k, F) tensor or array}`` (e.g. from :func:`load_clusters`);
+            every entry must have F == ``feat_num``.
+        feat_num: F, the number of output channels.
+        generator: draws the cluster indices (``torch.rand`` on the generator's device;
+            the global CPU generator when None). One uniform value is drawn per
+            (batch item, instance id) whose class has centres, item by item and in
+            increasing id order within an item -- also for instances fixed by
+            ``choices`` -- so the same generator state gives the same map, and fixing one
+            instance does not change the draws of the others.
+        choices: optional ``{instance_id or class_id: cluster_index}``; an instance's
+            index is looked up by its instance id first, then by its class id.
+
+    Returns:
+        (N, feat_num, H, W) float32 on inst's device: every pixel of an instance whose class
+        has centres holds the chosen centre; all other pixels are 0.
+
+    Raises:
+        ValueError: a centre width differs from ``feat_num``, or a choice is not a valid
+            cluster index for the class of its key (negative, >= k, or a class without
+            centres).
+    """
+    ids_map = _as_id_map(inst)
+    feat_num = operator.index(feat_num)
+    device = ids_map.device
+    n, h, w = ids_map.shape
+    out = torch.zeros(n, feat_num, h, w, dtype=torch.float32, device=device)
+    table_rows, counts, offsets, classes = [], [], [], []
+    offset = 0
+    for cls in sorted(centers, key=int):
+        value = centers[cls]
+        c = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
+        if c.dim() != 2 or c.shape[1] != feat_num:
+            raise ValueError(f"centres of class {int(cls)} have shape {tuple(c.shape)}, expected (k, {feat_num}).")
+        if c.shape[0] == 0:
+            continue
+        classes.append(int(cls))
+        counts.append(c.shape[0])
+        offsets.append(offset)
+        offset += c.shape[0]
+        table_rows.append(c.to(device=device, dtype=torch.float32))
+    num_centres = {cls: k for cls, k in zip(classes, counts)}
+
+    choices = dict(choices or {})
+    checked: dict[int, int] = {}
+    for key, index in choices.items():
+        key_i, cls = operator.index(key), class_of(operator.index(key))
+        if isinstance(index, bool):
+            raise ValueError(f"choice for {key_i} must be an integer cluster index, got {index!r}.")
+        index = operator.index(index)
+        k = num_centres.get(cls, 0)
+        if not 0 <= index < k:
+            what = f"class {cls} has no cluster centres" if k == 0 else f"class {cls} has {k} clusters (0..{k - 1})"
+            raise ValueError(f"choice {index} for id {key_i} is out of range: {what}.")
+        checked[key_i] = index
+    if not classes or n == 0 or h * w == 0:
+        return out
+
+    table = torch.cat(table_rows)  # (total_k, F)
+    class_keys = torch.tensor(classes, dtype=torch.int64, device=device)
+    k_of = torch.tensor(counts, dtype=torch.int64, device=device)
+    off_of = torch.tensor(offsets, dtype=torch.int64, device=device)
+    choice_keys = torch.tensor(list(checked), dtype=torch.int64, device=device)
+    choice_vals = torch.tensor(list(checked.values()), dtype=torch.int64, device=device)
+    rand_device = generator.device if generator is not None else torch.device("cpu")
+    for b in range(n):
+        uniq, inverse = torch.unique(ids_map[b], sorted=True, return_inverse=True)
+        cls_u = _class_tensor(uniq)
+        pos = torch.searchsorted(class_keys, cls_u).clamp_max(len(classes) - 1)
+        has = class_keys[pos] == cls_u
+        sel = has.nonzero().squeeze(1)
+        if sel.numel() == 0:
+            continue
+        u = torch.rand(sel.numel(), generator=generator, dtype=torch.float64, device=rand_device).to(device)
+        k_sel = k_of[pos[sel]]
+        idx = torch.minimum((u * k_sel).floor().to(torch.int64), k_sel - 1)
+        if choice_keys.numel():
+            ids_sel, cls_sel = uniq[sel], cls_u[sel]
+            by_class = cls_sel[:, None] == choice_keys[None, :]
+            by_id = ids_sel[:, None] == choice_keys[None, :]
+            for match in (by_class, by_id):  # instance id applied last, so it wins
+                hit = match.any(1)
+                picked = choice_vals[match.to(torch.int64).argmax(1)]
+                idx = torch.where(hit, picked, idx)
+        rows = torch.zeros(uniq.numel(), feat_num, dtype=torch.float32, device=device)
+        rows[sel] = table[off_of[pos[sel]] + idx]
+        out[b] = rows[inverse].permute(2, 0, 1)
+    return out

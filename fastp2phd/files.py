@@ -1,0 +1,56 @@
+"""Writing files so that a crash never leaves a half-written one, and reading checkpoints safely."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
+
+    Killed at any moment, the folder holds either the old file or the new one,
+    never a truncated mix (a leftover ``.tmp`` file at worst).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through a temporary file and a rename."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def load_torch(path: str | os.PathLike) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, with one sentence for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"{path} could not be read ({type(exc).__name__}: {exc}); the file is corrupt or not a checkpoint") from exc

@@ -1,0 +1,169 @@
+"""Command-line options, with the original pix2pixHD names, defaults and meanings.
+
+``add_base_options``, ``add_train_options`` and ``add_test_options`` fill an
+argparse parser; ``finish_options`` derives what the rest of the code needs
+(``isTrain``, the device, ``--debug`` settings) and rejects impossible
+combinations with one sentence each.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
+    return value
+
+
+def _size(text: str) -> float:
+    return math.inf if text == "inf" else float(_non_negative_int(text))
+
+
+def add_base_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment")
+    g.add_argument("--name", default="label2city", help="name of the experiment: its checkpoints go to checkpoints_dir/name")
+    g.add_argument("--checkpoints_dir", default="./checkpoints", help="where models, logs and web pages are saved")
+    g.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu); several GPUs: use torchrun")
+    g.add_argument("--norm", default="instance", choices=["instance", "batch"], help="instance or batch normalization")
+    g.add_argument("--fp16", action="store_true",
+                   help="mixed precision with torch.amp: bfloat16 where the device supports it, else float16 with a grad scaler")
+    g.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"],
+                   help="with --fp16: the low-precision type (auto: bf16 where supported)")
+    g.add_argument("--seed", type=int, default=0, help="seed for weights, data order, crops and sampling")
+    g.add_argument("--verbose", action="store_true", help="print the networks")
+    g.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+    g = p.add_argument_group("input/output sizes")
+    g.add_argument("--batchSize", type=_positive_int, default=1, help="input batch size (per process)")
+    g.add_argument("--loadSize", type=_positive_int, default=1024, help="scale images to this size")
+    g.add_argument("--fineSize", type=_positive_int, default=512, help="then crop to this size")
+    g.add_argument("--label_nc", type=_non_negative_int, default=35,
+                   help="number of input label classes (0: the input is an RGB image, folders _A/_B)")
+    g.add_argument("--input_nc", type=_positive_int, default=3, help="input image channels when --label_nc 0")
+    g.add_argument("--output_nc", type=_positive_int, default=3, help="output image channels")
+
+    g = p.add_argument_group("data loading")
+    g.add_argument("--dataroot", default="./datasets/cityscapes/",
+                   help="folder with <phase>_label, <phase>_inst, <phase>_img (or 'synthetic' for the built-in scenes)")
+    g.add_argument("--resize_or_crop", default="scale_width",
+                   choices=["resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none"],
+                   help="scaling and cropping of images at load time (none: round sizes to what the generator takes)")
+    g.add_argument("--serial_batches", action="store_true", help="take images in order instead of shuffled")
+    g.add_argument("--no_flip", action="store_true", help="do not flip images for data augmentation")
+    g.add_argument("--nThreads", type=_non_negative_int, default=2, help="data loading worker processes")
+    g.add_argument("--max_dataset_size", type=_size, default=math.inf,
+                   help="use at most this many images of the dataset ('inf' for all)")
+    g.add_argument("--synthetic_size", type=_positive_int, default=None,
+                   help="with --dataroot synthetic: number of generated scenes (default 64 train, 16 test)")
+
+    g = p.add_argument_group("generator")
+    g.add_argument("--netG", default="global", choices=["global", "local"], help="global (G1) or local (G2: G1 + local enhancers)")
+    g.add_argument("--ngf", type=_positive_int, default=64, help="generator filters in the first conv layer")
+    g.add_argument("--n_downsample_global", type=_non_negative_int, default=4, help="downsampling layers in G1")
+    g.add_argument("--n_blocks_global", type=_non_negative_int, default=9, help="residual blocks in G1")
+    g.add_argument("--n_blocks_local", type=_non_negative_int, default=3, help="residual blocks in each local enhancer")
+    g.add_argument("--n_local_enhancers", type=_positive_int, default=1, help="local enhancers with --netG local")
+    g.add_argument("--niter_fix_global", type=_non_negative_int, default=0,
+                   help="epochs that train only the outermost local enhancer before fine-tuning all of G")
+
+    g = p.add_argument_group("instance-wise features")
+    g.add_argument("--no_instance", action="store_true", help="no instance maps as input (no boundary map)")
+    g.add_argument("--instance_feat", action="store_true", help="add encoded instance features to the input")
+    g.add_argument("--label_feat", action="store_true", help="add encoded label features to the input")
+    g.add_argument("--feat_num", type=_positive_int, default=3, help="vector length of the encoded features")
+    g.add_argument("--load_features", action="store_true", help="read precomputed feature maps from <phase>_feat")
+    g.add_argument("--n_downsample_E", type=_non_negative_int, default=4, help="downsampling layers in the encoder")
+    g.add_argument("--nef", type=_positive_int, default=16, help="encoder filters in the first conv layer")
+    g.add_argument("--n_clusters", type=_positive_int, default=10, help="K-means clusters per class")
+    g.add_argument("--which_epoch", default="latest", help="which checkpoint to load: 'latest' or an epoch number")
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--phase", default="train", help="which folders to read: <phase>_label, ...")
+    g.add_argument("--niter", type=_non_negative_int, default=100, help="epochs at the starting learning rate")
+    g.add_argument("--niter_decay", type=_non_negative_int, default=100, help="epochs of linear decay to zero")
+    g.add_argument("--lr", type=float, default=0.0002, help="initial learning rate for Adam")
+    g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
+    g.add_argument("--num_D", type=_positive_int, default=2, help="number of discriminators (scales)")
+    g.add_argument("--n_layers_D", type=_positive_int, default=3, help="layers of each discriminator")
+    g.add_argument("--ndf", type=_positive_int, default=64, help="discriminator filters in the first conv layer")
+    g.add_argument("--lambda_feat", type=float, default=10.0, help="weight of the feature matching and VGG losses")
+    g.add_argument("--no_ganFeat_loss", action="store_true", help="no discriminator feature matching loss")
+    g.add_argument("--no_vgg_loss", action="store_true", help="no VGG perceptual loss")
+    g.add_argument("--vgg_weights", default=None,
+                   help="path to torchvision's vgg19-dcbb9e9d.pth (default: $FASTP2PHD_VGG19_WEIGHTS or torch's hub cache)")
+    g.add_argument("--no_lsgan", action="store_true", help="vanilla GAN loss (binary cross entropy) instead of least squares")
+    g.add_argument("--pool_size", type=_non_negative_int, default=0, help="size of the pool of generated images shown to D")
+    g.add_argument("--continue_train", action="store_true", help="resume from the checkpoint --which_epoch")
+    g.add_argument("--load_pretrain", default="",
+                   help="folder of a trained G1 (global generator) to start --netG local from (coarse-to-fine)")
+
+    g = p.add_argument_group("logging and saving")
+    g.add_argument("--display_freq", type=_positive_int, default=100, help="save results to the web page every N images")
+    g.add_argument("--print_freq", type=_positive_int, default=100, help="print and log losses every N images")
+    g.add_argument("--save_latest_freq", type=_positive_int, default=1000, help="save the latest checkpoint every N images")
+    g.add_argument("--save_epoch_freq", type=_positive_int, default=10, help="save a checkpoint every N epochs")
+    g.add_argument("--no_html", action="store_true", help="do not write the HTML page of results")
+    g.add_argument("--tf_log", action="store_true", help="log to TensorBoard (needs the tensorboard package)")
+    g.add_argument("--debug", action="store_true", help="one epoch of at most 10 images, showing and printing every step")
+
+
+def add_test_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("testing")
+    g.add_argument("--phase", default="test", help="which folders to read: <phase>_label, ...")
+    g.add_argument("--results_dir", default="./results/", help="where generated images and the web page go")
+    g.add_argument("--how_many", type=_size, default=50, help="how many test images to run ('inf' for all)")
+    g.add_argument("--use_encoded_image", action="store_true",
+                   help="encode the real image (<phase>_img) for the features instead of sampling clusters")
+    g.add_argument("--cluster_path", default=None,
+                   help="clusters file in checkpoints_dir/name (default features_clustered_<n_clusters>.npz from "
+                        "encode-features; an original features_clustered_010.npy needs --allow_pickle)")
+    g.add_argument("--allow_pickle", action="store_true",
+                   help="allow reading an original pickled features_clustered_*.npy (a pickle can run code: only for files you trust)")
+
+
+def resolve_device(text: str | None) -> torch.device:
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device {text!r} is not a device; use cpu, cuda or cuda:N ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {text} asks for CUDA but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def finish_options(opt: argparse.Namespace, is_train: bool) -> argparse.Namespace:
+    """Derive isTrain and the device, apply --debug, and reject impossible combinations."""
+    opt.isTrain = is_train
+    for name, default in (("load_features", False), ("use_encoded_image", False), ("pool_size", 0)):
+        if not hasattr(opt, name):
+            setattr(opt, name, default)
+    if is_train and opt.debug:
+        opt.display_freq = opt.print_freq = 1
+        opt.niter, opt.niter_decay = 1, 0
+        opt.max_dataset_size = 10
+    if opt.fineSize > opt.loadSize and "crop" in opt.resize_or_crop:
+        raise SystemExit(f"--fineSize {opt.fineSize} is larger than --loadSize {opt.loadSize}: the crop cannot fit")
+    if opt.label_feat and opt.instance_feat:
+        raise SystemExit("choose one of --instance_feat and --label_feat")
+    if opt.instance_feat and opt.no_instance:
+        raise SystemExit("--instance_feat pools features per instance and needs instance maps: drop --no_instance")
+    return opt

@@ -1,0 +1,164 @@
+"""The pix2pixHD model: input encoding, the networks an option set builds, and inference.
+
+``Pix2PixHD`` holds the generator G (``netG``) and, with instance features, the
+encoder E (``netE``). It turns a batch of label maps, instance maps and images
+into the generator's input (one-hot labels, the instance boundary map, the
+encoded or sampled features) exactly as the original model does, and generates
+images. The discriminator and the losses live in ``fastp2phd.training``.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from . import ops
+from .models import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
+
+
+def uses_features(opt: argparse.Namespace) -> bool:
+    return bool(opt.instance_feat or opt.label_feat)
+
+
+def label_channels(opt: argparse.Namespace) -> int:
+    """Channels of the encoded label input: one-hot classes (or the input image) + the boundary map."""
+    return (opt.label_nc if opt.label_nc != 0 else opt.input_nc) + (0 if opt.no_instance else 1)
+
+
+def build_generator(opt: argparse.Namespace) -> nn.Module:
+    input_nc = label_channels(opt) + (opt.feat_num if uses_features(opt) else 0)
+    if opt.netG == "global":
+        return GlobalGenerator(input_nc, opt.output_nc, opt.ngf, opt.n_downsample_global, opt.n_blocks_global, opt.norm)
+    return LocalEnhancer(input_nc, opt.output_nc, opt.ngf, opt.n_downsample_global, opt.n_blocks_global,
+                         opt.n_local_enhancers, opt.n_blocks_local, opt.norm)
+
+
+def build_encoder(opt: argparse.Namespace) -> Encoder | None:
+    if not uses_features(opt) or opt.load_features:
+        return None
+    return Encoder(opt.output_nc, opt.feat_num, opt.nef, opt.n_downsample_E, opt.norm)
+
+
+def build_discriminator(opt: argparse.Namespace) -> MultiscaleDiscriminator:
+    # D sees the label input (without features) next to a real or generated image. It outputs
+    # logits; --no_lsgan's binary cross entropy is computed from them (GANLoss).
+    return MultiscaleDiscriminator(label_channels(opt) + opt.output_nc, opt.ndf, opt.n_layers_D, opt.norm,
+                                   use_sigmoid=False, num_D=opt.num_D, getIntermFeat=not opt.no_ganFeat_loss)
+
+
+def size_multiple(opt: argparse.Namespace) -> int:
+    """Height and width must be multiples of this for the generator to return the input size."""
+    multiple = 2**opt.n_downsample_global * (2**opt.n_local_enhancers if opt.netG == "local" else 1)
+    if uses_features(opt) and not opt.load_features:
+        multiple = max(multiple, 2**opt.n_downsample_E)
+    return multiple
+
+
+class Pix2PixHD(nn.Module):
+    """pix2pixHD's generator side: ``netG``, and ``netE`` with --instance_feat / --label_feat.
+
+    ``generate(label, inst, image=None, feat=None)`` returns the generated image
+    and the feature map it used; ``inference`` does the same without an autograd
+    graph, taking features from the encoded image or from clusters.
+    """
+
+    def __init__(self, opt: argparse.Namespace):
+        super().__init__()
+        self.opt = opt
+        self.netG = build_generator(opt)
+        self.netE = build_encoder(opt)
+        self.clusters: dict[int, torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ inputs
+    def encode_input(self, label: torch.Tensor, inst: torch.Tensor | None) -> torch.Tensor:
+        """One-hot label map (or the input image with --label_nc 0), plus the instance boundary map."""
+        opt = self.opt
+        if opt.label_nc == 0:
+            input_label = label.float()
+        else:
+            if label.dim() != 4 or label.shape[1] != 1:
+                raise ValueError(f"label maps must have shape (N, 1, H, W), got {tuple(label.shape)}")
+            lowest, highest = torch.stack(torch.aminmax(label)).tolist() if label.numel() else (0, 0)
+            if lowest < 0 or highest >= opt.label_nc:
+                bad = highest if highest >= opt.label_nc else lowest
+                raise ValueError(
+                    f"the label map holds id {bad}, outside 0..{opt.label_nc - 1}: check --label_nc "
+                    f"(it must exceed the largest label id)"
+                )
+            n, _, h, w = label.shape
+            input_label = torch.zeros(n, opt.label_nc, h, w, device=label.device)
+            input_label.scatter_(1, label.long(), 1.0)
+        if not opt.no_instance:
+            if inst is None:
+                raise ValueError("this model takes instance maps (it was built without --no_instance)")
+            input_label = torch.cat([input_label, ops.boundary_map(inst)], dim=1)
+        return input_label
+
+    def encode_features(self, image: torch.Tensor, inst: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        """The encoder's instance-averaged features (per label region with --label_feat)."""
+        return self.netE(image, label if self.opt.label_feat else inst)
+
+    def check_size(self, tensor: torch.Tensor) -> None:
+        multiple = size_multiple(self.opt)
+        h, w = tensor.shape[-2:]
+        if h % multiple or w % multiple:
+            raise ValueError(
+                f"input size {h}x{w} is not a multiple of {multiple}, which this generator needs; "
+                f"use --resize_or_crop none (rounds sizes) or a --loadSize/--fineSize that is a multiple of {multiple}"
+            )
+
+    # ------------------------------------------------------------------ generation
+    def forward(self, input_label, inst=None, label=None, image=None, feat=None):
+        """(generated image, feature map or None) from an encoded input (``encode_input``).
+
+        With features, ``feat`` is used when given, else ``image`` is encoded
+        (``inst``, or ``label`` with --label_feat, says which regions to average).
+        This is the part DistributedDataParallel wraps during training.
+        """
+        feat_map = None
+        if uses_features(self.opt):
+            if feat is not None:
+                feat_map = feat
+            elif self.netE is not None and image is not None:
+                feat_map = self.encode_features(image, inst, label)
+            else:
+                raise ValueError("this model uses features: pass the real image to encode, or a feature map")
+            input_label = torch.cat([input_label, feat_map.to(input_label.dtype)], dim=1)
+        return self.netG(input_label), feat_map
+
+    def generate(self, label, inst=None, image=None, feat=None):
+        """(generated image, feature map or None) from label and instance maps."""
+        self.check_size(label)
+        return self(self.encode_input(label, inst), inst, label, image, feat)
+
+    @torch.no_grad()
+    def inference(
+        self,
+        label: torch.Tensor,
+        inst: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        choices: Mapping[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Generate images without an autograd graph.
+
+        With features: the real ``image`` is encoded when given, else every
+        instance takes a cluster centre (sampled with ``generator``, or the index
+        ``choices`` gives for its instance id or class; see
+        ``fastp2phd.features.sample_feature_map``).
+        """
+        feat = None
+        if uses_features(self.opt) and image is None:
+            if self.clusters is None:
+                raise ValueError(
+                    "this model uses instance features: pass the real image (--use_encoded_image) or load clusters "
+                    "(fastp2phd encode-features writes them; Pix2PixHD.clusters = load_clusters(...)[0])"
+                )
+            from .features import sample_feature_map
+
+            feat = sample_feature_map(label if self.opt.label_feat else inst, self.clusters, self.opt.feat_num,
+                                      generator=generator, choices=choices)
+        return self.generate(label, inst, image, feat)[0]
