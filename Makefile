@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/python -m pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastp2phd-installed
 
-.PHONY: install test info gpu-check clean
+.PHONY: install test demo info gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/interpreter $(PYTEST_ARGS)
 
+# Trains a small pix2pixHD with instance features on built-in synthetic scenes (a few
+# minutes on 2 CPU cores), clusters styles, and writes demo_output/web/index.html.
+demo: $(STAMP)
+	$(PY) -m fastp2phd demo --out demo_output
+
 info: $(STAMP)
 	$(PY) -m fastp2phd info
 
@@ -44,4 +49,4 @@ gpu-check:
 	bench/gpu_check.sh $(OUT)
 
 clean:
-	rm -rf build *.egg-info fastp2phd/_C*.so
+	rm -rf build *.egg-info fastp2phd/_C*.so demo_output

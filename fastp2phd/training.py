@@ -523,9 +523,14 @@ def train(opt: argparse.Namespace, device: torch.device) -> dict[str, float]:
 
 
 def main_train(opt: argparse.Namespace, device: torch.device) -> int:
+    from .data import DatasetError
+
     try:
         train(opt, device)
-    except TrainingError as exc:
-        print(f"fastp2phd train: {exc}", file=sys.stderr)
+    except (TrainingError, DatasetError, ValueError) as exc:
+        # Data problems raised in a loader worker come back with the worker's traceback
+        # in the message: keep its last line, the sentence that says what is wrong.
+        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        print(f"fastp2phd train: {message}", file=sys.stderr)
         return 1
     return 0
