@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .files import load_torch, save_torch, write_text
 from .models import GANLoss, VGGLoss, feature_matching_loss
-from .models.checkpoint import read_state_dict
+from .models.checkpoint import CheckpointMismatchError, read_state_dict
 from .pix2pixhd import Pix2PixHD, build_discriminator, uses_features
 from .visualize import HTMLPage, label_to_image, tensor_to_image
 
@@ -359,7 +359,10 @@ class Trainer:
         for net, key in ((self.netD, "D"), (self.model.netE, "E")):
             path = folder / f"{label}_net_{key}.pth"
             if net is not None and path.is_file():
-                net.load_state_dict(read_state_dict(path))
+                try:
+                    net.load_state_dict(read_state_dict(path))
+                except CheckpointMismatchError as exc:  # e.g. another --num_D: D starts afresh, as in the original
+                    self._say(f"not starting {key} from {path.name}: {exc}")
         self._say(f"started from the networks in {folder}")
 
     # ------------------------------------------------------------------ one step
@@ -527,7 +530,7 @@ def main_train(opt: argparse.Namespace, device: torch.device) -> int:
 
     try:
         train(opt, device)
-    except (TrainingError, DatasetError, ValueError) as exc:
+    except (TrainingError, DatasetError, CheckpointMismatchError, ValueError) as exc:
         # Data problems raised in a loader worker come back with the worker's traceback
         # in the message: keep its last line, the sentence that says what is wrong.
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
