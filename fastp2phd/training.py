@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from .files import load_torch, save_torch, write_text
-from .models import GANLoss, VGGLoss, feature_matching_loss
+from .models import GANLoss, VGGLoss, VGGWeightsNotFound, feature_matching_loss
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
 from .pix2pixhd import Pix2PixHD, build_discriminator, uses_features
 from .visualize import HTMLPage, label_to_image, tensor_to_image
@@ -203,7 +203,10 @@ class Trainer:
         self.model = Pix2PixHD(opt).to(device)
         self.netD = build_discriminator(opt).to(device)
         self.gan_loss = GANLoss(use_lsgan=not opt.no_lsgan)
-        self.vgg_loss = None if opt.no_vgg_loss else VGGLoss(opt.vgg_weights).to(device)
+        try:
+            self.vgg_loss = None if opt.no_vgg_loss else VGGLoss(opt.vgg_weights).to(device)
+        except VGGWeightsNotFound as exc:
+            raise TrainingError(str(exc)) from None
         self.pool = ImagePool(opt.pool_size, opt.seed)
         self.amp_dtype = amp_dtype(opt, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)

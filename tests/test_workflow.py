@@ -184,10 +184,21 @@ def bad_label_folder(tmp_path, dataroot) -> Path:
     return root
 
 
-@pytest.mark.parametrize("case", ["label id", "missing folder", "size", "nothing to continue", "tf_log", "mismatch"])
-def test_bad_input_gives_one_sentence(case, tmp_path, dataroot, capsys):
+@pytest.mark.parametrize("case", ["label id", "missing folder", "size", "nothing to continue", "tf_log", "mismatch",
+                                  "no vgg weights"])
+def test_bad_input_gives_one_sentence(case, tmp_path, dataroot, capsys, monkeypatch):
     ck = tmp_path / "ck"
-    if case == "label id":
+    if case == "no vgg weights":
+        monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+        monkeypatch.delenv("FASTP2PHD_VGG19_WEIGHTS", raising=False)
+
+        def offline(*args, **kwargs):
+            raise OSError("no network")
+
+        monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+        argv = [a for a in train_args(ck, dataroot) if a != "--no_vgg_loss"]
+        expected = ["vgg19-dcbb9e9d.pth", "--no_vgg_loss"]
+    elif case == "label id":
         argv, expected = train_args(ck, bad_label_folder(tmp_path, dataroot), "--niter", "1"), ["40", "--label_nc"]
     elif case == "missing folder":
         argv, expected = train_args(ck, tmp_path / "nowhere"), ["nowhere"]
@@ -260,3 +271,48 @@ def test_image_pool_keeps_history():
     outs = [pool.query(torch.full((1, 1, 1, 1), float(i))) for i in range(1, 30)]
     assert any(o.item() != i for o, i in zip(outs, range(1, 30)))  # older images come back
     assert torch.equal(ImagePool(0, 0).query(first + 5), first + 5)
+
+
+def test_every_original_option_is_accepted():
+    from fastp2phd.cli import build_parser
+
+    parser = build_parser()
+    train_flags = ("--name x --checkpoints_dir c --dataroot d --label_nc 35 --input_nc 3 --output_nc 3 --no_instance "
+                   "--label_feat --feat_num 3 --nef 16 --n_downsample_E 4 --n_clusters 10 --netG local --ngf 32 "
+                   "--n_downsample_global 4 --n_blocks_global 9 --n_local_enhancers 1 --n_blocks_local 3 "
+                   "--niter_fix_global 0 --norm instance --batchSize 1 --loadSize 1024 --fineSize 512 "
+                   "--resize_or_crop none --no_flip --serial_batches --nThreads 2 --max_dataset_size inf --niter 100 "
+                   "--niter_decay 100 --lr 0.0002 --beta1 0.5 --num_D 2 --n_layers_D 3 --ndf 64 --lambda_feat 10 "
+                   "--no_ganFeat_loss --no_vgg_loss --no_lsgan --pool_size 0 --continue_train --load_pretrain p "
+                   "--which_epoch latest --display_freq 100 --print_freq 100 --save_latest_freq 1000 "
+                   "--save_epoch_freq 10 --fp16 --tf_log --debug --device cpu")
+    opt = parser.parse_args(["train", *train_flags.split()])
+    assert opt.netG == "local" and opt.max_dataset_size == float("inf") and opt.fp16 and opt.debug
+    opt = parser.parse_args(["test", *"--results_dir r --how_many 5 --use_encoded_image --cluster_path c.npz".split()])
+    assert opt.how_many == 5 and opt.use_encoded_image
+    for command in ("train", "test", "encode-features", "export-onnx"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        assert all(action.help for action in sub._actions), command  # every option says what it does
+
+
+def test_original_pickled_clusters_need_allow_pickle(tmp_path, dataroot, capsys):
+    ck = tmp_path / "ck"
+    assert run(*train_args(ck, dataroot, *FEATURES, "--niter", "1", "--niter_decay", "0")) == 0
+    centers = {26: np.random.default_rng(0).normal(size=(3, 3)).astype(np.float32)}
+    np.save(ck / "run" / "features_clustered_010.npy", centers, allow_pickle=True)
+    common = ["test", "--name", "run", "--checkpoints_dir", ck, "--dataroot", dataroot, *TINY, *FEATURES,
+              "--cluster_path", "features_clustered_010.npy", "--results_dir", tmp_path / "r", "--how_many", "1"]
+    capsys.readouterr()
+    assert run(*common) == 1
+    err = capsys.readouterr().err
+    assert "allow_pickle" in err and err.strip().count("\n") == 0
+    assert run(*common, "--allow_pickle") == 0
+
+
+def test_bad_data_in_a_loader_worker_is_one_sentence(tmp_path, dataroot, capsys):
+    argv = train_args(tmp_path / "ck", bad_label_folder(tmp_path, dataroot), "--niter", "1")
+    argv[argv.index("--nThreads") + 1] = "1"
+    capsys.readouterr()
+    assert run(*argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "40" in err and "--label_nc" in err, err

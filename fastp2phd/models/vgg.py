@@ -107,6 +107,6 @@ class Vgg19(nn.Module):
 def _missing_message(reason: str) -> str:
     return (
         f"VGG19 weights for the perceptual loss were not found ({reason}): put torchvision's {VGG19_FILENAME} "
-        f"at {hub_weights_path()}, or pass its path (vgg_weights=... / ${VGG19_WEIGHTS_ENV}), "
+        f"at {hub_weights_path()}, or pass its path (--vgg_weights, vgg_weights=..., or ${VGG19_WEIGHTS_ENV}), "
         "or train without the VGG loss (--no_vgg_loss)"
     )
