@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .console import progress_bar
 from .features import FeatureCollector, cluster_features, save_clusters
 from .inference import InferenceError, load_network_file
 from .pix2pixhd import Pix2PixHD, uses_features
@@ -35,11 +36,14 @@ def encode_features(opt: argparse.Namespace, device: torch.device) -> Path:
         dataset = create_dataset(encode_opt)
         loader = DataLoader(dataset, batch_size=opt.batchSize, shuffle=False, num_workers=opt.nThreads, collate_fn=collate)
         collector = FeatureCollector()
+        progress = progress_bar(len(dataset), "encoding", not opt.no_progress)
         with torch.no_grad():
             for batch in loader:
                 image, inst, label = (batch[k].to(device) for k in ("image", "inst", "label"))
                 regions = label if opt.label_feat else inst
                 collector.add(model.encode_features(image, inst, label), regions)
+                progress.update(image.shape[0])
+        progress.close()
     except DatasetError as exc:
         raise InferenceError(str(exc)) from None
     features = collector.result()

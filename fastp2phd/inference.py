@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .console import progress_bar
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
 from .pix2pixhd import Pix2PixHD, uses_features
 from .visualize import HTMLPage, label_to_image, tensor_to_image
@@ -69,7 +70,7 @@ def run_test(opt: argparse.Namespace, device: torch.device) -> Path:
     web_dir = Path(opt.results_dir) / opt.name / f"{opt.phase}_{opt.which_epoch}"
     page = HTMLPage(web_dir, f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {opt.which_epoch}")
     generator = torch.Generator(device=device).manual_seed(opt.seed)
-    progress = _progress(count, getattr(opt, "no_progress", False))
+    progress = progress_bar(count, "test", not opt.no_progress)
     for i in range(count):
         item = dataset[i]
         label = item["label"].unsqueeze(0).to(device)
@@ -80,21 +81,9 @@ def run_test(opt: argparse.Namespace, device: torch.device) -> Path:
         page.add_header(name)
         page.add_images({"input_label": label_to_image(item["label"], opt.label_nc),
                          "synthesized_image": tensor_to_image(fake[0])}, prefix=name)
-        if progress is not None:
-            progress.update(1)
-    if progress is not None:
-        progress.close()
+        progress.update(1)
+    progress.close()
     return page.save()
-
-
-def _progress(total: int, disabled: bool):
-    if disabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc="test", unit="img", leave=False)
 
 
 def load_generator(opt: argparse.Namespace) -> torch.nn.Module:

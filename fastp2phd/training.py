@@ -31,6 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
+from .console import progress_bar
 from .files import load_torch, save_torch, write_text
 from .models import GANLoss, VGGLoss, VGGWeightsNotFound, feature_matching_loss
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
@@ -449,15 +450,6 @@ class Trainer:
         }, prefix=f"epoch{self.epoch:03d}_iter{self.total_steps}")
         self.web.save()
 
-    def _progress(self, total: int):
-        if not self.is_main or self.opt.no_progress:
-            return None
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return None
-        return tqdm(total=total, desc=f"epoch {self.epoch}", unit="img", leave=False, dynamic_ncols=True)
-
     def _crossed(self, before: int, freq: int) -> bool:
         return before // freq != self.total_steps // freq
 
@@ -483,9 +475,8 @@ class Trainer:
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(self.epoch)
             self.sampler.set_epoch(self.epoch, skip=math.ceil(self.epoch_iter / self.world))
-            progress = self._progress(dataset_size)
-            if progress is not None:
-                progress.update(self.epoch_iter)
+            progress = progress_bar(dataset_size, f"epoch {self.epoch}", self.is_main and not opt.no_progress)
+            progress.update(self.epoch_iter)
             start = time.time()
             for batch in self.loader:
                 before = self.total_steps
@@ -493,9 +484,8 @@ class Trainer:
                 done = len(batch["path"]) * self.world
                 self.epoch_iter = min(self.epoch_iter + done, dataset_size)
                 self.total_steps += done
-                if progress is not None:
-                    progress.update(done)
-                    progress.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
+                progress.update(done)
+                progress.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
                 if self._crossed(before, opt.print_freq):
                     self._log(values, (time.time() - start) / max(1, done))
                 if self._crossed(before, opt.display_freq):
@@ -504,8 +494,7 @@ class Trainer:
                     self._say(f"saving the latest model (epoch {self.epoch}, total steps {self.total_steps})")
                     self.save("latest")
                 start = time.time()
-            if progress is not None:
-                progress.close()
+            progress.close()
             self.epoch_iter = dataset_size
             if self.epoch % opt.save_epoch_freq == 0 or self.epoch == last_epoch:
                 self._say(f"saving the model at the end of epoch {self.epoch}")
