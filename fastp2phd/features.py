@@ -31,13 +31,14 @@ import math
 import operator
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
+
+from .files import atomic_path
 
 __all__ = [
     "AREA_BLOCKS",
@@ -414,8 +415,8 @@ def save_clusters(path: str | os.PathLike, centers: Mapping[int, Any], meta: Map
     The file holds one array per class named ``class_%03d`` (``class_026``) and a 0-d
     string array ``__meta__`` with the JSON object ``{"format": "fastp2phd-clusters",
     "version": 1, "feat_num": F, "n_clusters": ..., "classes": [...], **meta}``. It is
-    written to a temporary file in the same folder, fsynced, then moved over ``path`` with
-    ``os.replace``, so an interrupted save never leaves a half-written file.
+    written through ``fastp2phd.files.atomic_path`` (a temporary file, fsync, rename), so
+    an interrupted save never leaves a half-written file.
     """
     path = os.fspath(path)
     arrays: dict[int, np.ndarray] = {}
@@ -449,30 +450,9 @@ def save_clusters(path: str | os.PathLike, centers: Mapping[int, Any], meta: Map
     payload = {f"class_{cls:03d}": arrays[cls] for cls in sorted(arrays)}
     payload[_META_KEY] = np.array(meta_json)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
             np.savez(fh, **payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX); not possible everywhere
-        dir_fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def _sniff(path: str) -> bytes:
