@@ -13,7 +13,7 @@ PIP := $(VENV)/bin/python -m pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastp2phd-installed
 
-.PHONY: install test demo info gpu-check clean
+.PHONY: install test demo bench info gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ test: $(STAMP)
 # minutes on 2 CPU cores), clusters styles, and writes demo_output/web/index.html.
 demo: $(STAMP)
 	$(PY) -m fastp2phd demo --out demo_output
+
+# The CPU benchmark suites (about 15 minutes on 2 cores): results in bench/results/, report in bench/REPORT.md.
+bench: $(STAMP)
+	$(PIP) install "pytest-benchmark" "matplotlib" "scikit-image"
+	$(PY) -m pytest bench -p no:cacheprovider -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 
 info: $(STAMP)
 	$(PY) -m fastp2phd info

@@ -11,6 +11,7 @@ against the torch that is already installed.
 """
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -33,16 +34,20 @@ def extension_modules():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "*.cu")))
     with_cuda = _flag("FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
-    cxx_flags = ["-O3"]
+    # at::parallel_for is an inline template over `#pragma omp parallel` in OpenMP builds of
+    # torch: without -fopenmp the kernels silently run on one thread.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", *openmp]
     if with_cuda:
         ext = CUDAExtension(
             "fastp2phd._C",
             cpp_sources + cuda_sources,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+            extra_link_args=openmp,
             py_limited_api=False,
         )
     else:
-        ext = CppExtension("fastp2phd._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("fastp2phd._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
     print(f"fastp2phd: building the extension with{'' if with_cuda else 'out'} CUDA kernels")
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
 

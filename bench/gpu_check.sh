@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device check: on a machine with an NVIDIA GPU and the usual CUDA / PyTorch / Triton
 # stack (no network needed), build the extension with its CUDA kernels, run the GPU
-# tests, run the kernel benchmarks, and print a short table last. Full logs and
-# kernels_gpu.json go to OUT_DIR. Finishes within 8 minutes.
+# tests, run the benchmark suites on the GPU, and print the report's targets table last.
+# Logs, the results JSON and REPORT.md go to OUT_DIR (copy the JSON into bench/results/
+# to keep it). Finishes within 8 minutes.
 #
 #   bench/gpu_check.sh OUT_DIR            (PYTHON=python3 by default)
 set -uo pipefail
@@ -28,9 +29,13 @@ timeout 240 "$py" -m pytest tests/test_cuda.py tests/test_triton_compile.py -q -
 tail -5 "$out/tests.log"
 
 step "benchmarks"
-timeout 200 "$py" bench/kernels_gpu.py --out "$out" >"$out/bench.log" 2>&1 || status=1
+timeout 240 "$py" -m pytest bench --bench-device cuda --bench-out "$out" -q -p no:cacheprovider \
+    --benchmark-columns=median,iqr,rounds --benchmark-sort=name >"$out/bench.log" 2>&1 || status=1
+cp bench/REPORT.md "$out/REPORT.md" 2>/dev/null
 
 step "results"
-grep -E "^(copy|op |instance|boundary|speedup|  )" "$out/bench.log" | grep -v '^{' | tail -70
+# The report's targets table for this GPU, then the end of the log.
+sed -n '/^## cuda/,/^### memory copy/p' "$out/REPORT.md" | grep -E "^\||^## |^- run" | head -60
+tail -3 "$out/bench.log"
 [ $status -eq 0 ] && echo "gpu_check: all steps passed" || echo "gpu_check: a step FAILED (see $out/*.log)"
 exit $status

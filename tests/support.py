@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastp2phd import _extension
+from fastp2phd.data.synthetic import cityscapes_like_instances as cityscapes_like  # noqa: F401
 
 requires_extension = pytest.mark.skipif(not _extension.is_loaded(), reason=f"{_extension.load_error}")
 
@@ -19,34 +20,6 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
         return float("inf")
     scale = e.abs().max().item() if e.numel() else 1.0
     return (a - e).abs().max().item() / max(scale, 1e-30) if e.numel() else 0.0
-
-
-def cityscapes_like(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
-    """(n, 1, h, w) int32 instance maps with Cityscapes statistics: sky and road bands,
-    buildings and vegetation blocks (stuff ids 7..23), and 20-40 cars/people with
-    class*1000+k ids (26000+k, 24000+k), some overlapping, some one pixel wide."""
-    rng = np.random.default_rng(seed)
-    maps = np.empty((n, h, w), dtype=np.int32)
-    for b in range(n):
-        m = maps[b]
-        horizon = int(h * rng.uniform(0.35, 0.55))
-        m[:horizon] = 23  # sky
-        m[horizon:] = 7  # road
-        x = 0
-        while x < w:  # buildings and trees along the horizon
-            width = int(rng.integers(max(1, w // 16), max(2, w // 4)))
-            top = int(horizon * rng.uniform(0.1, 0.7))
-            m[top:horizon + h // 20, x:x + width] = rng.choice([11, 21])
-            x += width
-        m[int(h * 0.9):, : w // 3] = 8  # sidewalk
-        for k in range(int(rng.integers(20, 41))):
-            cls = int(rng.choice([24, 26]))
-            ch = int(rng.integers(1, max(2, h // 6)))
-            cw = int(rng.integers(1, max(2, w // 8)))
-            y0 = int(rng.integers(horizon - ch // 2, max(horizon - ch // 2 + 1, h - ch)))
-            x0 = int(rng.integers(0, max(1, w - cw)))
-            m[max(y0, 0):y0 + ch, x0:x0 + cw] = cls * 1000 + k
-    return torch.from_numpy(maps).unsqueeze(1)
 
 
 def instance_norm_act_definition(x: torch.Tensor, activation: str, slope: float = 0.2, eps: float = 1e-5) -> torch.Tensor:

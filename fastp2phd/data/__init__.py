@@ -10,7 +10,7 @@ import math
 
 from .folder import AlignedDataset, DatasetError, DatasetNotFoundError
 from .labels import CITYSCAPES_CLASSES, THING_CLASSES, class_of_instance, colorize_labels, label_palette
-from .synthetic import DEFAULT_SIZE, SyntheticDataset, make_synthetic, render_scene
+from .synthetic import DEFAULT_SIZE, SyntheticDataset, cityscapes_like_instances, make_synthetic, render_scene
 from .transforms import get_params, size_base, transform
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "DatasetNotFoundError",
     "SyntheticDataset",
     "THING_CLASSES",
+    "cityscapes_like_instances",
     "class_of_instance",
     "colorize_labels",
     "create_dataset",

@@ -487,3 +487,35 @@ def make_synthetic(
             Image.fromarray(inst.astype(np.uint16)).save(folders["inst"] / f"{name}_gtFine_instanceIds.png", compress_level=1)
             Image.fromarray(image).save(folders["img"] / f"{name}_leftImg8bit.png", compress_level=1)
     return out
+
+
+def cityscapes_like_instances(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """(n, 1, h, w) int32 instance maps with Cityscapes statistics, for tests and benchmarks.
+
+    Sky and road bands, building and vegetation blocks along the horizon and a
+    sidewalk (stuff ids 7..23), and 20-40 cars and people with class*1000+k ids
+    (26000+k, 24000+k), some overlapping, some one pixel wide: 25-45 segments per
+    map, large uniform regions, sparse ids. Only the instance map (no photo).
+    """
+    rng = np.random.default_rng(seed)
+    maps = np.empty((n, h, w), dtype=np.int32)
+    for b in range(n):
+        m = maps[b]
+        horizon = int(h * rng.uniform(0.35, 0.55))
+        m[:horizon] = 23  # sky
+        m[horizon:] = 7  # road
+        x = 0
+        while x < w:  # buildings and trees along the horizon
+            width = int(rng.integers(max(1, w // 16), max(2, w // 4)))
+            top = int(horizon * rng.uniform(0.1, 0.7))
+            m[top:horizon + h // 20, x:x + width] = rng.choice([11, 21])
+            x += width
+        m[int(h * 0.9):, : w // 3] = 8  # sidewalk
+        for k in range(int(rng.integers(20, 41))):
+            cls = int(rng.choice([24, 26]))
+            ch = int(rng.integers(1, max(2, h // 6)))
+            cw = int(rng.integers(1, max(2, w // 8)))
+            y0 = int(rng.integers(horizon - ch // 2, max(horizon - ch // 2 + 1, h - ch)))
+            x0 = int(rng.integers(0, max(1, w - cw)))
+            m[max(y0, 0):y0 + ch, x0:x0 + cw] = cls * 1000 + k
+    return torch.from_numpy(maps).unsqueeze(1)

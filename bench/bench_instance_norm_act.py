@@ -1,0 +1,76 @@
+"""instance_norm_act forward and backward at the shapes of pix2pixHD's layers: the fast path
+next to the reference, the original unfused nn.InstanceNorm2d + activation modules, and
+torch.compile of the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import compiled_or_skip, measure, tensor_bytes
+from torch import nn
+
+from fastp2phd.ops import instance_norm_act, instance_norm_act_reference
+
+PROVIDERS = ["fastp2phd", "reference", "official", "compile"]
+
+
+def layers(height: int, width: int) -> list[tuple[str, tuple[int, int, int], str]]:
+    """(name, (C, H, W), activation) of every normalised layer of G (512p global) and D for an image."""
+    g = [("G 7x7 conv", (64, height, width))] + [
+        (f"G down {i}", (64 * 2**i, height // 2**i, width // 2**i)) for i in range(1, 4)
+    ] + [("G blocks", (1024, height // 16, width // 16))]
+    h, w = height // 2 + 1, width // 2 + 1  # D's first 4x4 stride-2 conv (padding 2) has no norm
+    d = []
+    for i, channels in enumerate((128, 256, 512), start=1):
+        h, w = (h // 2 + 1, w // 2 + 1) if i < 3 else (h + 1, w + 1)  # the last one has stride 1
+        d.append((f"D layer {i}", (channels, h, w)))
+    return [(n, shape, "relu") for n, shape in g] + [(n, shape, "leaky_relu") for n, shape in d]
+
+
+# The GPU targets' shapes: the first layers at 1024x512 and 2048x1024 (few huge planes), a
+# middle layer with a batch, and the residual blocks' many small planes.
+GPU_SHAPES = [("G first layer, 1024x512", (1, 64, 1024, 512)), ("G first layer, 2048x1024", (1, 64, 2048, 1024)),
+              ("G down 2, batch 4", (4, 256, 256, 128)), ("G blocks, batch 8", (8, 1024, 64, 32))]
+
+
+def workloads(settings):
+    if settings.smoke:
+        return [("smoke", (1, 8, 16, 32), "relu", torch.float32)]
+    if settings.cuda:
+        return [(name, shape, "relu", dtype) for name, shape in GPU_SHAPES for dtype in (torch.float32, torch.bfloat16)]
+    return [(f"512x1024 {name}", (1, *shape), act, torch.float32) for name, shape, act in layers(512, 1024)]
+
+
+def official_module(channels: int, activation: str) -> nn.Module:
+    act = nn.ReLU(True) if activation == "relu" else nn.LeakyReLU(0.2, True)
+    return nn.Sequential(nn.InstanceNorm2d(channels), act)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("index", range(8))
+def test_instance_norm_act(benchmark, settings, index, provider, backward):
+    cases = workloads(settings)
+    if index >= len(cases):
+        pytest.skip("no such workload on this device")
+    name, shape, activation, dtype = cases[index]
+    x = torch.randn(shape, device=settings.device, dtype=dtype)
+    if provider == "fastp2phd":
+        op = lambda t: instance_norm_act(t, activation)  # noqa: E731
+    elif provider == "reference":
+        op = lambda t: instance_norm_act(t, activation, impl="reference")  # noqa: E731
+    elif provider == "official":
+        op = official_module(shape[1], activation).to(settings.device)
+    else:
+        op = compiled_or_skip(lambda t: instance_norm_act_reference(t, activation), x)
+    if backward:
+        leaf = x.clone().requires_grad_(True)
+        y = op(leaf)
+        dy = torch.randn_like(y)
+        fn = lambda: torch.autograd.grad(y, leaf, dy, retain_graph=True)  # noqa: E731
+        moved = 5 * tensor_bytes(x)  # read the saved tensor and dy twice, write dx
+    else:
+        fn = lambda: op(x)  # noqa: E731
+        moved = 3 * tensor_bytes(x)  # read x twice (statistics, normalisation), write y
+    dtype_name = str(dtype).replace("torch.", "")
+    measure(benchmark, settings, suite="instance_norm_act bwd" if backward else "instance_norm_act fwd",
+            case=f"{name} {'x'.join(map(str, shape))} {dtype_name}", provider=provider, fn=fn, bytes_moved=moved)

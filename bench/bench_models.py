@@ -1,0 +1,162 @@
+"""Whole networks: generator inference, encoder with instance pooling, a full training step
+(G + D + all losses, with and without instance features), and feature encoding + K-means.
+
+Providers: ``fastp2phd`` (fused modules, fast paths), ``reference`` (the same networks on the
+pure-PyTorch ops) and ``official`` (the original's plain InstanceNorm2d + ReLU modules and
+Python-loop instance pooling). On the CPU the networks run at reduced sizes (stated in each
+case) so that `make bench` fits in 15 minutes on 2 cores; on a GPU at the real ones.
+"""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from harness import instance_maps, measure
+from official import official_instance_features, official_instance_pool
+
+from fastp2phd.cli import build_parser
+from fastp2phd.features import FeatureCollector, cluster_features
+from fastp2phd.models import Encoder, GlobalGenerator, LocalEnhancer, VGGLoss, Vgg19
+from fastp2phd.options import finish_options
+
+PROVIDERS = ["fastp2phd", "reference", "official"]
+
+
+def network_kwargs(provider: str) -> dict:
+    if provider == "official":
+        return {"fused": False}
+    return {"impl": "reference" if provider == "reference" else "auto"}
+
+
+class OfficialEncoder(Encoder):
+    """The encoder with the original Python-loop instance pooling."""
+
+    def forward(self, input, inst):
+        return official_instance_pool(self.model(input), inst)
+
+
+def generator_case(settings, name):
+    if settings.smoke:
+        return (lambda kw: GlobalGenerator(36, 3, 8, 2, 1, **kw)), (1, 36, 32, 64)
+    if name == "512p global":
+        size = (512, 1024) if settings.cuda else (256, 512)
+        return (lambda kw: GlobalGenerator(36, 3, 64, 4, 9, **kw)), (1, 36, *size)
+    size = (1024, 2048) if settings.cuda else (256, 512)
+    return (lambda kw: LocalEnhancer(36, 3, 32, 4, 9, 1, 3, **kw)), (1, 36, *size)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("name", ["512p global", "1024p local"])
+def test_generator_forward(benchmark, settings, name, provider):
+    if settings.smoke and name != "512p global":
+        pytest.skip("smoke run")
+    build, shape = generator_case(settings, name)
+    torch.manual_seed(0)
+    net = build(network_kwargs(provider)).to(settings.device).eval()
+    x = torch.randn(shape, device=settings.device)
+
+    def fn():
+        with torch.inference_mode():
+            return net(x)
+
+    measure(benchmark, settings, suite="generator forward", case=f"{name} at {shape[2]}x{shape[3]}",
+            provider=provider, fn=fn, images=shape[0], slow=not settings.cuda)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_encoder_forward(benchmark, settings, provider):
+    n, h, w = (1, 32, 64) if settings.smoke else (1, 512, 1024)
+    torch.manual_seed(0)
+    cls = OfficialEncoder if provider == "official" else Encoder
+    net = cls(3, 3, 16, 4 if not settings.smoke else 2, **network_kwargs(provider)).to(settings.device).eval()
+    image = torch.randn(n, 3, h, w, device=settings.device)
+    inst = instance_maps(settings, n, h, w)
+
+    def fn():
+        with torch.no_grad():
+            return net(image, inst)
+
+    measure(benchmark, settings, suite="encoder forward", case=f"{n}x3x{h}x{w} with instance pooling",
+            provider=provider, fn=fn, images=n)
+
+
+def training_options(settings, features: bool, size: tuple[int, int]) -> argparse.Namespace:
+    h, w = size
+    argv = ["train", "--name", "bench", "--dataroot", "synthetic", "--synthetic_size", "4", "--nThreads", "0",
+            "--fineSize", str(w), "--loadSize", str(w), "--resize_or_crop", "none", "--no_vgg_loss",
+            "--no_progress", "--no_html", "--checkpoints_dir", "/tmp/fastp2phd-bench-checkpoints",
+            "--device", settings.device.type]
+    if settings.smoke:
+        argv += ["--ngf", "8", "--n_downsample_global", "2", "--n_blocks_global", "1", "--ndf", "8", "--nef", "4",
+                 "--n_downsample_E", "2"]
+    if features:
+        argv.append("--instance_feat")
+    return finish_options(build_parser().parse_args(argv), is_train=True)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("features", [False, True], ids=["labels", "labels+instance features"])
+def test_training_step(benchmark, settings, features, provider, monkeypatch):
+    from fastp2phd.training import Trainer
+
+    size = (32, 64) if settings.smoke else ((512, 1024) if settings.cuda else (128, 256))
+    opt = training_options(settings, features, size)
+    torch.manual_seed(0)
+    trainer = Trainer(opt, settings.device)
+    if provider == "official":
+        _make_official(trainer)
+    elif provider == "reference":
+        monkeypatch.setenv("FASTP2PHD_IMPL", "reference")
+    # The VGG loss with random weights: the same work as the real one, no download needed.
+    trainer.vgg_loss = VGGLoss(vgg=Vgg19(pretrained=False)).to(settings.device)
+    batch = next(iter(trainer.loader))
+    case = f"512p global G + 2 D + GAN/FM/VGG losses at {size[0]}x{size[1]}" + (" + E" if features else "")
+    if settings.smoke:
+        case = "smoke " + ("+ E" if features else "")
+    measure(benchmark, settings, suite="training step", case=case, provider=provider,
+            fn=lambda: trainer.step(batch), images=opt.batchSize, slow=not settings.cuda)
+
+
+def _make_official(trainer) -> None:
+    """Swap the trainer's networks for plain-module copies with the same weights (and loop pooling)."""
+    model = trainer.model
+    netG = type(model.netG)(**model.netG.options, fused=False).to(trainer.device)
+    netG.load_state_dict(model.netG.state_dict())
+    model.netG = netG
+    if model.netE is not None:
+        netE = OfficialEncoder(**model.netE.options, fused=False).to(trainer.device)
+        netE.load_state_dict(model.netE.state_dict())
+        model.netE = netE
+    o = trainer.netD.options
+    netD = type(trainer.netD)(o["input_nc"], o["ndf"], o["n_layers"], o["norm"], num_D=o["num_D"],
+                              getIntermFeat=o["getIntermFeat"], fused=False).to(trainer.device)
+    netD.load_state_dict(trainer.netD.state_dict())
+    trainer.netD = trainer.disc = netD
+    trainer.gen = model
+    trainer.optimizer_G = torch.optim.Adam(list(netG.parameters()) + (list(model.netE.parameters()) if model.netE
+                                           is not None else []), lr=trainer.opt.lr, betas=(trainer.opt.beta1, 0.999))
+    trainer.optimizer_D = torch.optim.Adam(netD.parameters(), lr=trainer.opt.lr, betas=(trainer.opt.beta1, 0.999))
+
+
+@pytest.mark.parametrize("provider", ["fastp2phd", "official"])
+def test_feature_encoding_and_kmeans(benchmark, settings, provider):
+    n, h, w = (2, 32, 64) if settings.smoke else (8, 256, 512)
+    torch.manual_seed(0)
+    encoder = Encoder(3, 3, 16, 2 if settings.smoke else 4).to(settings.device).eval()
+    images = torch.randn(n, 3, h, w, device=settings.device)
+    inst = instance_maps(settings, n, h, w, seed=5)
+
+    def fn():
+        with torch.no_grad():
+            feat = encoder(images, inst)
+        if provider == "fastp2phd":
+            collector = FeatureCollector()
+            collector.add(feat, inst)
+            features = collector.result()
+        else:
+            features = {k: torch.from_numpy(v) for k, v in official_instance_features(feat, inst).items() if len(v)}
+        return cluster_features(features, n_clusters=10, device=settings.device)
+
+    measure(benchmark, settings, suite="features + k-means", case=f"encode {n} scenes of {h}x{w} and cluster",
+            provider=provider, fn=fn, images=n, slow=True)

@@ -1,0 +1,99 @@
+"""pytest-benchmark configuration of fastp2phd's benchmark suites.
+
+    make bench                                   # the CPU suites, then REPORT.md
+    python -m pytest bench --bench-device cuda   # the GPU suites (bench/gpu_check.sh does this)
+
+At the end of a run, every measurement (with device, versions and commit) goes to
+``bench/results/<device>-<cpu or gpu model>-<date and time>.json`` (``--bench-out`` to change
+the folder) and ``bench/report.py`` regenerates REPORT.md and its plots: for each device and
+suite it takes the newest run that measured that suite, so every ratio compares numbers
+from one run on one device.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from harness import Settings  # noqa: E402
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("fastp2phd benchmarks")
+    group.addoption("--bench-device", default="cpu", choices=["cpu", "cuda"], help="device to benchmark")
+    group.addoption("--bench-dataroot", default=None, help="folder of real Cityscapes *_instanceIds.png maps")
+    group.addoption("--bench-out", default=str(BENCH / "results"), help="folder for the results JSON")
+    group.addoption("--bench-smoke", action="store_true", help="tiny shapes, one round, no results file")
+
+
+@pytest.fixture(scope="session")
+def settings(request) -> Settings:
+    device = torch.device(request.config.getoption("--bench-device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.exit("--bench-device cuda: no CUDA device is available", returncode=2)
+    return Settings(device, request.config.getoption("--bench-smoke"), request.config.getoption("--bench-dataroot"))
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def run_metadata(device: str) -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "device": device, "device_name": device_name(device), "cpu_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
+        "python": platform.python_version(), "commit": commit,
+    }
+
+
+def pytest_sessionfinish(session, exitstatus):
+    config = session.config
+    bench_session = getattr(config, "_benchmarksession", None)
+    if bench_session is None or not bench_session.benchmarks or config.getoption("--bench-smoke"):
+        return
+    device = config.getoption("--bench-device")
+    rows = []
+    for bench in bench_session.benchmarks:
+        stats = bench.stats
+        rows.append({
+            **bench.extra_info,
+            "median_s": stats.median, "iqr_s": stats.iqr, "min_s": stats.min, "max_s": stats.max,
+            "rounds": stats.rounds,
+        })
+    meta = run_metadata(device)
+    slug = re.sub(r"[^a-z0-9]+", "-", meta["device_name"].lower()).strip("-")
+    out = Path(config.getoption("--bench-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = meta["date"].replace(":", "")
+    path = out / f"{device}-{slug}-{stamp}.json"
+    path.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
+    print(f"\nbenchmark results: {path}")
+    from report import write_report
+
+    print(f"report: {write_report(out, BENCH / 'REPORT.md')}")

@@ -1,0 +1,144 @@
+"""What every benchmark suite shares: the run settings, inputs, timing and memory measurement.
+
+A measurement is one pytest-benchmark test: ``measure(benchmark, settings, suite=..., case=...,
+provider=..., fn=...)`` warms ``fn`` up, records its peak memory, and times it; the suite,
+case, provider, bytes moved and images per call travel in ``benchmark.extra_info`` and end
+up in ``bench/results/<device>-<date>.json`` (see conftest.py) and in REPORT.md.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fastp2phd.data import cityscapes_like_instances
+
+
+@dataclass(frozen=True)
+class Settings:
+    device: torch.device
+    smoke: bool  # tiny shapes and one round: checks the suites run (part of the test suite)
+    dataroot: str | None  # a folder of real Cityscapes *_instanceIds.png to use instead of synthetic maps
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def rounds(self, slow: bool = False) -> int:
+        if self.smoke:
+            return 1
+        if self.cuda:
+            return 3 if slow else 10
+        return 2 if slow else 5
+
+    def map_sizes(self) -> list[tuple[int, int, int]]:
+        """(batch, height, width) of the boundary-map and instance-mean workloads."""
+        if self.smoke:
+            return [(1, 32, 64), (2, 32, 64)]
+        return [(1, 512, 1024), (1, 1024, 2048), (4, 1024, 2048)]
+
+
+def instance_maps(settings: Settings, batch: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+    """(batch, 1, H, W) int32 instance ids: synthetic Cityscapes-like maps, or real ones from --bench-dataroot."""
+    if settings.dataroot:
+        from PIL import Image
+
+        files = sorted(Path(settings.dataroot).rglob("*instanceIds.png"))
+        if not files:
+            raise FileNotFoundError(f"--bench-dataroot {settings.dataroot} holds no *instanceIds.png files")
+        maps = []
+        for i in range(batch):
+            image = Image.open(files[(seed + i) % len(files)])
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.NEAREST)
+            maps.append(torch.from_numpy(np.array(image).astype(np.int32)))
+        return torch.stack(maps)[:, None].to(settings.device)
+    return cityscapes_like_instances(batch, height, width, seed=seed).to(settings.device)
+
+
+class _PeakRSS:
+    """Peak resident memory of this process above its level at start, sampled every millisecond."""
+
+    def __init__(self):
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self.peak = 0
+        self.running = False
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def megabytes(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def peak_memory_mb(fn: Callable[[], object], settings: Settings) -> float | None:
+    """Peak memory one call allocates: CUDA max_memory_allocated, or peak RSS growth on the CPU."""
+    if settings.cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    if not os.path.exists("/proc/self/statm"):
+        return None
+    with _PeakRSS() as rss:
+        fn()
+    return rss.megabytes
+
+
+def measure(benchmark, settings: Settings, *, suite: str, case: str, provider: str, fn: Callable[[], object],
+            bytes_moved: int | None = None, images: int | None = None, slow: bool = False) -> None:
+    """Warm up, record peak memory, and time ``fn`` (synchronising the GPU after each call)."""
+    if settings.cuda:
+        def target():
+            fn()
+            torch.cuda.synchronize()
+    else:
+        target = fn
+    target()  # warm-up: compilation, caches, allocator
+    benchmark.group = f"{suite} | {case}"
+    benchmark.extra_info.update(suite=suite, case=case, provider=provider, bytes=bytes_moved, images=images,
+                                peak_mb=peak_memory_mb(target, settings))
+    benchmark.pedantic(target, rounds=settings.rounds(slow), iterations=1, warmup_rounds=0)
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def compiled_or_skip(fn: Callable, *args):
+    """torch.compile(fn), skipping the benchmark when it cannot compile here."""
+    import pytest
+
+    try:
+        compiled = torch.compile(fn, dynamic=False)
+        compiled(*args)
+        return compiled
+    except Exception as exc:  # an op Inductor cannot take (e.g. data-dependent shapes)
+        pytest.skip(f"torch.compile does not apply: {type(exc).__name__}: {str(exc)[:120]}")

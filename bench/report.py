@@ -1,0 +1,233 @@
+"""Regenerate bench/REPORT.md and its plots from the result files in bench/results/.
+
+    python bench/report.py [--results bench/results] [--out bench/REPORT.md]
+
+For each device and suite the newest run that measured that suite is used, so every
+ratio in the report compares numbers taken in one run on one device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+SUITE_ORDER = ["memory copy", "boundary_map", "instance_mean fwd", "instance_mean fwd+bwd", "instance_norm_act fwd",
+               "instance_norm_act bwd", "generator forward", "encoder forward", "training step", "features + k-means"]
+
+
+def load_runs(results: Path) -> list[dict]:
+    runs = []
+    for path in sorted(results.glob("*.json")):
+        run = json.loads(path.read_text())
+        run["file"] = path.name
+        runs.append(run)
+    return sorted(runs, key=lambda r: r["date"])
+
+
+def latest_by_suite(runs: list[dict]) -> dict[str, dict[str, tuple[dict, list[dict]]]]:
+    """{device: {suite: (run, rows)}} from the newest run of each suite on each device."""
+    chosen: dict[str, dict[str, tuple[dict, list[dict]]]] = defaultdict(dict)
+    for run in runs:  # oldest first: newer runs overwrite
+        key = f"{run['device']}: {run['device_name']}"
+        suites = defaultdict(list)
+        for row in run["results"]:
+            suites[row["suite"]].append(row)
+        for suite, rows in suites.items():
+            chosen[key][suite] = (run, rows)
+    return chosen
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def _by_case(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    cases: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in rows:
+        cases[row["case"]][row["provider"]] = row
+    return cases
+
+
+def copy_gbps(suites: dict) -> float | None:
+    if "memory copy" not in suites:
+        return None
+    row = suites["memory copy"][1][0]
+    return row["bytes"] / row["median_s"] / 1e9
+
+
+def suite_table(rows: list[dict], bandwidth: float | None) -> list[str]:
+    lines = ["| case | provider | median ms | IQR ms | images/s | GB/s | × floor | peak MB | fastp2phd speedup |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for case, providers in _by_case(rows).items():
+        fast = providers.get("fastp2phd")
+        floor = providers.get("floor")
+        for provider, row in providers.items():
+            images = f"{row['images'] / row['median_s']:.3g}" if row.get("images") else ""
+            gbps = ""
+            if row.get("bytes"):
+                gbps = f"{row['bytes'] / row['median_s'] / 1e9:.3g}"
+                if bandwidth:
+                    gbps += f" ({100 * row['bytes'] / row['median_s'] / 1e9 / bandwidth:.0f}% of copy)"
+            times_floor = f"{row['median_s'] / floor['median_s']:.2f}" if floor and provider != "floor" else ""
+            peak = f"{row['peak_mb']:.0f}" if row.get("peak_mb") is not None else ""
+            speedup = f"{row['median_s'] / fast['median_s']:.2f}×" if fast and provider not in ("fastp2phd",) else ""
+            lines.append(f"| {case} | {provider} | {_ms(row['median_s'])} | {_ms(row['iqr_s'])} | {images} | {gbps} | "
+                         f"{times_floor} | {peak} | {speedup} |")
+    return lines
+
+
+def plot_suite(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = _by_case(rows)
+    providers = sorted({r["provider"] for r in rows}, key=lambda p: (p != "fastp2phd", p))
+    height = 0.8 / max(1, len(providers))
+    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(cases) * max(1, len(providers)) ** 0.5 + 0.6))
+    for i, provider in enumerate(providers):
+        ys = [j + i * height for j in range(len(cases))]
+        ms = [cases[c][provider]["median_s"] * 1e3 if provider in cases[c] else 0 for c in cases]
+        ax.barh(ys, ms, height=height, label=provider)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(cases))])
+    ax.set_yticklabels([c if len(c) < 48 else c[:45] + "..." for c in cases], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("median time per call (ms, log scale; shorter is faster)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _row(suites, suite, case_pattern, provider):
+    if suite not in suites:
+        return None
+    for row in suites[suite][1]:
+        if re.search(case_pattern, row["case"]) and row["provider"] == provider:
+            return row
+    return None
+
+
+def _ratio(suites, suite, case, slow, fast):
+    a, b = _row(suites, suite, case, slow), _row(suites, suite, case, fast)
+    return a["median_s"] / b["median_s"] if a and b else None
+
+
+def targets(device: str, suites: dict) -> list[tuple[str, str, bool | None]]:
+    """(target, measured, met) for this device's targets; met None when not measured."""
+    out = []
+
+    def check(text, value, ok, unit="×"):
+        out.append((text, "not measured" if value is None else f"{value:.2f}{unit}",
+                    None if value is None else ok(value)))
+
+    if device.startswith("cpu"):
+        case = r"^4x1x1024x2048"
+        check("boundary_map 4x1x1024x2048: within 1.25× of its floor (time / floor time)",
+              _ratio(suites, "boundary_map", case, "fastp2phd", "floor"), lambda v: v <= 1.25)
+        check("boundary_map: ≥ 2× faster than the original 4-pass formulation",
+              _ratio(suites, "boundary_map", case, "official", "fastp2phd"), lambda v: v >= 2)
+        check("boundary_map: ≥ 20× faster than scikit-image",
+              _ratio(suites, "boundary_map", case, "scikit-image", "fastp2phd"), lambda v: v >= 20)
+        for suite in ("instance_mean fwd", "instance_mean fwd+bwd"):
+            case = r"^1x3x1024x2048"
+            check(f"{suite} 1x3x1024x2048: within 2× of its floor",
+                  _ratio(suites, suite, case, "fastp2phd", "floor"), lambda v: v <= 2)
+            check(f"{suite}: ≥ 10× faster than the original Python-loop pooling",
+                  _ratio(suites, suite, case, "official", "fastp2phd"), lambda v: v >= 10)
+            check(f"{suite}: ≥ 2× faster than unique + index_add + gather",
+                  _ratio(suites, suite, case, "index_add", "fastp2phd"), lambda v: v >= 2)
+        check("encoder forward 1x3x512x1024 with pooling: faster than the original formulation",
+              _ratio(suites, "encoder forward", r"512x1024", "official", "fastp2phd"), lambda v: v > 1)
+        for suite in ("generator forward", "training step"):
+            if suite in suites:
+                for case in sorted({r["case"] for r in suites[suite][1]}):
+                    check(f"{suite} ({case}): no slower than the reference path (reference time / fastp2phd time,"
+                          " ≥ 0.95 allows 5% noise)", _ratio(suites, suite, re.escape(case), "reference", "fastp2phd"),
+                          lambda v: v >= 0.95)
+    else:
+        bandwidth = copy_gbps(suites)
+        for suite, eager_factor in (("instance_norm_act fwd", 1.5), ("instance_norm_act bwd", 1.5)):
+            if suite not in suites:
+                check(f"{suite}", None, None)
+                continue
+            for case in sorted({r["case"] for r in suites[suite][1]}):
+                check(f"{suite} {case}: ≥ {eager_factor}× faster than eager InstanceNorm2d + activation",
+                      _ratio(suites, suite, re.escape(case), "official", "fastp2phd"), lambda v: v >= eager_factor)
+                if suite.endswith("fwd"):
+                    row = _row(suites, suite, re.escape(case), "fastp2phd")
+                    fraction = (row["bytes"] / row["median_s"] / 1e9 / bandwidth) if row and bandwidth else None
+                    check(f"{suite} {case}: ≥ 80% of the bandwidth bound", None if fraction is None else 100 * fraction,
+                          lambda v: v >= 80, unit="%")
+                    check(f"{suite} {case}: not slower than torch.compile",
+                          _ratio(suites, suite, re.escape(case), "compile", "fastp2phd"), lambda v: v >= 1)
+        check("instance_mean fwd+bwd 1x3x1024x2048: ≥ 20× faster than the original loop",
+              _ratio(suites, "instance_mean fwd+bwd", r"^1x3x1024x2048", "official", "fastp2phd"), lambda v: v >= 20)
+        check("instance_mean fwd+bwd 1x3x1024x2048: ≥ 3× faster than unique + index_add + gather",
+              _ratio(suites, "instance_mean fwd+bwd", r"^1x3x1024x2048", "index_add", "fastp2phd"), lambda v: v >= 3)
+        check("training step, 512x1024 global G + D: ≥ 1.3× faster than the reference path",
+              _ratio(suites, "training step", r"512x1024$", "reference", "fastp2phd"), lambda v: v >= 1.3)
+        fast, ref = (_row(suites, "training step", r"512x1024$", p) for p in ("fastp2phd", "reference"))
+        check("training step, 512x1024: peak memory ≤ the reference path's (fastp2phd / reference)",
+              fast["peak_mb"] / ref["peak_mb"] if fast and ref else None, lambda v: v <= 1.0)
+    return out
+
+
+def write_report(results: Path = BENCH / "results", out: Path = BENCH / "REPORT.md") -> Path:
+    runs = load_runs(results)
+    chosen = latest_by_suite(runs)
+    lines = [
+        "# fastp2phd benchmarks",
+        "",
+        "Generated by `bench/report.py` from `bench/results/*.json` (`make bench` runs the CPU suites and",
+        "regenerates this page; `python -m pytest bench --bench-device cuda` the GPU ones). For every device",
+        "and suite the newest run is shown, so each ratio compares numbers from one run on one device.",
+        "Times are medians over the rounds (IQR beside them); GB/s counts the bytes an op must move;",
+        "`× floor` is the time over a plain copy of the same data measured in the same run; the speedup",
+        "column is the provider's time over fastp2phd's. Providers: `fastp2phd` (the fast path `impl=\"auto\"`",
+        "picks), `reference` (fastp2phd's pure-PyTorch path), `official` (the original pix2pixHD formulation:",
+        "Python-loop pooling, 4-pass edges, unfused modules), `index_add` (unique + index_add + gather),",
+        "`compile` (torch.compile of the reference), `scikit-image`, `floor`.",
+        "",
+    ]
+    plots = out.parent / "results" / "plots"
+    for device, suites in chosen.items():
+        lines += [f"## {device}", ""]
+        run_files = sorted({run["file"] for run, _ in suites.values()})
+        for name in run_files:
+            run = next(r for r in runs if r["file"] == name)
+            lines.append(f"- run `{name}`: {run['date']}, torch {run['torch']}, triton {run['triton']}, "
+                         f"{run['cpu_threads']} CPU threads, commit {run['commit'] or '?'}")
+        lines += ["", "### Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
+        for text, measured, met in targets(device, suites):
+            lines.append(f"| {text} | {measured} | {'—' if met is None else ('yes' if met else '**no**')} |")
+        lines.append("")
+        bandwidth = copy_gbps(suites)
+        for suite in sorted(suites, key=lambda s: SUITE_ORDER.index(s) if s in SUITE_ORDER else 99):
+            run, rows = suites[suite]
+            slug = re.sub(r"[^a-z0-9]+", "-", f"{device} {suite}".lower()).strip("-")
+            plot_suite(rows, f"{suite} — {run['device_name']}", plots / f"{slug}.png")
+            lines += [f"### {suite}", "", f"![{suite}](results/plots/{slug}.png)", ""]
+            lines += suite_table(rows, bandwidth if run["device"] == "cuda" else None)
+            lines.append("")
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", default=str(BENCH / "results"))
+    parser.add_argument("--out", default=str(BENCH / "REPORT.md"))
+    args = parser.parse_args()
+    print(write_report(Path(args.results), Path(args.out)))
