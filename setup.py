@@ -57,6 +57,7 @@ ext_modules, cmdclass = extension_modules()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data={"fastp2phd.editing": ["static/*.html"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import add_base_options, add_test_options, add_train_options, finish_options, resolve_device
+from .options import (add_base_options, add_test_options, add_train_options, finish_options, resolve_device,
+                      saved_model_options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_options(p)
     p.add_argument("--onnx", default=None, help="output file (default: checkpoints_dir/name/<which_epoch>_net_G.onnx)")
 
+    p = commands.add_parser("edit", help="serve the interactive editor for a trained model on 127.0.0.1")
+    add_base_options(p)
+    p.add_argument("--phase", default="test", help="which scenes to edit: <phase>_label, <phase>_inst")
+    p.add_argument("--port", type=int, default=8765, help="port of the editor")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but 127.0.0.1 exposes the editor to your network")
+    p.add_argument("--max_scenes", type=int, default=32, help="scenes offered in the scene picker")
+    p.add_argument("--cluster_path", default=None, help="clusters file (default features_clustered_<n_clusters>.npz)")
+    p.add_argument("--allow_pickle", action="store_true", help="allow an original pickled clusters .npy")
+
     p = commands.add_parser("make-synthetic", help="write the built-in synthetic street scenes as a Cityscapes-style folder")
     p.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
     p.add_argument("--num_train", type=int, default=64, help="training scenes")
@@ -52,8 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, taking the model options of a trained run from its opt.txt unless given explicitly."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("test", "encode-features", "export-onnx", "edit"):
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        saved = saved_model_options(sub, Path(args.checkpoints_dir) / args.name)
+        if saved:
+            sub.set_defaults(**saved)
+            args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     command = args.command
     if command == "info":
         from .diagnostics import info
@@ -78,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
     opt = finish_options(args, is_train=command == "train")
     device = resolve_device(opt.device)
+    if command == "edit":
+        from .editing.server import main_edit
+
+        return main_edit(opt, device)
     if command == "train":
         from .training import main_train
 

@@ -136,6 +136,45 @@ def add_test_options(p: argparse.ArgumentParser) -> None:
                    help="allow reading an original pickled features_clustered_*.npy (a pickle can run code: only for files you trust)")
 
 
+# Options that define the networks and their inputs: `test`, `encode-features`, `export-onnx` and
+# `edit` take them from the run's opt.txt (written by `train`, and by the original code) unless
+# given on the command line.
+MODEL_OPTIONS = (
+    "label_nc", "input_nc", "output_nc", "no_instance", "instance_feat", "label_feat", "feat_num", "load_features",
+    "nef", "n_downsample_E", "n_clusters", "netG", "ngf", "n_downsample_global", "n_blocks_global",
+    "n_local_enhancers", "n_blocks_local", "norm", "dataroot", "loadSize", "fineSize", "resize_or_crop",
+)
+
+
+def saved_model_options(parser: argparse.ArgumentParser, folder) -> dict:
+    """The model options recorded in ``folder/opt.txt`` ("name: value" lines), typed by ``parser``."""
+    from pathlib import Path
+
+    path = Path(folder) / "opt.txt"
+    if not path.is_file():
+        return {}
+    recorded = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in MODEL_OPTIONS:
+            recorded[key.strip()] = value.strip()
+    options = {}
+    for action in parser._actions:
+        if action.dest not in recorded:
+            continue
+        text = recorded[action.dest]
+        if isinstance(action, argparse._StoreTrueAction):
+            options[action.dest] = text == "True"
+        elif text == "None":
+            options[action.dest] = None
+        else:
+            try:
+                options[action.dest] = action.type(text) if action.type else text
+            except (ValueError, argparse.ArgumentTypeError):
+                continue  # an option this version reads differently: keep the default
+    return options
+
+
 def resolve_device(text: str | None) -> torch.device:
     if text is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,378 @@
+"""Interactive semantic manipulation (pix2pixHD section 4): an edit session over one scene.
+
+An ``EditSession`` holds a scene's label map, instance map and feature map, the
+generator's input built from them (one-hot labels, boundary map, features), and the
+generated image. Every edit changes the maps inside a bounding box, rebuilds the
+input only there (the boundary map over the box grown by one pixel, through
+``ops.boundary_map``), records what it replaced so that ``undo``/``redo`` restore
+the exact previous state, and marks the image for regeneration (without an
+autograd graph). A bad coordinate, label, mask or style raises ``ValueError``
+before anything changes.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .. import ops
+from ..data import THING_CLASSES, colorize_labels
+from ..features import class_of
+from ..visualize import tensor_to_image
+
+
+@dataclass
+class _Change:
+    """The maps inside a box before and after an edit (what undo and redo swap in)."""
+
+    box: tuple[int, int, int, int]  # y0, y1, x0, x1
+    before: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+    after: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+class EditSession:
+    """Edit one scene with a trained pix2pixHD model and regenerate its image.
+
+    ``model`` is a ``fastp2phd.pix2pixhd.Pix2PixHD`` (with ``clusters`` when it uses
+    instance features). ``label`` and ``inst`` are (H, W) integer arrays or tensors
+    (Cityscapes convention: thing instances have ids class*1000+k, stuff pixels their
+    class id). Features come from ``image`` (encoded) when given, else from the
+    clusters, sampled with ``seed``.
+    """
+
+    def __init__(self, model, label, inst, *, image=None, seed: int = 0, history: int = 100):
+        self.model = model.eval()
+        self.opt = model.opt
+        self.device = next(model.parameters()).device
+        self.label_nc = self.opt.label_nc
+        if self.label_nc == 0:
+            raise ValueError("editing needs a model trained on label maps (--label_nc > 0)")
+        self.use_features = bool(self.opt.instance_feat or self.opt.label_feat)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.history = history
+        label = torch.as_tensor(np.asarray(label)).to(self.device, torch.int64)
+        inst = torch.as_tensor(np.asarray(inst)).to(self.device, torch.int32)
+        if label.dim() != 2 or label.shape != inst.shape:
+            raise ValueError(f"label and instance maps must be (H, W) of one size, got {tuple(label.shape)} and "
+                             f"{tuple(inst.shape)}")
+        self._check_labels(label)
+        model.check_size(label)
+        self.height, self.width = label.shape
+        feat = None
+        if self.use_features:
+            if image is not None:
+                image = torch.as_tensor(np.asarray(image)).to(self.device, torch.float32)
+                with torch.no_grad():
+                    feat = self.model.encode_features(image[None], inst[None, None], label[None, None])[0]
+            else:
+                feat = self._sample_features(inst)
+        self._initial = (label.clone(), inst.clone(), None if feat is None else feat.clone())
+        self._set_state(label, inst, feat)
+
+    # ------------------------------------------------------------------ state
+    def _set_state(self, label, inst, feat) -> None:
+        self.label, self.inst, self.feat = label, inst, feat
+        self.input = self._build_input((0, self.height, 0, self.width))
+        self.undo_stack: list[_Change] = []
+        self.redo_stack: list[_Change] = []
+        self._image: torch.Tensor | None = None
+
+    def _build_input(self, box) -> torch.Tensor:
+        """The generator's input (1, C, H, W) for the whole scene."""
+        y0, y1, x0, x1 = box
+        channels = self.label_nc + (0 if self.opt.no_instance else 1) + (self.opt.feat_num if self.use_features else 0)
+        full = torch.zeros(1, channels, self.height, self.width, device=self.device)
+        self.input = full
+        self._refresh(box)
+        return full
+
+    def _refresh(self, box) -> None:
+        """Rebuild the input inside ``box``: one-hot labels and features there, edges on the box grown by 1."""
+        y0, y1, x0, x1 = box
+        nc = self.label_nc
+        region = self.input[0, :nc, y0:y1, x0:x1]
+        region.zero_()
+        region.scatter_(0, self.label[y0:y1, x0:x1][None], 1.0)
+        channel = nc
+        if not self.opt.no_instance:
+            # A pixel's edge depends on its neighbours: recompute the box grown by one pixel,
+            # from a window grown by two so the band's own neighbours are present.
+            gy0, gy1, gx0, gx1 = max(0, y0 - 1), min(self.height, y1 + 1), max(0, x0 - 1), min(self.width, x1 + 1)
+            wy0, wy1, wx0, wx1 = max(0, y0 - 2), min(self.height, y1 + 2), max(0, x0 - 2), min(self.width, x1 + 2)
+            edges = ops.boundary_map(self.inst[None, None, wy0:wy1, wx0:wx1])[0, 0]
+            self.input[0, nc, gy0:gy1, gx0:gx1] = edges[gy0 - wy0:gy1 - wy0, gx0 - wx0:gx1 - wx0]
+            # Window borders are not image borders: a pixel on the window's edge may have a
+            # neighbour outside it. Those pixels lie outside the grown box, so they are never copied.
+            channel += 1
+        if self.use_features:
+            self.input[0, channel:, y0:y1, x0:x1] = self.feat[:, y0:y1, x0:x1]
+
+    def _sample_features(self, inst: torch.Tensor, choices: Mapping[int, int] | None = None) -> torch.Tensor:
+        from ..features import sample_feature_map
+
+        clusters = self.model.clusters
+        if clusters is None:
+            raise ValueError("this model uses instance features: give the session an image to encode, or load "
+                             "clusters into model.clusters")
+        return sample_feature_map(inst[None, None], clusters, self.opt.feat_num, generator=self.generator,
+                                  choices=choices)[0]
+
+    def _apply(self, box, label_patch, inst_patch, feat_patch) -> None:
+        """Replace the maps inside ``box``, remember the change, and refresh the input there."""
+        y0, y1, x0, x1 = box
+        before = (self.label[y0:y1, x0:x1].clone(), self.inst[y0:y1, x0:x1].clone(),
+                  None if self.feat is None else self.feat[:, y0:y1, x0:x1].clone())
+        after = (label_patch, inst_patch, feat_patch)
+        self._write(box, after)
+        self.undo_stack.append(_Change(box, before, after))
+        del self.undo_stack[:-self.history]
+        self.redo_stack.clear()
+
+    def _write(self, box, patches) -> None:
+        y0, y1, x0, x1 = box
+        label_patch, inst_patch, feat_patch = patches
+        self.label[y0:y1, x0:x1] = label_patch
+        self.inst[y0:y1, x0:x1] = inst_patch
+        if self.feat is not None:
+            self.feat[:, y0:y1, x0:x1] = feat_patch
+        self._refresh(box)
+        self._image = None
+
+    # ------------------------------------------------------------------ checks and helpers
+    def _check_point(self, y: int, x: int) -> tuple[int, int]:
+        if not (isinstance(y, (int, np.integer)) and isinstance(x, (int, np.integer))):
+            raise ValueError(f"coordinates must be integers, got ({y!r}, {x!r})")
+        if not (0 <= y < self.height and 0 <= x < self.width):
+            raise ValueError(f"({y}, {x}) is outside the {self.height}x{self.width} scene")
+        return int(y), int(x)
+
+    def _check_label(self, label: int) -> int:
+        if not isinstance(label, (int, np.integer)) or not 0 <= label < self.label_nc:
+            raise ValueError(f"label {label!r} is not a class id in 0..{self.label_nc - 1}")
+        return int(label)
+
+    def _check_labels(self, label: torch.Tensor) -> None:
+        if label.numel() and (int(label.min()) < 0 or int(label.max()) >= self.label_nc):
+            raise ValueError(f"the label map holds ids outside 0..{self.label_nc - 1}: check the model's --label_nc")
+
+    def _new_instance_id(self, label: int) -> int:
+        """A fresh id: class*1000+k (k unused in the scene) for thing classes, the class id for stuff."""
+        if label not in THING_CLASSES:
+            return label
+        used = {int(v) for v in torch.unique(self.inst) if label * 1000 <= int(v) < (label + 1) * 1000}
+        k = next(k for k in range(1000) if label * 1000 + k not in used)
+        return label * 1000 + k
+
+    def _instance_features(self, inst_id: int, style: int | None) -> torch.Tensor | None:
+        """The feature vector (F,) for an instance: the chosen style, else the one its id already has
+        in the scene (painting more of a stuff class), else one sampled from its class's clusters."""
+        if not self.use_features:
+            if style is not None:
+                raise ValueError("this model has no instance features, so no styles")
+            return None
+        if style is not None:
+            options = self._class_styles(class_of(inst_id))
+            if not isinstance(style, (int, np.integer)) or not 0 <= style < options.shape[0]:
+                raise ValueError(f"style {style!r} is not one of the {options.shape[0]} styles of class "
+                                 f"{class_of(inst_id)}")
+            return options[int(style)].to(self.device)
+        existing = self.inst == inst_id
+        if existing.any():
+            return self.feat[:, existing][:, 0].clone()
+        probe = torch.full((1, 1), inst_id, dtype=torch.int32, device=self.device)
+        return self._sample_features(probe)[:, 0, 0]
+
+    @staticmethod
+    def _box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+        ys = torch.nonzero(mask.any(dim=1))
+        xs = torch.nonzero(mask.any(dim=0))
+        if ys.numel() == 0:
+            return None
+        return int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+
+    def _paint_mask(self, mask: torch.Tensor, label: int, inst_id: int, vector: torch.Tensor | None) -> None:
+        box = self._box(mask)
+        if box is None:
+            return
+        y0, y1, x0, x1 = box
+        inside = mask[y0:y1, x0:x1]
+        label_patch = torch.where(inside, label, self.label[y0:y1, x0:x1])
+        inst_patch = torch.where(inside, inst_id, self.inst[y0:y1, x0:x1]).to(torch.int32)
+        feat_patch = None
+        if self.feat is not None:
+            feat_patch = torch.where(inside[None], vector[:, None, None], self.feat[:, y0:y1, x0:x1])
+        self._apply(box, label_patch, inst_patch, feat_patch)
+
+    # ------------------------------------------------------------------ edits
+    def instance_at(self, y: int, x: int) -> int:
+        y, x = self._check_point(y, x)
+        return int(self.inst[y, x])
+
+    def change_label(self, y: int, x: int, label: int) -> None:
+        """The instance under (y, x) becomes class ``label`` (a new id for thing classes; new features)."""
+        y, x = self._check_point(y, x)
+        label = self._check_label(label)
+        old = int(self.inst[y, x])
+        if class_of(old) == label and int(self.label[y, x]) == label:
+            return
+        new_id = self._new_instance_id(label)
+        self._paint_mask(self.inst == old, label, new_id, self._instance_features(new_id, None))
+
+    def paint(self, points: Sequence[Sequence[int]], label: int, width: int = 8) -> None:
+        """Paint class ``label`` along the polyline ``points`` [(y, x), ...] with a round brush of ``width`` pixels."""
+        label = self._check_label(label)
+        if not isinstance(width, (int, np.integer)) or width < 1:
+            raise ValueError(f"brush width must be a positive integer, got {width!r}")
+        points = [self._check_point(*p) for p in points]
+        if not points:
+            raise ValueError("a stroke needs at least one point")
+        mask = self._stroke_mask(points, width)
+        inst_id = self._new_instance_id(label)
+        self._paint_mask(mask, label, inst_id, self._instance_features(inst_id, None))
+
+    def _stroke_mask(self, points: list[tuple[int, int]], width: int) -> torch.Tensor:
+        yy = torch.arange(self.height, device=self.device)[:, None].float()
+        xx = torch.arange(self.width, device=self.device)[None, :].float()
+        radius2 = (width / 2.0) ** 2
+        mask = torch.zeros(self.height, self.width, dtype=torch.bool, device=self.device)
+        segments = list(zip(points, points[1:])) or [(points[0], points[0])]
+        for (ay, ax), (by, bx) in segments:
+            dy, dx = by - ay, bx - ax
+            length2 = dy * dy + dx * dx
+            t = ((yy - ay) * dy + (xx - ax) * dx) / length2 if length2 else torch.zeros_like(yy + xx)
+            t = t.clamp(0, 1)
+            mask |= (yy - (ay + t * dy)) ** 2 + (xx - (ax + t * dx)) ** 2 <= radius2
+        return mask
+
+    def add_object(self, mask, y: int, x: int, label: int, style: int | None = None) -> int:
+        """Paste an object ``mask`` (h, w) with its top-left corner at (y, x) as a new instance of ``label``.
+
+        Parts of the mask outside the scene are clipped. Returns the new instance id.
+        """
+        y, x = self._check_point(y, x)
+        label = self._check_label(label)
+        mask = torch.as_tensor(np.asarray(mask)).to(self.device).bool()
+        if mask.dim() != 2 or not mask.any():
+            raise ValueError(f"an object mask must be a non-empty (h, w) array, got shape {tuple(mask.shape)}")
+        inst_id = self._new_instance_id(label)
+        vector = self._instance_features(inst_id, style)
+        full = torch.zeros(self.height, self.width, dtype=torch.bool, device=self.device)
+        h, w = min(mask.shape[0], self.height - y), min(mask.shape[1], self.width - x)
+        full[y:y + h, x:x + w] = mask[:h, :w]
+        self._paint_mask(full, label, inst_id, vector)
+        return inst_id
+
+    def _class_styles(self, label: int) -> torch.Tensor:
+        clusters = self.model.clusters or {}
+        styles = clusters.get(label)
+        if styles is None or len(styles) == 0:
+            raise ValueError(f"class {label} has no styles (no clusters were found for it)")
+        return torch.as_tensor(np.asarray(styles) if not isinstance(styles, torch.Tensor) else styles).float()
+
+    def style_options(self, y: int, x: int) -> torch.Tensor:
+        """The (k, feat_num) style centres of the class of the instance under (y, x)."""
+        y, x = self._check_point(y, x)
+        if not self.use_features:
+            raise ValueError("this model has no instance features, so no styles")
+        return self._class_styles(class_of(int(self.inst[y, x])))
+
+    def set_style(self, y: int, x: int, cluster: int) -> None:
+        """Give the instance under (y, x) the style (cluster centre) ``cluster`` of its class."""
+        y, x = self._check_point(y, x)
+        inst_id = int(self.inst[y, x])
+        vector = self._instance_features(inst_id, cluster)
+        self._paint_mask(self.inst == inst_id, int(self.label[y, x]), inst_id, vector)
+
+    def style_previews(self, y: int, x: int, margin: int = 16) -> list[np.ndarray]:
+        """The instance under (y, x), cropped with a margin, rendered in every style of its class.
+
+        All styles go through the generator in one batch; the crop is taken from the
+        full-scene render so the network sees the same context.
+        """
+        styles = self.style_options(y, x)
+        inst_id = int(self.inst[y, x])
+        box = self._box(self.inst == inst_id)
+        y0, y1, x0, x1 = box
+        y0, y1, x0, x1 = max(0, y0 - margin), min(self.height, y1 + margin), max(0, x0 - margin), min(self.width, x1 + margin)
+        batch = self.input.repeat(styles.shape[0], 1, 1, 1)
+        channel = self.label_nc + (0 if self.opt.no_instance else 1)
+        where = (self.inst == inst_id)
+        for k in range(styles.shape[0]):
+            batch[k, channel:, where] = styles[k].to(self.device)[:, None]
+        with torch.inference_mode():
+            images = self.model.netG(batch)
+        return [tensor_to_image(img[:, y0:y1, x0:x1]) for img in images]
+
+    # ------------------------------------------------------------------ history
+    def undo(self) -> bool:
+        """Revert the last edit; False when there is nothing to undo."""
+        if not self.undo_stack:
+            return False
+        change = self.undo_stack.pop()
+        self._write(change.box, change.before)
+        self.redo_stack.append(change)
+        return True
+
+    def redo(self) -> bool:
+        if not self.redo_stack:
+            return False
+        change = self.redo_stack.pop()
+        self._write(change.box, change.after)
+        self.undo_stack.append(change)
+        return True
+
+    def reset(self) -> None:
+        """Back to the scene as it was loaded (the history is cleared)."""
+        label, inst, feat = self._initial
+        self._set_state(label.clone(), inst.clone(), None if feat is None else feat.clone())
+
+    # ------------------------------------------------------------------ outputs
+    def image(self) -> np.ndarray:
+        """The generated image (H, W, 3) uint8, regenerated only after an edit."""
+        if self._image is None:
+            with torch.inference_mode():
+                self._image = self.model.netG(self.input)[0]
+        return tensor_to_image(self._image)
+
+    def label_image(self) -> np.ndarray:
+        return colorize_labels(self.label.cpu().numpy(), self.label_nc)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write label.png, instance.png (16-bit when ids allow), features.npy, image.png; returns the folder."""
+        from PIL import Image
+
+        from ..files import atomic_write
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        inst = self.inst.cpu().numpy()
+        if inst.min(initial=0) < 0 or inst.max(initial=0) > 65535:
+            raise ValueError("instance ids outside 0..65535 do not fit a 16-bit instance PNG")
+        images = {"label.png": self.label.cpu().numpy().astype(np.uint8), "instance.png": inst.astype(np.uint16),
+                  "image.png": self.image()}
+        for name, array in images.items():
+            atomic_write(folder / name, lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
+        if self.feat is not None:
+            def write_features(tmp):
+                with open(tmp, "wb") as f:
+                    np.save(f, self.feat.cpu().numpy())
+
+            atomic_write(folder / "features.npy", write_features)
+        return folder
+
+    def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Copies of (label, inst, feat) as numpy arrays."""
+        return (self.label.cpu().numpy().copy(), self.inst.cpu().numpy().copy(),
+                None if self.feat is None else self.feat.cpu().numpy().copy())
+
+    def objects(self) -> Iterable[tuple[int, np.ndarray]]:
+        """(instance id, mask cropped to its box) of every thing instance in the scene."""
+        for value in torch.unique(self.inst).tolist():
+            if class_of(int(value)) in THING_CLASSES:
+                mask = self.inst == value
+                y0, y1, x0, x1 = self._box(mask)
+                yield int(value), mask[y0:y1, x0:x1].cpu().numpy()
