@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -26,8 +27,8 @@ NUM_TRAIN, NUM_TEST = 96, 8
 def demo_options(out: Path, seed: int, niter: int, niter_decay: int, command: str = "train") -> argparse.Namespace:
     """The options of a small pix2pixHD with instance features (what `fastp2phd train ...` would parse)."""
     argv = [
-        command, "--name", "demo", "--checkpoints_dir", str(out / "checkpoints"), "--dataroot", str(out / "data"),
-        "--label_nc", "35", "--instance_feat", "--feat_num", "3", "--nef", "8", "--n_downsample_E", "3",
+        command, "--name", "demo", "--checkpoints_dir", str(out / "checkpoints"), "--dataroot", str(out.resolve() / "data"),
+        "--label_nc", "35", "--instance_feat", "--feat_num", "3", "--nef", "8", "--n_downsample_E", "3", "--n_clusters", "6",
         "--ngf", "16", "--n_downsample_global", "3", "--n_blocks_global", "3",
         "--resize_or_crop", "none", "--nThreads", "0", "--seed", str(seed), "--batchSize", "4",
     ]
@@ -85,7 +86,6 @@ def run_demo(out: Path, device: torch.device, minutes: float = 5.0, seed: int = 
 
     print("[demo] encoding and clustering instance features")
     encode_opt = demo_options(out, seed, 0, 0, command="encode-features")
-    encode_opt.n_clusters = 6
     clusters_path = encode_features(encode_opt, device)
 
     test_opt = demo_options(out, seed, 0, 0, command="test")
@@ -130,4 +130,6 @@ def run_demo(out: Path, device: torch.device, minutes: float = 5.0, seed: int = 
     index = page.save()
     print(f"[demo] done in {time.time() - started:.0f}s: {index.resolve()}")
     print(f"[demo] mean L1 to ground truth on held-out scenes: trained {l1_trained:.3f}, untrained {l1_untrained:.3f}")
+    print(f"[demo] edit the test scenes with this model: {sys.executable} -m fastp2phd edit --name demo "
+          f"--checkpoints_dir {out / 'checkpoints'}")
     return 0 if l1_trained < l1_untrained else 1

@@ -290,3 +290,23 @@ def test_edit_command_loads_a_trained_run(tmp_path):
     app = load_editor(opt, torch.device("cpu"))
     assert len(app.scenes) == 2 and app.objects and not app.session.use_features
     assert call(app, "POST", "/api/edit", {"op": "change_label", "y": 0, "x": 0, "label": 21})[0] == 200
+
+
+def test_concurrent_requests_queue_instead_of_interleaving(app):
+    """Many clicks at once: every request is answered, and the history counts every edit once."""
+    import threading
+
+    results = []
+
+    def click(i):
+        body = {"op": "paint", "points": [[i % H, 0], [i % H, W - 1]], "label": 21 if i % 2 else 23, "width": 1}
+        results.append(call(app, "POST", "/api/edit", body)[0])
+
+    threads = [threading.Thread(target=click, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 12
+    assert len(app.session.undo_stack) == 12
+    assert_consistent(app.session)
