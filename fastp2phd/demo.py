@@ -27,15 +27,16 @@ NUM_TRAIN, NUM_TEST = 96, 8
 def demo_options(out: Path, seed: int, niter: int, niter_decay: int, command: str = "train") -> argparse.Namespace:
     """The options of a small pix2pixHD with instance features (what `fastp2phd train ...` would parse)."""
     argv = [
-        command, "--name", "demo", "--checkpoints_dir", str(out / "checkpoints"), "--dataroot", str(out.resolve() / "data"),
-        "--label_nc", "35", "--instance_feat", "--feat_num", "3", "--nef", "8", "--n_downsample_E", "3", "--n_clusters", "6",
+        command, "--name", "demo", "--checkpoints_dir", str(out / "checkpoints"),
+        "--dataroot", str(out.resolve() / "data"), "--label_nc", "35", "--instance_feat", "--feat_num", "3",
+        "--nef", "8", "--n_downsample_E", "3", "--n_clusters", "6",
         "--ngf", "16", "--n_downsample_global", "3", "--n_blocks_global", "3",
-        "--resize_or_crop", "none", "--nThreads", "0", "--seed", str(seed), "--batchSize", "4",
+        "--resize_or_crop", "none", "--nThreads", "0", "--seed", str(seed), "--batchSize", "4", "--no_progress",
     ]
     if command == "train":
         argv += ["--ndf", "16", "--num_D", "2", "--n_layers_D", "2", "--no_vgg_loss", "--lr", "0.0008",
                  "--niter", str(niter), "--niter_decay", str(niter_decay), "--print_freq", "192",
-                 "--display_freq", "384", "--save_latest_freq", "100000", "--save_epoch_freq", "1000", "--no_progress"]
+                 "--display_freq", "384", "--save_latest_freq", "100000", "--save_epoch_freq", "1000"]
     elif command == "test":
         argv += ["--how_many", "inf"]
     opt = build_parser().parse_args(argv)
