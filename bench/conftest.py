@@ -66,7 +66,7 @@ def run_metadata(device: str) -> dict:
         commit = ""
     return {
         "device": device, "device_name": device_name(device), "cpu_threads": torch.get_num_threads(),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
         "python": platform.python_version(), "commit": commit,
     }
@@ -92,6 +92,8 @@ def pytest_sessionfinish(session, exitstatus):
     out.mkdir(parents=True, exist_ok=True)
     stamp = meta["date"].replace(":", "")
     path = out / f"{device}-{slug}-{stamp}.json"
+    if path.exists():  # never overwrite an earlier run
+        raise RuntimeError(f"{path} exists; run again in a second")
     path.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
     print(f"\nbenchmark results: {path}")
     from report import write_report
