@@ -75,20 +75,14 @@ class EditSession:
 
     # ------------------------------------------------------------------ state
     def _set_state(self, label, inst, feat) -> None:
+        """Adopt new maps and build the generator's input (1, C, H, W) from them; the history is cleared."""
         self.label, self.inst, self.feat = label, inst, feat
-        self.input = self._build_input((0, self.height, 0, self.width))
+        channels = self.label_nc + (0 if self.opt.no_instance else 1) + (self.opt.feat_num if self.use_features else 0)
+        self.input = torch.zeros(1, channels, self.height, self.width, device=self.device)
+        self._refresh((0, self.height, 0, self.width))
         self.undo_stack: list[_Change] = []
         self.redo_stack: list[_Change] = []
         self._image: torch.Tensor | None = None
-
-    def _build_input(self, box) -> torch.Tensor:
-        """The generator's input (1, C, H, W) for the whole scene."""
-        y0, y1, x0, x1 = box
-        channels = self.label_nc + (0 if self.opt.no_instance else 1) + (self.opt.feat_num if self.use_features else 0)
-        full = torch.zeros(1, channels, self.height, self.width, device=self.device)
-        self.input = full
-        self._refresh(box)
-        return full
 
     def _refresh(self, box) -> None:
         """Rebuild the input inside ``box``: one-hot labels and features there, edges on the box grown by 1."""
