@@ -174,6 +174,26 @@ def _xhat_and_grad(saved, dy, mean, rstd, ACTIVATION: tl.constexpr, SAVED_IS_OUT
 
 
 @triton.jit
+def _backward_tile(mean_ptr, rstd_ptr, C, num_c_blocks, stride_n, stride_c, dy_stride_n, dy_stride_c,
+                   BLOCK_C: tl.constexpr):
+    """This program's rows, channel mask, plane offsets in saved and dy, and plane statistics."""
+    n, channels, plane_offsets = _tile_offsets(tl.program_id(0), C, num_c_blocks, stride_n, stride_c, BLOCK_C)
+    c_mask = channels < C
+    rows = n * C + channels
+    mean = tl.load(mean_ptr + rows, mask=c_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=c_mask, other=0.0)
+    return rows, c_mask, plane_offsets, n * dy_stride_n + channels * dy_stride_c, mean, rstd
+
+
+@triton.jit
+def _load_xhat_and_grad(saved_ptr, dy_ptr, offsets, dy_offsets, mask, mean, rstd, ACTIVATION: tl.constexpr,
+                        SAVED_IS_OUTPUT: tl.constexpr, slope):
+    saved = tl.load(saved_ptr + offsets, mask=mask, other=0.0).to(mean.dtype)
+    dy = tl.load(dy_ptr + dy_offsets, mask=mask, other=0.0).to(mean.dtype)
+    return _xhat_and_grad(saved, dy, mean, rstd, ACTIVATION, SAVED_IS_OUTPUT, slope)
+
+
+@triton.jit
 def _backward_sums_kernel(
     dy_ptr,  # (N, C, P) gradient of y
     saved_ptr,  # (N, C, P) saved x or y
@@ -185,14 +205,9 @@ def _backward_sums_kernel(
     slope,
     ACTIVATION: tl.constexpr, SAVED_IS_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    pid_nc = tl.program_id(0)
     chunk = tl.program_id(1)
-    n, channels, plane_offsets = _tile_offsets(pid_nc, C, num_c_blocks, stride_n, stride_c, BLOCK_C)
-    dy_offsets = n * dy_stride_n + channels * dy_stride_c
-    c_mask = channels < C
-    rows = n * C + channels
-    mean = tl.load(mean_ptr + rows, mask=c_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + rows, mask=c_mask, other=0.0)
+    rows, c_mask, plane_offsets, dy_offsets, mean, rstd = _backward_tile(
+        mean_ptr, rstd_ptr, C, num_c_blocks, stride_n, stride_c, dy_stride_n, dy_stride_c, BLOCK_C)
     sum_g = tl.zeros([BLOCK_C], dtype=mean.dtype)
     sum_gx = tl.zeros([BLOCK_C], dtype=mean.dtype)
     start = chunk * chunk_size
@@ -200,10 +215,9 @@ def _backward_sums_kernel(
     for p0 in range(start, end, BLOCK_P):
         pixels = p0 + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & (pixels < end)[None, :]
-        saved = tl.load(saved_ptr + plane_offsets[:, None] + pixels[None, :] * stride_p, mask=mask, other=0.0)
-        dy = tl.load(dy_ptr + dy_offsets[:, None] + pixels[None, :] * dy_stride_p, mask=mask, other=0.0)
-        xhat, g = _xhat_and_grad(saved.to(mean.dtype), dy.to(mean.dtype), mean, rstd, ACTIVATION, SAVED_IS_OUTPUT,
-                                 slope)
+        xhat, g = _load_xhat_and_grad(saved_ptr, dy_ptr, plane_offsets[:, None] + pixels[None, :] * stride_p,
+                                      dy_offsets[:, None] + pixels[None, :] * dy_stride_p, mask, mean, rstd,
+                                      ACTIVATION, SAVED_IS_OUTPUT, slope)
         g = tl.where(mask, g, 0.0)
         sum_g += tl.sum(g, axis=1)
         sum_gx += tl.sum(g * xhat, axis=1)
@@ -224,14 +238,9 @@ def _backward_dx_kernel(
     ACTIVATION: tl.constexpr, SAVED_IS_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     MAX_CHUNKS_P2: tl.constexpr,
 ):
-    pid_nc = tl.program_id(0)
     chunk = tl.program_id(1)
-    n, channels, plane_offsets = _tile_offsets(pid_nc, C, num_c_blocks, stride_n, stride_c, BLOCK_C)
-    dy_offsets = n * dy_stride_n + channels * dy_stride_c
-    c_mask = channels < C
-    rows = n * C + channels
-    mean = tl.load(mean_ptr + rows, mask=c_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + rows, mask=c_mask, other=0.0)
+    rows, c_mask, plane_offsets, dy_offsets, mean, rstd = _backward_tile(
+        mean_ptr, rstd_ptr, C, num_c_blocks, stride_n, stride_c, dy_stride_n, dy_stride_c, BLOCK_C)
     chunks = tl.arange(0, MAX_CHUNKS_P2)
     k_mask = c_mask[:, None] & (chunks < num_chunks)[None, :]
     index = rows[:, None] * num_chunks + chunks[None, :]
@@ -243,10 +252,8 @@ def _backward_dx_kernel(
         pixels = p0 + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & (pixels < end)[None, :]
         offsets = plane_offsets[:, None] + pixels[None, :] * stride_p
-        saved = tl.load(saved_ptr + offsets, mask=mask, other=0.0)
-        dy = tl.load(dy_ptr + dy_offsets[:, None] + pixels[None, :] * dy_stride_p, mask=mask, other=0.0)
-        xhat, g = _xhat_and_grad(saved.to(mean.dtype), dy.to(mean.dtype), mean, rstd, ACTIVATION, SAVED_IS_OUTPUT,
-                                 slope)
+        xhat, g = _load_xhat_and_grad(saved_ptr, dy_ptr, offsets, dy_offsets[:, None] + pixels[None, :] * dy_stride_p,
+                                      mask, mean, rstd, ACTIVATION, SAVED_IS_OUTPUT, slope)
         dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
         tl.store(dx_ptr + offsets, cast_rounded(dx, dx_ptr.dtype.element_ty), mask=mask)
 
