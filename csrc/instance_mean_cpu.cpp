@@ -10,7 +10,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -177,7 +177,8 @@ at::Tensor instance_mean_cpu(const at::Tensor& feat, const at::Tensor& inst) {
               feat.scalar_type());
   TORCH_CHECK(feat.device().is_cpu() && inst.device().is_cpu(),
               "instance_mean: the CPU kernel got tensors on ", feat.device(), " and ", inst.device());
-  at::Tensor out = at::empty_like(feat);
+  // The ops' layout contract: channels_last for channels-last-like feat (PyTorch's suggestion), NCHW otherwise.
+  at::Tensor out = at::empty(feat.sizes(), feat.options().memory_format(feat.suggest_memory_format()));
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, feat.scalar_type(), "instance_mean_feat", [&] {
     using feat_t = scalar_t;

@@ -6,11 +6,15 @@ and launchers; the op's contract, reference and registration live in
 was set before Triton was imported, run by Triton's interpreter on CPU tensors
 (that is how the tests exercise them on machines without a GPU).
 """
+from __future__ import annotations
+
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ..ops._common import empty_like_format, memory_format_of
 
 try:
     INTERPRETED: bool = bool(triton.knobs.runtime.interpret)
@@ -33,24 +37,47 @@ def cast_rounded(value, dtype: tl.constexpr):
     return value.to(dtype)
 
 
-MAX_ELEMENTS = 2**31 - 1  # offsets inside the kernels are 32-bit
+MAX_OFFSET = 2**31 - 1  # element offsets inside the kernels are 32-bit
 
 
 def check_size(t: torch.Tensor, op: str) -> None:
-    if t.numel() > MAX_ELEMENTS:
+    """Refuse a tensor whose elements lie beyond 32-bit offsets from its first one."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+    if max(t.numel(), extent) > MAX_OFFSET:
         raise ValueError(
-            f"{op}: the Triton kernels take tensors of at most 2^31 - 1 elements, got {t.numel()} "
-            f"({tuple(t.shape)}); split the batch, or use impl='reference'"
+            f"{op}: the Triton kernels address at most 2^31 - 1 elements, got a tensor of shape {tuple(t.shape)} "
+            f"and strides {t.stride()}; split the batch, or use impl='reference'"
         )
 
 
-def plane_view(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """``t`` (or a copy) whose pixels form one strided axis, and its (n, c, p) strides.
+def pixel_stride(t: torch.Tensor) -> int | None:
+    """The stride that walks an (N, C, H, W) tensor's H*W pixels in order, or None when no single one does."""
+    _, _, H, W = t.shape
+    if W == 1:
+        return t.stride(2)
+    if H == 1 or t.stride(2) == W * t.stride(3):
+        return t.stride(3)
+    return None
 
-    NCHW-contiguous and channels_last tensors are used as they are; any other
-    strides (a cropped or transposed view) are copied to contiguous first.
+
+def plane_view(t: torch.Tensor, op: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``t`` (or a copy of it) whose pixels form one strided axis, and its (n, c, p) strides.
+
+    Any view whose pixels are one strided axis is read where it lies: contiguous and
+    channels_last tensors, channel and batch slices, steps along one axis, expanded
+    (stride 0) dimensions. Others (a crop of a wider tensor, a transposed one) are copied.
+    The kernels only read through these strides; outputs get strides of their own.
     """
-    N, C, H, W = t.shape
-    if t.stride(2) != W * t.stride(3) and H > 1:
-        t = t.contiguous()
-    return t, (t.stride(0), t.stride(1), t.stride(3))
+    stride_p = pixel_stride(t)
+    if stride_p is None:
+        t = t.contiguous(memory_format=memory_format_of(t))
+        stride_p = pixel_stride(t)
+    check_size(t, op)
+    return t, (t.stride(0), t.stride(1), stride_p)
+
+
+def new_output(like: torch.Tensor, op: str, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """A fresh output for input ``like``, in the layout the ops promise (``memory_format_of``), and its
+    (n, c, p) strides. Never a view of ``like``: kernels write outputs through these strides only."""
+    out = empty_like_format(like, dtype)
+    return plane_view(out, op)

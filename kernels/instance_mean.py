@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cast_rounded, check_size, plane_view
+from . import cast_rounded, check_size, new_output, plane_view
 
 BLOCK = 1024  # pixels per tile
 # Use ids directly as segment indices while the id span is at most this many
@@ -110,12 +110,12 @@ def forward(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
     """Segment means of ``feat`` (N, C, H, W) over ``inst`` (N, 1, H, W), in feat's dtype and layout."""
     N, C, H, W = feat.shape
     P = H * W
-    check_size(feat, "instance_mean")
-    feat, (stride_fn, stride_fc, stride_fp) = plane_view(feat)
-    out = torch.empty_like(feat)
+    feat, (stride_fn, stride_fc, stride_fp) = plane_view(feat, "instance_mean")
+    out, (stride_on, stride_oc, stride_op) = new_output(feat, "instance_mean")
     if feat.numel() == 0:
         return out
     keys, lowest, span = segment_keys(inst)
+    check_size(keys, "instance_mean")
     sums = torch.zeros(N * span, C, device=feat.device, dtype=torch.float64)
     counts = torch.zeros(N * span, device=feat.device, dtype=torch.int32)
     grid = (triton.cdiv(P, BLOCK), N)
@@ -126,7 +126,6 @@ def forward(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
     )
     # Empty segments (ids absent from an item) divide by 1 and are never read.
     means = (sums / counts.clamp_min(1)[:, None]).to(torch.promote_types(feat.dtype, torch.float32))
-    _, (stride_on, stride_oc, stride_op) = plane_view(out)
     _broadcast_means_kernel[grid](
         out, keys, means, lowest, span, P, C, stride_on, stride_oc, stride_op,
         keys.stride(0), keys.stride(1), BLOCK=BLOCK,

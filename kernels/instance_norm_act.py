@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cast_rounded, check_size, plane_view
+from . import cast_rounded, new_output, plane_view
 
 ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}
 
@@ -125,17 +125,19 @@ def _merge_stats(partial_mean_ptr, partial_m2_ptr, rows, c_mask, P, num_chunks, 
 @triton.jit
 def _forward_normalize_kernel(
     x_ptr,  # (N, C, P) input
-    y_ptr,  # (N, C, P) output, same strides as x
+    y_ptr,  # (N, C, P) output, strides below
     partial_mean_ptr, partial_m2_ptr,  # (N*C, num_chunks) float32 (float64 for float64 x) partials from phase 1
     mean_ptr, rstd_ptr,  # (N*C,) float32 (float64 for float64 x): plane statistics, written by the chunk-0 programs
     C, P, num_c_blocks, num_chunks, chunk_size,
-    stride_n, stride_c, stride_p,  # element strides of x and y
+    stride_n, stride_c, stride_p,  # element strides of x (a view: may be 0, or exceed the dense ones)
+    y_stride_n, y_stride_c, y_stride_p,  # element strides of y (a fresh dense tensor)
     eps, slope,
     ACTIVATION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, MAX_CHUNKS_P2: tl.constexpr,
 ):
     pid_nc = tl.program_id(0)
     chunk = tl.program_id(1)
     n, channels, plane_offsets = _tile_offsets(pid_nc, C, num_c_blocks, stride_n, stride_c, BLOCK_C)
+    y_plane_offsets = n * y_stride_n + channels * y_stride_c
     c_mask = channels < C
     rows = n * C + channels
     mean, rstd = _merge_stats(partial_mean_ptr, partial_m2_ptr, rows, c_mask, P, num_chunks, chunk_size, eps,
@@ -148,10 +150,10 @@ def _forward_normalize_kernel(
     for p0 in range(start, end, BLOCK_P):
         pixels = p0 + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & (pixels < end)[None, :]
-        offsets = plane_offsets[:, None] + pixels[None, :] * stride_p
-        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(mean.dtype)
+        x = tl.load(x_ptr + plane_offsets[:, None] + pixels[None, :] * stride_p, mask=mask, other=0.0).to(mean.dtype)
         y = _activate((x - mean[:, None]) * rstd[:, None], ACTIVATION, slope)
-        tl.store(y_ptr + offsets, cast_rounded(y, y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + y_plane_offsets[:, None] + pixels[None, :] * y_stride_p,
+                 cast_rounded(y, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -176,13 +178,13 @@ def _xhat_and_grad(saved, dy, mean, rstd, ACTIVATION: tl.constexpr, SAVED_IS_OUT
 @triton.jit
 def _backward_tile(mean_ptr, rstd_ptr, C, num_c_blocks, stride_n, stride_c, dy_stride_n, dy_stride_c,
                    BLOCK_C: tl.constexpr):
-    """This program's rows, channel mask, plane offsets in saved and dy, and plane statistics."""
+    """This program's batch item, channels, rows, channel mask, plane offsets in saved and dy, and plane statistics."""
     n, channels, plane_offsets = _tile_offsets(tl.program_id(0), C, num_c_blocks, stride_n, stride_c, BLOCK_C)
     c_mask = channels < C
     rows = n * C + channels
     mean = tl.load(mean_ptr + rows, mask=c_mask, other=0.0)
     rstd = tl.load(rstd_ptr + rows, mask=c_mask, other=0.0)
-    return rows, c_mask, plane_offsets, n * dy_stride_n + channels * dy_stride_c, mean, rstd
+    return n, channels, rows, c_mask, plane_offsets, n * dy_stride_n + channels * dy_stride_c, mean, rstd
 
 
 @triton.jit
@@ -206,7 +208,7 @@ def _backward_sums_kernel(
     ACTIVATION: tl.constexpr, SAVED_IS_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     chunk = tl.program_id(1)
-    rows, c_mask, plane_offsets, dy_offsets, mean, rstd = _backward_tile(
+    n, channels, rows, c_mask, plane_offsets, dy_offsets, mean, rstd = _backward_tile(
         mean_ptr, rstd_ptr, C, num_c_blocks, stride_n, stride_c, dy_stride_n, dy_stride_c, BLOCK_C)
     sum_g = tl.zeros([BLOCK_C], dtype=mean.dtype)
     sum_gx = tl.zeros([BLOCK_C], dtype=mean.dtype)
@@ -228,34 +230,37 @@ def _backward_sums_kernel(
 @triton.jit
 def _backward_dx_kernel(
     dy_ptr, saved_ptr,  # (N, C, P) gradient of y, saved x or y
-    dx_ptr,  # (N, C, P) gradient of x, same strides as saved
+    dx_ptr,  # (N, C, P) gradient of x, strides below
     mean_ptr, rstd_ptr,  # (N*C,) float32 (float64 for float64 x) plane statistics
     partial_g_ptr, partial_gx_ptr,  # (N*C, num_chunks) float32 (float64 for float64 x) chunk sums from the previous kernel
     C, P, num_c_blocks, num_chunks, chunk_size,
-    stride_n, stride_c, stride_p,  # element strides of saved and dx
-    dy_stride_n, dy_stride_c, dy_stride_p,  # element strides of dy
+    stride_n, stride_c, stride_p,  # element strides of saved (a view: may be 0, or exceed the dense ones)
+    dy_stride_n, dy_stride_c, dy_stride_p,  # element strides of dy (a view, likewise)
+    dx_stride_n, dx_stride_c, dx_stride_p,  # element strides of dx (a fresh dense tensor)
     slope,
     ACTIVATION: tl.constexpr, SAVED_IS_OUTPUT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     MAX_CHUNKS_P2: tl.constexpr,
 ):
     chunk = tl.program_id(1)
-    rows, c_mask, plane_offsets, dy_offsets, mean, rstd = _backward_tile(
+    n, channels, rows, c_mask, plane_offsets, dy_offsets, mean, rstd = _backward_tile(
         mean_ptr, rstd_ptr, C, num_c_blocks, stride_n, stride_c, dy_stride_n, dy_stride_c, BLOCK_C)
     chunks = tl.arange(0, MAX_CHUNKS_P2)
     k_mask = c_mask[:, None] & (chunks < num_chunks)[None, :]
     index = rows[:, None] * num_chunks + chunks[None, :]
     mean_g = tl.sum(tl.load(partial_g_ptr + index, mask=k_mask, other=0.0), axis=1) / P
     mean_gx = tl.sum(tl.load(partial_gx_ptr + index, mask=k_mask, other=0.0), axis=1) / P
+    dx_plane_offsets = n * dx_stride_n + channels * dx_stride_c
     start = chunk * chunk_size
     end = tl.minimum(start + chunk_size, P)
     for p0 in range(start, end, BLOCK_P):
         pixels = p0 + tl.arange(0, BLOCK_P)
         mask = c_mask[:, None] & (pixels < end)[None, :]
-        offsets = plane_offsets[:, None] + pixels[None, :] * stride_p
-        xhat, g = _load_xhat_and_grad(saved_ptr, dy_ptr, offsets, dy_offsets[:, None] + pixels[None, :] * dy_stride_p,
+        xhat, g = _load_xhat_and_grad(saved_ptr, dy_ptr, plane_offsets[:, None] + pixels[None, :] * stride_p,
+                                      dy_offsets[:, None] + pixels[None, :] * dy_stride_p,
                                       mask, mean, rstd, ACTIVATION, SAVED_IS_OUTPUT, slope)
         dx = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-        tl.store(dx_ptr + offsets, cast_rounded(dx, dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + dx_plane_offsets[:, None] + pixels[None, :] * dx_stride_p,
+                 cast_rounded(dx, dx_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -282,12 +287,13 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def forward(x: torch.Tensor, activation: str, negative_slope: float, eps: float):
-    """(y, mean, rstd): y in x's dtype and memory format; mean, rstd (N*C,) in stats_dtype."""
+    """(y, mean, rstd): y a new tensor in x's dtype and memory format; mean, rstd (N*C,) in stats_dtype.
+
+    ``x`` may be any view; see ``plane_view``."""
     N, C, H, W = x.shape
     P = H * W
-    check_size(x, "instance_norm_act")
-    x, (stride_n, stride_c, stride_p) = plane_view(x)
-    y = torch.empty_like(x)
+    x, (stride_n, stride_c, stride_p) = plane_view(x, "instance_norm_act")
+    y, (y_stride_n, y_stride_c, y_stride_p) = new_output(x, "instance_norm_act")
     mean = torch.empty(N * C, device=x.device, dtype=stats_dtype(x.dtype))
     rstd = torch.empty_like(mean)
     if x.numel() == 0:
@@ -302,7 +308,7 @@ def forward(x: torch.Tensor, activation: str, negative_slope: float, eps: float)
     )
     _forward_normalize_kernel[grid](
         x, y, partial_mean, partial_m2, mean, rstd, C, P, c_blocks, num_chunks, chunk_size,
-        stride_n, stride_c, stride_p, eps, float(negative_slope),
+        stride_n, stride_c, stride_p, y_stride_n, y_stride_c, y_stride_p, eps, float(negative_slope),
         ACTIVATION=ACTIVATION_CODES[activation], BLOCK_C=block_c, BLOCK_P=block_p,
         MAX_CHUNKS_P2=triton.next_power_of_2(num_chunks),
     )
@@ -318,12 +324,13 @@ def backward(
     negative_slope: float,
     saved_is_output: bool,
 ) -> torch.Tensor:
-    """dx in saved's dtype and memory format, from dy and the saved x (or y when ``saved_is_output``)."""
+    """dx, a new tensor in saved's dtype and memory format, from dy and the saved x (or y when
+    ``saved_is_output``); dy and saved may be any views (dy is often expanded, stride 0)."""
     N, C, H, W = saved.shape
     P = H * W
-    saved, (stride_n, stride_c, stride_p) = plane_view(saved)
-    dy, (dy_stride_n, dy_stride_c, dy_stride_p) = plane_view(dy)
-    dx = torch.empty_like(saved)
+    saved, (stride_n, stride_c, stride_p) = plane_view(saved, "instance_norm_act")
+    dy, (dy_stride_n, dy_stride_c, dy_stride_p) = plane_view(dy, "instance_norm_act")
+    dx, (dx_stride_n, dx_stride_c, dx_stride_p) = new_output(saved, "instance_norm_act")
     if saved.numel() == 0:
         return dx
     block_c, block_p, c_blocks, chunk_size, num_chunks = _tiling(N, C, P, stride_c, stride_p)
@@ -338,7 +345,7 @@ def backward(
     )
     _backward_dx_kernel[grid](
         dy, saved, dx, mean, rstd, partial_g, partial_gx, C, P, c_blocks, num_chunks, chunk_size,
-        stride_n, stride_c, stride_p, dy_stride_n, dy_stride_c, dy_stride_p, float(negative_slope),
-        MAX_CHUNKS_P2=triton.next_power_of_2(num_chunks), **common,
+        stride_n, stride_c, stride_p, dy_stride_n, dy_stride_c, dy_stride_p, dx_stride_n, dx_stride_c, dx_stride_p,
+        float(negative_slope), MAX_CHUNKS_P2=triton.next_power_of_2(num_chunks), **common,
     )
     return dx

@@ -18,8 +18,9 @@ def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
     if inst.dtype not in _ID_DTYPES and not inst.is_floating_point():
         raise TypeError(f"{op}: {name} must hold integer ids (uint8, int8..int64 or float), got {inst.dtype}")
     # Data-dependent check: costs a pass (and a host sync on CUDA), so only for
-    # float maps, and skipped while torch.compile traces (it cannot branch on data).
-    if inst.is_floating_point() and inst.numel() and inst.device.type != "meta" and not torch.compiler.is_compiling():
+    # float maps, and skipped while torch.compile or an exporter traces (they cannot branch on data).
+    if inst.is_floating_point() and inst.numel() and inst.device.type != "meta" and not torch.compiler.is_compiling() \
+            and not exporting():
         if not bool(torch.all(inst == torch.trunc(inst))):
             raise ValueError(
                 f"{op}: {name} is a float tensor with fractional or NaN values; instance ids must be "
@@ -35,7 +36,52 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    """channels_last for an (N, C, H, W) tensor laid out that way, contiguous_format otherwise."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    """The layout an op's output takes for input ``t``: channels_last when ``t``'s strides are
+    channels-last-like (a channels_last tensor or a slice, step or crop of one), contiguous otherwise.
+
+    This is PyTorch's own rule (``suggest_memory_format``, which ``empty_like`` applies to
+    tensors that are not dense): strides ordered channels < width < height < batch.
+    """
+    if t.dim() != 4 or t.is_contiguous():
+        return torch.contiguous_format
+    sizes, strides = t.shape, t.stride()
+    if strides[1] == 0:
+        return torch.contiguous_format
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if sizes[d] == 0 or strides[d] < smallest or (d == 0 and smallest == strides[1]):
+            return torch.contiguous_format
+        smallest = strides[d] * (sizes[d] if sizes[d] > 1 else 1)
+    return torch.channels_last
+
+
+def empty_like_format(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A new tensor of ``t``'s shape in ``memory_format_of(t)``: what the ops return for input ``t``."""
+    return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device, memory_format=memory_format_of(t))
+
+
+def tangents_may_flow() -> bool:
+    """Whether forward-mode AD (a dual level) or a torch.func transform (grad, jvp, vmap) is active.
+
+    The autograd that ``torch.library`` registers for an op serves backward only and silently
+    drops forward tangents, so the ops take an ``autograd.Function`` with a jvp then. False while
+    torch.compile traces (it cannot trace a custom jvp, and needs neither), including AOTAutograd's
+    functionalized tracing of the backward, which must keep the fast backward kernels.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    transform = torch._C._functorch.peek_interpreter_stack()
+    return transform is not None and transform.key() in _GRAD_TRANSFORMS
+
+
+_GRAD_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp,
+                    torch._C._functorch.TransformType.Vmap)
+
+
+def exporting() -> bool:
+    """Whether an exporter is tracing: torch.export (and the ONNX exporter built on it), or torch.jit.trace
+    (and the TorchScript-based ONNX exporter). The ops then record their PyTorch reference, in standard
+    ops every exporter and runtime knows, instead of fastp2phd's kernels."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()

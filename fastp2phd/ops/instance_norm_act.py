@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .._triton import interpreted, load_kernels
-from ._common import memory_format_of
+from ._common import empty_like_format, memory_format_of, tangents_may_flow
 from ._dispatch import FastPath, select
 
 ACTIVATIONS = ("none", "relu", "leaky_relu")
@@ -90,7 +90,7 @@ def _forward_cpu(x, activation, negative_slope, eps):
 @_forward_op.register_fake
 def _forward_fake(x, activation, negative_slope, eps):
     stats = x.new_empty(x.shape[0] * x.shape[1], dtype=_stats_dtype(x))
-    return torch.empty_like(x), stats, torch.empty_like(stats)
+    return empty_like_format(x), stats, torch.empty_like(stats)
 
 
 @torch.library.custom_op("fastp2phd::instance_norm_act_backward", mutates_args=())
@@ -177,10 +177,10 @@ def instance_norm_act(
     if not x.is_floating_point():
         raise TypeError(f"instance_norm_act: x must be floating point, got {x.dtype}")
     check_activation(activation, negative_slope)
-    if eps <= 0:
-        raise ValueError(f"instance_norm_act: eps must be positive, got {eps}")
+    if eps < 0:
+        raise ValueError(f"instance_norm_act: eps must be 0 or more, got {eps}")
     if x.numel() == 0:
-        return torch.empty_like(x)
+        return empty_like_format(x)
     path = select("instance_norm_act", impl, x.device, FAST_PATHS)
     if path is None:
         return instance_norm_act_reference(x, activation, negative_slope, eps)
