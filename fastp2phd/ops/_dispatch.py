@@ -7,7 +7,12 @@ Every public op takes ``impl``:
   makes ``auto`` pick the reference everywhere (for debugging and comparisons).
 * ``"reference"``: the pure-PyTorch implementation beside the op.
 * a fast path's name (``"cpp"``, ``"cuda"``, ``"triton"``): that path or a clear
-  error, never a silent fallback. Triton paths also take CPU tensors by name when
+  error, never a silent fallback.
+
+While a model is exported (``torch.export``, ``torch.onnx.export``, ``torch.jit.trace``)
+every op records its reference, whatever ``impl`` says: the exported graph then holds
+standard operators (ONNX: InstanceNormalization, Relu, ScatterElements, ...) and runs
+without fastp2phd. The function it computes is the same. Triton paths also take CPU tensors by name when
   Triton's interpreter is on (``TRITON_INTERPRET=1``), which is how they are tested
   without a GPU; ``"auto"`` never picks the interpreter for CPU tensors.
 """
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from ._common import exporting
 
 IMPL_ENV = "FASTP2PHD_IMPL"
 _DEFAULTS = ("auto", "reference")
@@ -41,6 +48,8 @@ def default_impl() -> str:
 
 def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPath]) -> Optional[FastPath]:
     """The fast path to run, or None for the reference implementation."""
+    if exporting():
+        return None
     if impl == "auto":
         if default_impl() == "reference":
             return None

@@ -27,7 +27,8 @@ import torch
 
 from .. import _extension
 from .._triton import interpreted, load_kernels
-from ._common import check_instance_map, check_same_device, memory_format_of
+from ._common import (check_instance_map, check_same_device, empty_like_format, exporting, memory_format_of,
+                      tangents_may_flow)
 from ._dispatch import FastPath, select
 
 
@@ -52,10 +53,6 @@ def instance_mean_reference(feat: torch.Tensor, inst: torch.Tensor) -> torch.Ten
     return out.contiguous(memory_format=memory_format_of(feat))
 
 
-def _instance_mean_extension(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
-    return torch.ops.fastp2phd.instance_mean(feat, inst)
-
-
 _kernels, _triton_unavailable = load_kernels("instance_mean")
 _INTERPRETED = interpreted()
 
@@ -74,37 +71,95 @@ def _triton_op_cpu(feat, inst):
 
 @_triton_op.register_fake
 def _triton_op_fake(feat, inst):
-    return torch.empty_like(feat)
+    return empty_like_format(feat)
 
 
-def _setup_inst(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
+# The op is a linear projection P with P = P^T: backward applies it to the gradient, forward-mode
+# AD to the tangent. Both call the op again, so the gradient is differentiable in turn.
 
 
-def _triton_backward(ctx, grad):
-    (inst,) = ctx.saved_tensors
-    return _triton_op(grad, inst), None
+def _autograd(op):
+    """(run, backward, setup_context) for ``op``: backward and setup_context for ``register_autograd``,
+    and ``run``, which calls ``op`` through that registered autograd, or, when tangents may flow
+    (forward-mode AD, torch.func transforms, which the registered autograd does not serve: it would
+    drop tangents), through an autograd.Function with the same backward, a jvp and a vmap rule."""
+
+    def run(feat, inst):
+        return ForwardADFunction.apply(feat, inst) if tangents_may_flow() else op(feat, inst)
+
+    def save_inst(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    def project_grad(ctx, grad):
+        (inst,) = ctx.saved_tensors
+        return run(grad, inst), None
+
+    class ForwardADFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(feat, inst):
+            return op(feat, inst)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            save_inst(ctx, inputs, output)
+            ctx.save_for_forward(inputs[1])
+
+        backward = staticmethod(project_grad)
+
+        @staticmethod
+        def jvp(ctx, feat_tangent, inst_tangent):
+            (inst,) = ctx.saved_tensors
+            return run(feat_tangent, inst)
+
+        @staticmethod
+        def vmap(info, in_dims, feat, inst):
+            # Segments are per (batch item, id): the vmapped dimension joins the batch.
+            def batched(t, dim):
+                return t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
+
+            f, i = batched(feat, in_dims[0]), batched(inst, in_dims[1])
+            return ForwardADFunction.apply(f.flatten(0, 1), i.flatten(0, 1)).unflatten(0, f.shape[:2]), 0
+
+    return run, project_grad, save_inst
 
 
-_triton_op.register_autograd(_triton_backward, setup_context=_setup_inst)
+def instance_mean_exportable(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+    """The reference with no data-dependent shapes, for exporters (ONNX: TopK, ScatterElements, GatherElements).
 
+    Segment indices come from sorting each item's ids and counting where the sorted ids change,
+    so the tables have one slot per pixel rather than one per distinct id.
+    """
+    N, C, H, W = feat.shape
+    keys = inst.reshape(N, H * W)
+    order = torch.argsort(keys, dim=1)
+    sorted_keys = keys.gather(1, order)
+    changes = (sorted_keys[:, 1:] != sorted_keys[:, :-1]).to(torch.int64)
+    rank = torch.cat([torch.zeros_like(changes[:, :1]), changes], dim=1).cumsum(1)  # segment, in sorted order
+    segment = torch.zeros_like(rank).scatter(1, order, rank)  # segment of every pixel, in pixel order
+    acc_dtype = torch.promote_types(feat.dtype, torch.float32)
+    values = feat.reshape(N, C, H * W).to(acc_dtype)
+    index = segment.unsqueeze(1).expand(N, C, H * W)
+    sums = torch.zeros_like(values).scatter_add(2, index, values)
+    counts = torch.zeros_like(values[:, :1]).scatter_add(2, segment.unsqueeze(1), torch.ones_like(values[:, :1]))
+    means = sums / counts.clamp_min(1)
+    return means.gather(2, index).reshape(N, C, H, W).to(feat.dtype)
+
+
+def _instance_mean_extension(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+    return torch.ops.fastp2phd.instance_mean(feat, inst)
+
+
+_run_triton, _triton_backward, _triton_setup = _autograd(_triton_op)
+_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup)
+_run_cpp, _cpp_backward, _cpp_setup = _autograd(_instance_mean_extension)
+if _extension.is_loaded():
+    torch.library.register_fake("fastp2phd::instance_mean")(lambda feat, inst: empty_like_format(feat))
+    torch.library.register_autograd("fastp2phd::instance_mean", _cpp_backward, setup_context=_cpp_setup)
 
 FAST_PATHS = (
-    FastPath("cpp", "cpu", _extension.missing_kernel_reason("instance_mean", "CPU"), _instance_mean_extension),
-    FastPath("triton", "cuda", _triton_unavailable, _triton_op, interpreted=_INTERPRETED),
+    FastPath("cpp", "cpu", _extension.missing_kernel_reason("instance_mean", "CPU"), _run_cpp),
+    FastPath("triton", "cuda", _triton_unavailable, _run_triton, interpreted=_INTERPRETED),
 )
-
-if _extension.is_loaded():
-
-    @torch.library.register_fake("fastp2phd::instance_mean")
-    def _instance_mean_fake(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
-        return torch.empty_like(feat)
-
-    def _cpp_backward(ctx, grad):
-        (inst,) = ctx.saved_tensors
-        return torch.ops.fastp2phd.instance_mean(grad, inst), None
-
-    torch.library.register_autograd("fastp2phd::instance_mean", _cpp_backward, setup_context=_setup_inst)
 
 
 def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
@@ -126,8 +181,8 @@ def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto")
             "height and width; resize the instance map (nearest neighbour) to the feature size"
         )
     if feat.numel() == 0:
-        return torch.empty_like(feat)
+        return empty_like_format(feat)
     path = select("instance_mean", impl, feat.device, FAST_PATHS)
     if path is None:
-        return instance_mean_reference(feat, inst)
+        return instance_mean_exportable(feat, inst) if exporting() else instance_mean_reference(feat, inst)
     return path.run(feat, inst)

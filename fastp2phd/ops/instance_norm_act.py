@@ -107,30 +107,53 @@ def _backward_op(
     return _kernels.backward(grad, saved, mean, rstd, activation, negative_slope, saved_is_output)
 
 
+# The Jacobian of x -> xhat on a plane of P pixels is J = rstd * (I - 11^T / P - xhat xhat^T / P), which is
+# symmetric, and act'(xhat) is diagonal. So backward is dx = J (act' * dy), and forward-mode AD is
+# dy = act' * (J dx): the same two pieces in the other order. Written in PyTorch ops, these serve the CPU
+# kernel, forward-mode AD, and double backward (a differentiable graph of the gradient).
+
+
+def _xhat(saved, mean, rstd, activation, negative_slope, saved_is_output):
+    """xhat in the statistics' dtype, from the saved x, or from y when the activation can be inverted."""
+    N, C = saved.shape[:2]
+    s = saved.to(mean.dtype)
+    if saved_is_output:
+        return torch.where(s > 0, s, s / negative_slope) if activation == "leaky_relu" else s
+    return (s - mean.view(N, C, 1, 1)) * rstd.view(N, C, 1, 1)
+
+
+def _times_act_grad(v, xhat, activation, negative_slope):
+    """act'(xhat) * v."""
+    if activation == "relu":
+        return torch.where(xhat > 0, v, 0.0)
+    if activation == "leaky_relu":
+        return torch.where(xhat > 0, v, v * negative_slope)
+    return v
+
+
+def _times_norm_jacobian(v, xhat, rstd):
+    """J v for every plane (J is symmetric, so this is also J^T v)."""
+    N, C = xhat.shape[:2]
+    centred = v - v.mean(dim=(2, 3), keepdim=True)
+    return rstd.view(N, C, 1, 1) * (centred - xhat * (v * xhat).mean(dim=(2, 3), keepdim=True))
+
+
+def _backward_formula(grad, saved, mean, rstd, activation, negative_slope, saved_is_output):
+    xhat = _xhat(saved, mean, rstd, activation, negative_slope, saved_is_output)
+    g = _times_act_grad(grad.to(mean.dtype), xhat, activation, negative_slope)
+    return _times_norm_jacobian(g, xhat, rstd).to(saved.dtype, memory_format=memory_format_of(saved))
+
+
 @_backward_op.register_kernel("cpu")
 def _backward_cpu(grad, saved, mean, rstd, activation, negative_slope, saved_is_output):
     if _INTERPRETED:
         return _kernels.backward(grad, saved, mean, rstd, activation, negative_slope, saved_is_output)
-    N, C = saved.shape[:2]
-    s = saved.to(mean.dtype)
-    if saved_is_output:
-        xhat = torch.where(s > 0, s, s / negative_slope) if activation == "leaky_relu" else s
-    else:
-        xhat = (s - mean.view(N, C, 1, 1)) * rstd.view(N, C, 1, 1)
-    g = grad.to(mean.dtype)
-    if activation == "relu":
-        g = torch.where(xhat > 0, g, 0.0)
-    elif activation == "leaky_relu":
-        g = torch.where(xhat > 0, g, g * negative_slope)
-    mean_g = g.mean(dim=(2, 3), keepdim=True)
-    mean_gx = (g * xhat).mean(dim=(2, 3), keepdim=True)
-    dx = rstd.view(N, C, 1, 1) * (g - mean_g - xhat * mean_gx)
-    return dx.to(saved.dtype, memory_format=memory_format_of(saved))
+    return _backward_formula(grad, saved, mean, rstd, activation, negative_slope, saved_is_output)
 
 
 @_backward_op.register_fake
 def _backward_fake(grad, saved, mean, rstd, activation, negative_slope, saved_is_output):
-    return torch.empty_like(saved)
+    return empty_like_format(saved)
 
 
 def _setup_context(ctx, inputs, output):
@@ -139,19 +162,80 @@ def _setup_context(ctx, inputs, output):
     ctx.activation, ctx.negative_slope = activation, negative_slope
     ctx.saved_is_output = saves_output(activation, negative_slope)
     ctx.save_for_backward(y if ctx.saved_is_output else x, mean, rstd)
+    ctx.set_materialize_grads(False)  # mean and rstd rarely get gradients: don't fill zeros for them
 
 
 def _backward(ctx, grad_y, grad_mean, grad_rstd):
+    """dx from the gradients of all three outputs (y, mean, rstd).
+
+    With create_graph (grad mode on during backward), dx is computed in PyTorch ops, so its graph
+    reaches x directly or through the saved y, mean and rstd; their gradients come back here.
+    """
     saved, mean, rstd = ctx.saved_tensors
-    dx = _backward_op(grad_y, saved, mean, rstd, ctx.activation, ctx.negative_slope, ctx.saved_is_output)
-    return dx, None, None, None
+    args = (ctx.activation, ctx.negative_slope, ctx.saved_is_output)
+    if grad_y is None:
+        dx = torch.zeros(saved.shape, dtype=mean.dtype, device=saved.device)
+    elif torch.is_grad_enabled() or tangents_may_flow():  # create_graph, or under torch.func (e.g. jacrev)
+        dx = _backward_formula(grad_y, saved, mean, rstd, *args)
+    else:
+        dx = _backward_op(grad_y, saved, mean, rstd, *args)
+    if grad_mean is None and grad_rstd is None:
+        return dx, None, None, None
+    # d mean / dx = 1 / P and d rstd / dx = -rstd^2 xhat / P, per plane.
+    N, C, H, W = saved.shape
+    xhat = _xhat(saved, mean, rstd, *args)
+    extra = torch.zeros_like(xhat)
+    if grad_mean is not None:
+        extra = extra + grad_mean.view(N, C, 1, 1) / (H * W)
+    if grad_rstd is not None:
+        extra = extra - (grad_rstd * rstd * rstd).view(N, C, 1, 1) * xhat / (H * W)
+    return (dx + extra).to(saved.dtype, memory_format=memory_format_of(saved)), None, None, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _ForwardADFunction(torch.autograd.Function):
+    """The op with the same backward, a jvp and a vmap rule, for forward-mode AD and torch.func
+    transforms, which the registered autograd above does not serve (it would drop tangents).
+    Not used under torch.compile, which cannot trace a custom jvp."""
+
+    @staticmethod
+    def forward(x, activation, negative_slope, eps):
+        return _forward_op(x, activation, negative_slope, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        x, y, mean, rstd = inputs[0], *output
+        ctx.save_for_forward(y if ctx.saved_is_output else x, mean, rstd)
+
+    backward = staticmethod(_backward)
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):
+        saved, mean, rstd = ctx.saved_tensors
+        xhat = _xhat(saved, mean, rstd, ctx.activation, ctx.negative_slope, ctx.saved_is_output)
+        t = x_tangent.to(mean.dtype)
+        y_tangent = _times_act_grad(_times_norm_jacobian(t, xhat, rstd), xhat, ctx.activation, ctx.negative_slope)
+        mean_tangent = t.mean(dim=(2, 3)).reshape(-1)
+        rstd_tangent = -(rstd * rstd) * (t * xhat).mean(dim=(2, 3)).reshape(-1)
+        return (y_tangent.to(x_tangent.dtype, memory_format=memory_format_of(saved)), mean_tangent, rstd_tangent)
+
+    @staticmethod
+    def vmap(info, in_dims, x, activation, negative_slope, eps):
+        # Planes are independent: the vmapped dimension joins the batch.
+        if in_dims[0] is None:
+            return _ForwardADFunction.apply(x, activation, negative_slope, eps), (None, None, None)
+        xb = x.movedim(in_dims[0], 0)
+        y, mean, rstd = _ForwardADFunction.apply(xb.flatten(0, 1), activation, negative_slope, eps)
+        batch = xb.shape[0]
+        return (y.unflatten(0, xb.shape[:2]), mean.unflatten(0, (batch, -1)), rstd.unflatten(0, (batch, -1))), (0, 0, 0)
+
+
 def _instance_norm_act_triton(x, activation, negative_slope, eps):
-    return _forward_op(x, activation, float(negative_slope), float(eps))[0]
+    run = _ForwardADFunction.apply if tangents_may_flow() else _forward_op
+    return run(x, activation, float(negative_slope), float(eps))[0]
 
 
 FAST_PATHS: tuple[FastPath, ...] = (
