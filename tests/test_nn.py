@@ -1,6 +1,8 @@
 """Modules: InstanceNormAct2d, InstanceMeanPool and fuse_modules."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from support import rel_err
@@ -34,9 +36,13 @@ def test_instance_norm_act_unbatched_and_state():
     assert "leaky_relu, negative_slope=0.1" in repr(module)
 
 
-def test_instance_norm_act_rejects_wrong_channels_and_options():
+def test_instance_norm_act_channels_and_options():
+    # As InstanceNorm2d(affine=False), which has no per-channel state: a channel count that differs warns.
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.warns(UserWarning, match="input has 4 channels but num_features is 3"):
+        assert torch.equal(InstanceNormAct2d(3)(x), InstanceNormAct2d(4)(x))
     with pytest.raises(ValueError, match="expected input of shape \\(N, 3, H, W\\)"):
-        InstanceNormAct2d(3)(torch.randn(1, 4, 5, 5))
+        InstanceNormAct2d(3)(torch.randn(3, 5))
     with pytest.raises(ValueError, match="activation must be one of"):
         InstanceNormAct2d(3, "tanh")
     with pytest.raises(ValueError, match="num_features must be positive"):
@@ -104,3 +110,128 @@ def test_fuse_modules_on_unfused_generator_matches_fused_build():
     fused.load_state_dict(plain.state_dict())
     x = torch.randn(1, 5, 16, 16)
     assert torch.equal(plain(x), fused(x))
+
+
+# ----------------------------------------------------------------------------- fuse_modules changes nothing but speed
+
+
+class Skip(nn.Sequential):
+    """A Sequential subclass with its own forward: registration order is not execution order."""
+
+    def forward(self, x):
+        y = self[0](x)
+        return self[1](y) + y
+
+
+class Reversed(nn.Sequential):
+    def forward(self, x):
+        for module in reversed(self):
+            x = module(x)
+        return x
+
+
+class NormConvAct(nn.Sequential):
+    """Registered (norm, activation, conv), run norm -> conv -> activation."""
+
+    def forward(self, x):
+        return self[1](self[2](self[0](x)))
+
+
+SUBCLASSES = {
+    "skip connection": lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), Skip(nn.InstanceNorm2d(4), nn.ReLU())),
+    "reversed order": lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1),
+                                            Reversed(nn.InstanceNorm2d(4), nn.LeakyReLU(0.3))),
+    "norm, conv, activation": lambda: NormConvAct(nn.InstanceNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1)),
+}
+
+
+def fused_copy(model):
+    return fuse_modules(copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("build", SUBCLASSES.values(), ids=SUBCLASSES.keys())
+def test_fuse_modules_leaves_the_order_of_subclasses_alone(build):
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(2, 4, 6, 7)
+    fused = fused_copy(model)
+    assert rel_err(fused(x), model(x)) < 1e-6
+    # the norm is replaced alone, the activation kept where it was
+    assert sum(isinstance(m, InstanceNormAct2d) and m.activation == "none" for m in fused.modules()) == 1
+    assert sum(type(m) in (nn.ReLU, nn.LeakyReLU) for m in fused.modules()) == 1
+
+
+def test_fuse_modules_subclass_that_keeps_sequential_forward_is_fused():
+    class Named(nn.Sequential):
+        pass
+
+    model = Named(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4), nn.ReLU())
+    fuse_modules(model)
+    assert isinstance(model[1], InstanceNormAct2d) and model[1].activation == "relu" and isinstance(model[2], nn.Identity)
+
+
+@pytest.mark.parametrize("hooked", ["norm", "activation"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre", "full_backward"])
+def test_fuse_modules_keeps_hooked_modules(hooked, kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.InstanceNorm2d(4), nn.ReLU())
+    seen = []
+    target = model[1] if hooked == "norm" else model[2]
+    getattr(target, f"register_{kind}_hook")(lambda module, *args: seen.append(args[0][0].clone()) and None)
+    x = torch.randn(2, 3, 5, 6, requires_grad=True)
+    model(x).sum().backward()
+    expected = seen[:]
+    seen.clear()
+    fused = fuse_modules(model)
+    fused(x).sum().backward()
+    assert len(seen) == len(expected) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(seen, expected))
+    if hooked == "norm":  # untouched
+        assert type(fused[1]) is nn.InstanceNorm2d and type(fused[2]) is nn.ReLU
+    else:  # the norm alone is replaced; the hooked activation keeps its place and its input
+        assert fused[1].activation == "none" and type(fused[2]) is nn.ReLU
+
+
+def test_fuse_modules_keeps_training_flags_and_eps():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4, eps=0.0), nn.LeakyReLU(0.1)).eval()
+    x = torch.randn(2, 3, 6, 6)
+    expected = model(x)
+    fuse_modules(model)
+    assert not any(m.training for m in model.modules())
+    assert model[1].eps == 0.0
+    assert torch.allclose(model(x), expected, atol=1e-6)
+    model.train()
+    assert all(m.training for m in model.modules())
+
+
+def test_slicing_a_fused_sequential_returns_the_activated_output():
+    """Documented in fuse_modules: the activation moves into the norm's slot."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.InstanceNorm2d(4), nn.ReLU())
+    x = torch.randn(1, 3, 6, 6)
+    before = model[:2](x)
+    fuse_modules(model)
+    assert (before < 0).any() and torch.allclose(model[:2](x), before.clamp_min(0), atol=1e-6)
+
+
+def test_fused_models_trace_and_script_like_plain_ones():
+    torch.manual_seed(0)
+    model = Custom().eval()
+    x = torch.randn(2, 3, 10, 12)
+    expected = model(x)
+    fused = fused_copy(model)
+    traced = torch.fx.symbolic_trace(fused)
+    assert rel_err(traced(x), expected) < 1e-6
+    assert "instance_norm_act_module" in traced.code
+    scripted = torch.jit.script(fused)
+    assert rel_err(scripted(x), expected) < 1e-6
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu", "none"])
+def test_scripted_instance_norm_act_runs_pytorch_ops(activation):
+    module = InstanceNormAct2d(3, activation, 0.3)
+    scripted = torch.jit.script(module)
+    x = torch.randn(2, 3, 5, 4)
+    assert rel_err(scripted(x), module(x)) < 1e-6
+    assert rel_err(scripted(x[1]), module(x[1])) < 1e-6  # unbatched
+    assert "fastp2phd" not in scripted.code

@@ -1,11 +1,38 @@
 """InstanceNormAct2d: InstanceNorm2d (no affine) and its activation as one module."""
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import instance_norm_act
 from ..ops.instance_norm_act import check_activation
+
+
+def instance_norm_act_module(
+    x: torch.Tensor, num_features: int, activation: str, negative_slope: float, eps: float, impl: str
+) -> torch.Tensor:
+    """What ``InstanceNormAct2d.forward`` computes. One function that torch.fx records as a single call
+    (``torch.fx.wrap`` below), so symbolic tracing a model with fused modules works."""
+    if x.dim() not in (3, 4):
+        raise ValueError(
+            f"InstanceNormAct2d: expected input of shape (N, {num_features}, H, W) or "
+            f"({num_features}, H, W), got {tuple(x.shape)}"
+        )
+    if x.shape[-3] != num_features:  # as InstanceNorm2d(affine=False): the count is not used, so warn only
+        warnings.warn(
+            f"InstanceNormAct2d: input has {x.shape[-3]} channels but num_features is {num_features}; "
+            "the result is still correct (there are no per-channel parameters), but check the preceding layer",
+            stacklevel=3,
+        )
+    if x.dim() == 3:
+        return instance_norm_act(x[None], activation, negative_slope, eps, impl=impl)[0]
+    return instance_norm_act(x, activation, negative_slope, eps, impl=impl)
+
+
+torch.fx.wrap("instance_norm_act_module")
 
 
 class InstanceNormAct2d(nn.Module):
@@ -13,6 +40,8 @@ class InstanceNormAct2d(nn.Module):
 
     Holds no parameters or buffers, so it replaces an InstanceNorm2d in any
     state_dict without changing a key. Accepts (N, C, H, W) and unbatched (C, H, W).
+    Under ``torch.jit.script`` it runs PyTorch's own instance norm and activation,
+    so a scripted model needs nothing of fastp2phd to load and run.
     """
 
     def __init__(
@@ -27,21 +56,27 @@ class InstanceNormAct2d(nn.Module):
         check_activation(activation, negative_slope)
         if num_features <= 0:
             raise ValueError(f"InstanceNormAct2d: num_features must be positive, got {num_features}")
+        if eps < 0:
+            raise ValueError(f"InstanceNormAct2d: eps must be 0 or more, got {eps}")
         self.num_features = num_features
         self.activation = activation
         self.negative_slope = float(negative_slope)
-        self.eps = eps
+        self.eps = float(eps)
         self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() not in (3, 4) or x.shape[-3] != self.num_features:
-            raise ValueError(
-                f"InstanceNormAct2d: expected input of shape (N, {self.num_features}, H, W) or "
-                f"({self.num_features}, H, W), got {tuple(x.shape)}; check the preceding layer's channel count"
-            )
-        if x.dim() == 3:
-            return instance_norm_act(x[None], self.activation, self.negative_slope, self.eps, impl=self.impl)[0]
-        return instance_norm_act(x, self.activation, self.negative_slope, self.eps, impl=self.impl)
+        if torch.jit.is_scripting():
+            y = F.instance_norm(x[None], eps=self.eps)[0] if x.dim() == 3 else F.instance_norm(x, eps=self.eps)
+            if self.activation == "relu":
+                return F.relu(y)
+            if self.activation == "leaky_relu":
+                return F.leaky_relu(y, self.negative_slope)
+            return y
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor) -> torch.Tensor:
+        return instance_norm_act_module(x, self.num_features, self.activation, self.negative_slope, self.eps, self.impl)
 
     def extra_repr(self) -> str:
         act = self.activation
