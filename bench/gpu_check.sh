@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Device check: on a machine with an NVIDIA GPU and the usual CUDA / PyTorch / Triton
 # stack (no network needed), build the extension with its CUDA kernels, run the GPU
-# tests, run the benchmark suites on the GPU, and print the report's targets table last.
+# tests, run compute-sanitizer's memcheck over the layout fuzz, run the benchmark suites on the GPU,
+# and print the report's targets table last.
 # Logs, the results JSON and REPORT.md go to OUT_DIR (copy the JSON into bench/results/
-# to keep it). Finishes within 8 minutes.
+# to keep it). Finishes within 10 minutes.
 #
 #   bench/gpu_check.sh OUT_DIR            (PYTHON=python3 by default)
 set -uo pipefail
@@ -27,6 +28,22 @@ step "GPU tests"
 timeout 240 "$py" -m pytest tests/test_cuda.py tests/test_triton_compile.py -q -x -p no:cacheprovider \
     >"$out/tests.log" 2>&1 || status=1
 tail -5 "$out/tests.log"
+
+step "memcheck"
+# compute-sanitizer over the layout fuzz (every CUDA and Triton kernel, forward and backward, on views):
+# an out-of-bounds access fails the step. Without the caching allocator every tensor is its own
+# allocation, so an access past a tensor's end is outside any allocation and is reported.
+if command -v compute-sanitizer >/dev/null 2>&1; then
+    if PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
+        "$py" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "views and -0]" >"$out/memcheck.log" 2>&1; then
+        echo "memcheck: no errors"
+    else
+        status=1; echo "memcheck: FAILED"; grep -m5 -E "Invalid|ERROR SUMMARY|failed|Error" "$out/memcheck.log"
+    fi
+    grep -m1 "ERROR SUMMARY" "$out/memcheck.log"
+else
+    echo "memcheck: skipped, compute-sanitizer not found" | tee "$out/memcheck.log"
+fi
 
 step "benchmarks"
 timeout 240 "$py" -m pytest bench --bench-device cuda --bench-out "$out" -q -p no:cacheprovider \

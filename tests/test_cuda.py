@@ -4,8 +4,13 @@ Skipped without a GPU; ``bench/gpu_check.sh`` runs it on one.
 """
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
+from autograd_modes import assert_forward_ad_matches
+from export_checks import assert_no_fastp2phd_ops, export_and_run_onnx
+from layouts import VIEW_KINDS, check_boundary_map, check_instance_mean, check_instance_norm_act
 from support import cityscapes_like, grad_err, instance_mean_loop, instance_norm_act_definition, pytorch_errors, rel_err
 
 from fastp2phd import ops
@@ -169,3 +174,52 @@ def test_networks_default_to_the_fast_paths_and_match_the_reference():
         scale = max(g.abs().max().item() for g in grads["reference"][1])
         for ours, theirs in zip(grads["auto"][1], grads["reference"][1]):
             assert (ours - theirs).abs().max().item() <= 1e-9 * scale
+
+
+# ----------------------------------------------------------------------------- drop-in: views, autograd modes, export
+
+CUDA_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("kind", VIEW_KINDS)
+def test_views_instance_norm_act_triton(kind, seed, poisoned_empty):
+    check_instance_norm_act("triton", CUDA, random.Random(f"cuda norm {kind} {seed}"), kind, CUDA_FLOATS)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("kind", VIEW_KINDS)
+def test_views_instance_mean_triton(kind, seed):  # not poisoned: deterministic mode would run the reference
+    check_instance_mean("triton", CUDA, random.Random(f"cuda mean {kind} {seed}"), kind, CUDA_FLOATS)
+
+
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("kind", VIEW_KINDS)
+def test_views_boundary_map_cuda(kind, seed, poisoned_empty):
+    check_boundary_map("cuda", CUDA, random.Random(f"cuda boundary {kind} {seed}"), kind)
+
+
+def test_forward_ad_and_double_backward_on_cuda():
+    x = torch.randn(2, 3, 5, 6, device=CUDA, dtype=torch.float64)
+    inst = cityscapes_like(2, 5, 6, seed=5).to(CUDA)
+    assert_forward_ad_matches(lambda t: ops.instance_norm_act(t, "leaky_relu", impl="triton"),
+                              lambda t: ops.instance_norm_act(t, "leaky_relu", impl="reference"), x, torch.randn_like(x))
+    assert_forward_ad_matches(lambda t: ops.instance_mean(t, inst, impl="triton"),
+                              lambda t: ops.instance_mean(t, inst, impl="reference"), x, torch.randn_like(x))
+    for activation in ("relu", "leaky_relu", "none"):
+        assert torch.autograd.gradgradcheck(lambda t: ops.instance_norm_act(t, activation, impl="triton"),
+                                            (x[:1, :2].clone().requires_grad_(True),))
+
+
+def test_cuda_encoder_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from fastp2phd.models import Encoder
+
+    torch.manual_seed(0)
+    netE = Encoder(3, 3, ngf=4, n_downsampling=2).eval().to(CUDA)
+    exported = torch.export.export(netE, (torch.randn(1, 3, 16, 32, device=CUDA),
+                                          cityscapes_like(1, 16, 32, seed=0).to(CUDA)))
+    assert_no_fastp2phd_ops(str(exported.graph))
+    example = (torch.randn(1, 3, 16, 32, device=CUDA), cityscapes_like(1, 16, 32, seed=0).to(CUDA))
+    other = (torch.randn(2, 3, 24, 40, device=CUDA), cityscapes_like(2, 24, 40, seed=1).to(CUDA))
+    assert export_and_run_onnx(netE, example, other, ["image", "inst"], tmp_path / "e.onnx") < 1e-4
