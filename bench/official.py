@@ -62,3 +62,105 @@ def official_instance_features(feat_map: torch.Tensor, inst: torch.Tensor, label
             val[0, feat_num] = float(num) / (h * w // 32)
             features[label] = np.append(features[label], val, axis=0)
     return features
+
+
+# ----------------------------------------------------------------------------- the original training step
+
+
+def official_vgg_loss(vgg, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The original VGGLoss: all five feature maps of both images, then L1 per map."""
+    import torch.nn.functional as F
+
+    x_feats, y_feats = vgg(x), vgg(y)
+    loss = x.new_zeros(())
+    for weight, xf, yf in zip((1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0), x_feats, y_feats):
+        loss = loss + weight * F.l1_loss(xf, yf.detach())
+    return loss
+
+
+def official_feature_matching(pred_fake, pred_real, n_layers_D: int, num_D: int, lambda_feat: float) -> torch.Tensor:
+    import torch.nn.functional as F
+
+    feat_weights = 4.0 / (n_layers_D + 1)
+    loss = pred_fake[0][0].new_zeros(())
+    for i in range(num_D):
+        for j in range(len(pred_fake[i]) - 1):
+            loss = loss + F.l1_loss(pred_fake[i][j], pred_real[i][j].detach()) * (feat_weights / num_D * lambda_feat)
+    return loss
+
+
+def official_train_step_class(joint_discriminator: bool = False):
+    """A TrainStep with the original code's modules and step: InstanceNorm2d + in-place ReLU, D run on
+    the pooled fake and the real pair separately and again, unfrozen, on the fake; every loss built
+    (with F.l1_loss, and VGG features of both images kept) before G's backward, then D's backward.
+
+    ``joint_discriminator``: score the pooled fake and the real pair as one batch, as fastp2phd does
+    (per-sample norms make it the same computation, but not to the last bit): the plain step
+    fastp2phd's memory savings are checked against, bit for bit.
+    """
+    from fastp2phd.models import Encoder, MultiscaleDiscriminator
+    from fastp2phd.train_step import TrainStep, moved, split_batch
+
+    class OfficialTrainStep(TrainStep):
+        def __init__(self, opt, device, *, vgg=None):
+            super().__init__(opt, device, vgg=vgg)
+            model, sd = self.model, self.model.netG.state_dict()
+            netG = moved(type(model.netG)(**model.netG.options, fused=False), device)
+            netG.load_state_dict(sd)
+            model.netG = netG
+            if model.netE is not None:
+                netE = moved(Encoder(**model.netE.options, fused=False), device)
+                netE.load_state_dict(model.netE.state_dict())
+                model.netE = netE
+            o = self.netD.options
+            netD = moved(MultiscaleDiscriminator(o["input_nc"], o["ndf"], o["n_layers"], o["norm"], num_D=o["num_D"],
+                                                  getIntermFeat=o["getIntermFeat"], fused=False), device)
+            netD.load_state_dict(self.netD.state_dict())
+            self.netD = netD
+            self.gen, self.disc = model, netD
+            self.optimizer_D = torch.optim.Adam(netD.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
+            self.optimizer_G = self.make_optimizer_G(fix_global=False)
+
+        def step(self, batch):
+            opt = self.opt
+            batch = self._to_device(batch)
+            label, inst, real = batch["label"], batch["inst"], batch["image"]
+            self.on_phase("G forward")
+            input_label = self.model.encode_input(label, None if opt.no_instance else inst)
+            autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+            with autocast:
+                fake, _ = self.gen(input_label, inst, label, real, None)
+                self.on_phase("D forward")
+                pooled_fake = self.pool.query(torch.cat([input_label, fake.detach()], dim=1))
+                real_pair = torch.cat([input_label, real], dim=1)
+                if joint_discriminator and opt.norm == "instance":
+                    pred_fake_pool, pred_real = split_batch(self.netD(torch.cat([pooled_fake, real_pair])),
+                                                            pooled_fake.shape[0])
+                else:
+                    pred_fake_pool, pred_real = self.netD(pooled_fake), self.netD(real_pair)
+                loss_D_fake = self.gan_loss(pred_fake_pool, False)
+                loss_D_real = self.gan_loss(pred_real, True)
+                self.on_phase("G losses")
+                pred_fake = self.netD(torch.cat([input_label, fake], dim=1))
+                loss_G_GAN = self.gan_loss(pred_fake, True)
+                loss_G_feat = (official_feature_matching(pred_fake, pred_real, opt.n_layers_D, opt.num_D,
+                                                         opt.lambda_feat)
+                               if not opt.no_ganFeat_loss else fake.new_zeros(()))
+                loss_G_VGG = (official_vgg_loss(self.vgg_loss.vgg, fake.float(), real) * opt.lambda_feat
+                              if self.vgg_loss is not None else fake.new_zeros(()))
+            values = self._read_losses({"G_GAN": loss_G_GAN, "G_GAN_Feat": loss_G_feat, "G_VGG": loss_G_VGG,
+                                        "D_real": loss_D_real, "D_fake": loss_D_fake})
+            self.on_phase("G backward")
+            self.optimizer_G.zero_grad()
+            self.scaler.scale(loss_G_GAN + loss_G_feat + loss_G_VGG).backward()
+            self.on_phase("optimizer steps")
+            self.scaler.step(self.optimizer_G)
+            self.on_phase("D backward")
+            self.optimizer_D.zero_grad()
+            self.scaler.scale((loss_D_fake + loss_D_real) * 0.5).backward()
+            self.on_phase("optimizer steps")
+            self.scaler.step(self.optimizer_D)
+            self.scaler.update()
+            return values, fake.detach()
+
+    return OfficialTrainStep

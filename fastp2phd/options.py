@@ -108,6 +108,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="path to torchvision's vgg19-dcbb9e9d.pth (default: $FASTP2PHD_VGG19_WEIGHTS or torch's hub cache)")
     g.add_argument("--no_lsgan", action="store_true", help="vanilla GAN loss (binary cross entropy) instead of least squares")
     g.add_argument("--pool_size", type=_non_negative_int, default=0, help="size of the pool of generated images shown to D")
+    g.add_argument("--checkpoint_activations", action="store_true",
+                   help="recompute the full- and half-resolution activations of G, E and the VGG loss in backward "
+                        "instead of keeping them: the same training in far less memory, for about a quarter more time")
     g.add_argument("--continue_train", action="store_true", help="resume from the checkpoint --which_epoch")
     g.add_argument("--load_pretrain", default="",
                    help="folder of a trained G1 (global generator) to start --netG local from (coarse-to-fine)")

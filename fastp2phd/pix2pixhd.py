@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops._common import is_fake
 from .models import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
 
 
@@ -27,18 +28,24 @@ def label_channels(opt: argparse.Namespace) -> int:
     return (opt.label_nc if opt.label_nc != 0 else opt.input_nc) + (0 if opt.no_instance else 1)
 
 
+def checkpointing(opt: argparse.Namespace) -> bool:
+    """--checkpoint_activations (a training option; test-time options have none)."""
+    return bool(getattr(opt, "checkpoint_activations", False))
+
+
 def build_generator(opt: argparse.Namespace) -> nn.Module:
     input_nc = label_channels(opt) + (opt.feat_num if uses_features(opt) else 0)
     if opt.netG == "global":
-        return GlobalGenerator(input_nc, opt.output_nc, opt.ngf, opt.n_downsample_global, opt.n_blocks_global, opt.norm)
+        return GlobalGenerator(input_nc, opt.output_nc, opt.ngf, opt.n_downsample_global, opt.n_blocks_global, opt.norm,
+                               checkpoint=checkpointing(opt))
     return LocalEnhancer(input_nc, opt.output_nc, opt.ngf, opt.n_downsample_global, opt.n_blocks_global,
-                         opt.n_local_enhancers, opt.n_blocks_local, opt.norm)
+                         opt.n_local_enhancers, opt.n_blocks_local, opt.norm, checkpoint=checkpointing(opt))
 
 
 def build_encoder(opt: argparse.Namespace) -> Encoder | None:
     if not uses_features(opt) or opt.load_features:
         return None
-    return Encoder(opt.output_nc, opt.feat_num, opt.nef, opt.n_downsample_E, opt.norm)
+    return Encoder(opt.output_nc, opt.feat_num, opt.nef, opt.n_downsample_E, opt.norm, checkpoint=checkpointing(opt))
 
 
 def build_discriminator(opt: argparse.Namespace) -> MultiscaleDiscriminator:
@@ -72,15 +79,21 @@ class Pix2PixHD(nn.Module):
         self.clusters: dict[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ inputs
-    def encode_input(self, label: torch.Tensor, inst: torch.Tensor | None) -> torch.Tensor:
-        """One-hot label map (or the input image with --label_nc 0), plus the instance boundary map."""
+    def encode_input(self, label: torch.Tensor, inst: torch.Tensor | None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One-hot label map (or the input image with --label_nc 0), plus the instance boundary map.
+
+        ``dtype``: float32, or under autocast its low-precision type, which holds the 0/1 maps
+        exactly (and holds an input image as autocast's convolutions would round it) in half the memory.
+        """
         opt = self.opt
         if opt.label_nc == 0:
-            input_label = label.float()
+            input_label = label.to(dtype)
         else:
             if label.dim() != 4 or label.shape[1] != 1:
                 raise ValueError(f"label maps must have shape (N, 1, H, W), got {tuple(label.shape)}")
-            lowest, highest = torch.stack(torch.aminmax(label)).tolist() if label.numel() else (0, 0)
+            # A data-dependent check (one host sync); fake tensors (the memory model) have no values to check.
+            lowest, highest = torch.stack(torch.aminmax(label)).tolist() if label.numel() and not is_fake(label) else (0, 0)
             if lowest < 0 or highest >= opt.label_nc:
                 bad = highest if highest >= opt.label_nc else lowest
                 raise ValueError(
@@ -88,12 +101,12 @@ class Pix2PixHD(nn.Module):
                     f"(it must exceed the largest label id)"
                 )
             n, _, h, w = label.shape
-            input_label = torch.zeros(n, opt.label_nc, h, w, device=label.device)
+            input_label = torch.zeros(n, opt.label_nc, h, w, device=label.device, dtype=dtype)
             input_label.scatter_(1, label.long(), 1.0)
         if not opt.no_instance:
             if inst is None:
                 raise ValueError("this model takes instance maps (it was built without --no_instance)")
-            input_label = torch.cat([input_label, ops.boundary_map(inst)], dim=1)
+            input_label = torch.cat([input_label, ops.boundary_map(inst, dtype=dtype)], dim=1)
         return input_label
 
     def encode_features(self, image: torch.Tensor, inst: torch.Tensor, label: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,6 @@
-"""Training pix2pixHD: losses, optimisers, coarse-to-fine, mixed precision, several GPUs,
-checkpoints that survive a crash and resume exactly, logs and a web page of results.
-
-One step, as in the paper: G (and E) produce a fake image; the discriminators score
-(label, pooled fake) and (label, real) pairs for the D loss, and (label, fake) for
-G's adversarial loss, feature matching and VGG losses; G's optimiser steps, then D's.
-All three discriminator passes see the same, not yet updated, weights.
+"""Training pix2pixHD: data, coarse-to-fine, several GPUs, checkpoints that survive a crash and
+resume exactly, logs and a web page of results. One step (networks, losses, optimisers, mixed
+precision) is ``fastp2phd.train_step.TrainStep``, which ``Trainer`` extends.
 
 Several processes (``torchrun --nproc_per_node N -m fastp2phd train ...``) each take
 a shard of every epoch; G+E and D are wrapped in DistributedDataParallel
@@ -16,71 +12,26 @@ writes files.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from .console import progress_bar
 from .files import load_torch, save_torch, write_text
-from .models import GANLoss, VGGLoss, VGGWeightsNotFound, feature_matching_loss
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
-from .pix2pixhd import Pix2PixHD, build_discriminator, uses_features
+from .train_step import (LOSS_NAMES, ImagePool, TrainingError, TrainStep, amp_dtype, frozen,  # noqa: F401
+                         learning_rate, split_batch)
 from .visualize import HTMLPage, label_to_image, tensor_to_image
 
 STATE_VERSION = 1
-LOSS_NAMES = ("G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (bad data, a diverged loss, nothing to resume); the message says why."""
-
-
-# ----------------------------------------------------------------------------- small pieces
-
-
-class ImagePool:
-    """The original history of generated images shown to D (size 0: pass through)."""
-
-    def __init__(self, pool_size: int, seed: int):
-        self.pool_size = pool_size
-        self.images: list[torch.Tensor] = []
-        self.rng = random.Random(seed)
-
-    def query(self, images: torch.Tensor) -> torch.Tensor:
-        if self.pool_size == 0:
-            return images
-        out = []
-        for image in images.detach():
-            image = image.unsqueeze(0)
-            if len(self.images) < self.pool_size:
-                self.images.append(image.clone())
-                out.append(image)
-            elif self.rng.uniform(0, 1) > 0.5:
-                index = self.rng.randint(0, self.pool_size - 1)
-                out.append(self.images[index].clone())
-                self.images[index] = image.clone()
-            else:
-                out.append(image)
-        return torch.cat(out, 0)
-
-    def state_dict(self) -> dict:
-        return {"images": [t.cpu() for t in self.images], "rng": list(self.rng.getstate()[1]),
-                "rng_version": self.rng.getstate()[0]}
-
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        self.images = [t.to(device) for t in state["images"]]
-        self.rng.setstate((state["rng_version"], tuple(state["rng"]), None))
 
 
 class EpochSampler(Sampler[int]):
@@ -112,44 +63,6 @@ class EpochSampler(Sampler[int]):
         return self.per_rank() - self.skip
 
 
-@contextlib.contextmanager
-def frozen(module: nn.Module):
-    """No gradients for ``module``'s parameters inside the block."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
-
-
-def split_batch(pred, n: int):
-    """Discriminator outputs of a concatenated batch -> (first n samples, the rest)."""
-    first = [[t[:n] for t in scale] for scale in pred]
-    rest = [[t[n:] for t in scale] for scale in pred]
-    return first, rest
-
-
-def learning_rate(opt: argparse.Namespace, epoch: int) -> float:
-    """Constant for niter epochs, then linear decay: the original lowers it after each epoch past niter."""
-    if opt.niter_decay == 0:
-        return opt.lr
-    return opt.lr * max(0.0, 1.0 - max(0, epoch - opt.niter - 1) / opt.niter_decay)
-
-
-def amp_dtype(opt: argparse.Namespace, device: torch.device) -> torch.dtype | None:
-    if not opt.fp16:
-        return None
-    if opt.amp_dtype == "fp16":
-        return torch.float16
-    if opt.amp_dtype == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
 def collate(items: list[dict]) -> dict:
     batch = {}
     for key in items[0]:
@@ -161,7 +74,7 @@ def collate(items: list[dict]) -> dict:
 # ----------------------------------------------------------------------------- the trainer
 
 
-class Trainer:
+class Trainer(TrainStep):
     """Everything one training run needs; ``run()`` trains to the last epoch."""
 
     def __init__(self, opt: argparse.Namespace, device: torch.device):
@@ -181,7 +94,6 @@ class Trainer:
         if self.distributed and opt.norm == "batch":
             raise TrainingError("--norm batch is not supported with several processes: its statistics would mix "
                                 "real and generated images; use --norm instance")
-        self.device = device
         self.is_main = self.rank == 0
         self.save_dir = Path(opt.checkpoints_dir) / opt.name
         if self.is_main:
@@ -201,21 +113,7 @@ class Trainer:
                                  collate_fn=collate, drop_last=False, pin_memory=device.type == "cuda",
                                  persistent_workers=False)
 
-        self.model = Pix2PixHD(opt).to(device)
-        self.netD = build_discriminator(opt).to(device)
-        self.gan_loss = GANLoss(use_lsgan=not opt.no_lsgan)
-        try:
-            self.vgg_loss = None if opt.no_vgg_loss else VGGLoss(opt.vgg_weights).to(device)
-        except VGGWeightsNotFound as exc:
-            raise TrainingError(str(exc)) from None
-        self.pool = ImagePool(opt.pool_size, opt.seed)
-        self.amp_dtype = amp_dtype(opt, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-
-        self.epoch, self.epoch_iter, self.total_steps = 1, 0, 0
-        self.optimizer_D = torch.optim.Adam(self.netD.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
-        self.fixed_global = False
-        self.optimizer_G = self._make_optimizer_G(fix_global=opt.niter_fix_global > 0)
+        super().__init__(opt, device)
         if opt.continue_train:
             self._resume()
         elif opt.load_pretrain:
@@ -241,25 +139,6 @@ class Trainer:
         except ImportError:
             raise TrainingError("--tf_log needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.save_dir / "logs"))
-
-    def _make_optimizer_G(self, fix_global: bool) -> torch.optim.Optimizer:
-        """Adam over G (and E); with --niter_fix_global, first only the outermost local enhancer."""
-        opt = self.opt
-        netG = self.model.netG
-        if fix_global:
-            if opt.netG != "local":
-                raise TrainingError("--niter_fix_global trains only the local enhancer: it needs --netG local")
-            prefix = f"model{opt.n_local_enhancers}"
-            for name, p in netG.named_parameters():
-                p.requires_grad_(name.startswith(prefix))  # the fixed G1 costs no gradient work
-            params = [p for name, p in netG.named_parameters() if name.startswith(prefix)]
-        else:
-            netG.requires_grad_(True)
-            params = list(netG.parameters())
-        if self.model.netE is not None:
-            params += list(self.model.netE.parameters())
-        self.fixed_global = fix_global
-        return torch.optim.Adam(params, lr=learning_rate(opt, self.epoch), betas=(opt.beta1, 0.999))
 
     def _wrap(self) -> None:
         """DistributedDataParallel around G(+E) and D when several processes train."""
@@ -316,7 +195,7 @@ class Trainer:
                     raise TrainingError(f"{path} has no encoder: it was trained without --instance_feat/--label_feat")
                 self.model.netE.load_state_dict(state["netE"])
             self.epoch, self.epoch_iter, self.total_steps = state["epoch"], state["epoch_iter"], state["total_steps"]
-            self.optimizer_G = self._make_optimizer_G(fix_global=state["fixed_global"])
+            self.optimizer_G = self.make_optimizer_G(fix_global=state["fixed_global"])
             self.optimizer_G.load_state_dict(state["optimizer_G"])
             self.optimizer_D.load_state_dict(state["optimizer_D"])
             self.scaler.load_state_dict(state["scaler"])
@@ -345,7 +224,7 @@ class Trainer:
         if iter_path.is_file():
             epoch, epoch_iter = (int(float(v)) for v in iter_path.read_text().replace(",", " ").split()[:2])
             self.epoch, self.epoch_iter = epoch, epoch_iter
-        self.optimizer_G = self._make_optimizer_G(fix_global=self.epoch <= self.opt.niter_fix_global)
+        self.optimizer_G = self.make_optimizer_G(fix_global=self.epoch <= self.opt.niter_fix_global)
         self._say(f"resuming from the networks in {self.save_dir} (no optimiser state) at epoch {self.epoch}, "
                   f"iteration {self.epoch_iter}")
 
@@ -368,57 +247,6 @@ class Trainer:
                 except CheckpointMismatchError as exc:  # e.g. another --num_D: D starts afresh, as in the original
                     self._say(f"not starting {key} from {path.name}: {exc}")
         self._say(f"started from the networks in {folder}")
-
-    # ------------------------------------------------------------------ one step
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    def step(self, batch: dict) -> tuple[dict[str, float], torch.Tensor]:
-        opt = self.opt
-        batch = self._to_device(batch)
-        label, inst, real = batch["label"], batch["inst"], batch["image"]
-        feat = batch["feat"] if opt.load_features else None
-        self.model.check_size(label)
-        input_label = self.model.encode_input(label, None if opt.no_instance else inst)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-        with autocast:
-            fake, _ = self.gen(input_label, inst, label, real, feat)
-            fake_pair = torch.cat([input_label, fake], dim=1)
-            real_pair = torch.cat([input_label, real], dim=1)
-            pooled_fake = self.pool.query(fake_pair.detach())
-            if opt.norm == "instance":  # per-sample norms: one batch for both pairs
-                pred = self.disc(torch.cat([pooled_fake, real_pair], dim=0))
-                pred_fake_pool, pred_real = split_batch(pred, pooled_fake.shape[0])
-            else:  # batch norm statistics must not mix fake and real images
-                pred_fake_pool, pred_real = self.disc(pooled_fake), self.disc(real_pair)
-            loss_D_fake = self.gan_loss(pred_fake_pool, False)
-            loss_D_real = self.gan_loss(pred_real, True)
-            with frozen(self.netD):
-                pred_fake = self.netD(fake_pair)
-            loss_G_GAN = self.gan_loss(pred_fake, True)
-            loss_G_feat = (feature_matching_loss(pred_fake, pred_real, opt.lambda_feat)
-                           if not opt.no_ganFeat_loss else fake.new_zeros(()))
-            loss_G_VGG = (self.vgg_loss(fake.float(), real) * opt.lambda_feat
-                          if self.vgg_loss is not None else fake.new_zeros(()))
-        losses = {"G_GAN": loss_G_GAN, "G_GAN_Feat": loss_G_feat, "G_VGG": loss_G_VGG,
-                  "D_real": loss_D_real, "D_fake": loss_D_fake}
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        bad = [k for k, v in values.items() if not math.isfinite(v)]
-        if bad:
-            raise TrainingError(
-                f"the loss {', '.join(bad)} is {values[bad[0]]} at epoch {self.epoch}, iteration {self.epoch_iter}: "
-                "training diverged; lower --lr, or try without --fp16"
-            )
-        loss_G = loss_G_GAN + loss_G_feat + loss_G_VGG
-        loss_D = (loss_D_fake + loss_D_real) * 0.5
-        self.optimizer_G.zero_grad(set_to_none=True)
-        self.scaler.scale(loss_G).backward()
-        self.scaler.step(self.optimizer_G)
-        self.optimizer_D.zero_grad(set_to_none=True)
-        self.scaler.scale(loss_D).backward()
-        self.scaler.step(self.optimizer_D)
-        self.scaler.update()
-        return values, fake.detach()
 
     # ------------------------------------------------------------------ the loop
     def _say(self, message: str) -> None:
@@ -465,7 +293,7 @@ class Trainer:
                   f"{self.world} process(es) on {self.device}")
         while self.epoch <= last_epoch:
             if self.fixed_global and self.epoch > opt.niter_fix_global:
-                self.optimizer_G = self._make_optimizer_G(fix_global=False)  # now fine-tune all of G
+                self.optimizer_G = self.make_optimizer_G(fix_global=False)  # now fine-tune all of G
                 self._wrap()
                 self._say(f"epoch {self.epoch}: training the whole generator")
             lr = learning_rate(opt, self.epoch)

@@ -1131,6 +1131,68 @@ def test_vgg_loss_by_hand():
         assert loss(x, x.clone()).item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_l1_loss_is_f_l1_loss_bit_for_bit(dtype):
+    """The sign-saving L1: F.l1_loss's value and gradients (in float32 under autocast, as CUDA's autocast runs it)."""
+    from fastp2phd.models.losses import l1_loss
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 7, 9, generator=g).to(dtype).requires_grad_(True)
+    y = torch.randn(2, 5, 7, 9, generator=g).to(dtype)
+    y[0, 0, 0] = x.detach()[0, 0, 0]  # zero differences: sign 0
+    y.requires_grad_(True)
+    autocast = dtype == torch.bfloat16
+    expected = F.l1_loss(x.float(), y.float()) if autocast else F.l1_loss(x, y)
+    grad = torch.tensor(3.7, dtype=expected.dtype)
+    expected_grads = torch.autograd.grad(expected, (x, y), grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        value = l1_loss(x, y)
+    grads = torch.autograd.grad(value, (x, y), grad)
+    assert torch.equal(value, expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+    assert grads[0].dtype == dtype
+
+
+def test_vgg_loss_by_slices_equals_whole_feature_maps_and_checkpoints():
+    """Slice by slice (targets freed early), and recomputed in backward: the same loss and gradient."""
+    torch.manual_seed(0)
+    vgg = Vgg19(pretrained=False)
+    x = torch.randn(1, 3, 32, 48, requires_grad=True)
+    y = torch.randn(1, 3, 32, 48)
+    whole = sum(w * F.l1_loss(a, b) for w, a, b in zip(VGGLoss.weights, vgg(x), vgg(y)))
+    (expected,) = torch.autograd.grad(whole, x)
+    for checkpoint in (False, True):
+        value = VGGLoss(vgg=vgg, checkpoint=checkpoint)(x, y)
+        assert torch.equal(value, whole)
+        assert torch.equal(torch.autograd.grad(value, x)[0], expected)
+
+
+CHECKPOINTED = {
+    "GlobalGenerator": (lambda ck: GlobalGenerator(5, 3, ngf=4, n_downsampling=2, n_blocks=2, checkpoint=ck), (2, 5, 16, 24)),
+    "LocalEnhancer": (lambda ck: LocalEnhancer(5, 3, ngf=4, n_downsample_global=1, n_blocks_global=1,
+                                               n_local_enhancers=2, n_blocks_local=2, checkpoint=ck), (1, 5, 32, 32)),
+    "Encoder": (lambda ck: Encoder(3, 3, ngf=4, n_downsampling=2, checkpoint=ck), (2, 3, 16, 24)),
+}
+
+
+@pytest.mark.parametrize("name", CHECKPOINTED)
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(name):
+    build, shape = CHECKPOINTED[name]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4))
+    inst = torch.randint(0, 3, (shape[0], 1, *shape[2:]), generator=torch.Generator().manual_seed(5))
+    results = []
+    for ck in (False, True):
+        torch.manual_seed(0)
+        net = build(ck)
+        out = net(x, inst) if name == "Encoder" else net(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad for p in net.parameters()]))
+        with torch.no_grad():  # no autograd: no recomputation either, the plain forward
+            assert torch.equal(net(x, inst) if name == "Encoder" else net(x), out)
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
 def test_networks_compile_fullgraph():
     """The fused networks (with the registered instance_mean op inside the encoder) trace as one graph."""
     torch._dynamo.reset()

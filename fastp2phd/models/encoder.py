@@ -9,7 +9,7 @@ from torch import nn
 from ..ops import instance_mean
 from .checkpoint import OfficialCheckpointMixin, indexed_weights
 from .generator import global_generator_layers, options_from_global_layers
-from .layers import NORMS, check_choice, check_input, check_sizes
+from .layers import NORMS, check_choice, check_input, check_sizes, run_stages
 
 
 class Encoder(OfficialCheckpointMixin, nn.Module):
@@ -18,7 +18,8 @@ class Encoder(OfficialCheckpointMixin, nn.Module):
 
     ``forward(image, inst)``: image (N, input_nc, H, W), inst (N, 1, H, W) ids;
     returns (N, output_nc, H, W) where every instance holds its mean feature.
-    Defaults are pix2pixHD's effective ones (``--nef 16 --n_downsample_E 4``).
+    Defaults are pix2pixHD's effective ones (``--nef 16 --n_downsample_E 4``). ``checkpoint=True``
+    recomputes its activations in backward instead of keeping them (``--checkpoint_activations``).
     """
 
     FLAGS = {
@@ -39,6 +40,7 @@ class Encoder(OfficialCheckpointMixin, nn.Module):
         *,
         fused: bool = True,
         impl: str = "auto",
+        checkpoint: bool = False,
     ):
         super().__init__()
         check_sizes("Encoder", ("n_downsampling",), input_nc=input_nc, output_nc=output_nc, ngf=ngf,
@@ -48,13 +50,14 @@ class Encoder(OfficialCheckpointMixin, nn.Module):
         self.output_nc = output_nc
         self.impl = impl
 
-        self.model = nn.Sequential(
-            *global_generator_layers(input_nc, output_nc, ngf, n_downsampling, 0, norm, "reflect", fused, impl)
-        )
+        layers, self.stages = global_generator_layers(input_nc, output_nc, ngf, n_downsampling, 0, norm, "reflect",
+                                                      fused, impl)
+        self.model = nn.Sequential(*layers)
+        self.checkpoint = checkpoint
 
     def forward(self, input: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
         check_input(self, input, self.options["input_nc"], 2 ** self.options["n_downsampling"])
-        return instance_mean(self.model(input), inst, impl=self.impl)
+        return instance_mean(run_stages(self.model, input, self.stages, self.checkpoint), inst, impl=self.impl)
 
     @classmethod
     def options_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .checkpoint import OfficialCheckpointMixin, count_blocks, indexed_weights
-from .layers import NORMS, PADDINGS, check_choice, check_input, check_sizes, norm_act, padded_conv
+from .layers import NORMS, PADDINGS, check_choice, check_input, check_sizes, norm_act, padded_conv, run_stages
 
 _INPUT_FLAGS = (
     "pix2pixHD flags --label_nc (--input_nc when --label_nc 0), --no_instance and --feat_num: "
@@ -58,30 +58,39 @@ def global_generator_layers(
     padding_type: str,
     fused: bool,
     impl: str,
-) -> list[nn.Module]:
-    """G1's layers: 7x7 conv, stride-2 downsampling, residual blocks, transposed-conv upsampling, 7x7 conv, tanh.
+) -> tuple[list[nn.Module], list[tuple[int, int, bool]]]:
+    """G1's layers: 7x7 conv, stride-2 downsampling, residual blocks, transposed-conv upsampling, 7x7 conv, tanh;
+    and its stages (start, end, recompute) for activation checkpointing.
 
-    With no residual blocks this is also the feature Encoder's network.
+    Every stage is recomputed under checkpointing except the residual blocks: at G1's lowest
+    resolution their activations are small (1024 x 64 x 32 at 1024x512) and their 1024-channel
+    convolutions are most of G's compute. Elsewhere a stage's activations are large and its
+    convolutions cheap. With no residual blocks this is also the feature Encoder's network.
     """
 
     def na(channels: int) -> list[nn.Module]:
         return norm_act(channels, norm, "relu", fused=fused, impl=impl)
 
-    layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7), *na(ngf)]
+    layers: list[nn.Module] = []
+    stages: list[tuple[int, int, bool]] = []
+
+    def stage(modules: list[nn.Module], recompute: bool = True) -> None:
+        stages.append((len(layers), len(layers) + len(modules), recompute))
+        layers.extend(modules)
+
+    stage([nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7), *na(ngf)])
     for i in range(n_downsampling):
         mult = 2**i
-        layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1), *na(ngf * mult * 2)]
+        stage([nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1), *na(ngf * mult * 2)])
     mult = 2**n_downsampling
     for _ in range(n_blocks):
-        layers.append(ResnetBlock(ngf * mult, padding_type, norm, fused=fused, impl=impl))
+        stage([ResnetBlock(ngf * mult, padding_type, norm, fused=fused, impl=impl)], recompute=False)
     for i in range(n_downsampling):
         mult = 2 ** (n_downsampling - i)
-        layers += [
-            nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1),
-            *na(ngf * mult // 2),
-        ]
-    layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
-    return layers
+        stage([nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1),
+               *na(ngf * mult // 2)])
+    stage([nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()])
+    return layers, stages
 
 
 def options_from_global_layers(state_dict: Mapping[str, Any], prefix: str = "model") -> dict[str, Any]:
@@ -111,7 +120,9 @@ class GlobalGenerator(OfficialCheckpointMixin, nn.Module):
 
     Parameters follow the original ``GlobalGenerator`` with pix2pixHD's effective
     defaults (``--n_downsample_global 4``, instance norm, reflection padding).
-    Height and width must be multiples of 2^n_downsampling.
+    Height and width must be multiples of 2^n_downsampling. ``checkpoint=True`` recomputes every
+    stage but the residual blocks in backward instead of keeping its activations
+    (``--checkpoint_activations``; the same outputs and gradients).
     """
 
     FLAGS = {
@@ -136,6 +147,7 @@ class GlobalGenerator(OfficialCheckpointMixin, nn.Module):
         *,
         fused: bool = True,
         impl: str = "auto",
+        checkpoint: bool = False,
     ):
         super().__init__()
         check_sizes("GlobalGenerator", ("n_downsampling", "n_blocks"), input_nc=input_nc, output_nc=output_nc,
@@ -144,13 +156,14 @@ class GlobalGenerator(OfficialCheckpointMixin, nn.Module):
         check_choice("GlobalGenerator", "padding_type", padding_type, PADDINGS)
         self.options = dict(input_nc=input_nc, output_nc=output_nc, ngf=ngf, n_downsampling=n_downsampling,
                             n_blocks=n_blocks, norm=norm, padding_type=padding_type)
-        self.model = nn.Sequential(
-            *global_generator_layers(input_nc, output_nc, ngf, n_downsampling, n_blocks, norm, padding_type, fused, impl)
-        )
+        layers, self.stages = global_generator_layers(input_nc, output_nc, ngf, n_downsampling, n_blocks, norm,
+                                                      padding_type, fused, impl)
+        self.model = nn.Sequential(*layers)
+        self.checkpoint = checkpoint
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         check_input(self, input, self.options["input_nc"], 2 ** self.options["n_downsampling"], _INPUT_FLAGS)
-        return self.model(input)
+        return run_stages(self.model, input, self.stages, self.checkpoint)
 
     @classmethod
     def options_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -174,6 +187,8 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
     coarser output before its back end. Inputs are downsampled by
     AvgPool2d(3, stride 2, padding 1, count_include_pad=False).
     Height and width must be multiples of 2^(n_downsample_global + n_local_enhancers).
+    ``checkpoint=True`` recomputes every stage but G1's residual blocks in backward instead of
+    keeping its activations (``--checkpoint_activations``; the same outputs and gradients).
     """
 
     FLAGS = {
@@ -198,6 +213,7 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
         *,
         fused: bool = True,
         impl: str = "auto",
+        checkpoint: bool = False,
     ):
         super().__init__()
         check_sizes("LocalEnhancer", ("n_downsample_global", "n_blocks_global", "n_blocks_local"),
@@ -213,17 +229,19 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
 
         # G1 always uses reflection padding in its residual blocks, as in the original.
         ngf_global = ngf * 2**n_local_enhancers
-        global_layers = global_generator_layers(input_nc, output_nc, ngf_global, n_downsample_global, n_blocks_global,
-                                       norm, "reflect", fused, impl)
+        global_layers, global_stages = global_generator_layers(input_nc, output_nc, ngf_global, n_downsample_global,
+                                                               n_blocks_global, norm, "reflect", fused, impl)
         self.model = nn.Sequential(*global_layers[:-3])  # without the final pad, conv, tanh
+        self.checkpoint = checkpoint
+        self.stages = {"model": global_stages[:-1]}
 
         def na(channels: int) -> list[nn.Module]:
             return norm_act(channels, norm, "relu", fused=fused, impl=impl)
 
         for n in range(1, n_local_enhancers + 1):
             width = ngf * 2 ** (n_local_enhancers - n)
-            front = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, width, 7), *na(width),
-                     nn.Conv2d(width, width * 2, 3, stride=2, padding=1), *na(width * 2)]
+            stem = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, width, 7), *na(width)]
+            front = stem + [nn.Conv2d(width, width * 2, 3, stride=2, padding=1), *na(width * 2)]
             back: list[nn.Module] = [ResnetBlock(width * 2, padding_type, norm, fused=fused, impl=impl)
                                      for _ in range(n_blocks_local)]
             back += [nn.ConvTranspose2d(width * 2, width, 3, stride=2, padding=1, output_padding=1), *na(width)]
@@ -231,6 +249,9 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
                 back += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
             setattr(self, f"model{n}_1", nn.Sequential(*front))
             setattr(self, f"model{n}_2", nn.Sequential(*back))
+            # Under checkpointing every stage of an enhancer is recomputed: all run at high resolution.
+            self.stages[f"model{n}_1"] = [(0, len(stem), True), (len(stem), len(front), True)]
+            self.stages[f"model{n}_2"] = [(i, i + 1, True) for i in range(n_blocks_local)] + [(n_blocks_local, len(back), True)]
         self.downsample = nn.AvgPool2d(3, stride=2, padding=[1, 1], count_include_pad=False)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -239,12 +260,13 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
         pyramid = [input]
         for _ in range(self.n_local_enhancers):
             pyramid.append(self.downsample(pyramid[-1]))
-        output = self.model(pyramid[-1])
+        output = self._run("model", pyramid[-1])
         for n in range(1, self.n_local_enhancers + 1):
-            front = getattr(self, f"model{n}_1")
-            back = getattr(self, f"model{n}_2")
-            output = back(front(pyramid[self.n_local_enhancers - n]) + output)
+            output = self._run(f"model{n}_2", self._run(f"model{n}_1", pyramid[self.n_local_enhancers - n]) + output)
         return output
+
+    def _run(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return run_stages(getattr(self, name), x, self.stages[name], self.checkpoint)
 
     def load_global_generator(self, state_dict: Mapping[str, Any]) -> None:
         """Start coarse-to-fine training from a trained G1: load a GlobalGenerator

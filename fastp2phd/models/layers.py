@@ -7,6 +7,7 @@ network is built fused (InstanceNormAct2d, Identity) or plain (InstanceNorm2d, R
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..nn import InstanceNormAct2d
@@ -91,3 +92,22 @@ def check_input(network: nn.Module, x, channels: int, multiple: int = 1, flag_hi
             f"{owner}: height and width must be multiples of {multiple} (2^downsamplings), got "
             f"{x.shape[2]}x{x.shape[3]}; resize or crop the input to a multiple of {multiple}"
         )
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+def checkpointed(fn, *args):
+    """``fn(*args)``, keeping only ``args`` for backward and recomputing the rest there (non-reentrant
+    ``torch.utils.checkpoint``, which restores the RNG and autocast state: the same values)."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
+def run_stages(layers: nn.Sequential, x: torch.Tensor, stages: list[tuple[int, int, bool]], checkpoint: bool):
+    """``layers(x)``; with ``checkpoint`` (and autograd recording), every (start, end, recompute) stage
+    marked ``recompute`` keeps only its input for backward and recomputes its activations there."""
+    if not (checkpoint and torch.is_grad_enabled()):
+        return layers(x)
+    for start, end, recompute in stages:
+        stage = layers[start:end]
+        x = checkpointed(stage, x) if recompute else stage(x)
+    return x

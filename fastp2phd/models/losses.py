@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import checkpointed
 from .vgg import Vgg19
 
 DiscriminatorOutput = Union[torch.Tensor, Sequence[torch.Tensor], Sequence[Sequence[torch.Tensor]]]
@@ -50,6 +51,44 @@ class GANLoss(nn.Module):
         return self._one(input[-1], target_is_real)
 
 
+class _SignSavingL1(torch.autograd.Function):
+    """mean |x - y| that keeps only sign(x - y), one byte per element, for backward.
+
+    ``F.l1_loss`` keeps the whole difference (or both inputs) until backward; the gradient
+    needs only its sign. Forward and gradient are bit for bit those of ``F.l1_loss``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, dtype):
+        # One full-size temporary: the difference in ``dtype`` (x converted, y promoted inside the kernel).
+        diff = x.to(dtype, copy=True).sub_(y)
+        sign = diff.gt(0).to(torch.int8).sub_(diff.lt(0).to(torch.int8))  # torch.sign without a full-size float
+        ctx.save_for_backward(sign)
+        ctx.numel, ctx.dtypes = diff.numel(), (x.dtype, y.dtype)
+        return diff.abs_().mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        # PyTorch's gradient is (grad / numel) * sign(diff), then cast to the input's dtype. Multiplying
+        # by -1, 0 or 1 is exact, so scaling the sign in the input's dtype gives the same values with
+        # one full-size tensor instead of three.
+        (sign,) = ctx.saved_tensors
+        scale = grad / ctx.numel
+        grads = [sign.to(dtype).mul_(scale.to(dtype) if sign_of_input > 0 else -scale.to(dtype)) if needed else None
+                 for needed, dtype, sign_of_input in zip(ctx.needs_input_grad, ctx.dtypes, (1, -1))]
+        return grads[0], grads[1], None
+
+
+def l1_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``F.l1_loss(x, y)`` (mean reduction, same values and gradients), saving 1 byte per element for
+    backward instead of a full-precision difference. Under autocast it runs in float32, as CUDA's
+    autocast runs ``l1_loss``."""
+    if x.shape != y.shape:
+        raise ValueError(f"l1_loss: x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape")
+    dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else torch.promote_types(x.dtype, y.dtype)
+    return _SignSavingL1.apply(x, y, dtype)
+
+
 def feature_matching_loss(
     pred_fake: Sequence[Sequence[torch.Tensor]],
     pred_real: Sequence[Sequence[torch.Tensor]],
@@ -74,8 +113,11 @@ def feature_matching_loss(
     loss = pred_fake[0][0].new_zeros(())
     for fake, real in zip(pred_fake, pred_real):
         for f, r in zip(fake[:-1], real[:-1]):
-            loss = loss + F.l1_loss(f, r.detach()) * (feat_weight / num_D * lambda_feat)
+            loss = loss + l1_loss(f, r.detach()) * (feat_weight / num_D * lambda_feat)
     return loss
+
+
+RECOMPUTED_SLICES = 3
 
 
 class VGGLoss(nn.Module):
@@ -84,17 +126,28 @@ class VGGLoss(nn.Module):
     As in pix2pixHD, multiply by ``lambda_feat`` outside. ``vgg_weights``: the path to
     torchvision's VGG19 weights (see ``fastp2phd.models.vgg`` for where they are
     looked up); ``vgg`` lets a caller pass an already built ``Vgg19``.
+
+    The two images go through VGG one slice at a time, each slice's loss taken before
+    the next, so the target's features are freed as soon as they are used, and
+    ``l1_loss`` keeps only signs for backward: the same loss and gradient as comparing
+    the five feature maps of each image, in far less memory. ``checkpoint=True`` also
+    recomputes each slice on ``x`` in backward instead of keeping its activations.
     """
 
     weights = (1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0)
 
-    def __init__(self, vgg_weights: str | os.PathLike | None = None, *, download: bool = True, vgg: Vgg19 | None = None):
+    def __init__(self, vgg_weights: str | os.PathLike | None = None, *, download: bool = True, vgg: Vgg19 | None = None,
+                 checkpoint: bool = False):
         super().__init__()
         self.vgg = vgg if vgg is not None else Vgg19(vgg_weights, download=download)
+        self.checkpoint = checkpoint
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_feats, y_feats = self.vgg(x), self.vgg(y)
         loss = x.new_zeros(())
-        for weight, xf, yf in zip(self.weights, x_feats, y_feats):
-            loss = loss + weight * F.l1_loss(xf, yf.detach())
+        recompute = self.checkpoint and torch.is_grad_enabled()
+        for k, (weight, vgg_slice) in enumerate(zip(self.weights, self.vgg.slices())):
+            x = checkpointed(vgg_slice, x) if recompute and k < RECOMPUTED_SLICES else vgg_slice(x)
+            with torch.no_grad():
+                y = vgg_slice(y)
+            loss = loss + weight * l1_loss(x, y)
         return loss

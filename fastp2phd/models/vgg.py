@@ -93,14 +93,15 @@ class Vgg19(nn.Module):
             raise ValueError(f"Vgg19: not a torchvision VGG19 state_dict (missing {missing[:3]}, shapes differ {bad[:3]})")
         self.load_state_dict({k: state_dict[k] for k in own}, strict=True)
 
+    def slices(self) -> list[nn.Sequential]:
+        """The five pieces of the trunk: each takes the previous one's output and ends at relu{k}_1."""
+        return [self.features[start:end] for start, end in zip((0,) + _SLICE_ENDS[:-1], _SLICE_ENDS)]
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outputs = []
-        start = 0
-        for end in _SLICE_ENDS:
-            for layer in self.features[start:end]:
-                x = layer(x)
+        for vgg_slice in self.slices():
+            x = vgg_slice(x)
             outputs.append(x)
-            start = end
         return outputs
 
 

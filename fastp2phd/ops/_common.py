@@ -85,3 +85,10 @@ def exporting() -> bool:
     (and the TorchScript-based ONNX exporter). The ops then record their PyTorch reference, in standard
     ops every exporter and runtime knows, instead of fastp2phd's kernels."""
     return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def is_fake(t) -> bool:
+    """Whether ``t`` is a fake tensor (shapes and dtypes, no values), as the memory model runs the step on."""
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+
+    return isinstance(t, torch.Tensor) and _is_fake(t)

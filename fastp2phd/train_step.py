@@ -1,0 +1,237 @@
+"""One pix2pixHD training step: the networks, losses and optimisers of a run, and how a batch updates them.
+
+``TrainStep`` holds G (and E), D, the losses, the image pool, the optimisers and
+the grad scaler; ``Trainer`` (``fastp2phd.training``) adds data, checkpoints and
+the loop, and ``fastp2phd.memory`` runs the same step on fake tensors.
+
+The step, as in the paper: G (and E) produce a fake image; the discriminators
+score (label, pooled fake) and (label, real) pairs for the D loss, and (label,
+fake) for G's adversarial loss, feature matching and VGG losses; every
+discriminator pass sees the same, not yet updated, weights, and both
+optimisers step at the end. D's gradients are computed before G's adversarial
+pass, so the graph of D's real/fake pass is freed before G's losses build
+theirs: the same update, with one large graph fewer alive at the peak.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import random
+
+import torch
+from torch import nn
+
+from .models import GANLoss, VGGLoss, VGGWeightsNotFound, feature_matching_loss
+from .models.vgg import Vgg19
+from .ops._common import is_fake
+from .pix2pixhd import Pix2PixHD, build_discriminator, checkpointing
+
+LOSS_NAMES = ("G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad data, a diverged loss, nothing to resume); the message says why."""
+
+
+class ImagePool:
+    """The original history of generated images shown to D (size 0: pass through)."""
+
+    def __init__(self, pool_size: int, seed: int):
+        self.pool_size = pool_size
+        self.images: list[torch.Tensor] = []
+        self.rng = random.Random(seed)
+
+    def query(self, images: torch.Tensor) -> torch.Tensor:
+        if self.pool_size == 0:
+            return images
+        out = []
+        for image in images.detach():
+            image = image.unsqueeze(0)
+            if len(self.images) < self.pool_size:
+                self.images.append(image.clone())
+                out.append(image)
+            elif self.rng.uniform(0, 1) > 0.5:
+                index = self.rng.randint(0, self.pool_size - 1)
+                out.append(self.images[index].clone())
+                self.images[index] = image.clone()
+            else:
+                out.append(image)
+        return torch.cat(out, 0)
+
+    def state_dict(self) -> dict:
+        return {"images": [t.cpu() for t in self.images], "rng": list(self.rng.getstate()[1]),
+                "rng_version": self.rng.getstate()[0]}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.images = [t.to(device) for t in state["images"]]
+        self.rng.setstate((state["rng_version"], tuple(state["rng"]), None))
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """No gradients for ``module``'s parameters inside the block."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def split_batch(pred, n: int):
+    """Discriminator outputs of a concatenated batch -> (first n samples, the rest)."""
+    first = [[t[:n] for t in scale] for scale in pred]
+    rest = [[t[n:] for t in scale] for scale in pred]
+    return first, rest
+
+
+def learning_rate(opt: argparse.Namespace, epoch: int) -> float:
+    """Constant for niter epochs, then linear decay: the original lowers it after each epoch past niter."""
+    if opt.niter_decay == 0:
+        return opt.lr
+    return opt.lr * max(0.0, 1.0 - max(0, epoch - opt.niter - 1) / opt.niter_decay)
+
+
+def amp_dtype(opt: argparse.Namespace, device: torch.device) -> torch.dtype | None:
+    if not opt.fp16:
+        return None
+    if opt.amp_dtype == "fp16":
+        return torch.float16
+    if opt.amp_dtype == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def moved(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module.to(device)``, skipped when it is there already (fake parameters, as the memory model
+    builds, cannot be moved at all)."""
+    if all(t.device == device for t in [*module.parameters(), *module.buffers()]):
+        return module
+    return module.to(device)
+
+
+class TrainStep:
+    """The networks, losses and optimisers of a training run, and ``step(batch)``.
+
+    ``vgg``: the VGG19 of the perceptual loss (default: pretrained weights, looked up
+    as ``fastp2phd.models.vgg`` says). ``on_phase``: called with the name of each
+    part of the step as it starts (the memory model attributes bytes with it).
+    """
+
+    def __init__(self, opt: argparse.Namespace, device: torch.device, *, vgg: Vgg19 | None = None):
+        self.opt = opt
+        self.device = device
+        self.on_phase = lambda name: None
+        self.model = moved(Pix2PixHD(opt), device)
+        self.netD = moved(build_discriminator(opt), device)
+        self.gan_loss = GANLoss(use_lsgan=not opt.no_lsgan)
+        try:
+            self.vgg_loss = None if opt.no_vgg_loss else moved(
+                VGGLoss(opt.vgg_weights, vgg=vgg, checkpoint=checkpointing(opt)), device)
+        except VGGWeightsNotFound as exc:
+            raise TrainingError(str(exc)) from None
+        self.pool = ImagePool(opt.pool_size, opt.seed)
+        self.amp_dtype = amp_dtype(opt, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        self.epoch, self.epoch_iter, self.total_steps = 1, 0, 0
+        self.optimizer_D = torch.optim.Adam(self.netD.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
+        self.fixed_global = False
+        self.optimizer_G = self.make_optimizer_G(fix_global=opt.niter_fix_global > 0)
+        self.gen, self.disc = self.model, self.netD  # DistributedDataParallel wrappers when several processes train
+
+    def make_optimizer_G(self, fix_global: bool) -> torch.optim.Optimizer:
+        """Adam over G (and E); with --niter_fix_global, first only the outermost local enhancer."""
+        opt = self.opt
+        netG = self.model.netG
+        if fix_global:
+            if opt.netG != "local":
+                raise TrainingError("--niter_fix_global trains only the local enhancer: it needs --netG local")
+            prefix = f"model{opt.n_local_enhancers}"
+            for name, p in netG.named_parameters():
+                p.requires_grad_(name.startswith(prefix))  # the fixed G1 costs no gradient work
+            params = [p for name, p in netG.named_parameters() if name.startswith(prefix)]
+        else:
+            netG.requires_grad_(True)
+            params = list(netG.parameters())
+        if self.model.netE is not None:
+            params += list(self.model.netE.parameters())
+        self.fixed_global = fix_global
+        return torch.optim.Adam(params, lr=learning_rate(opt, self.epoch), betas=(opt.beta1, 0.999))
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def _read_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Loss values, or a TrainingError when one is not finite (before anything is updated)."""
+        if any(is_fake(v) for v in losses.values()):  # the memory model's fake tensors have no values
+            return {k: 0.0 for k in losses}
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingError(
+                f"the loss {', '.join(bad)} is {values[bad[0]]} at epoch {self.epoch}, iteration {self.epoch_iter}: "
+                "training diverged; lower --lr, or try without --fp16"
+            )
+        return values
+
+    def step(self, batch: dict) -> tuple[dict[str, float], torch.Tensor]:
+        """Update G (and E) and D on one batch; returns the loss values and the generated images."""
+        opt = self.opt
+        batch = self._to_device(batch)
+        label, inst, real = batch["label"], batch["inst"], batch["image"]
+        feat = batch["feat"] if opt.load_features else None
+        self.model.check_size(label)
+        self.on_phase("inputs")
+        # Under autocast the label input is built in its low-precision type: the one-hot and boundary
+        # maps are exact there, and concatenated with G's (or E's) low-precision outputs they stay so.
+        input_label = self.model.encode_input(label, None if opt.no_instance else inst, self.amp_dtype or torch.float32)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        self.on_phase("G forward")
+        with autocast:
+            fake, _ = self.gen(input_label, inst, label, real, feat)
+            fake_pair = torch.cat([input_label, fake], dim=1)
+            pooled_fake = self.pool.query(fake_pair.detach())
+            self.on_phase("D forward")
+            if opt.norm == "instance":  # per-sample norms: one batch for both pairs
+                pred = self.disc(torch.cat([pooled_fake, torch.cat([input_label, real], dim=1)], dim=0))
+                pred_fake_pool, pred_real = split_batch(pred, pooled_fake.shape[0])
+            else:  # batch norm statistics must not mix fake and real images
+                pred = None
+                pred_fake_pool, pred_real = self.disc(pooled_fake), self.disc(torch.cat([input_label, real], dim=1))
+            del pooled_fake, input_label  # (G's graph keeps what it needs)
+            loss_D_fake = self.gan_loss(pred_fake_pool, False)
+            loss_D_real = self.gan_loss(pred_real, True)
+        values = self._read_losses({"D_real": loss_D_real, "D_fake": loss_D_fake})
+        self.on_phase("D backward")
+        self.optimizer_D.zero_grad(set_to_none=True)
+        self.scaler.scale((loss_D_fake + loss_D_real) * 0.5).backward()
+        del pred, pred_fake_pool, loss_D_fake, loss_D_real  # D's graph is gone; pred_real keeps its values
+
+        self.on_phase("G losses")
+        with autocast:
+            with frozen(self.netD):
+                pred_fake = self.netD(fake_pair)
+            del fake_pair
+            loss_G_GAN = self.gan_loss(pred_fake, True)
+            loss_G_feat = (feature_matching_loss(pred_fake, pred_real, opt.lambda_feat)
+                           if not opt.no_ganFeat_loss else fake.new_zeros(()))
+            del pred_fake, pred_real  # the losses keep what backward needs (the signs of the differences)
+            loss_G_VGG = (self.vgg_loss(fake.float(), real) * opt.lambda_feat
+                          if self.vgg_loss is not None else fake.new_zeros(()))
+        values = {**self._read_losses({"G_GAN": loss_G_GAN, "G_GAN_Feat": loss_G_feat, "G_VGG": loss_G_VGG}),
+                  **values}
+        self.on_phase("G backward")
+        self.optimizer_G.zero_grad(set_to_none=True)
+        self.scaler.scale(loss_G_GAN + loss_G_feat + loss_G_VGG).backward()
+        self.on_phase("optimizer steps")
+        self.scaler.step(self.optimizer_G)
+        self.scaler.step(self.optimizer_D)
+        self.scaler.update()
+        # Free the gradients now rather than at the next step's backward: they would sit through its forward.
+        self.optimizer_G.zero_grad(set_to_none=True)
+        self.optimizer_D.zero_grad(set_to_none=True)
+        return values, fake.detach()

@@ -1,0 +1,76 @@
+"""The training step's memory savings change nothing: the same losses and the same updated weights, bit for
+bit in fp32 on the CPU, as the plain step (the original code's order and losses: every loss built, with
+F.l1_loss and all VGG features, before G's backward; plain InstanceNorm2d + ReLU modules)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastp2phd.cli import build_parser
+from fastp2phd.models.vgg import Vgg19
+from fastp2phd.options import finish_options
+from fastp2phd.train_step import TrainStep
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from official import official_train_step_class  # noqa: E402
+
+TINY = ["--ngf", "8", "--n_downsample_global", "2", "--n_blocks_global", "2", "--ndf", "8", "--nef", "4",
+        "--n_downsample_E", "2", "--batchSize", "2"]
+CONFIGS = {
+    "global": [],
+    "global + features": ["--instance_feat"],
+    "local": ["--netG", "local", "--n_blocks_local", "1"],
+    "local + features, pool, vanilla GAN": ["--netG", "local", "--n_blocks_local", "1", "--instance_feat",
+                                            "--pool_size", "2", "--no_lsgan"],
+}
+
+
+def batch(h=64, w=128, n=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return {"label": torch.randint(0, 35, (n, 1, h, w), generator=g),
+            "inst": torch.randint(0, 4, (n, 1, h, w), generator=g) * 1000 + 26000,
+            "image": torch.rand(n, 3, h, w, generator=g) * 2 - 1}
+
+
+def run(step_class, argv, steps=2):
+    """Losses of ``steps`` steps and every weight after them, from one seed."""
+    opt = finish_options(build_parser().parse_args(["train", "--resize_or_crop", "none", *TINY, *argv]), is_train=True)
+    torch.manual_seed(0)
+    step = step_class(opt, torch.device("cpu"), vgg=Vgg19(pretrained=False))
+    losses = [step.step(batch(seed=1 + i))[0] for i in range(steps)]
+    weights = [t.detach().clone() for t in [*step.model.state_dict().values(), *step.netD.state_dict().values()]]
+    return step, losses, weights
+
+
+def assert_same(a, b):
+    (_, losses_a, weights_a), (_, losses_b, weights_b) = a, b
+    assert losses_a == losses_b
+    assert len(weights_a) == len(weights_b)
+    assert all(torch.equal(x, y) for x, y in zip(weights_a, weights_b))
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_step_order_and_lean_losses_change_nothing(config):
+    assert_same(run(TrainStep, config), run(official_train_step_class(joint_discriminator=True), config))
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_activation_checkpointing_changes_nothing(config):
+    assert_same(run(TrainStep, config + ["--checkpoint_activations"]), run(TrainStep, config))
+
+
+def test_activation_checkpointing_changes_nothing_under_autocast():
+    config = ["--netG", "local", "--n_blocks_local", "1", "--instance_feat", "--fp16"]
+    assert_same(run(TrainStep, config + ["--checkpoint_activations"]), run(TrainStep, config))
+
+
+def test_batch_norm_step_changes_nothing():
+    assert_same(run(TrainStep, ["--norm", "batch"]), run(official_train_step_class(True), ["--norm", "batch"]))
+
+
+def test_gradients_are_freed_after_the_step():
+    step, _, _ = run(TrainStep, ["--instance_feat"], steps=1)
+    assert all(p.grad is None for p in [*step.model.parameters(), *step.netD.parameters()])
