@@ -2,7 +2,8 @@
 
 Subcommands keep the original pix2pixHD scripts' option names:
 ``train`` (train.py), ``test`` (test.py), ``encode-features`` (encode_features.py
-plus the clustering), ``export-onnx``, ``make-synthetic``, ``demo`` and ``info``.
+plus the clustering), ``export-onnx``, ``make-synthetic``, ``demo``, ``info``, and ``memory``
+(the peak memory a training step of these options needs).
 Several processes: ``torchrun --nproc_per_node N -m fastp2phd train ...``.
 """
 from __future__ import annotations
@@ -26,6 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("test", help="generate images for a test set (options as in the original test.py)")
     add_base_options(p)
     add_test_options(p)
+
+    p = commands.add_parser("memory", help="estimate the peak memory of a training step (or of inference) for "
+                                           "these train options, on any machine")
+    add_base_options(p)
+    add_train_options(p)
+    g = p.add_argument_group("memory estimate")
+    g.add_argument("--size", default=None,
+                   help="HEIGHTxWIDTH of the images (default: what the options make of 2048x1024 Cityscapes images)")
+    g.add_argument("--inference", action="store_true", help="estimate generating a batch (as test does) instead")
+    g.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    g.add_argument("--measure", action="store_true",
+                   help="also run the real step on the CUDA device and print torch.cuda.max_memory_allocated")
 
     p = commands.add_parser("encode-features", help="encode the training set's instances and cluster them per class")
     add_base_options(p)
@@ -100,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(Path(args.out), resolve_device(args.device), minutes=args.minutes, seed=args.seed)
 
-    opt = finish_options(args, is_train=command == "train")
+    opt = finish_options(args, is_train=command in ("train", "memory"))
+    if command == "memory":  # models a device; needs none
+        from .memory import main_memory
+
+        return main_memory(opt, args)
     device = resolve_device(opt.device)
     if command == "edit":
         from .editing.server import main_edit

@@ -18,6 +18,7 @@ without fastp2phd. The function it computes is the same. Triton paths also take 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -37,6 +38,23 @@ class FastPath:
     unavailable: Optional[str]  # None when it can run here, else why not (decided at import)
     run: Callable
     interpreted: bool = False  # a Triton path running in the interpreter: also takes CPU tensors by name
+    registered_anywhere: bool = False  # its torch.library op (and fake kernel) exists even where it cannot run
+
+
+_emulated_device: Optional[str] = None
+
+
+@contextlib.contextmanager
+def emulate_device(device_type: str):
+    """Inside, ``"auto"`` picks the fast paths of ``device_type`` whatever the tensors' device, including
+    paths that cannot run here but whose op is registered. Only for fake tensors, where nothing but fake
+    kernels runs: the memory model estimates a CUDA step on a machine without one this way."""
+    global _emulated_device
+    previous, _emulated_device = _emulated_device, device_type
+    try:
+        yield
+    finally:
+        _emulated_device = previous
 
 
 def default_impl() -> str:
@@ -53,8 +71,10 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
     if impl == "auto":
         if default_impl() == "reference":
             return None
+        device_type = _emulated_device or device.type
         for path in fast_paths:
-            if path.device_type == device.type and path.unavailable is None:
+            usable = path.unavailable is None or (_emulated_device is not None and path.registered_anywhere)
+            if path.device_type == device_type and usable:
                 return path
         return None
     if impl == "reference":

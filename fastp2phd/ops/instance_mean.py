@@ -158,7 +158,7 @@ if _extension.is_loaded():
 
 FAST_PATHS = (
     FastPath("cpp", "cpu", _extension.missing_kernel_reason("instance_mean", "CPU"), _run_cpp),
-    FastPath("triton", "cuda", _triton_unavailable, _run_triton, interpreted=_INTERPRETED),
+    FastPath("triton", "cuda", _triton_unavailable, _run_triton, interpreted=_INTERPRETED, registered_anywhere=True),
 )
 
 

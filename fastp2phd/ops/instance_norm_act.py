@@ -239,7 +239,8 @@ def _instance_norm_act_triton(x, activation, negative_slope, eps):
 
 
 FAST_PATHS: tuple[FastPath, ...] = (
-    FastPath("triton", "cuda", _triton_unavailable, _instance_norm_act_triton, interpreted=_INTERPRETED),
+    FastPath("triton", "cuda", _triton_unavailable, _instance_norm_act_triton, interpreted=_INTERPRETED,
+             registered_anywhere=True),
 )
 
 

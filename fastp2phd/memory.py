@@ -1,0 +1,349 @@
+"""The memory model: peak bytes of one training step (or one inference) for an option set, on any machine.
+
+The networks are built, and the step runs, inside ``FakeTensorMode``: every tensor has
+its shape, dtype and device but no storage, so the 2048x1024 step of the largest
+pix2pixHD estimates in seconds on a CPU-only machine. ``LiveBytes``, a dispatch mode,
+sees the outputs of every op and adds up the bytes of the storages alive (a weak
+reference says when one is freed); the largest sum is the peak. Every storage is
+charged to what allocated it: a network's forward (G, E, D, VGG), a part of the step
+(its backward passes, the optimiser steps), the parameters, the batch.
+
+The step is ``TrainStep.step`` itself: the second of two steps is measured (it starts with the
+Adam states the first created, as every step of a run does), and a third counts FLOPs. By default
+the model is a CUDA run: ``"auto"`` takes the GPU fast paths (their fake kernels),
+and mixed precision follows PyTorch's autocast rules for the CPU, which match CUDA's
+for what holds the memory here (convolutions in low precision, norms in their
+input's type). Left out: the CUDA context (about 0.3-0.6 GiB), cuDNN/cuBLAS
+workspaces, and the caching allocator's rounding and fragmentation (typically
+5-15% over the peak of live tensors).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import weakref
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+GiB = 1024**3
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of live storages as ops allocate them, their peak, and what allocated what was alive then.
+
+    ``label`` names what is running (set by the caller); each new storage is charged to it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.label = "setup"
+        self.live = 0
+        self.peak = 0
+        self.peak_label = "setup"
+        self.at_peak: dict[str, int] = {}
+        self.by_label: dict[str, int] = defaultdict(int)
+        self._seen: set[int] = set()
+
+    def reset_peak(self) -> None:
+        self.peak, self.peak_label, self.at_peak = self.live, self.label, dict(self.by_label)
+
+    def _charge(self, tensor: torch.Tensor) -> None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self._seen:
+            return
+        nbytes, label = storage.nbytes(), self.label
+        self._seen.add(key)
+        self.live += nbytes
+        self.by_label[label] += nbytes
+        weakref.finalize(storage, self._release, key, nbytes, label)
+
+    def _release(self, key: int, nbytes: int, label: str) -> None:
+        self._seen.discard(key)
+        self.live -= nbytes
+        self.by_label[label] -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._charge(t)
+        if self.live > self.peak:
+            self.reset_peak()
+        return out
+
+
+# Common GPU memory sizes (GB, taken as GiB as their makers mean it), for "fits a ... GPU".
+GPU_SIZES = (8, 12, 16, 24, 80)
+# What the estimate leaves out, for "fits": the CUDA context, and the caching allocator's slack.
+CUDA_CONTEXT_BYTES = GiB // 2
+ALLOCATOR_SLACK = 0.10
+
+
+def smallest_gpu(peak_bytes: int) -> int | None:
+    """The smallest of GPU_SIZES (GB) that holds a peak of live tensors with context and allocator slack."""
+    needed = peak_bytes * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES
+    return next((size for size in GPU_SIZES if needed <= size * GiB), None)
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak bytes of live tensors in one step, and what they were."""
+
+    what: str  # "training step" or "inference"
+    config: dict  # the options that shape it (networks, size, batch, precision)
+    peak_bytes: int
+    peak_during: str  # the part of the step where the peak occurred
+    at_peak: dict[str, int]  # live bytes at the peak, by what allocated them
+    flops: int  # floating-point operations of the step (convolutions and matrix products), recomputation included
+    measured_bytes: int | None = None  # torch.cuda.max_memory_allocated of the real step, with --measure
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits_gpu_gb(self) -> int | None:
+        return smallest_gpu(self.peak_bytes)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "fits_gpu_gb": self.fits_gpu_gb}, indent=2)
+
+    def format(self) -> str:
+        gib = lambda n: f"{n / GiB:6.2f} GiB"  # noqa: E731
+        c = self.config
+        fits = self.fits_gpu_gb
+        lines = [f"fastp2phd memory: {self.what} of {c['network']} at {c['height']}x{c['width']}, batch {c['batch']}, "
+                 f"{c['precision']}, {c['device']} fast paths" + (", activation checkpointing" if c.get("checkpointing") else ""),
+                 f"  estimated peak      {gib(self.peak_bytes)}   (at: {self.peak_during}); "
+                 + (f"fits a GPU of {fits} GB" if fits else f"more than a GPU of {GPU_SIZES[-1]} GB holds"),
+                 f"  compute             {self.flops / 1e12:6.2f} TFLOP"]
+        if self.measured_bytes is not None:
+            lines.append(f"  measured peak       {gib(self.measured_bytes)}   (torch.cuda.max_memory_allocated)")
+        lines.append("  alive at the peak, by what allocated it:")
+        for label, nbytes in sorted(self.at_peak.items(), key=lambda kv: -kv[1]):
+            if nbytes >= 1 << 20:
+                lines.append(f"    {label:<44}{gib(nbytes)}")
+        lines.append(f"  Left out: the CUDA context (about {CUDA_CONTEXT_BYTES / GiB:.1f} GiB) and allocator slack "
+                     f"(typically 5-15%); 'fits' allows for both.")
+        lines += [f"  {note}" for note in self.notes]
+        return "\n".join(lines)
+
+
+def _config(opt: argparse.Namespace, size: tuple[int, int], device_type: str, amp: torch.dtype | None,
+            training: bool) -> dict:
+    network = f"{opt.netG} G (ngf {opt.ngf})"
+    if (opt.instance_feat or opt.label_feat) and training:
+        network += f" + E (nef {opt.nef})"
+    if training:
+        network += f" + {opt.num_D} D (ndf {opt.ndf})" + ("" if opt.no_vgg_loss else " + VGG19 loss")
+    return {"network": network, "height": size[0], "width": size[1], "batch": opt.batchSize,
+            "precision": {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp],
+            "device": device_type, "checkpointing": bool(getattr(opt, "checkpoint_activations", False))}
+
+
+def default_size(opt: argparse.Namespace) -> tuple[int, int]:
+    """(height, width) of the training images an option set gives, for Cityscapes' 2048x1024 images."""
+    from .pix2pixhd import size_multiple
+
+    width, height = 2048, 1024
+    mode = opt.resize_or_crop
+    if mode in ("resize_and_crop", "crop", "scale_width_and_crop"):
+        width = height = opt.fineSize
+    elif mode == "scale_width":
+        width, height = opt.loadSize, opt.loadSize * height // width
+    multiple = size_multiple(opt)
+    return max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple)
+
+
+def _fake_batch(opt: argparse.Namespace, size: tuple[int, int], random: bool = False) -> dict:
+    """A batch of the shapes and dtypes the data loader gives (zeros; with ``random``, values a real step can use)."""
+    n, (h, w) = opt.batchSize, size
+    g = torch.Generator().manual_seed(0)
+    if opt.label_nc == 0:
+        label = torch.rand(n, opt.input_nc, h, w, generator=g) if random else torch.zeros(n, opt.input_nc, h, w)
+    else:
+        label = torch.randint(0, opt.label_nc, (n, 1, h, w), generator=g) if random else torch.zeros(n, 1, h, w, dtype=torch.int64)
+    batch = {"label": label,
+             "inst": torch.randint(0, 4, (n, 1, h, w), generator=g) if random else torch.zeros(n, 1, h, w, dtype=torch.int64),
+             "image": torch.rand(n, opt.output_nc, h, w, generator=g) * 2 - 1 if random else torch.zeros(n, opt.output_nc, h, w)}
+    if opt.load_features:
+        batch["feat"] = torch.zeros(n, opt.feat_num, h, w)
+    return batch
+
+
+# What the step allocates outside the networks, by the part of the step it happens in.
+PHASE_LABELS = {
+    "inputs": "inputs (one-hot labels, boundary map)",
+    "G forward": "G forward: concatenated inputs and pairs",
+    "D forward": "D forward: the real/fake batch",
+    "D backward": "D gradients",
+    "G losses": "G losses: pairs, loss terms",
+    "G backward": "G backward: gradients, recomputation",
+    "optimizer steps": "optimizer states (Adam)",
+}
+
+
+def _label_networks(tracker: LiveBytes, networks: dict[str, torch.nn.Module | None]) -> None:
+    """Charge what a network's forward allocates to the network (D's twice: for D's loss and for G's)."""
+    for name, net in networks.items():
+        if net is None:
+            continue
+
+        def enter(module, args, name=name):
+            module._memory_outer_label = tracker.label
+            if name == "D":
+                name = "D (for G's loss)" if tracker.label.startswith("G losses") else "D (for D's loss)"
+            tracker.label = f"{name} activations"
+
+        def leave(module, args, output):
+            tracker.label = module._memory_outer_label
+
+        net.register_forward_pre_hook(enter)
+        net.register_forward_hook(leave)
+
+
+def estimate_training_step(opt: argparse.Namespace, size: tuple[int, int] | None = None, device_type: str = "cuda",
+                           step_class=None, *, fake: bool = True) -> MemoryEstimate:
+    """Peak memory of one training step of ``opt`` (train options) on images of ``size`` (height, width).
+
+    ``device_type``: whose fast paths to model ("cuda" or "cpu"). ``step_class``: a TrainStep
+    (sub)class whose ``step`` to run (the benchmarks pass the original code's step).
+    ``fake=False`` tracks the same steps on real CPU tensors (small sizes only): what the tests
+    compare the fake estimate with.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models.vgg import Vgg19
+    from .ops._dispatch import emulate_device
+    from .train_step import TrainStep
+
+    if not fake and device_type != "cpu":
+        raise ValueError("a training step on real tensors is tracked on the CPU only (device_type='cpu')")
+    step_class = step_class or TrainStep
+    size = size or default_size(opt)
+    check_size(opt, size)
+    tracker = LiveBytes()
+    flops = FlopCounterMode(display=False)
+    with FakeTensorMode() if fake else contextlib.nullcontext(), tracker, emulate_device(device_type):
+        tracker.label = "parameters and buffers"
+        step = step_class(opt, torch.device("cpu"), vgg=None if opt.no_vgg_loss else Vgg19(pretrained=False))
+        tracker.label = "batch"
+        batch = _fake_batch(opt, size, random=not fake)
+        _label_networks(tracker, {"G": step.model.netG, "E": step.model.netE, "D": step.netD, "VGG": step.vgg_loss})
+
+        def phase(name: str) -> None:
+            tracker.label = PHASE_LABELS.get(name, name)
+
+        step.on_phase = phase
+        step.step(batch)  # the first step creates the optimisers' states
+        tracker.label = "between steps"
+        tracker.reset_peak()
+        step.step(batch)
+        peak, peak_label, at_peak = tracker.peak, tracker.peak_label, tracker.at_peak
+        with flops:  # a step of its own: counting FLOPs changes what autograd keeps
+            step.step(batch)
+    return MemoryEstimate("training step", _config(opt, size, device_type, step.amp_dtype, True), peak, peak_label,
+                          {k: v for k, v in at_peak.items() if v > 0}, flops.get_total_flops())
+
+
+def estimate_inference(opt: argparse.Namespace, size: tuple[int, int] | None = None,
+                       device_type: str = "cuda") -> MemoryEstimate:
+    """Peak memory of generating one batch without autograd (as ``fastp2phd test`` does, fp32)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .ops._dispatch import emulate_device
+    from .pix2pixhd import Pix2PixHD, uses_features
+
+    size = size or default_size(opt)
+    check_size(opt, size)
+    tracker = LiveBytes()
+    flops = FlopCounterMode(display=False)
+    with FakeTensorMode(), tracker, emulate_device(device_type), torch.no_grad():
+        tracker.label = "parameters and buffers"
+        model = Pix2PixHD(opt).eval()
+        tracker.label = "batch"
+        batch = _fake_batch(opt, size)
+        # Features from clusters or the encoder take the same memory: a feat_num-channel map.
+        feat = torch.zeros(opt.batchSize, opt.feat_num, *size) if uses_features(opt) else None
+        _label_networks(tracker, {"G": model.netG})
+        tracker.label = PHASE_LABELS["inputs"]
+        model.generate(batch["label"], batch["inst"], feat=feat)
+        peak, peak_label, at_peak = tracker.peak, tracker.peak_label, tracker.at_peak
+        with flops:  # a run of its own, as for training
+            model.generate(batch["label"], batch["inst"], feat=feat)
+    return MemoryEstimate("inference", _config(opt, size, device_type, None, False), peak, peak_label,
+                          {k: v for k, v in at_peak.items() if v > 0}, flops.get_total_flops())
+
+
+def check_size(opt: argparse.Namespace, size: tuple[int, int]) -> None:
+    """The sentence ``train`` gives for a size the generator cannot take."""
+    from .pix2pixhd import size_multiple
+
+    multiple = size_multiple(opt)
+    h, w = size
+    if h <= 0 or w <= 0 or h % multiple or w % multiple:
+        raise ValueError(f"size {h}x{w} is not a multiple of {multiple}, which this generator needs; "
+                         f"choose a --size whose height and width are multiples of {multiple}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1024x2048' -> (1024, 2048)."""
+    height, sep, width = text.lower().partition("x")
+    if not sep or not height.strip().isdigit() or not width.strip().isdigit():
+        raise ValueError(f"--size {text!r} is not HEIGHTxWIDTH; write it like 1024x2048")
+    return int(height), int(width)
+
+
+def measure_training_step(opt: argparse.Namespace, size: tuple[int, int], step_class=None) -> int:
+    """torch.cuda.max_memory_allocated of a real second training step on the current CUDA device."""
+    from .models.vgg import Vgg19
+    from .train_step import TrainStep
+
+    device = torch.device("cuda")
+    torch.cuda.empty_cache()
+    step = (step_class or TrainStep)(opt, device, vgg=None if opt.no_vgg_loss else Vgg19(pretrained=False))
+    batch = {k: v.to(device) for k, v in _fake_batch(opt, size, random=True).items()}
+    step.step(batch)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step.step(batch)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
+
+
+def main_memory(opt: argparse.Namespace, args: argparse.Namespace) -> int:
+    """``fastp2phd memory``: print (or --json) the estimate; with --measure, the real step's CUDA peak beside it."""
+    import sys
+
+    from .train_step import TrainingError
+
+    device_type = "cpu" if (opt.device or "cuda").startswith("cpu") else "cuda"
+    try:
+        size = parse_size(args.size) if args.size else None
+        if args.inference:
+            estimate = estimate_inference(opt, size, device_type)
+        else:
+            estimate = estimate_training_step(opt, size, device_type)
+    except (ValueError, TrainingError) as exc:
+        print(f"fastp2phd memory: {exc}", file=sys.stderr)
+        return 1
+    status = 0
+    if args.measure:
+        if args.inference:
+            estimate.notes.append("--measure measures training steps only")
+            status = 1
+        elif not torch.cuda.is_available():
+            estimate.notes.append("--measure needs a CUDA device, and this machine has none: the estimate is all "
+                                  "there is")
+            status = 1
+        else:
+            estimate.measured_bytes = measure_training_step(opt, (estimate.config["height"], estimate.config["width"]))
+    print(estimate.to_json() if args.json else estimate.format())
+    if status:
+        print(f"fastp2phd memory: {estimate.notes[-1]}", file=sys.stderr)
+    return status

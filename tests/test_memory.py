@@ -1,0 +1,150 @@
+"""The memory model: byte counting by hand, fake against real tensors, the estimates' structure, the command."""
+from __future__ import annotations
+
+import contextlib
+import json
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fastp2phd.cli import build_parser, main
+from fastp2phd.memory import (GiB, LiveBytes, default_size, estimate_inference, estimate_training_step, parse_size,
+                              smallest_gpu)
+from fastp2phd.options import finish_options
+
+TINY = ["--ngf", "8", "--n_downsample_global", "2", "--n_blocks_global", "1", "--ndf", "8", "--nef", "4",
+        "--n_downsample_E", "2"]
+
+
+def train_options(*extra: str):
+    return finish_options(build_parser().parse_args(["train", *TINY, *extra]), is_train=True)
+
+
+@pytest.mark.parametrize("fake", [True, False], ids=["fake", "real"])
+def test_live_bytes_counted_by_hand(fake):
+    with FakeTensorMode() if fake else contextlib.nullcontext(), LiveBytes() as tracker:
+        tracker.label = "a"
+        a = torch.empty(1000)  # 4000 bytes
+        tracker.label = "b"
+        b = torch.empty(10, dtype=torch.float64)  # 80 bytes
+        view = a[:10]  # no new storage
+        assert (tracker.live, tracker.peak) == (4080, 4080)
+        tracker.label = "c"
+        c = a * 2  # 4000 more: the peak, with b alive
+        del b
+        assert (tracker.live, tracker.peak) == (8000, 8080)
+        assert tracker.at_peak == {"a": 4000, "b": 80, "c": 4000}
+        del c
+        assert tracker.live == 4000 and tracker.by_label == {"a": 4000, "b": 0, "c": 0}
+        del view
+        assert tracker.live == 4000  # a is still alive
+
+
+def test_saved_tensors_live_until_backward_frees_the_graph():
+    with FakeTensorMode(), LiveBytes() as tracker:
+        x = torch.empty(100, requires_grad=True)  # 400
+        y = x.exp()  # 400, saved by exp's backward
+        loss = y.sum()  # 4
+        del y
+        assert tracker.live == 804  # exp's graph keeps y
+        loss.backward()  # x.grad: 400 (exp's backward writes it, the engine keeps it)
+        del loss
+        assert tracker.live == 800 and tracker.peak >= 1204
+
+
+def small_options(*extra: str):
+    return train_options("--num_D", "2", "--instance_feat", *extra)
+
+
+@pytest.mark.parametrize("extra", [(), ("--netG", "local", "--n_blocks_local", "1", "--checkpoint_activations"),
+                                   ("--fp16",)], ids=["global", "local, checkpointing", "bf16 autocast"])
+def test_fake_estimate_equals_the_same_tracking_on_real_tensors(extra):
+    opt = small_options(*extra)
+    fake = estimate_training_step(opt, (64, 128), "cpu")
+    real = estimate_training_step(opt, (64, 128), "cpu", fake=False)
+    assert fake.peak_bytes == real.peak_bytes and fake.peak_during == real.peak_during
+    assert fake.at_peak == real.at_peak
+
+
+def test_estimate_breakdown_adds_up_and_names_the_parts():
+    estimate = estimate_training_step(small_options(), (64, 128))
+    assert sum(estimate.at_peak.values()) == estimate.peak_bytes
+    params = sum(p.numel() * 4 for p in _networks_of(small_options()))
+    assert estimate.at_peak["parameters and buffers"] >= params
+    assert estimate.at_peak["optimizer states (Adam)"] >= 2 * params - 4 * 10**6  # exp_avg, exp_avg_sq (G, E, D)
+    for part in ("G activations", "E activations"):
+        assert estimate.at_peak.get(part, 0) > 0
+    assert estimate.flops > 0
+
+
+def _networks_of(opt):
+    from fastp2phd.pix2pixhd import Pix2PixHD, build_discriminator
+
+    return [*Pix2PixHD(opt).parameters(), *build_discriminator(opt).parameters()]
+
+
+def test_checkpointing_and_bf16_lower_the_estimate_at_a_size_where_activations_dominate():
+    size = (256, 512)
+    plain = estimate_training_step(small_options("--netG", "local"), size).peak_bytes
+    checkpointed = estimate_training_step(small_options("--netG", "local", "--checkpoint_activations"), size).peak_bytes
+    both = estimate_training_step(small_options("--netG", "local", "--checkpoint_activations", "--fp16"), size).peak_bytes
+    assert checkpointed < 0.7 * plain and both < checkpointed
+
+
+def test_inference_estimate_is_the_generator_alone():
+    opt = small_options()
+    inference = estimate_inference(opt, (64, 128))
+    assert set(inference.at_peak) <= {"parameters and buffers", "batch", "G activations",
+                                      "inputs (one-hot labels, boundary map)"}
+    assert inference.peak_bytes < estimate_training_step(opt, (64, 128)).peak_bytes
+
+
+def test_default_size_follows_the_resize_options():
+    assert default_size(train_options("--resize_or_crop", "none")) == (1024, 2048)
+    assert default_size(train_options("--loadSize", "1024")) == (512, 1024)  # scale_width
+    assert default_size(train_options("--resize_or_crop", "crop", "--fineSize", "300")) == (300, 300)
+    assert default_size(train_options("--netG", "local", "--resize_or_crop", "crop", "--fineSize", "300")) == (296, 296)
+    assert parse_size("512x1024") == (512, 1024)
+    with pytest.raises(ValueError, match="is not HEIGHTxWIDTH; write it like 1024x2048"):
+        parse_size("512*1024")
+
+
+def test_smallest_gpu_allows_for_context_and_slack():
+    assert smallest_gpu(5 * GiB) == 8
+    assert smallest_gpu(7 * GiB) == 12  # 7 * 1.1 + 0.5 > 8
+    assert smallest_gpu(100 * GiB) is None
+
+
+def test_memory_command_prints_json_and_text(capsys):
+    assert main(["memory", *TINY, "--size", "64x128", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["what"] == "training step" and data["config"]["height"] == 64 and data["peak_bytes"] > 0
+    assert data["fits_gpu_gb"] == 8 and data["measured_bytes"] is None
+    assert main(["memory", *TINY, "--size", "64x128", "--inference"]) == 0
+    assert "inference of global G (ngf 8) at 64x128" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_measure_without_cuda_says_so_and_still_prints_the_estimate(capsys):
+    assert main(["memory", *TINY, "--size", "64x128", "--measure"]) == 1
+    captured = capsys.readouterr()
+    assert "estimated peak" in captured.out
+    assert "--measure needs a CUDA device, and this machine has none" in captured.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "62x128"], "size 62x128 is not a multiple of 4, which this generator needs"),
+    (["--niter_fix_global", "2"], "--niter_fix_global trains only the local enhancer: it needs --netG local"),
+    (["--size", "big"], "is not HEIGHTxWIDTH"),
+])
+def test_memory_command_bad_options_get_one_sentence(argv, message, capsys):
+    assert main(["memory", *TINY, *argv]) == 1
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_memory_command_rejects_an_unknown_generator(capsys):
+    with pytest.raises(SystemExit):
+        main(["memory", "--netG", "huge"])
+    assert "invalid choice: 'huge'" in capsys.readouterr().err
