@@ -60,7 +60,8 @@ def run_metadata(device: str) -> dict:
     import triton
 
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, capture_output=True,
+        # "-dirty" when the working tree differs from the commit: the numbers are of uncommitted code
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=BENCH, capture_output=True,
                                 text=True, timeout=10).stdout.strip()
     except OSError:
         commit = ""

@@ -4,11 +4,17 @@
 # tests, run compute-sanitizer's memcheck over the layout fuzz, run the benchmark suites on the GPU,
 # and print the report's targets table last.
 # Logs, the results JSON and REPORT.md go to OUT_DIR (copy the JSON into bench/results/
-# to keep it). Finishes within 10 minutes.
+# to keep it). All four steps take about 10 minutes; name steps to run fewer (the build is
+# always done), e.g. two calls of under 10 minutes each:
 #
-#   bench/gpu_check.sh OUT_DIR            (PYTHON=python3 by default)
+#   bench/gpu_check.sh OUT_DIR                     all steps (PYTHON=python3 by default)
+#   bench/gpu_check.sh OUT_DIR tests memcheck      build, GPU tests, memcheck
+#   bench/gpu_check.sh OUT_DIR bench               build, benchmarks (with the measured memory peaks)
 set -uo pipefail
-out=${1:?usage: bench/gpu_check.sh OUT_DIR}
+out=${1:?usage: bench/gpu_check.sh OUT_DIR [tests] [memcheck] [bench]}
+shift
+steps=${*:-tests memcheck bench}
+wants() { [[ " $steps " == *" $1 "* ]]; }
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
@@ -24,11 +30,14 @@ fi
 "$py" -m fastp2phd info | tee "$out/info.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv >"$out/gpu.txt" 2>&1
 
+if wants tests; then
 step "GPU tests"
 timeout 240 "$py" -m pytest tests/test_cuda.py tests/test_triton_compile.py -q -x -p no:cacheprovider \
     >"$out/tests.log" 2>&1 || status=1
 tail -5 "$out/tests.log"
+fi
 
+if wants memcheck; then
 step "memcheck"
 # compute-sanitizer over the layout fuzz (every CUDA and Triton kernel, forward and backward, on views):
 # an out-of-bounds access fails the step. Without the caching allocator every tensor is its own
@@ -44,15 +53,20 @@ if command -v compute-sanitizer >/dev/null 2>&1; then
 else
     echo "memcheck: skipped, compute-sanitizer not found" | tee "$out/memcheck.log"
 fi
+fi
 
+if wants bench; then
 step "benchmarks"
-timeout 240 "$py" -m pytest bench --bench-device cuda --bench-out "$out" -q -p no:cacheprovider \
+timeout 360 "$py" -m pytest bench --bench-device cuda --bench-out "$out" -q -p no:cacheprovider \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name >"$out/bench.log" 2>&1 || status=1
 cp bench/REPORT.md "$out/REPORT.md" 2>/dev/null
+fi
 
 step "results"
 # The report's targets table for this GPU, then the end of the log.
-sed -n '/^## cuda/,/^### memory copy/p' "$out/REPORT.md" | grep -E "^\||^## |^- run" | head -60
-tail -3 "$out/bench.log"
+if wants bench; then
+    sed -n '/^## cuda/,/^### memory copy/p' "$out/REPORT.md" | grep -E "^\||^## |^- run" | head -60
+    tail -3 "$out/bench.log"
+fi
 [ $status -eq 0 ] && echo "gpu_check: all steps passed" || echo "gpu_check: a step FAILED (see $out/*.log)"
 exit $status

@@ -15,7 +15,10 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 SUITE_ORDER = ["memory copy", "boundary_map", "instance_mean fwd", "instance_mean fwd+bwd", "instance_norm_act fwd",
-               "instance_norm_act bwd", "generator forward", "encoder forward", "training step", "features + k-means"]
+               "instance_norm_act bwd", "generator forward", "encoder forward", "training step", "training memory",
+               "checkpointing cost", "features + k-means"]
+MEMORY_LAYOUTS = ("original", "fastp2phd", "fastp2phd + checkpointing")
+GiB = 1024**3
 
 
 def load_runs(results: Path) -> list[dict]:
@@ -119,6 +122,45 @@ def _row(suites, suite, case_pattern, provider):
     return None
 
 
+def memory_table(rows: list[dict]) -> list[str]:
+    """Estimated peak (and measured CUDA peak) per configuration and layout, with the smallest GPU that fits."""
+    lines = ["| configuration | " + " | ".join(MEMORY_LAYOUTS) + " |", "|---|" + "---:|" * len(MEMORY_LAYOUTS)]
+    for case, providers in _by_case(rows).items():
+        cells = []
+        for layout in MEMORY_LAYOUTS:
+            row = providers.get(layout)
+            if row is None:
+                cells.append("")
+                continue
+            cell = f"{row['estimated_bytes'] / GiB:.1f} GiB"
+            if row.get("fits_gpu_gb"):
+                cell += f" ({row['fits_gpu_gb']} GB GPU)"
+            if row.get("measured_bytes") is not None:
+                cell += f", measured {row['measured_bytes'] / GiB:.1f} GiB"
+            cells.append(cell)
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _memory(suites, case_pattern, layout):
+    row = _row(suites, "training memory", case_pattern, layout)
+    return row["estimated_bytes"] / GiB if row else None
+
+
+def memory_targets(check, suites) -> None:
+    """The training-memory targets: estimates (the same on every machine) and the time checkpointing costs."""
+    case = r"1024p.*2048x1024"
+    check("1024p training step at 2048x1024, bf16 autocast, checkpointing: ≤ 6 GiB (estimated)",
+          _memory(suites, case + r", bf16", "fastp2phd + checkpointing"), lambda v: v <= 6, unit=" GiB")
+    check("1024p step, fp32, checkpointing: ≤ 8 GiB (estimated)",
+          _memory(suites, case + r", fp32", "fastp2phd + checkpointing"), lambda v: v <= 8, unit=" GiB")
+    original, ours = _memory(suites, case + r", fp32", "original"), _memory(suites, case + r", fp32", "fastp2phd")
+    check("1024p step, fp32, no checkpointing: ≥ 15% below the original layout (saving, estimated)",
+          100 * (1 - ours / original) if original and ours else None, lambda v: v >= 15, unit="%")
+    check("checkpointing: a training step at most 1.35× the time without it",
+          _ratio(suites, "checkpointing cost", ".", "fastp2phd + checkpointing", "fastp2phd"), lambda v: v <= 1.35)
+
+
 def _ratio(suites, suite, case, slow, fast):
     a, b = _row(suites, suite, case, slow), _row(suites, suite, case, fast)
     return a["median_s"] / b["median_s"] if a and b else None
@@ -132,6 +174,8 @@ def targets(device: str, suites: dict) -> list[tuple[str, str, bool | None]]:
         out.append((text, "not measured" if value is None else f"{value:.2f}{unit}",
                     None if value is None else ok(value)))
 
+    if "training memory" in suites or "checkpointing cost" in suites:
+        memory_targets(check, suites)
     if device.startswith("cpu"):
         case = r"^4x1x1024x2048"
         check("boundary_map 4x1x1024x2048: within 1.25× of its floor (time / floor time)",
@@ -220,6 +264,12 @@ def write_report(results: Path = BENCH / "results", out: Path = BENCH / "REPORT.
         bandwidth = copy_gbps(suites)
         for suite in sorted(suites, key=lambda s: SUITE_ORDER.index(s) if s in SUITE_ORDER else 99):
             run, rows = suites[suite]
+            if suite == "training memory":
+                lines += [f"### {suite}", "", "Estimated peak of live tensors in one training step (`fastp2phd memory`:"
+                          " fake tensors, modelling a CUDA run), the smallest common GPU it fits with the CUDA context"
+                          " and allocator slack, and on a GPU the measured `torch.cuda.max_memory_allocated`.", ""]
+                lines += memory_table(rows) + [""]
+                continue
             slug = re.sub(r"[^a-z0-9]+", "-", f"{device} {suite}".lower()).strip("-")
             plot_suite(rows, f"{suite} — {run['device_name']}", plots / f"{slug}.png")
             lines += [f"### {suite}", "", f"![{suite}](results/plots/{slug}.png)", ""]
