@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import Pix2PixHDError
 from .files import atomic_path
 
 __all__ = [
@@ -65,7 +66,7 @@ _META_KEY = "__meta__"
 _CLASS_KEY = re.compile(r"^class_(\d+)$")
 
 
-class ClustersFileError(ValueError):
+class ClustersFileError(Pix2PixHDError, ValueError):
     """A clusters file is not one, is corrupt, or holds something it should not."""
 
 

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from .errors import CheckpointReadError, CheckpointReadFileNotFound
 
 
 @contextlib.contextmanager
@@ -60,12 +63,22 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def load_torch(path: str | os.PathLike) -> Any:
-    """``torch.load(weights_only=True)`` on the CPU, with one sentence for a missing or corrupt file."""
+def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` on the CPU; a missing, truncated, empty or unsafe file is one
+    sentence (a CheckpointReadError, or FileNotFoundError for a missing one) naming the file and ``what`` it should be."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise CheckpointReadFileNotFound(f"the {what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise RuntimeError(f"{path} could not be read ({type(exc).__name__}: {exc}); the file is corrupt or not a checkpoint") from exc
+    except pickle.UnpicklingError:
+        raise CheckpointReadError(
+            f"the {what} {path} holds Python objects besides tensors, which fastp2phd does not load (it loads "
+            "with weights_only=True, so a file cannot run code); re-save it as a plain state_dict, or check the path"
+        ) from None
+    except Exception as exc:  # truncated zip, empty file, not a torch file at all, ...
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointReadError(
+            f"the {what} {path} cannot be read ({detail}): it is truncated, damaged or not a PyTorch file; "
+            "restore it from a copy or write it again"
+        ) from None

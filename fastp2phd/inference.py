@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from .console import progress_bar
+from .errors import Pix2PixHDError
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
 from .pix2pixhd import Pix2PixHD, uses_features
 from .visualize import HTMLPage, label_to_image, tensor_to_image
 
 
-class InferenceError(RuntimeError):
+class InferenceError(Pix2PixHDError, RuntimeError):
     """Inference cannot run (missing checkpoint or clusters, bad data); the message says why."""
 
 

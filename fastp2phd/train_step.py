@@ -22,6 +22,7 @@ import random
 import torch
 from torch import nn
 
+from .errors import Pix2PixHDError
 from .models import GANLoss, VGGLoss, VGGWeightsNotFound, feature_matching_loss
 from .models.vgg import Vgg19
 from .ops._common import is_fake
@@ -30,7 +31,7 @@ from .pix2pixhd import Pix2PixHD, build_discriminator, checkpointing
 LOSS_NAMES = ("G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Pix2PixHDError, RuntimeError):
     """Training cannot go on (bad data, a diverged loss, nothing to resume); the message says why."""
 
 

@@ -8,6 +8,7 @@ was set before Triton was imported, run by Triton's interpreter on CPU tensors
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -15,6 +16,11 @@ import triton
 import triton.language as tl
 
 from ..ops._common import empty_like_format, memory_format_of
+
+
+def on_device_of(t: torch.Tensor):
+    """Launch under ``t``'s CUDA device (Triton launches on the current one, which may be another)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 try:
     INTERPRETED: bool = bool(triton.knobs.runtime.interpret)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cast_rounded, check_size, new_output, plane_view
+from . import cast_rounded, check_size, new_output, on_device_of, plane_view
 
 BLOCK = 1024  # pixels per tile
 # Use ids directly as segment indices while the id span is at most this many
@@ -119,15 +119,16 @@ def forward(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
     sums = torch.zeros(N * span, C, device=feat.device, dtype=torch.float64)
     counts = torch.zeros(N * span, device=feat.device, dtype=torch.int32)
     grid = (triton.cdiv(P, BLOCK), N)
-    _segment_sums_kernel[grid](
-        feat, keys, sums, counts, lowest, span, P, C, stride_fn, stride_fc, stride_fp,
-        keys.stride(0), keys.stride(1), SCAN_DTYPE=tl.float64 if feat.dtype == torch.float64 else tl.float32,
-        BLOCK=BLOCK,
-    )
-    # Empty segments (ids absent from an item) divide by 1 and are never read.
-    means = (sums / counts.clamp_min(1)[:, None]).to(torch.promote_types(feat.dtype, torch.float32))
-    _broadcast_means_kernel[grid](
-        out, keys, means, lowest, span, P, C, stride_on, stride_oc, stride_op,
-        keys.stride(0), keys.stride(1), BLOCK=BLOCK,
-    )
+    with on_device_of(feat):
+        _segment_sums_kernel[grid](
+            feat, keys, sums, counts, lowest, span, P, C, stride_fn, stride_fc, stride_fp,
+            keys.stride(0), keys.stride(1), SCAN_DTYPE=tl.float64 if feat.dtype == torch.float64 else tl.float32,
+            BLOCK=BLOCK,
+        )
+        # Empty segments (ids absent from an item) divide by 1 and are never read.
+        means = (sums / counts.clamp_min(1)[:, None]).to(torch.promote_types(feat.dtype, torch.float32))
+        _broadcast_means_kernel[grid](
+            out, keys, means, lowest, span, P, C, stride_on, stride_oc, stride_op,
+            keys.stride(0), keys.stride(1), BLOCK=BLOCK,
+        )
     return out

@@ -35,9 +35,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import cast_rounded, new_output, plane_view
+from ..ops._common import ACTIVATIONS, stats_dtype
+from . import cast_rounded, new_output, on_device_of, plane_view
 
-ACTIVATION_CODES = {"none": 0, "relu": 1, "leaky_relu": 2}
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+LEAKY_RELU = tl.constexpr(ACTIVATION_CODES["leaky_relu"])
 
 # Phase 2 merges at most this many partials per plane; keep it a power of two.
 MAX_CHUNKS = 128
@@ -49,9 +52,9 @@ TILE_ELEMENTS = 2048
 
 @triton.jit
 def _activate(xhat, ACTIVATION: tl.constexpr, slope):
-    if ACTIVATION == 1:
+    if ACTIVATION == RELU:
         return tl.maximum(xhat, 0.0)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == LEAKY_RELU:
         return tl.where(xhat > 0, xhat, xhat * slope)
     else:
         return xhat
@@ -160,15 +163,15 @@ def _forward_normalize_kernel(
 def _xhat_and_grad(saved, dy, mean, rstd, ACTIVATION: tl.constexpr, SAVED_IS_OUTPUT: tl.constexpr, slope):
     """xhat, and g = dy * act'(xhat), from the saved input x or output y."""
     if SAVED_IS_OUTPUT:  # activation none, or leaky_relu with slope > 0: y -> xhat is invertible
-        if ACTIVATION == 2:
+        if ACTIVATION == LEAKY_RELU:
             xhat = tl.where(saved > 0, saved, saved / slope)
         else:
             xhat = saved
     else:
         xhat = (saved - mean[:, None]) * rstd[:, None]
-    if ACTIVATION == 1:
+    if ACTIVATION == RELU:
         g = tl.where(xhat > 0, dy, 0.0)
-    elif ACTIVATION == 2:
+    elif ACTIVATION == LEAKY_RELU:
         g = tl.where(xhat > 0, dy, dy * slope)
     else:
         g = dy
@@ -281,11 +284,6 @@ def _tiling(N: int, C: int, P: int, stride_c: int, stride_p: int) -> tuple[int, 
     return block_c, block_p, c_blocks, chunk_size, num_chunks
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and accumulation: float64 for float64 input, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def forward(x: torch.Tensor, activation: str, negative_slope: float, eps: float):
     """(y, mean, rstd): y a new tensor in x's dtype and memory format; mean, rstd (N*C,) in stats_dtype.
 
@@ -302,16 +300,17 @@ def forward(x: torch.Tensor, activation: str, negative_slope: float, eps: float)
     partial_mean = torch.empty(N * C, num_chunks, device=x.device, dtype=mean.dtype)
     partial_m2 = torch.empty_like(partial_mean)
     grid = (N * c_blocks, num_chunks)
-    _forward_stats_kernel[grid](
-        x, partial_mean, partial_m2, C, P, c_blocks, num_chunks, chunk_size, stride_n, stride_c, stride_p,
-        BLOCK_C=block_c, BLOCK_P=block_p,
-    )
-    _forward_normalize_kernel[grid](
-        x, y, partial_mean, partial_m2, mean, rstd, C, P, c_blocks, num_chunks, chunk_size,
-        stride_n, stride_c, stride_p, y_stride_n, y_stride_c, y_stride_p, eps, float(negative_slope),
-        ACTIVATION=ACTIVATION_CODES[activation], BLOCK_C=block_c, BLOCK_P=block_p,
-        MAX_CHUNKS_P2=triton.next_power_of_2(num_chunks),
-    )
+    with on_device_of(x):
+        _forward_stats_kernel[grid](
+            x, partial_mean, partial_m2, C, P, c_blocks, num_chunks, chunk_size, stride_n, stride_c, stride_p,
+            BLOCK_C=block_c, BLOCK_P=block_p,
+        )
+        _forward_normalize_kernel[grid](
+            x, y, partial_mean, partial_m2, mean, rstd, C, P, c_blocks, num_chunks, chunk_size,
+            stride_n, stride_c, stride_p, y_stride_n, y_stride_c, y_stride_p, eps, float(negative_slope),
+            ACTIVATION=ACTIVATION_CODES[activation], BLOCK_C=block_c, BLOCK_P=block_p,
+            MAX_CHUNKS_P2=triton.next_power_of_2(num_chunks),
+        )
     return y, mean, rstd
 
 
@@ -339,13 +338,14 @@ def backward(
     grid = (N * c_blocks, num_chunks)
     common = dict(ACTIVATION=ACTIVATION_CODES[activation], SAVED_IS_OUTPUT=saved_is_output,
                   BLOCK_C=block_c, BLOCK_P=block_p)
-    _backward_sums_kernel[grid](
-        dy, saved, mean, rstd, partial_g, partial_gx, C, P, c_blocks, num_chunks, chunk_size,
-        stride_n, stride_c, stride_p, dy_stride_n, dy_stride_c, dy_stride_p, float(negative_slope), **common,
-    )
-    _backward_dx_kernel[grid](
-        dy, saved, dx, mean, rstd, partial_g, partial_gx, C, P, c_blocks, num_chunks, chunk_size,
-        stride_n, stride_c, stride_p, dy_stride_n, dy_stride_c, dy_stride_p, dx_stride_n, dx_stride_c, dx_stride_p,
-        float(negative_slope), MAX_CHUNKS_P2=triton.next_power_of_2(num_chunks), **common,
-    )
+    with on_device_of(saved):
+        _backward_sums_kernel[grid](
+            dy, saved, mean, rstd, partial_g, partial_gx, C, P, c_blocks, num_chunks, chunk_size,
+            stride_n, stride_c, stride_p, dy_stride_n, dy_stride_c, dy_stride_p, float(negative_slope), **common,
+        )
+        _backward_dx_kernel[grid](
+            dy, saved, dx, mean, rstd, partial_g, partial_gx, C, P, c_blocks, num_chunks, chunk_size,
+            stride_n, stride_c, stride_p, dy_stride_n, dy_stride_c, dy_stride_p, dx_stride_n, dx_stride_c,
+            dx_stride_p, float(negative_slope), MAX_CHUNKS_P2=triton.next_power_of_2(num_chunks), **common,
+        )
     return dx

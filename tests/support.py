@@ -2,7 +2,6 @@
 the fast paths are checked against, written as plainly as possible."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -151,3 +151,10 @@ def test_bad_output_dtype_and_impl():
         boundary_map(inst, impl="triton")
     with pytest.raises(ValueError, match="runs on cuda tensors"):
         boundary_map(inst, impl="cuda")
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference", pytest.param("cpp", marks=requires_extension)])
+def test_float_ids_that_require_grad_give_an_output_that_does_not(impl):
+    inst = (torch.randint(0, 3, (1, 1, 5, 6)) * 1000.0).requires_grad_(True)
+    assert not boundary_map(inst, impl=impl).requires_grad
+    assert not torch.ops.fastp2phd.boundary_map(inst, torch.float32).requires_grad

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from fastp2phd import features as fe
 from fastp2phd.features import (
     ClustersFileError,
     FeatureCollector,

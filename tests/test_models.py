@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastp2phd.errors import CheckpointReadError
+
 from fastp2phd.models import (
     VGG19_WEIGHTS_ENV,
     CheckpointMismatchError,
@@ -322,7 +324,7 @@ def test_load_network_is_weights_only(tmp_path):
     sd["extra"] = _Payload()
     torch.save(sd, path)
     _UNPICKLED.clear()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(CheckpointReadError, match="holds Python objects besides tensors, which fastp2phd does not load"):
         load_network(_small_global(), path)
     assert _UNPICKLED == []  # the pickled callable never ran
 
@@ -332,11 +334,11 @@ def test_load_network_missing_and_corrupt_files(tmp_path):
         load_network(_small_global(), tmp_path / "nope.pth")
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(os.urandom(4096))
-    with pytest.raises(RuntimeError, match="corrupt"):
+    with pytest.raises(CheckpointReadError, match="cannot be read .*: it is truncated, damaged or not a PyTorch file"):
         load_network(_small_global(), corrupt)
     not_a_dict = tmp_path / "list.pth"
     torch.save([torch.zeros(2)], not_a_dict)
-    with pytest.raises(RuntimeError, match="state_dict"):
+    with pytest.raises(CheckpointReadError, match="holds a list, not a state_dict"):
         load_network(_small_global(), not_a_dict)
 
 

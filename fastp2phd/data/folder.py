@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import Pix2PixHDError
 from .transforms import get_params, to_image_tensor, to_instance_tensor, to_label_tensor, transform
 
 __all__ = ["AlignedDataset", "DatasetError", "DatasetNotFoundError", "IMAGE_EXTENSIONS", "build_item", "item_rng", "list_images"]
@@ -53,7 +54,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
-class DatasetError(ValueError):
+class DatasetError(Pix2PixHDError, ValueError):
     """Bad dataset input: missing or empty folders, unpaired files, unreadable images, bad ids."""
 
 

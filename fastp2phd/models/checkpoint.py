@@ -16,8 +16,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..errors import CheckpointReadError, CheckpointReadFileNotFound, Pix2PixHDError
+from ..files import load_torch
 
-class CheckpointMismatchError(RuntimeError):
+
+class CheckpointMismatchError(Pix2PixHDError, RuntimeError):
     """A state_dict whose keys or shapes do not fit the network it is loaded into."""
 
 
@@ -121,13 +124,12 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     else:
         path = os.fspath(source)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path!r} does not exist; check --checkpoints_dir, --name and --which_epoch")
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise RuntimeError(f"checkpoint {path!r} could not be read ({exc}); the file is corrupt or not a PyTorch state_dict") from exc
-        if not isinstance(state_dict, Mapping):
-            raise RuntimeError(f"checkpoint {path!r} holds a {type(state_dict).__name__}, not a state_dict")
+            raise CheckpointReadFileNotFound(
+                f"checkpoint {path!r} does not exist; check --checkpoints_dir, --name and --which_epoch")
+        state_dict = load_torch(path)
+        if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise CheckpointReadError(f"checkpoint {path!r} holds a {type(state_dict).__name__}, not a state_dict "
+                                      "(names to tensors); check that it is a network's file")
     if state_dict and all(k.startswith("module.") for k in state_dict):
         state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     return state_dict

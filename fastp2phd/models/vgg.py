@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import CheckpointReadError, Pix2PixHDError
+from ..files import load_torch
+
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 VGG19_FILENAME = "vgg19-dcbb9e9d.pth"
 VGG19_WEIGHTS_ENV = "FASTP2PHD_VGG19_WEIGHTS"
@@ -25,7 +28,7 @@ _CONFIG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 5
 _SLICE_ENDS = (2, 7, 12, 21, 30)
 
 
-class VGGWeightsNotFound(FileNotFoundError):
+class VGGWeightsNotFound(Pix2PixHDError, FileNotFoundError):
     """No VGG19 weight file was found and none could be downloaded."""
 
 
@@ -72,7 +75,7 @@ class Vgg19(nn.Module):
     def load_weights(self, weights: str | os.PathLike | None = None, *, download: bool = True) -> None:
         path = find_vgg19_weights(weights)
         if path is not None:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+            state_dict = load_torch(path, "VGG19 weight file")
         elif download:
             try:
                 state_dict = torch.hub.load_state_dict_from_url(VGG19_URL, map_location="cpu", weights_only=True)
@@ -80,17 +83,23 @@ class Vgg19(nn.Module):
                 raise VGGWeightsNotFound(_missing_message(f"downloading {VGG19_URL} failed: {exc}")) from exc
         else:
             raise VGGWeightsNotFound(_missing_message("downloading is off"))
-        self.load_torchvision_state_dict(state_dict)
+        try:
+            self.load_torchvision_state_dict(state_dict)
+        except CheckpointReadError as exc:
+            raise CheckpointReadError(f"the VGG19 weight file {path or VGG19_URL} is not usable: {exc}") from None
 
     def load_torchvision_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load a torchvision VGG19 state_dict (``features.*`` keys, or a bare ``features`` one)."""
+        if not isinstance(state_dict, dict):
+            raise CheckpointReadError(f"it holds a {type(state_dict).__name__}, not torchvision's VGG19 state_dict")
         if not any(k.startswith("features.") for k in state_dict):
             state_dict = {f"features.{k}": v for k, v in state_dict.items()}
         own = self.state_dict()
         missing = [k for k in own if k not in state_dict]
         bad = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
         if missing or bad:
-            raise ValueError(f"Vgg19: not a torchvision VGG19 state_dict (missing {missing[:3]}, shapes differ {bad[:3]})")
+            raise CheckpointReadError(f"it is not torchvision's VGG19 state_dict (missing {missing[:3]}, shapes "
+                                      f"differ {bad[:3]}); use vgg19-dcbb9e9d.pth")
         self.load_state_dict({k: state_dict[k] for k in own}, strict=True)
 
     def slices(self) -> list[nn.Sequential]:

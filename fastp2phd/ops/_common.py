@@ -5,6 +5,14 @@ import torch
 
 _ID_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
+# instance_norm_act's activations (the Triton kernels number them in this order).
+ACTIVATIONS = ("none", "relu", "leaky_relu")
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """instance_norm_act's statistics and accumulation: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
     """An (N, 1, H, W) tensor of integer ids (integer dtype, or float holding integers)."""

@@ -93,3 +93,8 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
         return path
     choices = ", ".join(repr(name) for name in ("auto", "reference", *(p.name for p in fast_paths)))
     raise ValueError(f"{op}: unknown impl={impl!r}; choose one of {choices}")
+
+
+def triton_missing(exc: ImportError) -> str:
+    """Why a Triton fast path is unavailable, in one sentence."""
+    return f"the Triton kernels could not be imported ({exc}); install Triton with `pip install triton`"

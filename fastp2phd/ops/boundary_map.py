@@ -6,18 +6,19 @@ holding whole numbers). The result (N, 1, H, W) is 1 where any of the pixel's
 not count, so image borders never create edges. This equals scikit-image's
 ``find_boundaries(ids, mode="thick", connectivity=1)`` on each 2D slice.
 
-Fast paths: ``"cpp"`` (CPU, one pass, threads over rows) and ``"cuda"``, both in
-the extension as ``torch.ops.fastp2phd.boundary_map``. The op has no gradient
-(ids are not differentiable).
+Fast paths: ``"cpp"`` (CPU, one pass, threads over rows) and ``"cuda"``, the
+kernels of ``torch.ops.fastp2phd.boundary_map`` in the C++/CUDA extension (where
+it is absent, the operator runs the reference). The output never requires grad:
+ids are not differentiable.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .. import _extension
 from ._common import check_instance_map
 from ._dispatch import FastPath, select
+from ._library import extension_kernel_missing, op, register_kernel
 
 OUTPUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8, torch.bool)
 
@@ -34,20 +35,34 @@ def boundary_map_reference(inst: torch.Tensor, dtype: torch.dtype = torch.float3
     return edge.to(dtype)
 
 
-def _boundary_map_extension(inst: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.ops.fastp2phd.boundary_map(inst, dtype)
+# ----------------------------------------------------------------------------- the operator
 
+_OP = op("boundary_map")
+# Where the extension is absent (or built without CUDA), the operator runs the reference.
+register_kernel("boundary_map", "CPU", boundary_map_reference)
+register_kernel("boundary_map", "CUDA", boundary_map_reference)
+
+
+@torch.library.register_fake("fastp2phd::boundary_map")
+def _boundary_map_fake(inst: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    torch._check(inst.dim() == 4 and inst.shape[1] == 1,
+                 lambda: f"boundary_map: inst must have shape (N, 1, H, W), got {tuple(inst.shape)}")
+    torch._check(not inst.is_complex() and inst.dtype != torch.bool,
+                 lambda: f"boundary_map: instance ids must be an integer or float tensor, got {inst.dtype}")
+    torch._check(dtype in OUTPUT_DTYPES, lambda: f"boundary_map: unsupported output dtype {dtype}")
+    return inst.new_empty(inst.shape, dtype=dtype)
+
+
+def _no_gradient(ctx, inputs, output):
+    ctx.mark_non_differentiable(output)  # ids are not differentiable, even as float tensors
+
+
+torch.library.register_autograd("fastp2phd::boundary_map", lambda ctx, grad: (None, None), setup_context=_no_gradient)
 
 FAST_PATHS = (
-    FastPath("cpp", "cpu", _extension.missing_kernel_reason("boundary_map", "CPU"), _boundary_map_extension),
-    FastPath("cuda", "cuda", _extension.missing_kernel_reason("boundary_map", "CUDA"), _boundary_map_extension),
+    FastPath("cpp", "cpu", extension_kernel_missing("boundary_map", "CPU"), _OP),
+    FastPath("cuda", "cuda", extension_kernel_missing("boundary_map", "CUDA"), _OP),
 )
-
-if _extension.is_loaded():
-
-    @torch.library.register_fake("fastp2phd::boundary_map")
-    def _boundary_map_fake(inst: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return inst.new_empty(inst.shape, dtype=dtype)
 
 
 def boundary_map(inst: torch.Tensor, *, dtype: torch.dtype = torch.float32, impl: str = "auto") -> torch.Tensor:

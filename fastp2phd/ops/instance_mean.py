@@ -9,27 +9,26 @@ channel by channel. The output has feat's dtype and memory format.
 The op is linear and self-adjoint (a projection onto segment-wise constant
 maps), so its backward is the same projection applied to the gradient.
 
-Fast paths:
+Both fast paths are kernels of one operator, ``torch.ops.fastp2phd.instance_mean``:
 
-* ``"cpp"`` (CPU): per-thread hash tables over runs of equal ids, two passes; in
-  the extension as ``torch.ops.fastp2phd.instance_mean``. Sums are accumulated in
-  float64 across rows, so results do not depend on the thread count beyond the last bit.
-* ``"triton"`` (CUDA): run sums inside pixel tiles, one float64 atomic per run
-  (``fastp2phd/kernels/instance_mean.py``); registered as
-  ``torch.ops.fastp2phd.instance_mean_triton``, whose CPU kernel is the reference
-  (the Triton kernels under ``TRITON_INTERPRET=1``). With
-  ``torch.use_deterministic_algorithms(True)`` its CUDA kernel runs the reference
-  instead, since float atomics do not add in a fixed order.
+* ``"cpp"``, its CPU kernel (the C++ extension): per-thread hash tables over runs of
+  equal ids, two passes. Sums are accumulated in float64 across rows, so results do
+  not depend on the thread count beyond the last bit.
+* ``"triton"``, its CUDA kernel (``kernels/instance_mean.py``): run sums inside pixel
+  tiles, one float64 atomic per run. With ``torch.use_deterministic_algorithms(True)``
+  it runs the reference instead, since float atomics do not add in a fixed order.
+
+Where a kernel is missing (no extension, no Triton) the operator runs the reference;
+under ``TRITON_INTERPRET=1`` its CPU kernel runs the Triton kernels in the interpreter.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import _extension
-from .._triton import interpreted, load_kernels
 from ._common import (check_instance_map, check_same_device, empty_like_format, exporting, memory_format_of,
                       tangents_may_flow)
-from ._dispatch import FastPath, select
+from ._dispatch import FastPath, select, triton_missing
+from ._library import extension_kernel_missing, op, register_kernel
 
 
 def instance_mean_reference(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
@@ -53,74 +52,13 @@ def instance_mean_reference(feat: torch.Tensor, inst: torch.Tensor) -> torch.Ten
     return out.contiguous(memory_format=memory_format_of(feat))
 
 
-_kernels, _triton_unavailable = load_kernels("instance_mean")
-_INTERPRETED = interpreted()
-
-
-@torch.library.custom_op("fastp2phd::instance_mean_triton", mutates_args=())
-def _triton_op(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
-    if feat.is_cuda and torch.are_deterministic_algorithms_enabled():
-        return instance_mean_reference(feat, inst)
-    return _kernels.forward(feat, inst)
-
-
-@_triton_op.register_kernel("cpu")
-def _triton_op_cpu(feat, inst):
-    return _kernels.forward(feat, inst) if _INTERPRETED else instance_mean_reference(feat, inst)
-
-
-@_triton_op.register_fake
-def _triton_op_fake(feat, inst):
-    return empty_like_format(feat)
-
-
-# The op is a linear projection P with P = P^T: backward applies it to the gradient, forward-mode
-# AD to the tangent. Both call the op again, so the gradient is differentiable in turn.
-
-
-def _autograd(op):
-    """(run, backward, setup_context) for ``op``: backward and setup_context for ``register_autograd``,
-    and ``run``, which calls ``op`` through that registered autograd, or, when tangents may flow
-    (forward-mode AD, torch.func transforms, which the registered autograd does not serve: it would
-    drop tangents), through an autograd.Function with the same backward, a jvp and a vmap rule."""
-
-    def run(feat, inst):
-        return ForwardADFunction.apply(feat, inst) if tangents_may_flow() else op(feat, inst)
-
-    def save_inst(ctx, inputs, output):
-        ctx.save_for_backward(inputs[1])
-
-    def project_grad(ctx, grad):
-        (inst,) = ctx.saved_tensors
-        return run(grad, inst), None
-
-    class ForwardADFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(feat, inst):
-            return op(feat, inst)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            save_inst(ctx, inputs, output)
-            ctx.save_for_forward(inputs[1])
-
-        backward = staticmethod(project_grad)
-
-        @staticmethod
-        def jvp(ctx, feat_tangent, inst_tangent):
-            (inst,) = ctx.saved_tensors
-            return run(feat_tangent, inst)
-
-        @staticmethod
-        def vmap(info, in_dims, feat, inst):
-            # Segments are per (batch item, id): the vmapped dimension joins the batch.
-            def batched(t, dim):
-                return t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
-
-            f, i = batched(feat, in_dims[0]), batched(inst, in_dims[1])
-            return ForwardADFunction.apply(f.flatten(0, 1), i.flatten(0, 1)).unflatten(0, f.shape[:2]), 0
-
-    return run, project_grad, save_inst
+try:
+    from ..kernels import INTERPRETED as _INTERPRETED
+    from ..kernels import instance_mean as _kernels
+except ImportError as exc:  # Triton missing or broken
+    _kernels, _INTERPRETED, _TRITON_MISSING = None, False, triton_missing(exc)
+else:
+    _TRITON_MISSING = None
 
 
 def instance_mean_exportable(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
@@ -145,20 +83,91 @@ def instance_mean_exportable(feat: torch.Tensor, inst: torch.Tensor) -> torch.Te
     return means.gather(2, index).reshape(N, C, H, W).to(feat.dtype)
 
 
-def _instance_mean_extension(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
-    return torch.ops.fastp2phd.instance_mean(feat, inst)
+# ----------------------------------------------------------------------------- the operator
 
 
-_run_triton, _triton_backward, _triton_setup = _autograd(_triton_op)
-_triton_op.register_autograd(_triton_backward, setup_context=_triton_setup)
-_run_cpp, _cpp_backward, _cpp_setup = _autograd(_instance_mean_extension)
-if _extension.is_loaded():
-    torch.library.register_fake("fastp2phd::instance_mean")(lambda feat, inst: empty_like_format(feat))
-    torch.library.register_autograd("fastp2phd::instance_mean", _cpp_backward, setup_context=_cpp_setup)
+def _cuda_kernel(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+    # Float atomics do not add in a fixed order: deterministic mode gets the reference.
+    if _kernels is None or torch.are_deterministic_algorithms_enabled():
+        return instance_mean_reference(feat, inst)
+    return _kernels.forward(feat, inst)
+
+
+_OP = op("instance_mean")
+register_kernel("instance_mean", "CUDA", _cuda_kernel)
+# The C++ CPU kernel where the extension has one; the reference where not; the Triton kernels when interpreted.
+register_kernel("instance_mean", "CPU", _kernels.forward if _INTERPRETED else instance_mean_reference,
+                replace=_INTERPRETED)
+
+
+@torch.library.register_fake("fastp2phd::instance_mean")
+def _instance_mean_fake(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+    torch._check(feat.dim() == 4, lambda: f"instance_mean: feat must be (N, C, H, W), got {tuple(feat.shape)}")
+    torch._check(feat.is_floating_point(), lambda: f"instance_mean: feat must be floating point, got {feat.dtype}")
+    torch._check(inst.dim() == 4 and inst.shape[1] == 1,
+                 lambda: f"instance_mean: inst must have shape (N, 1, H, W), got {tuple(inst.shape)}")
+    torch._check(feat.shape[0] == inst.shape[0] and feat.shape[2] == inst.shape[2] and feat.shape[3] == inst.shape[3],
+                 lambda: f"instance_mean: feat {tuple(feat.shape)} and inst {tuple(inst.shape)} must share batch, "
+                         "height and width")
+    torch._check(feat.device == inst.device,
+                 lambda: f"instance_mean: feat is on {feat.device} and inst on {inst.device}; use one device")
+    return empty_like_format(feat)
+
+
+# The op is a linear projection P with P = P^T: backward applies it to the gradient, forward-mode
+# AD to the tangent. Both call the op again, so the gradient is differentiable in turn.
+
+
+def instance_mean_op(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+    """The operator through its registered autograd, or, when tangents may flow (forward-mode AD,
+    torch.func transforms, which the registered autograd does not serve: it would drop tangents),
+    through an autograd.Function with the same backward, a jvp and a vmap rule."""
+    return _ForwardADFunction.apply(feat, inst) if tangents_may_flow() else _OP(feat, inst)
+
+
+def _save_inst(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _project_grad(ctx, grad):
+    (inst,) = ctx.saved_tensors
+    return instance_mean_op(grad, inst), None
+
+
+torch.library.register_autograd("fastp2phd::instance_mean", _project_grad, setup_context=_save_inst)
+
+
+class _ForwardADFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(feat, inst):
+        return _OP(feat, inst)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save_inst(ctx, inputs, output)
+        ctx.save_for_forward(inputs[1])
+
+    backward = staticmethod(_project_grad)
+
+    @staticmethod
+    def jvp(ctx, feat_tangent, inst_tangent):
+        (inst,) = ctx.saved_tensors
+        return instance_mean_op(feat_tangent, inst)
+
+    @staticmethod
+    def vmap(info, in_dims, feat, inst):
+        # Segments are per (batch item, id): the vmapped dimension joins the batch.
+        def batched(t, dim):
+            return t.movedim(dim, 0) if dim is not None else t.expand(info.batch_size, *t.shape)
+
+        f, i = batched(feat, in_dims[0]), batched(inst, in_dims[1])
+        return _ForwardADFunction.apply(f.flatten(0, 1), i.flatten(0, 1)).unflatten(0, f.shape[:2]), 0
+
 
 FAST_PATHS = (
-    FastPath("cpp", "cpu", _extension.missing_kernel_reason("instance_mean", "CPU"), _run_cpp),
-    FastPath("triton", "cuda", _triton_unavailable, _run_triton, interpreted=_INTERPRETED, registered_anywhere=True),
+    FastPath("cpp", "cpu", "the interpreter process (TRITON_INTERPRET=1) runs the Triton kernels on the CPU"
+             if _INTERPRETED else extension_kernel_missing("instance_mean", "CPU"), instance_mean_op),
+    FastPath("triton", "cuda", _TRITON_MISSING, instance_mean_op, interpreted=_INTERPRETED, registered_anywhere=True),
 )
 
 

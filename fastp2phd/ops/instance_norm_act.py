@@ -22,14 +22,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._triton import interpreted, load_kernels
-from ._common import empty_like_format, memory_format_of, tangents_may_flow
-from ._dispatch import FastPath, select
+from ._common import ACTIVATIONS, empty_like_format, memory_format_of, stats_dtype, tangents_may_flow
+from ._dispatch import FastPath, select, triton_missing
+from ._library import op, register_kernel
 
-ACTIVATIONS = ("none", "relu", "leaky_relu")
-
-_kernels, _triton_unavailable = load_kernels("instance_norm_act")
-_INTERPRETED = interpreted()
+try:
+    from ..kernels import INTERPRETED as _INTERPRETED
+    from ..kernels import instance_norm_act as _kernels
+except ImportError as exc:  # Triton missing or broken
+    _kernels, _INTERPRETED, _TRITON_MISSING = None, False, triton_missing(exc)
+else:
+    _TRITON_MISSING = None
 
 
 def check_activation(activation: str, negative_slope: float) -> None:
@@ -59,12 +62,7 @@ def instance_norm_act_reference(
     return _activate(y, activation, negative_slope).to(x.dtype, memory_format=memory_format_of(x))
 
 
-# ----------------------------------------------------------------------------- Triton path
-
-
-def _stats_dtype(x: torch.Tensor) -> torch.dtype:
-    """Statistics are float32, or float64 for float64 input."""
-    return torch.promote_types(x.dtype, torch.float32)
+# ----------------------------------------------------------------------------- the operators
 
 
 def saves_output(activation: str, negative_slope: float) -> bool:
@@ -72,39 +70,46 @@ def saves_output(activation: str, negative_slope: float) -> bool:
     return activation == "none" or (activation == "leaky_relu" and negative_slope > 0)
 
 
-@torch.library.custom_op("fastp2phd::instance_norm_act", mutates_args=())
-def _forward_op(x: torch.Tensor, activation: str, negative_slope: float, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, mean, rstd), mean and rstd of shape (N*C,) in float32 (float64 for float64 x): the Triton kernels."""
-    return _kernels.forward(x, activation, negative_slope, eps)
-
-
-@_forward_op.register_kernel("cpu")
-def _forward_cpu(x, activation, negative_slope, eps):
-    if _INTERPRETED:
-        return _kernels.forward(x, activation, negative_slope, eps)
-    var, mean = torch.var_mean(x.to(_stats_dtype(x)), dim=(2, 3), correction=0)
+def _forward_reference_kernel(x, activation, negative_slope, eps):
+    """(y, mean, rstd) from PyTorch ops: the operator's kernel where the Triton kernels do not run."""
+    var, mean = torch.var_mean(x.to(stats_dtype(x.dtype)), dim=(2, 3), correction=0)
     y = instance_norm_act_reference(x, activation, negative_slope, eps)
     return y, mean.reshape(-1), torch.rsqrt(var + eps).reshape(-1)
 
 
-@_forward_op.register_fake
+_forward_op = op("instance_norm_act")
+_backward_op = op("instance_norm_act_backward")
+_triton_forward = _kernels.forward if _kernels is not None else _forward_reference_kernel
+register_kernel("instance_norm_act", "CUDA", _triton_forward)
+register_kernel("instance_norm_act", "CPU", _triton_forward if _INTERPRETED else _forward_reference_kernel)
+
+
+def _check_stats(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    torch._check(t.dim() == 1 and t.shape[0] == x.shape[0] * x.shape[1] and t.dtype == stats_dtype(x.dtype),
+                 lambda: f"instance_norm_act_backward: {name} must be ({x.shape[0] * x.shape[1]},) "
+                         f"{stats_dtype(x.dtype)}, got {tuple(t.shape)} {t.dtype}")
+
+
+@torch.library.register_fake("fastp2phd::instance_norm_act")
 def _forward_fake(x, activation, negative_slope, eps):
-    stats = x.new_empty(x.shape[0] * x.shape[1], dtype=_stats_dtype(x))
+    torch._check(x.dim() == 4 and x.is_floating_point(),
+                 lambda: f"instance_norm_act: x must be a floating-point (N, C, H, W) tensor, got {tuple(x.shape)} "
+                         f"{x.dtype}")
+    torch._check(activation in ACTIVATIONS, lambda: f"instance_norm_act: activation must be one of {ACTIVATIONS}")
+    stats = x.new_empty(x.shape[0] * x.shape[1], dtype=stats_dtype(x.dtype))
     return empty_like_format(x), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("fastp2phd::instance_norm_act_backward", mutates_args=())
-def _backward_op(
-    grad: torch.Tensor,
-    saved: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    activation: str,
-    negative_slope: float,
-    saved_is_output: bool,
-) -> torch.Tensor:
-    """dx from dy and the saved input x (or output y when ``saved_is_output``)."""
-    return _kernels.backward(grad, saved, mean, rstd, activation, negative_slope, saved_is_output)
+@torch.library.register_fake("fastp2phd::instance_norm_act_backward")
+def _backward_fake(grad, saved, mean, rstd, activation, negative_slope, saved_is_output):
+    torch._check(saved.dim() == 4 and saved.is_floating_point() and grad.shape == saved.shape,
+                 lambda: f"instance_norm_act_backward: grad {tuple(grad.shape)} and saved {tuple(saved.shape)} "
+                         "must be one floating-point (N, C, H, W) shape")
+    torch._check(grad.device == saved.device == mean.device == rstd.device,
+                 lambda: "instance_norm_act_backward: the tensors must be on one device")
+    _check_stats("mean", mean, saved)
+    _check_stats("rstd", rstd, saved)
+    return empty_like_format(saved)
 
 
 # The Jacobian of x -> xhat on a plane of P pixels is J = rstd * (I - 11^T / P - xhat xhat^T / P), which is
@@ -144,16 +149,9 @@ def _backward_formula(grad, saved, mean, rstd, activation, negative_slope, saved
     return _times_norm_jacobian(g, xhat, rstd).to(saved.dtype, memory_format=memory_format_of(saved))
 
 
-@_backward_op.register_kernel("cpu")
-def _backward_cpu(grad, saved, mean, rstd, activation, negative_slope, saved_is_output):
-    if _INTERPRETED:
-        return _kernels.backward(grad, saved, mean, rstd, activation, negative_slope, saved_is_output)
-    return _backward_formula(grad, saved, mean, rstd, activation, negative_slope, saved_is_output)
-
-
-@_backward_op.register_fake
-def _backward_fake(grad, saved, mean, rstd, activation, negative_slope, saved_is_output):
-    return empty_like_format(saved)
+_triton_backward = _kernels.backward if _kernels is not None else _backward_formula
+register_kernel("instance_norm_act_backward", "CUDA", _triton_backward)
+register_kernel("instance_norm_act_backward", "CPU", _triton_backward if _INTERPRETED else _backward_formula)
 
 
 def _setup_context(ctx, inputs, output):
@@ -192,7 +190,7 @@ def _backward(ctx, grad_y, grad_mean, grad_rstd):
     return (dx + extra).to(saved.dtype, memory_format=memory_format_of(saved)), None, None, None
 
 
-_forward_op.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("fastp2phd::instance_norm_act", _backward, setup_context=_setup_context)
 
 
 class _ForwardADFunction(torch.autograd.Function):
@@ -239,7 +237,7 @@ def _instance_norm_act_triton(x, activation, negative_slope, eps):
 
 
 FAST_PATHS: tuple[FastPath, ...] = (
-    FastPath("triton", "cuda", _triton_unavailable, _instance_norm_act_triton, interpreted=_INTERPRETED,
+    FastPath("triton", "cuda", _TRITON_MISSING, _instance_norm_act_triton, interpreted=_INTERPRETED,
              registered_anywhere=True),
 )
 

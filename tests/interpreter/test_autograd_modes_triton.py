@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from autograd_modes import assert_forward_ad_matches, assert_same_gradients, assert_vmap_matches
-from support import cityscapes_like, rel_err
+from support import cityscapes_like
 
 from fastp2phd import ops
 from fastp2phd.models import MultiscaleDiscriminator

@@ -1,0 +1,19 @@
+"""The errors a user can fix: each message is one sentence saying what is wrong and how to fix it.
+
+The command line prints any of them as ``fastp2phd <command>: <message>`` and exits with
+status 1, never with a traceback. The specific kinds also derive from the builtin a
+caller would expect (a missing file is a FileNotFoundError, bad data a ValueError).
+"""
+from __future__ import annotations
+
+
+class Pix2PixHDError(Exception):
+    """A failure with a one-sentence message for the user."""
+
+
+class CheckpointReadError(Pix2PixHDError, ValueError):
+    """A file that should hold tensors (a checkpoint, a train state, VGG19 weights) cannot be read as one."""
+
+
+class CheckpointReadFileNotFound(CheckpointReadError, FileNotFoundError):
+    """A checkpoint (or weights) file that does not exist."""
