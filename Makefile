@@ -12,6 +12,7 @@ PYTEST_ARGS ?=
 PIP := $(VENV)/bin/python -m pip
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastp2phd-installed
+TEST_STAMP := $(VENV)/.fastp2phd-test-installed
 
 .PHONY: install test demo bench info gpu-check clean
 
@@ -19,17 +20,24 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip "setuptools>=77" wheel ninja
 
-# Reinstall (and rebuild the extension) when the build or the C++/CUDA sources change.
+# The package (and the extension, rebuilt when the build or the C++/CUDA sources change).
+# numpy goes in with torch: the extension's build imports torch, which wants numpy.
 $(STAMP): $(VENV)/bin/python setup.py pyproject.toml $(wildcard csrc/*)
-	$(PIP) install $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
-	$(PIP) install --no-build-isolation -e ".[test]"
+	$(PIP) install $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)" numpy
+	$(PIP) install --no-build-isolation -e ".[progress]"
+	touch $@
+
+# What the tests need on top (pyproject's "test" extra: pytest, onnxruntime, scikit-image, playwright, ...),
+# without building the package again.
+$(TEST_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install $$($(PY) -c "import tomllib; print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))")
 	touch $@
 
 install: $(STAMP)
 
 # Two processes: the Triton kernels run in Triton's interpreter on CPU tensors, which
 # needs TRITON_INTERPRET=1 before Triton is imported and breaks torch.compile.
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m fastp2phd info
 	$(PY) -m pytest $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/interpreter $(PYTEST_ARGS)
@@ -40,7 +48,7 @@ demo: $(STAMP)
 	$(PY) -m fastp2phd demo --out demo_output
 
 # The CPU benchmark suites (about 15 minutes on 2 cores): results in bench/results/, report in bench/REPORT.md.
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(PIP) install "pytest-benchmark" "matplotlib" "scikit-image"
 	$(PY) -m pytest bench -p no:cacheprovider -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name
 

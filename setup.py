@@ -16,7 +16,8 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = find_packages(include=["fastp2phd", "fastp2phd.*"]) + ["fastp2phd.kernels"]
+# kernels/ installs as fastp2phd.kernels; editing/static holds the editor's page (data, no Python).
+PACKAGES = find_packages(include=["fastp2phd", "fastp2phd.*"]) + ["fastp2phd.kernels", "fastp2phd.editing.static"]
 PACKAGE_DIR = {"fastp2phd": "fastp2phd", "fastp2phd.kernels": "kernels"}
 
 
@@ -57,7 +58,7 @@ ext_modules, cmdclass = extension_modules()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"fastp2phd.editing": ["static/*.html"]},
+    package_data={"fastp2phd.editing.static": ["*.html"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -13,7 +13,7 @@ from official import official_train_step_class
 from fastp2phd.cli import build_parser
 from fastp2phd.memory import estimate_training_step, measure_training_step
 from fastp2phd.models.vgg import Vgg19
-from fastp2phd.options import finish_options
+from fastp2phd.options import finish_options, train_spec
 from fastp2phd.train_step import TrainStep
 
 # The published configurations: label2city_512p (G1 on 1024x512 crops of the width-1024 images) and
@@ -30,7 +30,7 @@ PRECISIONS = {"fp32": [], "bf16": ["--fp16", "--amp_dtype", "bf16"]}
 
 
 def options(argv):
-    return finish_options(build_parser().parse_args(["train", *argv]), is_train=True)
+    return train_spec(finish_options(build_parser().parse_args(["train", *argv]), is_train=True))
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -8,7 +8,6 @@ case) so that `make bench` fits in 15 minutes on 2 cores; on a GPU at the real o
 """
 from __future__ import annotations
 
-import argparse
 
 import pytest
 import torch
@@ -18,7 +17,8 @@ from official import official_instance_features, official_instance_pool
 from fastp2phd.cli import build_parser
 from fastp2phd.features import FeatureCollector, cluster_features
 from fastp2phd.models import Encoder, GlobalGenerator, LocalEnhancer, VGGLoss, Vgg19
-from fastp2phd.options import finish_options
+from fastp2phd.options import finish_options, train_spec
+from fastp2phd.specs import TrainSpec
 
 PROVIDERS = ["fastp2phd", "reference", "official"]
 
@@ -81,7 +81,7 @@ def test_encoder_forward(benchmark, settings, provider):
             provider=provider, fn=fn, images=n)
 
 
-def training_options(settings, features: bool, size: tuple[int, int]) -> argparse.Namespace:
+def training_options(settings, features: bool, size: tuple[int, int]) -> TrainSpec:
     h, w = size
     argv = ["train", "--name", "bench", "--dataroot", "synthetic", "--synthetic_size", "4", "--nThreads", "0",
             "--fineSize", str(w), "--loadSize", str(w), "--resize_or_crop", "none", "--no_vgg_loss",
@@ -92,7 +92,7 @@ def training_options(settings, features: bool, size: tuple[int, int]) -> argpars
                  "--n_downsample_E", "2"]
     if features:
         argv.append("--instance_feat")
-    return finish_options(build_parser().parse_args(argv), is_train=True)
+    return train_spec(finish_options(build_parser().parse_args(argv), is_train=True))
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -135,8 +135,8 @@ def _make_official(trainer) -> None:
     trainer.netD = trainer.disc = netD
     trainer.gen = model
     trainer.optimizer_G = torch.optim.Adam(list(netG.parameters()) + (list(model.netE.parameters()) if model.netE
-                                           is not None else []), lr=trainer.opt.lr, betas=(trainer.opt.beta1, 0.999))
-    trainer.optimizer_D = torch.optim.Adam(netD.parameters(), lr=trainer.opt.lr, betas=(trainer.opt.beta1, 0.999))
+                                           is not None else []), lr=trainer.spec.lr, betas=(trainer.spec.beta1, 0.999))
+    trainer.optimizer_D = torch.optim.Adam(netD.parameters(), lr=trainer.spec.lr, betas=(trainer.spec.beta1, 0.999))
 
 
 @pytest.mark.parametrize("provider", ["fastp2phd", "official"])

@@ -102,8 +102,8 @@ def official_train_step_class(joint_discriminator: bool = False):
     from fastp2phd.train_step import TrainStep, moved, split_batch
 
     class OfficialTrainStep(TrainStep):
-        def __init__(self, opt, device, *, vgg=None):
-            super().__init__(opt, device, vgg=vgg)
+        def __init__(self, spec, device, *, vgg=None):
+            super().__init__(spec, device, vgg=vgg)
             model, sd = self.model, self.model.netG.state_dict()
             netG = moved(type(model.netG)(**model.netG.options, fused=False), device)
             netG.load_state_dict(sd)
@@ -118,22 +118,22 @@ def official_train_step_class(joint_discriminator: bool = False):
             netD.load_state_dict(self.netD.state_dict())
             self.netD = netD
             self.gen, self.disc = model, netD
-            self.optimizer_D = torch.optim.Adam(netD.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
+            self.optimizer_D = torch.optim.Adam(netD.parameters(), lr=spec.lr, betas=(spec.beta1, 0.999))
             self.optimizer_G = self.make_optimizer_G(fix_global=False)
 
         def step(self, batch):
-            opt = self.opt
+            spec = self.spec
             batch = self._to_device(batch)
             label, inst, real = batch["label"], batch["inst"], batch["image"]
             self.on_phase("G forward")
-            input_label = self.model.encode_input(label, None if opt.no_instance else inst)
+            input_label = self.model.encode_input(label, None if spec.model.no_instance else inst)
             autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
             with autocast:
                 fake, _ = self.gen(input_label, inst, label, real, None)
                 self.on_phase("D forward")
                 pooled_fake = self.pool.query(torch.cat([input_label, fake.detach()], dim=1))
                 real_pair = torch.cat([input_label, real], dim=1)
-                if joint_discriminator and opt.norm == "instance":
+                if joint_discriminator and spec.model.norm == "instance":
                     pred_fake_pool, pred_real = split_batch(self.netD(torch.cat([pooled_fake, real_pair])),
                                                             pooled_fake.shape[0])
                 else:
@@ -143,10 +143,10 @@ def official_train_step_class(joint_discriminator: bool = False):
                 self.on_phase("G losses")
                 pred_fake = self.netD(torch.cat([input_label, fake], dim=1))
                 loss_G_GAN = self.gan_loss(pred_fake, True)
-                loss_G_feat = (official_feature_matching(pred_fake, pred_real, opt.n_layers_D, opt.num_D,
-                                                         opt.lambda_feat)
-                               if not opt.no_ganFeat_loss else fake.new_zeros(()))
-                loss_G_VGG = (official_vgg_loss(self.vgg_loss.vgg, fake.float(), real) * opt.lambda_feat
+                loss_G_feat = (official_feature_matching(pred_fake, pred_real, spec.n_layers_D, spec.num_D,
+                                                         spec.lambda_feat)
+                               if not spec.no_ganFeat_loss else fake.new_zeros(()))
+                loss_G_VGG = (official_vgg_loss(self.vgg_loss.vgg, fake.float(), real) * spec.lambda_feat
                               if self.vgg_loss is not None else fake.new_zeros(()))
             values = self._read_losses({"G_GAN": loss_G_GAN, "G_GAN_Feat": loss_G_feat, "G_VGG": loss_G_VGG,
                                         "D_real": loss_D_real, "D_fake": loss_D_fake})

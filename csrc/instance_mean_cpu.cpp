@@ -10,6 +10,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/Functions.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -175,6 +176,15 @@ at::Tensor instance_mean_cpu(const at::Tensor& feat, const at::Tensor& inst) {
               " must share batch, height and width");
   TORCH_CHECK(feat.is_floating_point(), "instance_mean: feat must be a floating-point tensor, got ",
               feat.scalar_type());
+  if (inst.is_floating_point() && inst.numel() > 0) {
+    // Ids are hashed as int64: a float id must be a whole number in int64's range, or the cast is undefined.
+    const at::Tensor wide = inst.to(at::kDouble);
+    const at::Tensor valid = wide.eq(wide.trunc()).logical_and(wide.ge(-9223372036854775808.0))
+                                 .logical_and(wide.lt(9223372036854775808.0));
+    TORCH_CHECK(valid.all().item<bool>(),
+                "instance_mean: float instance ids must be whole numbers within int64's range (no fractions, NaN, "
+                "inf or values beyond +-9.2e18); pass integer ids");
+  }
   TORCH_CHECK(feat.device().is_cpu() && inst.device().is_cpu(),
               "instance_mean: the CPU kernel got tensors on ", feat.device(), " and ", inst.device());
   // The ops' layout contract: channels_last for channels-last-like feat (PyTorch's suggestion), NCHW otherwise.

@@ -2,9 +2,12 @@
 
 Subcommands keep the original pix2pixHD scripts' option names:
 ``train`` (train.py), ``test`` (test.py), ``encode-features`` (encode_features.py
-plus the clustering), ``export-onnx``, ``make-synthetic``, ``demo``, ``info``, and ``memory``
-(the peak memory a training step of these options needs).
+plus the clustering), ``export-onnx``, ``make-synthetic``, ``demo``, ``info``, ``edit``
+and ``memory`` (the peak memory a training step of these options needs).
 Several processes: ``torchrun --nproc_per_node N -m fastp2phd train ...``.
+
+This is the edge where options become specs (``fastp2phd.options``); every failure a user
+can fix (a ``Pix2PixHDError``) ends here in one sentence and exit status 1.
 """
 from __future__ import annotations
 
@@ -12,85 +15,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import (add_base_options, add_test_options, add_train_options, finish_options, resolve_device,
-                      saved_model_options)
+from .errors import Pix2PixHDError
+from .options import (build_parser, data_spec, finish_options, model_spec,  # noqa: F401  (build_parser: re-export)
+                      parse_command_line, resolve_device, train_spec)
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastp2phd", description="pix2pixHD as a fast PyTorch library")
-    commands = parser.add_subparsers(dest="command", metavar="command", required=True)
-
-    p = commands.add_parser("train", help="train pix2pixHD (options as in the original train.py)")
-    add_base_options(p)
-    add_train_options(p)
-
-    p = commands.add_parser("test", help="generate images for a test set (options as in the original test.py)")
-    add_base_options(p)
-    add_test_options(p)
-
-    p = commands.add_parser("memory", help="estimate the peak memory of a training step (or of inference) for "
-                                           "these train options, on any machine")
-    add_base_options(p)
-    add_train_options(p)
-    g = p.add_argument_group("memory estimate")
-    g.add_argument("--size", default=None,
-                   help="HEIGHTxWIDTH of the images (default: what the options make of 2048x1024 Cityscapes images)")
-    g.add_argument("--inference", action="store_true", help="estimate generating a batch (as test does) instead")
-    g.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    g.add_argument("--measure", action="store_true",
-                   help="also run the real step on the CUDA device and print torch.cuda.max_memory_allocated")
-
-    p = commands.add_parser("encode-features", help="encode the training set's instances and cluster them per class")
-    add_base_options(p)
-    p.add_argument("--phase", default="train", help="which folders to encode: <phase>_label, ...")
-
-    p = commands.add_parser("export-onnx", help="export the generator to ONNX")
-    add_base_options(p)
-    p.add_argument("--onnx", default=None, help="output file (default: checkpoints_dir/name/<which_epoch>_net_G.onnx)")
-
-    p = commands.add_parser("edit", help="serve the interactive editor for a trained model on 127.0.0.1")
-    add_base_options(p)
-    p.add_argument("--phase", default="test", help="which scenes to edit: <phase>_label, <phase>_inst")
-    p.add_argument("--port", type=int, default=8765, help="port of the editor")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on; anything but 127.0.0.1 exposes the editor to your network")
-    p.add_argument("--max_scenes", type=int, default=32, help="scenes offered in the scene picker")
-    p.add_argument("--cluster_path", default=None, help="clusters file (default features_clustered_<n_clusters>.npz)")
-    p.add_argument("--allow_pickle", action="store_true", help="allow an original pickled clusters .npy")
-
-    p = commands.add_parser("make-synthetic", help="write the built-in synthetic street scenes as a Cityscapes-style folder")
-    p.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
-    p.add_argument("--num_train", type=int, default=64, help="training scenes")
-    p.add_argument("--num_test", type=int, default=16, help="test scenes")
-    p.add_argument("--height", type=int, default=256, help="scene height in pixels")
-    p.add_argument("--width", type=int, default=512, help="scene width in pixels")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scenes")
-
-    p = commands.add_parser("demo", help="train a small model on synthetic scenes, cluster styles, and write a web page")
-    p.add_argument("--out", default="demo_output", help="folder for the data, checkpoints and the page")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scenes and the model")
-
-    commands.add_parser("info", help="print versions, devices and which fast paths are available")
-    return parser
-
-
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    """Parse, taking the model options of a trained run from its opt.txt unless given explicitly."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command in ("test", "encode-features", "export-onnx", "edit"):
-        sub = parser._subparsers._group_actions[0].choices[args.command]
-        saved = saved_model_options(sub, Path(args.checkpoints_dir) / args.name)
-        if saved:
-            sub.set_defaults(**saved)
-            args = parser.parse_args(argv)
-    return args
+parse = parse_command_line  # (the name earlier versions had)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
+    command = "fastp2phd"
+    try:
+        args = parse_command_line(argv)
+        command = f"fastp2phd {args.command}"
+        return _run(args)
+    except (Pix2PixHDError, ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     command = args.command
     if command == "info":
         from .diagnostics import info
@@ -98,14 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         info()
         return 0
     if command == "make-synthetic":
-        from .data import DatasetError, make_synthetic
+        from .data import make_synthetic
 
-        try:
-            out = make_synthetic(args.out, num_train=args.num_train, num_test=args.num_test,
-                                 height=args.height, width=args.width, seed=args.seed)
-        except (DatasetError, FileExistsError) as exc:
-            print(f"fastp2phd make-synthetic: {exc}", file=sys.stderr)
-            return 1
+        out = make_synthetic(args.out, num_train=args.num_train, num_test=args.num_test,
+                             height=args.height, width=args.width, seed=args.seed)
         print(f"wrote {args.num_train} training and {args.num_test} test scenes to {out}")
         return 0
     if command == "demo":
@@ -117,38 +56,49 @@ def main(argv: list[str] | None = None) -> int:
     if command == "memory":  # models a device; needs none
         from .memory import main_memory
 
-        return main_memory(opt, args)
-    device = resolve_device(opt.device)
-    if command == "edit":
-        from .editing.server import main_edit
-
-        return main_edit(opt, device)
+        device_type = "cpu" if (opt.device or "cuda").startswith("cpu") else "cuda"
+        return main_memory(train_spec(opt), size=args.size, inference=args.inference, as_json=args.json,
+                           measure=args.measure, device_type=device_type)
     if command == "train":
         from .training import main_train
 
-        return main_train(opt, device)
+        spec = train_spec(opt)
+        return main_train(spec, resolve_device(opt.device))
 
-    from .inference import InferenceError
+    from .inference import load_run
 
-    try:
-        if command == "test":
-            from .inference import run_test
+    device = resolve_device(opt.device)
+    run_folder = Path(opt.checkpoints_dir) / opt.name
+    model = load_run(run_folder, opt.which_epoch, device, model=model_spec(opt),
+                     cluster_path=getattr(opt, "cluster_path", None), allow_pickle=getattr(opt, "allow_pickle", False))
+    if command == "test":
+        from .inference import run_test
 
-            print(f"results: {run_test(opt, device)}")
-        elif command == "encode-features":
-            from .encode_features import encode_features
+        web_dir = Path(opt.results_dir) / opt.name / f"{opt.phase}_{opt.which_epoch}"
+        page = run_test(model, data_spec(opt, train=False, read_images=opt.use_encoded_image), web_dir,
+                        title=f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {opt.which_epoch}",
+                        how_many=opt.how_many, use_encoded_image=opt.use_encoded_image, seed=opt.seed,
+                        progress=not opt.no_progress)
+        print(f"results: {page}")
+    elif command == "encode-features":
+        from .encode_features import encode_features
 
-            print(f"clusters: {encode_features(opt, device)}")
-        elif command == "export-onnx":
-            from .inference import export_onnx
+        path = encode_features(model, data_spec(opt, train=False, read_images=True), run_folder,
+                               batch_size=opt.batchSize, num_workers=opt.nThreads, seed=opt.seed,
+                               progress=not opt.no_progress)
+        print(f"clusters: {path}")
+    elif command == "export-onnx":
+        from .inference import export_onnx
 
-            path, difference = export_onnx(opt, args.onnx)
-            checked = ("not checked (install onnxruntime to check it)" if difference is None
-                       else f"largest difference from PyTorch {difference:.2e}")
-            print(f"exported {path}; {checked}")
-    except (InferenceError, ValueError, FileNotFoundError) as exc:
-        print(f"fastp2phd {command}: {exc}", file=sys.stderr)
-        return 1
+        path, difference = export_onnx(model, args.onnx or run_folder / f"{opt.which_epoch}_net_G.onnx")
+        checked = ("not checked (install onnxruntime to check it)" if difference is None
+                   else f"largest difference from PyTorch {difference:.2e}")
+        print(f"exported {path}; {checked}")
+    elif command == "edit":
+        from .editing.server import main_edit
+
+        return main_edit(model, data_spec(opt, train=False, read_images=False), name=opt.name, host=opt.host,
+                         port=opt.port, max_scenes=opt.max_scenes, seed=opt.seed)
     return 0
 
 

@@ -8,7 +8,6 @@ L1 distance to the ground truth of the trained generator and of an untrained one
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -16,31 +15,30 @@ from pathlib import Path
 
 import torch
 
-from .cli import build_parser
-from .options import finish_options
+from .specs import DataSpec, ModelSpec, TrainSpec
 from .visualize import HTMLPage, label_to_image, tensor_to_image
 
 SCENE = (64, 128)  # height, width of the demo scenes: small enough to train on 2 CPU cores
 NUM_TRAIN, NUM_TEST = 96, 8
 
+# A small pix2pixHD with instance features.
+DEMO_MODEL = ModelSpec(label_nc=35, instance_feat=True, feat_num=3, nef=8, n_downsample_E=3, n_clusters=6,
+                       ngf=16, n_downsample_global=3, n_blocks_global=3)
 
-def demo_options(out: Path, seed: int, niter: int, niter_decay: int, command: str = "train") -> argparse.Namespace:
-    """The options of a small pix2pixHD with instance features (what `fastp2phd train ...` would parse)."""
-    argv = [
-        command, "--name", "demo", "--checkpoints_dir", str(out / "checkpoints"),
-        "--dataroot", str(out.resolve() / "data"), "--label_nc", "35", "--instance_feat", "--feat_num", "3",
-        "--nef", "8", "--n_downsample_E", "3", "--n_clusters", "6",
-        "--ngf", "16", "--n_downsample_global", "3", "--n_blocks_global", "3",
-        "--resize_or_crop", "none", "--nThreads", "0", "--seed", str(seed), "--batchSize", "4", "--no_progress",
-    ]
-    if command == "train":
-        argv += ["--ndf", "16", "--num_D", "2", "--n_layers_D", "2", "--no_vgg_loss", "--lr", "0.0008",
-                 "--niter", str(niter), "--niter_decay", str(niter_decay), "--print_freq", "192",
-                 "--display_freq", "384", "--save_latest_freq", "100000", "--save_epoch_freq", "1000"]
-    elif command == "test":
-        argv += ["--how_many", "inf"]
-    opt = build_parser().parse_args(argv)
-    return finish_options(opt, is_train=command == "train")
+
+def demo_data(out: Path, phase: str, seed: int, *, train: bool = False, read_images: bool = True) -> DataSpec:
+    return DataSpec.for_model(DEMO_MODEL, dataroot=str(out.resolve() / "data"), phase=phase, resize_or_crop="none",
+                              train=train, read_images=read_images, seed=seed)
+
+
+def demo_training(out: Path, seed: int, niter: int, niter_decay: int, *, continue_train: bool = False) -> TrainSpec:
+    """What `fastp2phd train ...` would run for the demo."""
+    return TrainSpec(
+        model=DEMO_MODEL, data=demo_data(out, "train", seed, train=True), name="demo",
+        checkpoints_dir=str(out / "checkpoints"), continue_train=continue_train, ndf=16, num_D=2, n_layers_D=2,
+        no_vgg_loss=True, lr=0.0008, niter=niter, niter_decay=niter_decay, nThreads=0, seed=seed, batchSize=4,
+        no_progress=True, print_freq=192, display_freq=384, save_latest_freq=100000, save_epoch_freq=1000,
+    )
 
 
 def _l1(model, dataset, device, *, untrained: bool = False) -> float:
@@ -55,9 +53,10 @@ def _l1(model, dataset, device, *, untrained: bool = False) -> float:
 
 
 def run_demo(out: Path, device: torch.device, minutes: float = 5.0, seed: int = 0) -> int:
-    from .data import make_synthetic
+    from .data import create_dataset, make_synthetic
     from .encode_features import encode_features
     from .features import load_clusters
+    from .inference import load_run
     from .pix2pixhd import Pix2PixHD
     from .training import Trainer
 
@@ -72,8 +71,7 @@ def run_demo(out: Path, device: torch.device, minutes: float = 5.0, seed: int = 
     make_synthetic(out / "data", num_train=NUM_TRAIN, num_test=NUM_TEST, height=SCENE[0], width=SCENE[1], seed=seed)
 
     # Time one epoch, then fit the epochs into the budget (half constant, half decaying learning rate).
-    probe = demo_options(out, seed, 1, 0)
-    trainer = Trainer(probe, device)
+    trainer = Trainer(demo_training(out, seed, 1, 0), device)
     t0 = time.time()
     trainer.run()
     epoch_seconds = time.time() - t0
@@ -81,23 +79,17 @@ def run_demo(out: Path, device: torch.device, minutes: float = 5.0, seed: int = 
     epochs = int(max(2, min(200, budget // epoch_seconds)))
     niter = epochs // 2
     print(f"[demo] one epoch takes {epoch_seconds:.1f}s; training {epochs} epochs on {device}")
-    opt = demo_options(out, seed, niter, epochs - niter)
-    opt.continue_train = True  # go on from the probe epoch
-    Trainer(opt, device).run()
+    Trainer(demo_training(out, seed, niter, epochs - niter, continue_train=True), device).run()  # on from the probe
 
     print("[demo] encoding and clustering instance features")
-    encode_opt = demo_options(out, seed, 0, 0, command="encode-features")
-    clusters_path = encode_features(encode_opt, device)
-
-    test_opt = demo_options(out, seed, 0, 0, command="test")
-    from .data import create_dataset
-    from .inference import load_model
-
-    test_set = create_dataset(argparse.Namespace(**{**vars(test_opt), "use_encoded_image": True}))
-    trained = load_model(argparse.Namespace(**{**vars(test_opt), "use_encoded_image": True}), device)
+    run_folder = out / "checkpoints" / "demo"
+    trained = load_run(run_folder, device=device)
+    clusters_path = encode_features(trained, demo_data(out, "train", seed), run_folder, batch_size=4, seed=seed,
+                                    progress=False)
     trained.clusters = load_clusters(clusters_path)[0]
+    test_set = create_dataset(demo_data(out, "test", seed))
     torch.manual_seed(seed + 1)
-    untrained = Pix2PixHD(test_opt).to(device).eval()
+    untrained = Pix2PixHD(DEMO_MODEL).to(device).eval()
     l1_trained = _l1(trained, test_set, device)
     l1_untrained = _l1(untrained, test_set, device)
 

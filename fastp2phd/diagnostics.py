@@ -27,7 +27,19 @@ def collect() -> dict[str, Any]:
     devices = [f"cpu ({torch.get_num_threads()} threads)"]
     if torch.cuda.is_available():
         devices += [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
-    ops = {op: {"reference": None, **{p.name: p.unavailable for p in paths}} for op, paths in fast_paths().items()}
+    if torch.version.cuda is None:
+        no_cuda = "torch is a CPU build, so there are no CUDA tensors for it (install a CUDA build of torch)"
+    elif not torch.cuda.is_available():
+        no_cuda = "this machine has no CUDA device (or the driver is missing), so there are no CUDA tensors for it"
+    else:
+        no_cuda = None
+    ops = {}
+    for op, paths in fast_paths().items():
+        ops[op] = {"reference": None}
+        for path in paths:
+            # Built and importable, but useless without CUDA: say so rather than "available".
+            ops[op][path.name] = path.unavailable or (f"installed, but {no_cuda}" if path.device_type == "cuda"
+                                                      and no_cuda else None)
     return {
         "fastp2phd": __version__,
         "python": platform.python_version(),

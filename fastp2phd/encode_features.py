@@ -8,7 +8,7 @@ stored as ``.npz`` (no pickle).
 """
 from __future__ import annotations
 
-import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -16,39 +16,43 @@ from torch.utils.data import DataLoader
 
 from .console import progress_bar
 from .features import FeatureCollector, cluster_features, save_clusters
-from .inference import InferenceError, load_network_file
-from .pix2pixhd import Pix2PixHD, uses_features
+from .inference import InferenceError
+from .pix2pixhd import Pix2PixHD
+from .specs import DataSpec
 
 
-def encode_features(opt: argparse.Namespace, device: torch.device) -> Path:
-    """Write ``features_clustered_<n_clusters>.npz`` (and the raw ``features.npz``); returns the clusters file."""
+def encode_features(model: Pix2PixHD, data: DataSpec, folder: str | os.PathLike, *, batch_size: int = 1,
+                    num_workers: int = 0, seed: int = 0, progress: bool = True) -> Path:
+    """Encode the photos of ``data`` (unflipped) with ``model``'s encoder, cluster them, and write
+    ``folder/features_clustered_<n_clusters>.npz`` (and the raw ``features.npz``); returns the clusters file."""
     from .data import DatasetError, create_dataset
     from .training import collate
 
-    if not uses_features(opt):
-        raise InferenceError("encode-features needs a model trained with --instance_feat (or --label_feat): pass the same flag")
-    encode_opt = argparse.Namespace(**{**vars(opt), "isTrain": True, "no_flip": True, "serial_batches": True})
-    model = Pix2PixHD(encode_opt)
-    folder = Path(opt.checkpoints_dir) / opt.name
-    load_network_file(model.netE, folder / f"{opt.which_epoch}_net_E.pth")
-    model = model.to(device).eval()
+    spec = model.spec
+    if not spec.uses_features:
+        raise InferenceError("encode-features needs a model trained with --instance_feat (or --label_feat): pass the "
+                             "same flag")
+    if model.netE is None:
+        raise InferenceError("encode-features needs the run's encoder (<which_epoch>_net_E.pth), which is not there")
+    folder = Path(folder)
+    device = next(model.parameters()).device
     try:
-        dataset = create_dataset(encode_opt)
-        loader = DataLoader(dataset, batch_size=opt.batchSize, shuffle=False, num_workers=opt.nThreads, collate_fn=collate)
+        dataset = create_dataset(data.replace(read_images=True, train=False))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
         collector = FeatureCollector()
-        progress = progress_bar(len(dataset), "encoding", not opt.no_progress)
+        bar = progress_bar(len(dataset), "encoding", progress)
         with torch.no_grad():
             for batch in loader:
                 image, inst, label = (batch[k].to(device) for k in ("image", "inst", "label"))
-                regions = label if opt.label_feat else inst
+                regions = label if spec.label_feat else inst
                 collector.add(model.encode_features(image, inst, label), regions)
-                progress.update(image.shape[0])
-        progress.close()
+                bar.update(image.shape[0])
+        bar.close()
     except DatasetError as exc:
         raise InferenceError(str(exc)) from None
     features = collector.result()
     save_clusters(folder / "features.npz", features, {"kind": "features", "columns": "features..., relative area"})
-    centers = cluster_features(features, n_clusters=opt.n_clusters, seed=opt.seed, device=device)
-    path = folder / f"features_clustered_{opt.n_clusters:03d}.npz"
-    save_clusters(path, centers, {"kind": "clusters", "feat_num": opt.feat_num, "n_clusters": opt.n_clusters})
+    centers = cluster_features(features, n_clusters=spec.n_clusters, seed=seed, device=device)
+    path = folder / f"features_clustered_{spec.n_clusters:03d}.npz"
+    save_clusters(path, centers, {"kind": "clusters", "feat_num": spec.feat_num, "n_clusters": spec.n_clusters})
     return path

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data.labels import class_of_instance
 from .errors import Pix2PixHDError
 from .files import atomic_path
 
@@ -80,14 +81,8 @@ class UnsafePickleError(ClustersFileError):
 
 
 def class_of(instance_id: int) -> int:
-    """Semantic class of an instance id: ``id`` if ``id < 1000`` else ``id // 1000``."""
-    instance_id = int(instance_id)
-    return instance_id if instance_id < 1000 else instance_id // 1000
-
-
-def _class_tensor(ids: torch.Tensor) -> torch.Tensor:
-    """Elementwise :func:`class_of` for an int64 tensor."""
-    return torch.where(ids < 1000, ids, torch.div(ids, 1000, rounding_mode="floor"))
+    """Semantic class of an instance id (``data.labels.class_of_instance`` for one Python int)."""
+    return int(class_of_instance(int(instance_id)))
 
 
 def _as_id_map(inst: torch.Tensor, name: str = "inst") -> torch.Tensor:
@@ -659,7 +654,7 @@ def sample_feature_map(inst: torch.Tensor, centers: Mapping[int, Any], feat_num:
     rand_device = generator.device if generator is not None else torch.device("cpu")
     for b in range(n):
         uniq, inverse = torch.unique(ids_map[b], sorted=True, return_inverse=True)
-        cls_u = _class_tensor(uniq)
+        cls_u = class_of_instance(uniq)
         pos = torch.searchsorted(class_keys, cls_u).clamp_max(len(classes) - 1)
         has = class_keys[pos] == cls_u
         sel = has.nonzero().squeeze(1)

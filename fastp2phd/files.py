@@ -13,18 +13,42 @@ import torch
 from .errors import CheckpointReadError, CheckpointReadFileNotFound
 
 
+TEMPORARY_SUFFIX = ".fastp2phd.tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_leftover_temporaries(folder: str | os.PathLike) -> int:
+    """Remove what writes killed midway left in ``folder`` (their temporary files, up to a whole train
+    state each); returns how many. Only this module's own temporaries are touched."""
+    removed = 0
+    for leftover in Path(folder).glob(f".*{TEMPORARY_SUFFIX}"):
+        try:
+            leftover.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename.
 
     Killed at any moment, the folder holds either the old file or the new one,
-    never a truncated mix (a leftover ``.tmp`` file at worst).
+    never a truncated mix (a leftover temporary file at worst, which ``remove_leftover_temporaries``
+    cleans up). The file gets the permissions a plain ``open`` would give it (the umask's).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets the mode open() would give it
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
@@ -71,14 +95,19 @@ def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         raise CheckpointReadFileNotFound(f"the {what} {path} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # garbage, rather than objects weights_only refuses
+            raise _damaged(path, what, exc) from None
         raise CheckpointReadError(
             f"the {what} {path} holds Python objects besides tensors, which fastp2phd does not load (it loads "
             "with weights_only=True, so a file cannot run code); re-save it as a plain state_dict, or check the path"
         ) from None
     except Exception as exc:  # truncated zip, empty file, not a torch file at all, ...
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise CheckpointReadError(
-            f"the {what} {path} cannot be read ({detail}): it is truncated, damaged or not a PyTorch file; "
-            "restore it from a copy or write it again"
-        ) from None
+        raise _damaged(path, what, exc) from None
+
+
+def _damaged(path: Path, what: str, exc: Exception) -> CheckpointReadError:
+    detail = type(exc).__name__ if isinstance(exc, pickle.UnpicklingError) else (
+        (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160])
+    return CheckpointReadError(f"the {what} {path} cannot be read ({detail}): it is truncated, damaged or not a "
+                               "PyTorch file; restore it from a copy or write it again")

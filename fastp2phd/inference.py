@@ -1,7 +1,6 @@
 """Generating images from label maps with a trained (or original) pix2pixHD checkpoint."""
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -13,7 +12,8 @@ import torch
 from .console import progress_bar
 from .errors import Pix2PixHDError
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
-from .pix2pixhd import Pix2PixHD, uses_features
+from .pix2pixhd import Pix2PixHD
+from .specs import OPT_TXT, DataSpec, ModelSpec, model_spec_from_opt_txt
 from .visualize import HTMLPage, label_to_image, tensor_to_image
 
 
@@ -21,17 +21,51 @@ class InferenceError(Pix2PixHDError, RuntimeError):
     """Inference cannot run (missing checkpoint or clusters, bad data); the message says why."""
 
 
-def load_model(opt: argparse.Namespace, device: torch.device) -> Pix2PixHD:
-    """A Pix2PixHD in eval mode with ``<which_epoch>_net_G.pth`` (and E, and clusters when needed) loaded."""
-    model = Pix2PixHD(opt)
-    folder = Path(opt.checkpoints_dir) / opt.name
-    load_network_file(model.netG, folder / f"{opt.which_epoch}_net_G.pth")
-    if model.netE is not None and getattr(opt, "use_encoded_image", False):
-        load_network_file(model.netE, folder / f"{opt.which_epoch}_net_E.pth")
-    if uses_features(opt) and not getattr(opt, "use_encoded_image", False) and not opt.load_features:
-        name = getattr(opt, "cluster_path", None) or f"features_clustered_{opt.n_clusters:03d}.npz"
-        model.clusters = load_cluster_file(folder / name, getattr(opt, "allow_pickle", False))
-    return model.to(device).eval()
+def load_run(
+    path: str | os.PathLike,
+    which_epoch: str = "latest",
+    device: str | torch.device | None = None,
+    *,
+    model: ModelSpec | None = None,
+    cluster_path: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+) -> Pix2PixHD:
+    """A trained run, ready to generate: ``Pix2PixHD`` in eval mode on ``device`` (default the CPU).
+
+    ``path`` is the run folder (``checkpoints_dir/name``). The model options come from its
+    ``opt.txt`` (written by ``fastp2phd train``, and by the original code), or from ``model``
+    for a folder without one, such as original pix2pixHD checkpoints. Loads
+    ``<which_epoch>_net_G.pth`` strictly; the encoder ``_net_E.pth`` where the model has one and
+    the file is there; and, for a model with features, the clusters ``encode-features`` wrote
+    (``features_clustered_<n_clusters>.npz``, or ``cluster_path``: an original pickled
+    ``.npy`` only with ``allow_pickle``) where they are there. What is missing is said, in one
+    sentence, by the call that needs it.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise InferenceError(f"{folder} is not a run folder; pass checkpoints_dir/name of a trained run")
+    if model is None:
+        if not (folder / OPT_TXT).is_file():
+            raise InferenceError(f"{folder} has no {OPT_TXT}: pass model=ModelSpec(...) with the options the run was "
+                                 "trained with")
+        model = model_spec_from_opt_txt(folder)
+    net = Pix2PixHD(model)
+    load_network_file(net.netG, folder / f"{which_epoch}_net_G.pth")
+    encoder = folder / f"{which_epoch}_net_E.pth"
+    if net.netE is not None:
+        if encoder.is_file():
+            load_network_file(net.netE, encoder)
+        else:
+            net.netE = None  # rather than an encoder with random weights
+    if model.uses_features and not model.load_features:
+        clusters = Path(cluster_path) if cluster_path else folder / f"features_clustered_{model.n_clusters:03d}.npz"
+        if not clusters.is_absolute() and cluster_path:
+            clusters = folder / clusters
+        if clusters.is_file():
+            net.clusters = load_cluster_file(clusters, allow_pickle)
+        elif cluster_path:
+            raise InferenceError(f"the clusters file {clusters} does not exist; check --cluster_path")
+    return net.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
 
 
 def load_network_file(net: torch.nn.Module, path: Path) -> None:
@@ -47,57 +81,64 @@ def load_network_file(net: torch.nn.Module, path: Path) -> None:
 def load_cluster_file(path: Path, allow_pickle: bool) -> dict[int, torch.Tensor]:
     from .features import import_official_clusters, load_clusters
 
-    if not path.is_file():
-        raise InferenceError(
-            f"{path} does not exist: run `fastp2phd encode-features` with the same --name first, "
-            "or pass --use_encoded_image to encode the real images instead"
-        )
     if path.suffix == ".npy":
         return import_official_clusters(path, allow_pickle=allow_pickle)
     return load_clusters(path)[0]
 
 
-def run_test(opt: argparse.Namespace, device: torch.device) -> Path:
-    """Generate images for the test set into results_dir/name/<phase>_<which_epoch>; returns the web page."""
+def run_test(
+    model: Pix2PixHD,
+    data: DataSpec,
+    web_dir: str | os.PathLike,
+    *,
+    title: str = "pix2pixHD results",
+    how_many: float = math.inf,
+    use_encoded_image: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Generate images for ``data`` into ``web_dir`` (images and an index.html); returns the page.
+
+    Features come from the encoded real images with ``use_encoded_image`` (``data`` must read
+    them), else from the model's clusters, sampled with ``seed``.
+    """
     from .data import DatasetError, create_dataset
 
-    model = load_model(opt, device)
+    spec = model.spec
+    if spec.uses_features and not spec.load_features:
+        if use_encoded_image and model.netE is None:
+            raise InferenceError("--use_encoded_image needs the run's encoder (<which_epoch>_net_E.pth), which is not "
+                                 "there; sample clusters instead (drop --use_encoded_image)")
+        if not use_encoded_image and model.clusters is None:
+            raise InferenceError("this model uses instance features and the run has no clusters: run `fastp2phd "
+                                 "encode-features` with the same --name first, or pass --use_encoded_image")
+    device = next(model.parameters()).device
     try:
-        dataset = create_dataset(opt)
+        dataset = create_dataset(data)
         count = len(dataset)
     except DatasetError as exc:
         raise InferenceError(str(exc)) from None
-    count = count if math.isinf(opt.how_many) else min(count, int(opt.how_many))
-    web_dir = Path(opt.results_dir) / opt.name / f"{opt.phase}_{opt.which_epoch}"
-    page = HTMLPage(web_dir, f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {opt.which_epoch}")
-    generator = torch.Generator(device=device).manual_seed(opt.seed)
-    progress = progress_bar(count, "test", not opt.no_progress)
+    count = count if math.isinf(how_many) else min(count, int(how_many))
+    page = HTMLPage(Path(web_dir), title)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    bar = progress_bar(count, "test", progress)
     for i in range(count):
         item = dataset[i]
         label = item["label"].unsqueeze(0).to(device)
         inst = item["inst"].unsqueeze(0).to(device)
-        image = item["image"].unsqueeze(0).to(device) if opt.use_encoded_image else None
-        fake = model.inference(label, None if opt.no_instance else inst, image, generator=generator)
+        image = item["image"].unsqueeze(0).to(device) if use_encoded_image else None
+        fake = model.inference(label, None if spec.no_instance else inst, image, generator=generator)
         name = Path(item["path"]).stem
         page.add_header(name)
-        page.add_images({"input_label": label_to_image(item["label"], opt.label_nc),
+        page.add_images({"input_label": label_to_image(item["label"], spec.label_nc),
                          "synthesized_image": tensor_to_image(fake[0])}, prefix=name)
-        progress.update(1)
-    progress.close()
+        bar.update(1)
+    bar.close()
     return page.save()
 
 
-def load_generator(opt: argparse.Namespace) -> torch.nn.Module:
-    """The generator of a run (``<which_epoch>_net_G.pth``, strictly loaded) on the CPU, in eval mode."""
-    from .pix2pixhd import build_generator
-
-    netG = build_generator(opt)
-    load_network_file(netG, Path(opt.checkpoints_dir) / opt.name / f"{opt.which_epoch}_net_G.pth")
-    return netG.eval()
-
-
-def export_onnx(opt: argparse.Namespace, path: str | os.PathLike | None = None) -> tuple[Path, float | None]:
-    """Export the generator (any configuration) to ONNX with a dynamic batch, height and width.
+def export_onnx(model: Pix2PixHD, path: str | os.PathLike) -> tuple[Path, float | None]:
+    """Export ``model``'s generator to ONNX with a dynamic batch, height and width.
 
     The graph takes the generator's encoded input, named ``input`` (one-hot labels,
     boundary map and features, as ``Pix2PixHD.encode_input`` builds them), and
@@ -105,12 +146,11 @@ def export_onnx(opt: argparse.Namespace, path: str | os.PathLike | None = None) 
     largest difference from PyTorch on an input of another size than the export's.
     """
     from .files import atomic_path
-    from .pix2pixhd import size_multiple
 
-    netG = load_generator(opt)
-    out = Path(path) if path else Path(opt.checkpoints_dir) / opt.name / f"{opt.which_epoch}_net_G.onnx"
-    channels = netG.options["input_nc"]
-    multiple = size_multiple(argparse.Namespace(**{**vars(opt), "instance_feat": False, "label_feat": False}))
+    netG = model.netG.cpu().eval()
+    out = Path(path)
+    channels = model.spec.generator_input_nc
+    multiple = model.spec.generator_size_multiple
     example = torch.randn(1, channels, 2 * multiple, 4 * multiple)
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level

@@ -19,7 +19,6 @@ workspaces, and the caching allocator's rounding and fragmentation (typically
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import weakref
@@ -29,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
+
+from .specs import DataSpec, ModelSpec, TrainSpec
 
 GiB = 1024**3
 
@@ -132,45 +133,46 @@ class MemoryEstimate:
         return "\n".join(lines)
 
 
-def _config(opt: argparse.Namespace, size: tuple[int, int], device_type: str, amp: torch.dtype | None,
-            training: bool) -> dict:
-    network = f"{opt.netG} G (ngf {opt.ngf})"
-    if (opt.instance_feat or opt.label_feat) and training:
-        network += f" + E (nef {opt.nef})"
-    if training:
-        network += f" + {opt.num_D} D (ndf {opt.ndf})" + ("" if opt.no_vgg_loss else " + VGG19 loss")
-    return {"network": network, "height": size[0], "width": size[1], "batch": opt.batchSize,
+def _config(model: ModelSpec, size: tuple[int, int], batch: int, device_type: str, amp: torch.dtype | None,
+            train: TrainSpec | None) -> dict:
+    network = f"{model.netG} G (ngf {model.ngf})"
+    if train is not None:
+        if model.has_encoder:
+            network += f" + E (nef {model.nef})"
+        network += f" + {train.num_D} D (ndf {train.ndf})" + ("" if train.no_vgg_loss else " + VGG19 loss")
+    return {"network": network, "height": size[0], "width": size[1], "batch": batch,
             "precision": {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}[amp],
-            "device": device_type, "checkpointing": bool(getattr(opt, "checkpoint_activations", False))}
+            "device": device_type, "checkpointing": bool(train and train.checkpoint_activations)}
 
 
-def default_size(opt: argparse.Namespace) -> tuple[int, int]:
-    """(height, width) of the training images an option set gives, for Cityscapes' 2048x1024 images."""
-    from .pix2pixhd import size_multiple
-
+def default_size(data: DataSpec, model: ModelSpec) -> tuple[int, int]:
+    """(height, width) of the images ``data`` makes of Cityscapes' 2048x1024 images, rounded to ``model``'s multiple."""
     width, height = 2048, 1024
-    mode = opt.resize_or_crop
+    mode = data.resize_or_crop
     if mode in ("resize_and_crop", "crop", "scale_width_and_crop"):
-        width = height = opt.fineSize
+        width = height = data.fineSize
     elif mode == "scale_width":
-        width, height = opt.loadSize, opt.loadSize * height // width
-    multiple = size_multiple(opt)
+        width, height = data.loadSize, data.loadSize * height // width
+    multiple = model.size_multiple
     return max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple)
 
 
-def _fake_batch(opt: argparse.Namespace, size: tuple[int, int], random: bool = False) -> dict:
+def _fake_batch(model: ModelSpec, batch: int, size: tuple[int, int], random: bool = False) -> dict:
     """A batch of the shapes and dtypes the data loader gives (zeros; with ``random``, values a real step can use)."""
-    n, (h, w) = opt.batchSize, size
+    n, (h, w) = batch, size
     g = torch.Generator().manual_seed(0)
-    if opt.label_nc == 0:
-        label = torch.rand(n, opt.input_nc, h, w, generator=g) if random else torch.zeros(n, opt.input_nc, h, w)
+    if model.label_nc == 0:
+        label = torch.rand(n, model.input_nc, h, w, generator=g) if random else torch.zeros(n, model.input_nc, h, w)
+    elif random:
+        label = torch.randint(0, model.label_nc, (n, 1, h, w), generator=g)
     else:
-        label = torch.randint(0, opt.label_nc, (n, 1, h, w), generator=g) if random else torch.zeros(n, 1, h, w, dtype=torch.int64)
+        label = torch.zeros(n, 1, h, w, dtype=torch.int64)
     batch = {"label": label,
              "inst": torch.randint(0, 4, (n, 1, h, w), generator=g) if random else torch.zeros(n, 1, h, w, dtype=torch.int64),
-             "image": torch.rand(n, opt.output_nc, h, w, generator=g) * 2 - 1 if random else torch.zeros(n, opt.output_nc, h, w)}
-    if opt.load_features:
-        batch["feat"] = torch.zeros(n, opt.feat_num, h, w)
+             "image": (torch.rand(n, model.output_nc, h, w, generator=g) * 2 - 1 if random
+                       else torch.zeros(n, model.output_nc, h, w))}
+    if model.load_features:
+        batch["feat"] = torch.zeros(n, model.feat_num, h, w)
     return batch
 
 
@@ -205,9 +207,10 @@ def _label_networks(tracker: LiveBytes, networks: dict[str, torch.nn.Module | No
         net.register_forward_hook(leave)
 
 
-def estimate_training_step(opt: argparse.Namespace, size: tuple[int, int] | None = None, device_type: str = "cuda",
+def estimate_training_step(spec: TrainSpec, size: tuple[int, int] | None = None, device_type: str = "cuda",
                            step_class=None, *, fake: bool = True) -> MemoryEstimate:
-    """Peak memory of one training step of ``opt`` (train options) on images of ``size`` (height, width).
+    """Peak memory of one training step of ``spec`` on images of ``size`` (height, width; default
+    ``default_size``).
 
     ``device_type``: whose fast paths to model ("cuda" or "cpu"). ``step_class``: a TrainStep
     (sub)class whose ``step`` to run (the benchmarks pass the original code's step).
@@ -224,15 +227,15 @@ def estimate_training_step(opt: argparse.Namespace, size: tuple[int, int] | None
     if not fake and device_type != "cpu":
         raise ValueError("a training step on real tensors is tracked on the CPU only (device_type='cpu')")
     step_class = step_class or TrainStep
-    size = size or default_size(opt)
-    check_size(opt, size)
+    size = size or default_size(spec.data, spec.model)
+    check_size(spec.model, size)
     tracker = LiveBytes()
     flops = FlopCounterMode(display=False)
     with FakeTensorMode() if fake else contextlib.nullcontext(), tracker, emulate_device(device_type):
         tracker.label = "parameters and buffers"
-        step = step_class(opt, torch.device("cpu"), vgg=None if opt.no_vgg_loss else Vgg19(pretrained=False))
+        step = step_class(spec, torch.device("cpu"), vgg=None if spec.no_vgg_loss else Vgg19(pretrained=False))
         tracker.label = "batch"
-        batch = _fake_batch(opt, size, random=not fake)
+        batch = _fake_batch(spec.model, spec.batchSize, size, random=not fake)
         _label_networks(tracker, {"G": step.model.netG, "E": step.model.netE, "D": step.netD, "VGG": step.vgg_loss})
 
         def phase(name: str) -> None:
@@ -246,45 +249,43 @@ def estimate_training_step(opt: argparse.Namespace, size: tuple[int, int] | None
         peak, peak_label, at_peak = tracker.peak, tracker.peak_label, tracker.at_peak
         with flops:  # a step of its own: counting FLOPs changes what autograd keeps
             step.step(batch)
-    return MemoryEstimate("training step", _config(opt, size, device_type, step.amp_dtype, True), peak, peak_label,
+    config = _config(spec.model, size, spec.batchSize, device_type, step.amp_dtype, spec)
+    return MemoryEstimate("training step", config, peak, peak_label,
                           {k: v for k, v in at_peak.items() if v > 0}, flops.get_total_flops())
 
 
-def estimate_inference(opt: argparse.Namespace, size: tuple[int, int] | None = None,
+def estimate_inference(model_spec: ModelSpec, size: tuple[int, int], batch: int = 1,
                        device_type: str = "cuda") -> MemoryEstimate:
     """Peak memory of generating one batch without autograd (as ``fastp2phd test`` does, fp32)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     from .ops._dispatch import emulate_device
-    from .pix2pixhd import Pix2PixHD, uses_features
+    from .pix2pixhd import Pix2PixHD
 
-    size = size or default_size(opt)
-    check_size(opt, size)
+    check_size(model_spec, size)
     tracker = LiveBytes()
     flops = FlopCounterMode(display=False)
     with FakeTensorMode(), tracker, emulate_device(device_type), torch.no_grad():
         tracker.label = "parameters and buffers"
-        model = Pix2PixHD(opt).eval()
+        model = Pix2PixHD(model_spec).eval()
         tracker.label = "batch"
-        batch = _fake_batch(opt, size)
+        data = _fake_batch(model_spec, batch, size)
         # Features from clusters or the encoder take the same memory: a feat_num-channel map.
-        feat = torch.zeros(opt.batchSize, opt.feat_num, *size) if uses_features(opt) else None
+        feat = torch.zeros(batch, model_spec.feat_num, *size) if model_spec.uses_features else None
         _label_networks(tracker, {"G": model.netG})
         tracker.label = PHASE_LABELS["inputs"]
-        model.generate(batch["label"], batch["inst"], feat=feat)
+        model.generate(data["label"], data["inst"], feat=feat)
         peak, peak_label, at_peak = tracker.peak, tracker.peak_label, tracker.at_peak
         with flops:  # a run of its own, as for training
-            model.generate(batch["label"], batch["inst"], feat=feat)
-    return MemoryEstimate("inference", _config(opt, size, device_type, None, False), peak, peak_label,
+            model.generate(data["label"], data["inst"], feat=feat)
+    return MemoryEstimate("inference", _config(model_spec, size, batch, device_type, None, None), peak, peak_label,
                           {k: v for k, v in at_peak.items() if v > 0}, flops.get_total_flops())
 
 
-def check_size(opt: argparse.Namespace, size: tuple[int, int]) -> None:
+def check_size(model: ModelSpec, size: tuple[int, int]) -> None:
     """The sentence ``train`` gives for a size the generator cannot take."""
-    from .pix2pixhd import size_multiple
-
-    multiple = size_multiple(opt)
+    multiple = model.size_multiple
     h, w = size
     if h <= 0 or w <= 0 or h % multiple or w % multiple:
         raise ValueError(f"size {h}x{w} is not a multiple of {multiple}, which this generator needs; "
@@ -299,15 +300,15 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(height), int(width)
 
 
-def measure_training_step(opt: argparse.Namespace, size: tuple[int, int], step_class=None) -> int:
+def measure_training_step(spec: TrainSpec, size: tuple[int, int], step_class=None) -> int:
     """torch.cuda.max_memory_allocated of a real second training step on the current CUDA device."""
     from .models.vgg import Vgg19
     from .train_step import TrainStep
 
     device = torch.device("cuda")
     torch.cuda.empty_cache()
-    step = (step_class or TrainStep)(opt, device, vgg=None if opt.no_vgg_loss else Vgg19(pretrained=False))
-    batch = {k: v.to(device) for k, v in _fake_batch(opt, size, random=True).items()}
+    step = (step_class or TrainStep)(spec, device, vgg=None if spec.no_vgg_loss else Vgg19(pretrained=False))
+    batch = {k: v.to(device) for k, v in _fake_batch(spec.model, spec.batchSize, size, random=True).items()}
     step.step(batch)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -316,25 +317,25 @@ def measure_training_step(opt: argparse.Namespace, size: tuple[int, int], step_c
     return torch.cuda.max_memory_allocated()
 
 
-def main_memory(opt: argparse.Namespace, args: argparse.Namespace) -> int:
+def main_memory(spec: TrainSpec, *, size: str | None, inference: bool, as_json: bool, measure: bool,
+                device_type: str) -> int:
     """``fastp2phd memory``: print (or --json) the estimate; with --measure, the real step's CUDA peak beside it."""
     import sys
 
     from .train_step import TrainingError
 
-    device_type = "cpu" if (opt.device or "cuda").startswith("cpu") else "cuda"
     try:
-        size = parse_size(args.size) if args.size else None
-        if args.inference:
-            estimate = estimate_inference(opt, size, device_type)
+        shape = parse_size(size) if size else default_size(spec.data, spec.model)
+        if inference:
+            estimate = estimate_inference(spec.model, shape, spec.batchSize, device_type)
         else:
-            estimate = estimate_training_step(opt, size, device_type)
+            estimate = estimate_training_step(spec, shape, device_type)
     except (ValueError, TrainingError) as exc:
         print(f"fastp2phd memory: {exc}", file=sys.stderr)
         return 1
     status = 0
-    if args.measure:
-        if args.inference:
+    if measure:
+        if inference:
             estimate.notes.append("--measure measures training steps only")
             status = 1
         elif not torch.cuda.is_available():
@@ -342,8 +343,8 @@ def main_memory(opt: argparse.Namespace, args: argparse.Namespace) -> int:
                                   "there is")
             status = 1
         else:
-            estimate.measured_bytes = measure_training_step(opt, (estimate.config["height"], estimate.config["width"]))
-    print(estimate.to_json() if args.json else estimate.format())
+            estimate.measured_bytes = measure_training_step(spec, shape)
+    print(estimate.to_json() if as_json else estimate.format())
     if status:
         print(f"fastp2phd memory: {estimate.notes[-1]}", file=sys.stderr)
     return status

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
+
+from .specs import OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec, read_opt_txt
 
 
 def _positive_int(text: str) -> int:
@@ -31,7 +34,22 @@ def _size(text: str) -> float:
     return math.inf if text == "inf" else float(_non_negative_int(text))
 
 
-def add_base_options(p: argparse.ArgumentParser) -> None:
+# What `edit -h` shows of the base options; the rest (model options, from opt.txt) still parse.
+_EDIT_OPTIONS = ("name", "checkpoints_dir", "which_epoch", "device", "dataroot", "seed")
+
+
+def add_base_options(p: argparse.ArgumentParser, model_help: bool = True) -> None:
+    """The options every command that builds a model takes. ``model_help=False``: list only the run's
+    name, folder, epoch, device, data root and seed in ``-h`` (the model options come from opt.txt)."""
+    first = len(p._actions)
+    _add_base_options(p)
+    if not model_help:
+        for action in p._actions[first:]:
+            if action.dest not in _EDIT_OPTIONS:
+                action.help = argparse.SUPPRESS
+
+
+def _add_base_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("experiment")
     g.add_argument("--name", default="label2city", help="name of the experiment: its checkpoints go to checkpoints_dir/name")
     g.add_argument("--checkpoints_dir", default="./checkpoints", help="where models, logs and web pages are saved")
@@ -150,31 +168,31 @@ MODEL_OPTIONS = (
 
 
 def saved_model_options(parser: argparse.ArgumentParser, folder) -> dict:
-    """The model options recorded in ``folder/opt.txt`` ("name: value" lines), typed by ``parser``."""
-    from pathlib import Path
-
-    path = Path(folder) / "opt.txt"
-    if not path.is_file():
-        return {}
-    recorded = {}
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() in MODEL_OPTIONS:
-            recorded[key.strip()] = value.strip()
+    """The model options recorded in ``folder/opt.txt``, typed and checked by ``parser``'s actions;
+    a value an option does not take is one sentence naming the file."""
+    path = Path(folder) / OPT_TXT
+    recorded = {k: v for k, v in read_opt_txt(folder).items() if k in MODEL_OPTIONS}
     options = {}
     for action in parser._actions:
         if action.dest not in recorded:
             continue
         text = recorded[action.dest]
-        if isinstance(action, argparse._StoreTrueAction):
-            options[action.dest] = text == "True"
-        elif text == "None":
-            options[action.dest] = None
-        else:
-            try:
-                options[action.dest] = action.type(text) if action.type else text
-            except (ValueError, argparse.ArgumentTypeError):
-                continue  # an option this version reads differently: keep the default
+        try:
+            if isinstance(action, argparse._StoreTrueAction):
+                if text not in ("True", "False"):
+                    raise ValueError(text)
+                value = text == "True"
+            elif text == "None":
+                value = None
+            else:
+                value = action.type(text) if action.type else text
+        except (ValueError, argparse.ArgumentTypeError):
+            raise SpecError(f"{path} says {action.dest}: {text!r}, which --{action.dest} does not take; fix the file "
+                            f"or pass --{action.dest}") from None
+        if action.choices is not None and value not in action.choices:
+            raise SpecError(f"{path} says {action.dest}: {text!r}, not one of {', '.join(map(str, action.choices))}; "
+                            f"fix the file or pass --{action.dest}")
+        options[action.dest] = value
     return options
 
 
@@ -184,16 +202,16 @@ def resolve_device(text: str | None) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError as exc:
-        raise SystemExit(f"--device {text!r} is not a device; use cpu, cuda or cuda:N ({exc})") from None
+        raise SpecError(f"--device {text!r} is not a device; use cpu, cuda or cuda:N ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {text} asks for CUDA but no CUDA device is available; use --device cpu")
+        raise SpecError(f"--device {text} asks for CUDA but no CUDA device is available; use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SystemExit(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA devices")
+        raise SpecError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 
 def finish_options(opt: argparse.Namespace, is_train: bool) -> argparse.Namespace:
-    """Derive isTrain and the device, apply --debug, and reject impossible combinations."""
+    """Derive isTrain and apply --debug (the specs check the combinations)."""
     opt.isTrain = is_train
     for name, default in (("load_features", False), ("use_encoded_image", False), ("pool_size", 0)):
         if not hasattr(opt, name):
@@ -202,10 +220,145 @@ def finish_options(opt: argparse.Namespace, is_train: bool) -> argparse.Namespac
         opt.display_freq = opt.print_freq = 1
         opt.niter, opt.niter_decay = 1, 0
         opt.max_dataset_size = 10
-    if opt.fineSize > opt.loadSize and "crop" in opt.resize_or_crop:
-        raise SystemExit(f"--fineSize {opt.fineSize} is larger than --loadSize {opt.loadSize}: the crop cannot fit")
-    if opt.label_feat and opt.instance_feat:
-        raise SystemExit("choose one of --instance_feat and --label_feat")
-    if opt.instance_feat and opt.no_instance:
-        raise SystemExit("--instance_feat pools features per instance and needs instance maps: drop --no_instance")
     return opt
+
+
+# ----------------------------------------------------------------------------- specs: the command line's edge
+
+
+def model_spec(opt: argparse.Namespace) -> ModelSpec:
+    return ModelSpec.from_options(opt)
+
+
+def data_spec(opt: argparse.Namespace, *, train: bool, read_images: bool) -> DataSpec:
+    """The dataset the options name; ``train``: flip at random (unless --no_flip); ``read_images``: read the photos."""
+    return DataSpec.for_model(
+        model_spec(opt), dataroot=str(opt.dataroot), phase=opt.phase, resize_or_crop=opt.resize_or_crop,
+        loadSize=opt.loadSize, fineSize=opt.fineSize, no_flip=opt.no_flip, train=train, read_images=read_images,
+        max_dataset_size=opt.max_dataset_size, synthetic_size=opt.synthetic_size, seed=opt.seed)
+
+
+def train_spec(opt: argparse.Namespace) -> TrainSpec:
+    return TrainSpec.from_options(opt, model=model_spec(opt), data=data_spec(opt, train=True, read_images=True))
+
+
+# ----------------------------------------------------------------------------- the parser
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after every option's help, and examples kept as written."""
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number, 0 to 65535 (0: any free one), got {text}")
+    return value
+
+
+def _add_command(commands, name: str, help: str, description: str, examples: str = "") -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter,
+                               epilog=f"examples:\n{examples}" if examples else None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="fastp2phd", description="pix2pixHD as a fast, faithful PyTorch library.",
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fastp2phd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="command", required=True)
+
+    p = _add_command(commands, "train", "train pix2pixHD (options as in the original train.py)",
+                     "Train pix2pixHD: G (and E) and the multiscale discriminators, with the original options.",
+                     "  fastp2phd train --name label2city_512p --dataroot datasets/cityscapes\n"
+                     "  fastp2phd train --name demo --dataroot synthetic --ngf 16 --niter 5 --niter_decay 5\n"
+                     "  torchrun --nproc_per_node 8 -m fastp2phd train --name label2city_512p --fp16")
+    add_base_options(p)
+    add_train_options(p)
+
+    p = _add_command(commands, "test", "generate images for a test set (options as in the original test.py)",
+                     "Generate images for <dataroot>/<phase>_label with a trained run; the model options come from "
+                     "the run's opt.txt.",
+                     "  fastp2phd test --name label2city_512p --dataroot datasets/cityscapes --how_many inf")
+    add_base_options(p)
+    add_test_options(p)
+
+    p = _add_command(commands, "memory", "estimate the peak memory of a training step (or of inference) for "
+                                         "these train options, on any machine",
+                     "Estimate the peak memory of one training step for the train options given (on fake tensors: "
+                     "no GPU needed), and what is alive at the peak.",
+                     "  fastp2phd memory --netG local --ngf 32 --instance_feat --resize_or_crop none --fp16\n"
+                     "  fastp2phd memory --netG local --ngf 32 --resize_or_crop none --checkpoint_activations --json")
+    add_base_options(p)
+    add_train_options(p)
+    g = p.add_argument_group("memory estimate")
+    g.add_argument("--size", default=None,
+                   help="HEIGHTxWIDTH of the images (default: what the options make of 2048x1024 Cityscapes images)")
+    g.add_argument("--inference", action="store_true", help="estimate generating a batch (as test does) instead")
+    g.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    g.add_argument("--measure", action="store_true",
+                   help="also run the real step on the CUDA device and print torch.cuda.max_memory_allocated")
+
+    p = _add_command(commands, "encode-features", "encode the training set's instances and cluster them per class",
+                     "Encode every instance of <dataroot>/<phase>_img with a trained run's encoder and cluster the "
+                     "features per class (K-means), for sampling styles at test time.",
+                     "  fastp2phd encode-features --name label2city_512p_feat --dataroot datasets/cityscapes")
+    add_base_options(p)
+    p.add_argument("--phase", default="train", help="which folders to encode: <phase>_label, ...")
+
+    p = _add_command(commands, "export-onnx", "export the generator to ONNX",
+                     "Export a trained run's generator to ONNX (dynamic batch and size) and check it in onnxruntime.",
+                     "  fastp2phd export-onnx --name label2city_512p")
+    add_base_options(p)
+    p.add_argument("--onnx", default=None, help="output file (default: checkpoints_dir/name/<which_epoch>_net_G.onnx)")
+
+    p = _add_command(commands, "edit", "serve the interactive editor for a trained run on 127.0.0.1",
+                     "Serve the interactive editor (change labels, paint, add objects, pick styles) for a trained run "
+                     "on the scenes of <dataroot>/<phase>_label. The model options come from the run's opt.txt.",
+                     "  fastp2phd edit --name demo --checkpoints_dir demo_output/checkpoints")
+    add_base_options(p, model_help=False)
+    g = p.add_argument_group("editor")
+    g.add_argument("--phase", default="test", help="which scenes to edit: <phase>_label, <phase>_inst")
+    g.add_argument("--port", type=_port, default=8765, help="port of the editor")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; anything but 127.0.0.1 exposes the editor to your network")
+    g.add_argument("--max_scenes", type=_positive_int, default=32, help="scenes offered in the scene picker")
+    g.add_argument("--cluster_path", default=None, help="clusters file (default features_clustered_<n_clusters>.npz)")
+    g.add_argument("--allow_pickle", action="store_true", help="allow an original pickled clusters .npy")
+
+    p = _add_command(commands, "make-synthetic", "write the built-in synthetic street scenes as a Cityscapes-style "
+                                                 "folder",
+                     "Write rendered street scenes (labels, instance maps, photos) as a Cityscapes-style folder.",
+                     "  fastp2phd make-synthetic --out datasets/synthetic --num_train 200")
+    p.add_argument("--out", required=True, help="folder to create (must not exist or be empty)")
+    p.add_argument("--num_train", type=_non_negative_int, default=64, help="training scenes")
+    p.add_argument("--num_test", type=_non_negative_int, default=16, help="test scenes")
+    p.add_argument("--height", type=_positive_int, default=256, help="scene height in pixels (at least 16)")
+    p.add_argument("--width", type=_positive_int, default=512, help="scene width in pixels (at least 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes")
+
+    p = _add_command(commands, "demo", "train a small model on synthetic scenes, cluster styles, and write a web page",
+                     "The whole workflow on built-in synthetic scenes within a time budget: train, cluster styles, "
+                     "generate held-out scenes, write a web page.",
+                     "  fastp2phd demo --out demo_output --minutes 5")
+    p.add_argument("--out", default="demo_output", help="folder for the data, checkpoints and the page")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
+    p.add_argument("--seed", type=int, default=0, help="seed of the scenes and the model")
+
+    _add_command(commands, "info", "print versions, devices and which fast paths are available",
+                 "Print versions, devices, and which fast paths run here and why not.")
+    return parser
+
+
+def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, taking the model options of a trained run from its opt.txt unless given explicitly."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("test", "encode-features", "export-onnx", "edit"):
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        saved = saved_model_options(sub, Path(args.checkpoints_dir) / args.name)
+        if saved:
+            sub.set_defaults(**saved)
+            args = parser.parse_args(argv)
+    return args

@@ -8,59 +8,40 @@ images. The discriminator and the losses live in ``fastp2phd.training``.
 """
 from __future__ import annotations
 
-import argparse
 from typing import Mapping
 
 import torch
 from torch import nn
 
 from . import ops
-from .ops._common import is_fake
 from .models import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
+from .ops._common import is_fake
+from .specs import ModelSpec, TrainSpec
 
 
-def uses_features(opt: argparse.Namespace) -> bool:
-    return bool(opt.instance_feat or opt.label_feat)
+def build_generator(spec: ModelSpec, checkpoint: bool = False) -> nn.Module:
+    """G1 (``netG="global"``) or G2 (``"local"``) for ``spec``; ``checkpoint``: recompute activations in backward."""
+    if spec.netG == "global":
+        return GlobalGenerator(spec.generator_input_nc, spec.output_nc, spec.ngf, spec.n_downsample_global,
+                               spec.n_blocks_global, spec.norm, checkpoint=checkpoint)
+    return LocalEnhancer(spec.generator_input_nc, spec.output_nc, spec.ngf, spec.n_downsample_global,
+                         spec.n_blocks_global, spec.n_local_enhancers, spec.n_blocks_local, spec.norm,
+                         checkpoint=checkpoint)
 
 
-def label_channels(opt: argparse.Namespace) -> int:
-    """Channels of the encoded label input: one-hot classes (or the input image) + the boundary map."""
-    return (opt.label_nc if opt.label_nc != 0 else opt.input_nc) + (0 if opt.no_instance else 1)
-
-
-def checkpointing(opt: argparse.Namespace) -> bool:
-    """--checkpoint_activations (a training option; test-time options have none)."""
-    return bool(getattr(opt, "checkpoint_activations", False))
-
-
-def build_generator(opt: argparse.Namespace) -> nn.Module:
-    input_nc = label_channels(opt) + (opt.feat_num if uses_features(opt) else 0)
-    if opt.netG == "global":
-        return GlobalGenerator(input_nc, opt.output_nc, opt.ngf, opt.n_downsample_global, opt.n_blocks_global, opt.norm,
-                               checkpoint=checkpointing(opt))
-    return LocalEnhancer(input_nc, opt.output_nc, opt.ngf, opt.n_downsample_global, opt.n_blocks_global,
-                         opt.n_local_enhancers, opt.n_blocks_local, opt.norm, checkpoint=checkpointing(opt))
-
-
-def build_encoder(opt: argparse.Namespace) -> Encoder | None:
-    if not uses_features(opt) or opt.load_features:
+def build_encoder(spec: ModelSpec, checkpoint: bool = False) -> Encoder | None:
+    """The feature encoder E, or None when ``spec`` has none."""
+    if not spec.has_encoder:
         return None
-    return Encoder(opt.output_nc, opt.feat_num, opt.nef, opt.n_downsample_E, opt.norm, checkpoint=checkpointing(opt))
+    return Encoder(spec.output_nc, spec.feat_num, spec.nef, spec.n_downsample_E, spec.norm, checkpoint=checkpoint)
 
 
-def build_discriminator(opt: argparse.Namespace) -> MultiscaleDiscriminator:
+def build_discriminator(spec: TrainSpec) -> MultiscaleDiscriminator:
     # D sees the label input (without features) next to a real or generated image. It outputs
     # logits; --no_lsgan's binary cross entropy is computed from them (GANLoss).
-    return MultiscaleDiscriminator(label_channels(opt) + opt.output_nc, opt.ndf, opt.n_layers_D, opt.norm,
-                                   use_sigmoid=False, num_D=opt.num_D, getIntermFeat=not opt.no_ganFeat_loss)
-
-
-def size_multiple(opt: argparse.Namespace) -> int:
-    """Height and width must be multiples of this for the generator to return the input size."""
-    multiple = 2**opt.n_downsample_global * (2**opt.n_local_enhancers if opt.netG == "local" else 1)
-    if uses_features(opt) and not opt.load_features:
-        multiple = max(multiple, 2**opt.n_downsample_E)
-    return multiple
+    model = spec.model
+    return MultiscaleDiscriminator(model.label_channels + model.output_nc, spec.ndf, spec.n_layers_D, model.norm,
+                                   use_sigmoid=False, num_D=spec.num_D, getIntermFeat=not spec.no_ganFeat_loss)
 
 
 class Pix2PixHD(nn.Module):
@@ -71,11 +52,11 @@ class Pix2PixHD(nn.Module):
     graph, taking features from the encoded image or from clusters.
     """
 
-    def __init__(self, opt: argparse.Namespace):
+    def __init__(self, spec: ModelSpec, *, checkpoint: bool = False):
         super().__init__()
-        self.opt = opt
-        self.netG = build_generator(opt)
-        self.netE = build_encoder(opt)
+        self.spec = spec
+        self.netG = build_generator(spec, checkpoint)
+        self.netE = build_encoder(spec, checkpoint)
         self.clusters: dict[int, torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ inputs
@@ -86,24 +67,24 @@ class Pix2PixHD(nn.Module):
         ``dtype``: float32, or under autocast its low-precision type, which holds the 0/1 maps
         exactly (and holds an input image as autocast's convolutions would round it) in half the memory.
         """
-        opt = self.opt
-        if opt.label_nc == 0:
+        spec = self.spec
+        if spec.label_nc == 0:
             input_label = label.to(dtype)
         else:
             if label.dim() != 4 or label.shape[1] != 1:
                 raise ValueError(f"label maps must have shape (N, 1, H, W), got {tuple(label.shape)}")
             # A data-dependent check (one host sync); fake tensors (the memory model) have no values to check.
             lowest, highest = torch.stack(torch.aminmax(label)).tolist() if label.numel() and not is_fake(label) else (0, 0)
-            if lowest < 0 or highest >= opt.label_nc:
-                bad = highest if highest >= opt.label_nc else lowest
+            if lowest < 0 or highest >= spec.label_nc:
+                bad = highest if highest >= spec.label_nc else lowest
                 raise ValueError(
-                    f"the label map holds id {bad}, outside 0..{opt.label_nc - 1}: check --label_nc "
+                    f"the label map holds id {bad}, outside 0..{spec.label_nc - 1}: check --label_nc "
                     f"(it must exceed the largest label id)"
                 )
             n, _, h, w = label.shape
-            input_label = torch.zeros(n, opt.label_nc, h, w, device=label.device, dtype=dtype)
+            input_label = torch.zeros(n, spec.label_nc, h, w, device=label.device, dtype=dtype)
             input_label.scatter_(1, label.long(), 1.0)
-        if not opt.no_instance:
+        if not spec.no_instance:
             if inst is None:
                 raise ValueError("this model takes instance maps (it was built without --no_instance)")
             input_label = torch.cat([input_label, ops.boundary_map(inst, dtype=dtype)], dim=1)
@@ -111,10 +92,10 @@ class Pix2PixHD(nn.Module):
 
     def encode_features(self, image: torch.Tensor, inst: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """The encoder's instance-averaged features (per label region with --label_feat)."""
-        return self.netE(image, label if self.opt.label_feat else inst)
+        return self.netE(image, label if self.spec.label_feat else inst)
 
     def check_size(self, tensor: torch.Tensor) -> None:
-        multiple = size_multiple(self.opt)
+        multiple = self.spec.size_multiple
         h, w = tensor.shape[-2:]
         if h % multiple or w % multiple:
             raise ValueError(
@@ -131,13 +112,16 @@ class Pix2PixHD(nn.Module):
         This is the part DistributedDataParallel wraps during training.
         """
         feat_map = None
-        if uses_features(self.opt):
+        if self.spec.uses_features:
             if feat is not None:
                 feat_map = feat
-            elif self.netE is not None and image is not None:
-                feat_map = self.encode_features(image, inst, label)
-            else:
+            elif image is None:
                 raise ValueError("this model uses features: pass the real image to encode, or a feature map")
+            elif self.netE is None:
+                raise ValueError("this model has no encoder (its run has no <which_epoch>_net_E.pth, or it reads "
+                                 "features from files): pass a feature map, or sample clusters")
+            else:
+                feat_map = self.encode_features(image, inst, label)
             input_label = torch.cat([input_label, feat_map.to(input_label.dtype)], dim=1)
         return self.netG(input_label), feat_map
 
@@ -164,7 +148,7 @@ class Pix2PixHD(nn.Module):
         ``fastp2phd.features.sample_feature_map``).
         """
         feat = None
-        if uses_features(self.opt) and image is None:
+        if self.spec.uses_features and image is None:
             if self.clusters is None:
                 raise ValueError(
                     "this model uses instance features: pass the real image (--use_encoded_image) or load clusters "
@@ -172,6 +156,6 @@ class Pix2PixHD(nn.Module):
                 )
             from .features import sample_feature_map
 
-            feat = sample_feature_map(label if self.opt.label_feat else inst, self.clusters, self.opt.feat_num,
+            feat = sample_feature_map(label if self.spec.label_feat else inst, self.clusters, self.spec.feat_num,
                                       generator=generator, choices=choices)
         return self.generate(label, inst, image, feat)[0]

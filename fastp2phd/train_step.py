@@ -14,7 +14,6 @@ theirs: the same update, with one large graph fewer alive at the peak.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import random
@@ -26,7 +25,8 @@ from .errors import Pix2PixHDError
 from .models import GANLoss, VGGLoss, VGGWeightsNotFound, feature_matching_loss
 from .models.vgg import Vgg19
 from .ops._common import is_fake
-from .pix2pixhd import Pix2PixHD, build_discriminator, checkpointing
+from .pix2pixhd import Pix2PixHD, build_discriminator
+from .specs import TrainSpec
 
 LOSS_NAMES = ("G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake")
 
@@ -88,19 +88,19 @@ def split_batch(pred, n: int):
     return first, rest
 
 
-def learning_rate(opt: argparse.Namespace, epoch: int) -> float:
+def learning_rate(spec: TrainSpec, epoch: int) -> float:
     """Constant for niter epochs, then linear decay: the original lowers it after each epoch past niter."""
-    if opt.niter_decay == 0:
-        return opt.lr
-    return opt.lr * max(0.0, 1.0 - max(0, epoch - opt.niter - 1) / opt.niter_decay)
+    if spec.niter_decay == 0:
+        return spec.lr
+    return spec.lr * max(0.0, 1.0 - max(0, epoch - spec.niter - 1) / spec.niter_decay)
 
 
-def amp_dtype(opt: argparse.Namespace, device: torch.device) -> torch.dtype | None:
-    if not opt.fp16:
+def amp_dtype(spec: TrainSpec, device: torch.device) -> torch.dtype | None:
+    if not spec.fp16:
         return None
-    if opt.amp_dtype == "fp16":
+    if spec.amp_dtype == "fp16":
         return torch.float16
-    if opt.amp_dtype == "bf16":
+    if spec.amp_dtype == "bf16":
         return torch.bfloat16
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
@@ -123,35 +123,33 @@ class TrainStep:
     part of the step as it starts (the memory model attributes bytes with it).
     """
 
-    def __init__(self, opt: argparse.Namespace, device: torch.device, *, vgg: Vgg19 | None = None):
-        self.opt = opt
+    def __init__(self, spec: TrainSpec, device: torch.device, *, vgg: Vgg19 | None = None):
+        self.spec = spec
         self.device = device
         self.on_phase = lambda name: None
-        self.model = moved(Pix2PixHD(opt), device)
-        self.netD = moved(build_discriminator(opt), device)
-        self.gan_loss = GANLoss(use_lsgan=not opt.no_lsgan)
+        self.model = moved(Pix2PixHD(spec.model, checkpoint=spec.checkpoint_activations), device)
+        self.netD = moved(build_discriminator(spec), device)
+        self.gan_loss = GANLoss(use_lsgan=not spec.no_lsgan)
         try:
-            self.vgg_loss = None if opt.no_vgg_loss else moved(
-                VGGLoss(opt.vgg_weights, vgg=vgg, checkpoint=checkpointing(opt)), device)
+            self.vgg_loss = None if spec.no_vgg_loss else moved(
+                VGGLoss(spec.vgg_weights, vgg=vgg, checkpoint=spec.checkpoint_activations), device)
         except VGGWeightsNotFound as exc:
             raise TrainingError(str(exc)) from None
-        self.pool = ImagePool(opt.pool_size, opt.seed)
-        self.amp_dtype = amp_dtype(opt, device)
+        self.pool = ImagePool(spec.pool_size, spec.seed)
+        self.amp_dtype = amp_dtype(spec, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
         self.epoch, self.epoch_iter, self.total_steps = 1, 0, 0
-        self.optimizer_D = torch.optim.Adam(self.netD.parameters(), lr=opt.lr, betas=(opt.beta1, 0.999))
+        self.optimizer_D = torch.optim.Adam(self.netD.parameters(), lr=spec.lr, betas=(spec.beta1, 0.999))
         self.fixed_global = False
-        self.optimizer_G = self.make_optimizer_G(fix_global=opt.niter_fix_global > 0)
+        self.optimizer_G = self.make_optimizer_G(fix_global=spec.niter_fix_global > 0)
         self.gen, self.disc = self.model, self.netD  # DistributedDataParallel wrappers when several processes train
 
     def make_optimizer_G(self, fix_global: bool) -> torch.optim.Optimizer:
         """Adam over G (and E); with --niter_fix_global, first only the outermost local enhancer."""
-        opt = self.opt
+        spec = self.spec
         netG = self.model.netG
-        if fix_global:
-            if opt.netG != "local":
-                raise TrainingError("--niter_fix_global trains only the local enhancer: it needs --netG local")
-            prefix = f"model{opt.n_local_enhancers}"
+        if fix_global:  # (TrainSpec checks that netG is local)
+            prefix = f"model{spec.model.n_local_enhancers}"
             for name, p in netG.named_parameters():
                 p.requires_grad_(name.startswith(prefix))  # the fixed G1 costs no gradient work
             params = [p for name, p in netG.named_parameters() if name.startswith(prefix)]
@@ -161,7 +159,7 @@ class TrainStep:
         if self.model.netE is not None:
             params += list(self.model.netE.parameters())
         self.fixed_global = fix_global
-        return torch.optim.Adam(params, lr=learning_rate(opt, self.epoch), betas=(opt.beta1, 0.999))
+        return torch.optim.Adam(params, lr=learning_rate(spec, self.epoch), betas=(spec.beta1, 0.999))
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -181,15 +179,16 @@ class TrainStep:
 
     def step(self, batch: dict) -> tuple[dict[str, float], torch.Tensor]:
         """Update G (and E) and D on one batch; returns the loss values and the generated images."""
-        opt = self.opt
+        spec, model_spec = self.spec, self.spec.model
         batch = self._to_device(batch)
         label, inst, real = batch["label"], batch["inst"], batch["image"]
-        feat = batch["feat"] if opt.load_features else None
+        feat = batch["feat"] if model_spec.load_features else None
         self.model.check_size(label)
         self.on_phase("inputs")
         # Under autocast the label input is built in its low-precision type: the one-hot and boundary
         # maps are exact there, and concatenated with G's (or E's) low-precision outputs they stay so.
-        input_label = self.model.encode_input(label, None if opt.no_instance else inst, self.amp_dtype or torch.float32)
+        input_label = self.model.encode_input(label, None if model_spec.no_instance else inst,
+                                              self.amp_dtype or torch.float32)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         self.on_phase("G forward")
         with autocast:
@@ -197,7 +196,7 @@ class TrainStep:
             fake_pair = torch.cat([input_label, fake], dim=1)
             pooled_fake = self.pool.query(fake_pair.detach())
             self.on_phase("D forward")
-            if opt.norm == "instance":  # per-sample norms: one batch for both pairs
+            if model_spec.norm == "instance":  # per-sample norms: one batch for both pairs
                 pred = self.disc(torch.cat([pooled_fake, torch.cat([input_label, real], dim=1)], dim=0))
                 pred_fake_pool, pred_real = split_batch(pred, pooled_fake.shape[0])
             else:  # batch norm statistics must not mix fake and real images
@@ -218,10 +217,10 @@ class TrainStep:
                 pred_fake = self.netD(fake_pair)
             del fake_pair
             loss_G_GAN = self.gan_loss(pred_fake, True)
-            loss_G_feat = (feature_matching_loss(pred_fake, pred_real, opt.lambda_feat)
-                           if not opt.no_ganFeat_loss else fake.new_zeros(()))
+            loss_G_feat = (feature_matching_loss(pred_fake, pred_real, spec.lambda_feat)
+                           if not spec.no_ganFeat_loss else fake.new_zeros(()))
             del pred_fake, pred_real  # the losses keep what backward needs (the signs of the differences)
-            loss_G_VGG = (self.vgg_loss(fake.float(), real) * opt.lambda_feat
+            loss_G_VGG = (self.vgg_loss(fake.float(), real) * spec.lambda_feat
                           if self.vgg_loss is not None else fake.new_zeros(()))
         values = {**self._read_losses({"G_GAN": loss_G_GAN, "G_GAN_Feat": loss_G_feat, "G_VGG": loss_G_VGG}),
                   **values}

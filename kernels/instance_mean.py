@@ -96,7 +96,11 @@ def segment_keys(inst: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     """(keys (N, P), lowest, span): segment index = key - lowest, within [0, span)."""
     N, _, H, W = inst.shape
     keys = inst.reshape(N, H * W)
-    if keys.is_floating_point():  # whole numbers (checked by the op); integers compare exactly
+    if keys.is_floating_point():  # integers compare exactly; the cast needs whole numbers in int64's range
+        wide = keys.double()
+        if not bool(((wide == wide.trunc()) & (wide >= -2.0**63) & (wide < 2.0**63)).all()):
+            raise ValueError("instance_mean: float instance ids must be whole numbers within int64's range (no "
+                             "fractions, NaN, inf or values beyond ±9.2e18); pass integer ids")
         keys = keys.to(torch.int64)
     lowest, highest = torch.stack(torch.aminmax(keys)).tolist()  # the op's one host sync
     span = highest - lowest + 1

@@ -79,15 +79,12 @@ def pytorch_errors(x, grad, activation, slope):
 def tiny_model(features: bool = True):
     """An untrained, seeded Pix2PixHD small enough for tests (35 labels, instance maps, optional
     instance features with random clusters for the classes of the synthetic scenes)."""
-    from fastp2phd.cli import build_parser
-    from fastp2phd.options import finish_options
     from fastp2phd.pix2pixhd import Pix2PixHD
+    from fastp2phd.specs import ModelSpec
 
-    argv = ["test", "--ngf", "4", "--n_downsample_global", "2", "--n_blocks_global", "1", "--nef", "4",
-            "--n_downsample_E", "2", "--device", "cpu"] + (["--instance_feat"] if features else [])
-    opt = finish_options(build_parser().parse_args(argv), is_train=False)
+    spec = ModelSpec(ngf=4, n_downsample_global=2, n_blocks_global=1, nef=4, n_downsample_E=2, instance_feat=features)
     torch.manual_seed(0)
-    model = Pix2PixHD(opt).eval()
+    model = Pix2PixHD(spec).eval()
     if features:
         g = torch.Generator().manual_seed(1)
         model.clusters = {c: torch.randn(3, 3, generator=g) for c in (7, 8, 11, 17, 21, 23, 24, 26)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -29,29 +28,26 @@ from fastp2phd.data import (
 from fastp2phd.data.folder import DatasetNotFoundError, item_rng
 from fastp2phd.data.synthetic import scene_seed
 from fastp2phd.data.transforms import to_image_tensor, to_instance_tensor, to_label_tensor
+from fastp2phd.specs import DataSpec, ModelSpec
 
 
-def make_opt(**overrides):
-    opt = Namespace(
-        resize_or_crop="none",
-        loadSize=256,
-        fineSize=128,
-        no_flip=False,
-        isTrain=True,
-        n_downsample_global=4,
-        netG="global",
-        n_local_enhancers=1,
-        dataroot="synthetic",
-        phase="train",
-        label_nc=35,
-        no_instance=False,
-        max_dataset_size=float("inf"),
-        load_features=False,
-        use_encoded_image=False,
-    )
-    for key, value in overrides.items():
-        setattr(opt, key, value)
-    return opt
+def make_opt(**overrides) -> DataSpec:
+    """A DataSpec from option-style settings: isTrain (training: flips, photos), use_encoded_image
+    (photos), and the generator's netG / n_downsample_global / n_local_enhancers (the size base)."""
+    options = dict(resize_or_crop="none", loadSize=256, fineSize=128, no_flip=False, isTrain=True,
+                   n_downsample_global=4, netG="global", n_local_enhancers=1, dataroot="synthetic", phase="train",
+                   label_nc=35, no_instance=False, max_dataset_size=float("inf"), load_features=False,
+                   use_encoded_image=False)
+    options.update(overrides)
+    model = ModelSpec(netG=options.pop("netG"), n_downsample_global=options.pop("n_downsample_global"),
+                      n_local_enhancers=options.pop("n_local_enhancers"), label_nc=options["label_nc"],
+                      no_instance=options["no_instance"], load_features=options["load_features"])
+    train = options.pop("isTrain")
+    read_images = train or options.pop("use_encoded_image")
+    options.pop("use_encoded_image", None)
+    for key in ("label_nc", "no_instance", "load_features"):
+        options.pop(key)
+    return DataSpec.for_model(model, train=train, read_images=read_images, **options)
 
 
 def coordinate_images(w, h):
@@ -234,7 +230,7 @@ def test_aligned_dataset_items_and_shared_draw(tmp_path):
         (root / sub / "city").mkdir(parents=True)  # files are found recursively
         img.save(root / sub / "city" / name)
     opt = make_opt(dataroot=str(root), resize_or_crop="crop", fineSize=128)
-    ds = AlignedDataset(opt, rng_seed=11)
+    ds = AlignedDataset(opt.replace(seed=11))
     seen_flips = set()
     for epoch in range(8):
         ds.set_epoch(epoch)
@@ -271,7 +267,7 @@ def test_aligned_dataset_options(tmp_path):
     assert item["inst"].dtype == torch.int32 and item["inst"].shape == (1, 32, 32) and not item["inst"].any()
     assert item["image"].shape == (3, 32, 32) and not item["image"].any()
     # max_dataset_size truncates the sorted lists; phase argument overrides opt.phase
-    ds = AlignedDataset(make_opt(dataroot=str(tmp_path), isTrain=False, no_instance=True, max_dataset_size=3), phase="train")
+    ds = AlignedDataset(make_opt(dataroot=str(tmp_path), isTrain=False, no_instance=True, max_dataset_size=3, phase="train"))
     assert len(ds) == 3 and [p.rsplit("/", 1)[1] for p in ds.label_paths] == ["s0_labelIds.png", "s1_labelIds.png", "s2_labelIds.png"]
     # label_nc == 0: RGB inputs from train_A / train_B
     for sub in ("train_A", "train_B"):
@@ -304,13 +300,13 @@ def test_set_epoch_reproducibility(tmp_path):
         ds.set_epoch(epoch)
         return {i: ds[i] for i in order}
 
-    a = AlignedDataset(opt, rng_seed=3)
+    a = AlignedDataset(opt.replace(seed=3))
     e0, e1 = epoch_items(a, 0), epoch_items(a, 1)
-    again = epoch_items(AlignedDataset(opt, rng_seed=3), 1, order=[3, 1, 0, 2])  # fresh object, other order
+    again = epoch_items(AlignedDataset(opt.replace(seed=3)), 1, order=[3, 1, 0, 2])  # fresh object, other order
     for i in range(4):
         assert all(torch.equal(e1[i][k], again[i][k]) for k in ("label", "inst", "image"))
     assert any(not torch.equal(e0[i]["inst"], e1[i]["inst"]) for i in range(4))
-    other_seed = epoch_items(AlignedDataset(opt, rng_seed=4), 1)
+    other_seed = epoch_items(AlignedDataset(opt.replace(seed=4)), 1)
     assert any(not torch.equal(e1[i]["inst"], other_seed[i]["inst"]) for i in range(4))
     # the global RNGs play no part
     random.seed(123)
@@ -457,7 +453,7 @@ def test_make_synthetic_round_trip(tmp_path):
         assert item["inst"].max() > 26000
     # with crops and flips, the folder and SyntheticDataset give the same items
     opt = make_opt(dataroot=str(out), resize_or_crop="crop", fineSize=48, phase="test")
-    files, rendered = AlignedDataset(opt, rng_seed=5), SyntheticDataset(opt, 2, seed=5, size=(64, 128))
+    files, rendered = AlignedDataset(opt.replace(seed=5)), SyntheticDataset(opt.replace(seed=5), 2, size=(64, 128))
     for epoch in (0, 1):
         files.set_epoch(epoch)
         rendered.set_epoch(epoch)
@@ -511,7 +507,7 @@ def test_create_dataset_synthetic():
 
 def test_synthetic_dataset_epochs_and_transforms():
     opt = make_opt(resize_or_crop="scale_width_and_crop", loadSize=96, fineSize=32)
-    ds = SyntheticDataset(opt, 4, seed=2, size=(64, 128))
+    ds = SyntheticDataset(opt.replace(seed=2), 4, size=(64, 128))
     first = [ds[i]["inst"] for i in range(4)]
     assert all(t.shape == (1, 32, 32) for t in first)
     ds.set_epoch(1)
@@ -519,6 +515,6 @@ def test_synthetic_dataset_epochs_and_transforms():
     assert any(not torch.equal(a, b) for a, b in zip(first, second))
     ds.set_epoch(0)
     assert all(torch.equal(a, ds[i]["inst"]) for i, a in enumerate(first))
-    assert torch.equal(SyntheticDataset(opt, 4, seed=2, size=(64, 128))[3]["inst"], first[3])
+    assert torch.equal(SyntheticDataset(opt.replace(seed=2), 4, size=(64, 128))[3]["inst"], first[3])
     with pytest.raises(IndexError):
         ds[4]

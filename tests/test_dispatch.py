@@ -83,3 +83,7 @@ def test_info_command_reports_every_op():
     for op in ("boundary_map", "instance_mean", "instance_norm_act"):
         assert f"  {op}\n    reference  available" in result.stdout
     assert f"torch {torch.__version__}" in result.stdout
+    if torch.version.cuda is None:  # this CPU build of torch: the GPU paths are there, but cannot run
+        assert "triton     unavailable: installed, but torch is a CPU build" in result.stdout
+    elif not torch.cuda.is_available():
+        assert "installed, but this machine has no CUDA device" in result.stdout

@@ -277,6 +277,8 @@ def test_edit_command_loads_a_trained_run(tmp_path):
     from fastp2phd.cli import main, parse
     from fastp2phd.data import make_synthetic
     from fastp2phd.editing.server import load_editor
+    from fastp2phd.inference import load_run
+    from fastp2phd.options import data_spec
 
     data = make_synthetic(tmp_path / "data", num_train=4, num_test=2, height=H, width=W, seed=1)
     train = ["train", "--name", "e", "--checkpoints_dir", str(tmp_path), "--dataroot", str(data), "--fineSize", "64",
@@ -287,7 +289,9 @@ def test_edit_command_loads_a_trained_run(tmp_path):
     opt = finish_options(parse(["edit", "--name", "e", "--checkpoints_dir", str(tmp_path), "--device", "cpu"]),
                          is_train=False)
     assert (opt.ngf, opt.n_downsample_global, opt.dataroot) == (4, 2, str(data))  # from opt.txt
-    app = load_editor(opt, torch.device("cpu"))
+    model = load_run(tmp_path / "e", device="cpu")  # the same, from Python
+    assert (model.spec.ngf, model.spec.n_downsample_global) == (4, 2)
+    app = load_editor(model, data_spec(opt, train=False, read_images=False))
     assert len(app.scenes) == 2 and app.objects and not app.session.use_features
     assert call(app, "POST", "/api/edit", {"op": "change_label", "y": 0, "x": 0, "label": 21})[0] == 200
 

@@ -178,7 +178,9 @@ def test_empty_batch_returns_empty(impl):
         (torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), ValueError, "shape \\(N, 1, H, W\\)"),
         (torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 5), ValueError, "share batch size, height and width"),
         (torch.zeros(2, 3, 4, 4), torch.zeros(1, 1, 4, 4), ValueError, "share batch size"),
-        (torch.zeros(1, 3, 4, 4), torch.full((1, 1, 4, 4), 1.5), ValueError, "fractional"),
+        (torch.zeros(1, 3, 4, 4), torch.full((1, 1, 4, 4), 1.5), ValueError, "not whole numbers"),
+        (torch.zeros(1, 3, 4, 4), torch.full((1, 1, 4, 4), 1e20), ValueError, "within int64.s range"),
+        (torch.zeros(1, 3, 4, 4), torch.full((1, 1, 4, 4), float("-inf")), ValueError, "NaN, inf"),
         (torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4, device="meta"), ValueError, "one device"),
     ],
 )

@@ -91,7 +91,7 @@ def test_empty_batch_returns_empty():
         (dict(x=torch.zeros(3, 4, 4)), ValueError, "x must be an \\(N, C, H, W\\)"),
         (dict(x=torch.zeros(1, 3, 4, 4, dtype=torch.int64)), TypeError, "floating point"),
         (dict(x=torch.zeros(1, 3, 4, 4), activation="gelu"), ValueError, "activation must be one of"),
-        (dict(x=torch.zeros(1, 3, 4, 4), eps=-1e-5), ValueError, "eps must be 0 or more"),
+        (dict(x=torch.zeros(1, 3, 4, 4), eps=-1e-5), ValueError, "eps must be a finite number, 0 or more"),
         (dict(x=torch.zeros(1, 3, 4, 4), impl="cudnn"), ValueError, "unknown impl='cudnn'"),
         (dict(x=torch.zeros(1, 3, 4, 4), impl="triton"), ValueError, "runs on cuda tensors \\(or on CPU tensors when TRITON_INTERPRET=1"),
     ],

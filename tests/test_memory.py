@@ -11,14 +11,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from fastp2phd.cli import build_parser, main
 from fastp2phd.memory import (GiB, LiveBytes, default_size, estimate_inference, estimate_training_step, parse_size,
                               smallest_gpu)
-from fastp2phd.options import finish_options
+from fastp2phd.options import finish_options, train_spec
 
 TINY = ["--ngf", "8", "--n_downsample_global", "2", "--n_blocks_global", "1", "--ndf", "8", "--nef", "4",
         "--n_downsample_E", "2"]
 
 
 def train_options(*extra: str):
-    return finish_options(build_parser().parse_args(["train", *TINY, *extra]), is_train=True)
+    return train_spec(finish_options(build_parser().parse_args(["train", *TINY, *extra]), is_train=True))
 
 
 @pytest.mark.parametrize("fake", [True, False], ids=["fake", "real"])
@@ -78,10 +78,10 @@ def test_estimate_breakdown_adds_up_and_names_the_parts():
     assert estimate.flops > 0
 
 
-def _networks_of(opt):
+def _networks_of(spec):
     from fastp2phd.pix2pixhd import Pix2PixHD, build_discriminator
 
-    return [*Pix2PixHD(opt).parameters(), *build_discriminator(opt).parameters()]
+    return [*Pix2PixHD(spec.model).parameters(), *build_discriminator(spec).parameters()]
 
 
 def test_checkpointing_and_bf16_lower_the_estimate_at_a_size_where_activations_dominate():
@@ -94,17 +94,21 @@ def test_checkpointing_and_bf16_lower_the_estimate_at_a_size_where_activations_d
 
 def test_inference_estimate_is_the_generator_alone():
     opt = small_options()
-    inference = estimate_inference(opt, (64, 128))
+    inference = estimate_inference(opt.model, (64, 128))
     assert set(inference.at_peak) <= {"parameters and buffers", "batch", "G activations",
                                       "inputs (one-hot labels, boundary map)"}
     assert inference.peak_bytes < estimate_training_step(opt, (64, 128)).peak_bytes
 
 
 def test_default_size_follows_the_resize_options():
-    assert default_size(train_options("--resize_or_crop", "none")) == (1024, 2048)
-    assert default_size(train_options("--loadSize", "1024")) == (512, 1024)  # scale_width
-    assert default_size(train_options("--resize_or_crop", "crop", "--fineSize", "300")) == (300, 300)
-    assert default_size(train_options("--netG", "local", "--resize_or_crop", "crop", "--fineSize", "300")) == (296, 296)
+    def size(*extra):
+        spec = train_options(*extra)
+        return default_size(spec.data, spec.model)
+
+    assert size("--resize_or_crop", "none") == (1024, 2048)
+    assert size("--loadSize", "1024") == (512, 1024)  # scale_width
+    assert size("--resize_or_crop", "crop", "--fineSize", "300") == (300, 300)
+    assert size("--netG", "local", "--resize_or_crop", "crop", "--fineSize", "300") == (296, 296)
     assert parse_size("512x1024") == (512, 1024)
     with pytest.raises(ValueError, match="is not HEIGHTxWIDTH; write it like 1024x2048"):
         parse_size("512*1024")
@@ -135,7 +139,7 @@ def test_measure_without_cuda_says_so_and_still_prints_the_estimate(capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--size", "62x128"], "size 62x128 is not a multiple of 4, which this generator needs"),
-    (["--niter_fix_global", "2"], "--niter_fix_global trains only the local enhancer: it needs --netG local"),
+    (["--niter_fix_global", "2"], "niter_fix_global trains only the local enhancer: it needs netG local"),
     (["--size", "big"], "is not HEIGHTxWIDTH"),
 ])
 def test_memory_command_bad_options_get_one_sentence(argv, message, capsys):

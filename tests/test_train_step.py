@@ -11,7 +11,7 @@ import torch
 
 from fastp2phd.cli import build_parser
 from fastp2phd.models.vgg import Vgg19
-from fastp2phd.options import finish_options
+from fastp2phd.options import finish_options, train_spec
 from fastp2phd.train_step import TrainStep
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -39,7 +39,7 @@ def run(step_class, argv, steps=2):
     """Losses of ``steps`` steps and every weight after them, from one seed."""
     opt = finish_options(build_parser().parse_args(["train", "--resize_or_crop", "none", *TINY, *argv]), is_train=True)
     torch.manual_seed(0)
-    step = step_class(opt, torch.device("cpu"), vgg=Vgg19(pretrained=False))
+    step = step_class(train_spec(opt), torch.device("cpu"), vgg=Vgg19(pretrained=False))
     losses = [step.step(batch(seed=1 + i))[0] for i in range(steps)]
     weights = [t.detach().clone() for t in [*step.model.state_dict().values(), *step.netD.state_dict().values()]]
     return step, losses, weights

@@ -17,7 +17,8 @@ from PIL import Image
 from fastp2phd.cli import main
 from fastp2phd.data import make_synthetic
 from fastp2phd.files import load_torch
-from fastp2phd.training import EpochSampler, ImagePool, learning_rate
+from fastp2phd.train_step import ImagePool, learning_rate
+from fastp2phd.training import EpochSampler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--fineSize", "64", "--loadSize", "64", "--resize_or_crop", "none", "--ngf", "4", "--n_downsample_global", "2",
@@ -125,13 +126,19 @@ def test_killed_run_resumes_at_the_saved_iteration(tmp_path, dataroot):
 def test_two_processes_with_gloo(tmp_path, dataroot):
     ck = tmp_path / "ck"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-               "-m", "fastp2phd", *map(str, train_args(ck, dataroot, "--niter", "1", "--niter_decay", "0"))]
+               "-m", "fastp2phd", *map(str, train_args(ck, dataroot, "--niter", "1", "--niter_decay", "0",
+                                                         "--pool_size", "2", "--print_freq", "2"))]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     assert result.stdout.count("training run:") == 1  # only rank 0 speaks and writes
     state = weights(ck / "run" / "latest_train_state.pth")
     assert state["world"] == 2 and state["epoch_iter"] == 6
+    # Every process's image pool is kept, each holding the fakes that process saw.
+    assert len(state["pools"]) == 2 and all(len(pool["images"]) == 2 for pool in state["pools"])
+    assert not torch.equal(state["pools"][0]["images"][0], state["pools"][1]["images"][0])
+    logged = [json.loads(line) for line in (ck / "run" / "loss_log.jsonl").read_text().splitlines()]
+    assert logged and all(np.isfinite(row["G_GAN"]) for row in logged)
 
 
 def test_coarse_to_fine(tmp_path, dataroot):
@@ -185,10 +192,33 @@ def bad_label_folder(tmp_path, dataroot) -> Path:
 
 
 @pytest.mark.parametrize("case", ["label id", "missing folder", "size", "nothing to continue", "tf_log", "mismatch",
-                                  "no vgg weights"])
+                                  "no vgg weights", "corrupt vgg weights", "train state holds a list",
+                                  "checkpoints_dir is a file", "garbage iter.txt", "truncated train state"])
 def test_bad_input_gives_one_sentence(case, tmp_path, dataroot, capsys, monkeypatch):
     ck = tmp_path / "ck"
-    if case == "no vgg weights":
+    if case == "corrupt vgg weights":
+        (tmp_path / "vgg.pth").write_bytes(b"PK\x03\x04 not really a zip")
+        argv = [a for a in train_args(ck, dataroot) if a != "--no_vgg_loss"] + ["--vgg_weights", tmp_path / "vgg.pth"]
+        expected = ["VGG19 weight file", "vgg.pth", "truncated, damaged or not a PyTorch file"]
+    elif case == "train state holds a list":
+        (ck / "run").mkdir(parents=True)
+        torch.save([1, 2], ck / "run" / "latest_train_state.pth")
+        argv, expected = train_args(ck, dataroot, "--continue_train"), ["latest_train_state.pth", "holds a list"]
+    elif case == "checkpoints_dir is a file":
+        ck.write_text("not a folder")
+        argv, expected = train_args(ck, dataroot), ["a file is in the way", "--checkpoints_dir"]
+    elif case in ("garbage iter.txt", "truncated train state"):
+        assert run(*train_args(ck, dataroot, "--niter", "1", "--niter_decay", "0")) == 0
+        if case == "garbage iter.txt":  # the original code's checkpoints: networks and iter.txt
+            (ck / "run" / "latest_train_state.pth").unlink()
+            (ck / "run" / "iter.txt").write_text("epoch five\n")
+            expected = ["iter.txt", "'epoch five'", "not 'epoch,iteration'"]
+        else:
+            state = ck / "run" / "latest_train_state.pth"
+            state.write_bytes(state.read_bytes()[:1000])
+            expected = ["train state", "latest_train_state.pth", "truncated"]
+        argv = train_args(ck, dataroot, "--niter", "2", "--niter_decay", "0", "--continue_train")
+    elif case == "no vgg weights":
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
         monkeypatch.delenv("FASTP2PHD_VGG19_WEIGHTS", raising=False)
 
@@ -250,6 +280,15 @@ def test_learning_rate_schedule_matches_the_original():
     # The original lowers lr by lr/niter_decay at the end of every epoch past niter.
     lrs = [learning_rate(opt, e) for e in range(1, 7)]
     assert lrs == pytest.approx([0.0002, 0.0002, 0.0002, 0.00015, 0.0001, 0.00005])
+
+
+def test_epoch_sampler_gives_every_rank_data_when_ranks_outnumber_items():
+    """Padding repeats the order as often as needed (as DistributedSampler does): 4 ranks, 1 image."""
+    samplers = [EpochSampler(1, False, 0, rank=r, world=4) for r in range(4)]
+    assert [list(s) for s in samplers] == [[0], [0], [0], [0]]
+    samplers = [EpochSampler(3, True, 0, rank=r, world=7) for r in range(7)]
+    assert all(len(list(s)) == 1 for s in samplers)
+    assert {i for s in samplers for i in s} == {0, 1, 2}
 
 
 def test_epoch_sampler_shards_and_skips():

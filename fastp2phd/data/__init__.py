@@ -1,17 +1,18 @@
 """Datasets for pix2pixHD: the Cityscapes-style folder dataset, pix2pixHD's transforms,
 label palettes, and an embedded synthetic street-scene dataset (no download needed).
 
-``create_dataset(opt)`` picks the dataset from ``opt.dataroot``: the string
-``'synthetic'`` gives a :class:`SyntheticDataset`, anything else an :class:`AlignedDataset`.
+``create_dataset(spec)`` picks the dataset of a ``DataSpec`` from ``spec.dataroot``: the
+string ``'synthetic'`` gives a :class:`SyntheticDataset`, anything else an :class:`AlignedDataset`.
 """
 from __future__ import annotations
 
 import math
 
+from ..specs import DataSpec
 from .folder import AlignedDataset, DatasetError, DatasetNotFoundError
 from .labels import CITYSCAPES_CLASSES, THING_CLASSES, class_of_instance, colorize_labels, label_palette
 from .synthetic import DEFAULT_SIZE, SyntheticDataset, cityscapes_like_instances, make_synthetic, render_scene
-from .transforms import get_params, size_base, transform
+from .transforms import get_params, transform
 
 __all__ = [
     "AlignedDataset",
@@ -35,34 +36,29 @@ __all__ = [
 SYNTHETIC_LENGTHS = {"train": 64, "test": 16}
 
 
-def synthetic_size(opt):
-    """(H, W) of synthetic scenes for ``opt``: (fineSize // 2, fineSize) when both are
-    multiples of the generator's size base (see ``transforms.size_base``) and H >= 32,
-    else (128, 256)."""
-    fine = int(getattr(opt, "fineSize", 0) or 0)
-    base = size_base(opt)
-    height, width = fine // 2, fine
-    if height >= 32 and height % base == 0 and width % base == 0:
+def synthetic_size(spec: DataSpec) -> tuple[int, int]:
+    """(H, W) of synthetic scenes: (fineSize // 2, fineSize) when both are multiples of
+    ``spec.size_base`` and H >= 32, else (128, 256)."""
+    height, width = spec.fineSize // 2, spec.fineSize
+    if height >= 32 and height % spec.size_base == 0 and width % spec.size_base == 0:
         return height, width
     return DEFAULT_SIZE
 
 
-def create_dataset(opt, length=None):
-    """``SyntheticDataset`` when ``opt.dataroot == 'synthetic'``, else
-    ``AlignedDataset(opt, rng_seed=opt.seed)`` (``length`` is then ignored).
+def create_dataset(spec: DataSpec, length: int | None = None):
+    """``SyntheticDataset`` when ``spec.dataroot == 'synthetic'``, else ``AlignedDataset(spec)``
+    (``length`` is then ignored).
 
-    Synthetic: ``length`` scenes, else ``opt.synthetic_size`` when set, else 64 for phase
-    'train' and 16 otherwise, at most ``opt.max_dataset_size``; size from
-    :func:`synthetic_size`. The seed (scenes, crops, flips) is ``opt.seed`` when set, else 0.
+    Synthetic: ``length`` scenes, else ``spec.synthetic_size`` when set, else 64 for phase
+    'train' and 16 otherwise, at most ``spec.max_dataset_size``; size from
+    :func:`synthetic_size`. Scenes, crops and flips follow ``spec.seed``.
     """
-    seed = int(getattr(opt, "seed", 0) or 0)
-    if str(opt.dataroot) == "synthetic":
+    if str(spec.dataroot) == "synthetic":
         if length is None:
-            length = getattr(opt, "synthetic_size", None)
+            length = spec.synthetic_size
         if length is None:
-            length = SYNTHETIC_LENGTHS.get(opt.phase, 16)
-        limit = getattr(opt, "max_dataset_size", math.inf)
-        if limit is not None and not math.isinf(limit):
-            length = min(int(length), int(limit))
-        return SyntheticDataset(opt, length, seed=seed, size=synthetic_size(opt))
-    return AlignedDataset(opt, rng_seed=seed)
+            length = SYNTHETIC_LENGTHS.get(spec.phase, 16)
+        if not math.isinf(spec.max_dataset_size):
+            length = min(int(length), int(spec.max_dataset_size))
+        return SyntheticDataset(spec, length, size=synthetic_size(spec))
+    return AlignedDataset(spec)

@@ -1,17 +1,16 @@
 """The Cityscapes-style folder dataset of pix2pixHD (``AlignedDataset``).
 
-Layout under ``opt.dataroot`` for phase P ('train' or 'test'):
+Layout under ``spec.dataroot`` (a ``DataSpec``) for phase P ('train' or 'test'):
 
 * ``P_label/``: label maps, single-channel ids (PIL mode L, P, I or I;16); with
   ``label_nc == 0`` the input folder is ``P_A/`` and holds RGB images instead;
-* ``P_img/``: photos (``P_B/`` when label_nc == 0), read when ``opt.isTrain`` or
-  ``opt.use_encoded_image``;
-* ``P_inst/``: instance maps (8- or 16-bit ids), unless ``opt.no_instance``;
-* ``P_feat/``: precomputed feature maps (RGB images), when ``opt.load_features``.
+* ``P_img/``: photos (``P_B/`` when label_nc == 0), read when ``spec.read_images``;
+* ``P_inst/``: instance maps (8- or 16-bit ids), unless ``spec.no_instance``;
+* ``P_feat/``: precomputed feature maps (RGB images), when ``spec.load_features``.
 
 Each folder is searched recursively for image files (.png .jpg .jpeg .bmp .tif .tiff,
 any case); the lists are sorted by path and paired by position, then cut to
-``opt.max_dataset_size`` items.
+``spec.max_dataset_size`` items.
 
 Item ``i`` (a dict):
 
@@ -24,7 +23,7 @@ Item ``i`` (a dict):
 * ``'path'``: the label map's path (str).
 
 Randomness: item ``i`` draws its crop and flip from ``random.Random`` seeded with
-(rng_seed, epoch, i), where ``epoch`` is what ``set_epoch`` last set (0 at first); the
+(spec.seed, epoch, i), where ``epoch`` is what ``set_epoch`` last set (0 at first); the
 draw does not depend on the global RNGs, the worker or the order items are read in, so a
 training run resumed at an epoch sees the same crops and flips. Call ``set_epoch``
 before creating the epoch's DataLoader iterator (with ``persistent_workers=True`` the
@@ -46,6 +45,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import Pix2PixHDError
+from ..specs import DataSpec
 from .transforms import get_params, to_image_tensor, to_instance_tensor, to_label_tensor, transform
 
 __all__ = ["AlignedDataset", "DatasetError", "DatasetNotFoundError", "IMAGE_EXTENSIONS", "build_item", "item_rng", "list_images"]
@@ -91,12 +91,16 @@ def open_image(path: str) -> Image.Image:
         raise DatasetError(f"Cannot read image file {path} ({detail}): it is unreadable, truncated or not an image.") from error
 
 
+def _rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def _zeros_like_hw(channels: int, hw, dtype) -> torch.Tensor:
     return torch.zeros((channels, hw[0], hw[1]), dtype=dtype)
 
 
 def build_item(
-    opt,
+    spec: DataSpec,
     label: Image.Image,
     inst: Optional[Image.Image],
     image: Optional[Image.Image],
@@ -105,16 +109,24 @@ def build_item(
     path: str,
     label_nc: int,
 ) -> Dict[str, object]:
-    """Transform one item's PIL images with one shared ``get_params`` draw into the item dict."""
-    params = get_params(opt, label.size, rng)
+    """Transform one item's PIL images with one shared ``get_params`` draw into the item dict.
+
+    Photos (and feature maps, and the input image when label_nc == 0) are converted to RGB
+    before they are resized, as the original does: a palette or partly transparent image
+    resized in its own mode would come out different.
+    """
+    params = get_params(spec, label.size, rng)
     if label_nc == 0:
-        label_t = to_image_tensor(transform(label, opt, params, nearest=False))
+        label_t = to_image_tensor(transform(_rgb(label), spec, params, nearest=False))
     else:
-        label_t = to_label_tensor(transform(label, opt, params, nearest=True))
+        label_t = to_label_tensor(transform(label, spec, params, nearest=True))
     hw = label_t.shape[-2:]
-    inst_t = to_instance_tensor(transform(inst, opt, params, nearest=True)) if inst is not None else _zeros_like_hw(1, hw, torch.int32)
-    image_t = to_image_tensor(transform(image, opt, params, nearest=False)) if image is not None else _zeros_like_hw(3, hw, torch.float32)
-    feat_t = to_image_tensor(transform(feat, opt, params, nearest=True)) if feat is not None else _zeros_like_hw(1, hw, torch.float32)
+    inst_t = (to_instance_tensor(transform(inst, spec, params, nearest=True)) if inst is not None
+              else _zeros_like_hw(1, hw, torch.int32))
+    image_t = (to_image_tensor(transform(_rgb(image), spec, params, nearest=False)) if image is not None
+               else _zeros_like_hw(3, hw, torch.float32))
+    feat_t = (to_image_tensor(transform(_rgb(feat), spec, params, nearest=True)) if feat is not None
+              else _zeros_like_hw(1, hw, torch.float32))
     return {"label": label_t, "inst": inst_t, "image": image_t, "feat": feat_t, "path": path}
 
 
@@ -142,16 +154,16 @@ def _dataset_size(n: int, max_size) -> int:
 class AlignedDataset(Dataset):
     """pix2pixHD's paired folder dataset; see the module docstring for layout and items."""
 
-    def __init__(self, opt, phase: Optional[str] = None, rng_seed: int = 0):
-        self.opt = opt
-        self.phase = opt.phase if phase is None else phase
-        self.rng_seed = int(rng_seed)
+    def __init__(self, spec: DataSpec):
+        self.spec = spec
+        self.phase = spec.phase
+        self.rng_seed = spec.seed
         self.epoch = 0
-        self.label_nc = int(opt.label_nc)
-        self.root = str(opt.dataroot)
-        self.load_image = bool(opt.isTrain or getattr(opt, "use_encoded_image", False))
-        self.load_instance = not getattr(opt, "no_instance", False)
-        self.load_features = bool(getattr(opt, "load_features", False))
+        self.label_nc = spec.label_nc
+        self.root = str(spec.dataroot)
+        self.load_image = spec.read_images
+        self.load_instance = not spec.no_instance
+        self.load_features = spec.load_features
 
         p = self.phase
         if self.label_nc == 0:
@@ -190,7 +202,7 @@ class AlignedDataset(Dataset):
                 f"Dataset folders hold different numbers of image files ({listing}); each label map needs exactly "
                 f"one file in every folder, paired by sorted path."
             )
-        n = _dataset_size(counts.pop(), getattr(opt, "max_dataset_size", float("inf")))
+        n = _dataset_size(counts.pop(), spec.max_dataset_size)
         self.label_paths = lists["label"][1][:n]
         self.image_paths = lists["image"][1][:n] if "image" in lists else None
         self.inst_paths = lists["inst"][1][:n] if "inst" in lists else None
@@ -234,4 +246,5 @@ class AlignedDataset(Dataset):
                 )
             others[key] = img
         rng = item_rng(self.rng_seed, self.epoch, index)
-        return build_item(self.opt, label, others["inst"], others["image"], others["feat"], rng, label_path, self.label_nc)
+        return build_item(self.spec, label, others["inst"], others["image"], others["feat"], rng, label_path,
+                          self.label_nc)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..specs import DataSpec
 from .folder import DatasetError, build_item, item_rng
 from .labels import colorize_labels
 from .transforms import _BICUBIC
@@ -383,37 +384,37 @@ def _scene_name(index: int) -> str:
 class SyntheticDataset(torch.utils.data.Dataset):
     """``length`` rendered scenes, as items in ``AlignedDataset``'s format.
 
-    Scene ``i`` is ``render_scene(H, W, scene_seed(seed, phase, i))`` with (H, W) = ``size``
-    (default (128, 256)) and phase = ``opt.phase`` (or the ``phase`` argument), so train
-    and test scenes differ. The scene goes through the same transforms as files read by
-    ``AlignedDataset`` with the same options; crops and flips come from
-    ``item_rng(seed, epoch, i)`` (``set_epoch`` as in AlignedDataset), so
-    ``AlignedDataset(opt, rng_seed=seed)`` on ``make_synthetic(dir, seed=seed, ...)``
-    yields the same items. Options honoured: label_nc (0: the input is the colourised
-    label map as an RGB image; otherwise it must be >= 35, the ids being Cityscapes
-    labelIds), no_instance, isTrain / use_encoded_image (photo read or zeros). There are
-    no precomputed features: ``opt.load_features`` is refused.
+    Scene ``i`` is ``render_scene(H, W, scene_seed(spec.seed, phase, i))`` with (H, W) =
+    ``size`` (default (128, 256)) and phase = ``spec.phase``, so train and test scenes
+    differ. The scene goes through the same transforms as files read by
+    ``AlignedDataset`` with the same spec; crops and flips come from
+    ``item_rng(spec.seed, epoch, i)`` (``set_epoch`` as in AlignedDataset), so
+    ``AlignedDataset(spec)`` on ``make_synthetic(dir, seed=spec.seed, ...)`` yields the
+    same items. What the spec says of the data holds: label_nc (0: the input is the
+    colourised label map as an RGB image; otherwise it must be >= 35, the ids being
+    Cityscapes labelIds), no_instance, read_images (photo read or zeros). There are no
+    precomputed features: ``spec.load_features`` is refused.
     """
 
-    def __init__(self, opt, length: int, seed: int = 0, size: Optional[Tuple[int, int]] = None, phase: Optional[str] = None):
-        self.opt = opt
+    def __init__(self, spec: DataSpec, length: int, size: Optional[Tuple[int, int]] = None):
+        self.spec = spec
         self.length = int(length)
         if self.length < 0:
             raise ValueError(f"SyntheticDataset: length must be >= 0, got {length}")
-        self.seed = int(seed)
-        self.phase = opt.phase if phase is None else phase
+        self.seed = spec.seed
+        self.phase = spec.phase
         self.size = tuple(int(s) for s in (DEFAULT_SIZE if size is None else size))
         if len(self.size) != 2 or min(self.size) < 16:
             raise ValueError(f"SyntheticDataset: size must be (height, width), each at least 16, got {size}")
-        self.label_nc = int(opt.label_nc)
+        self.label_nc = spec.label_nc
         if 0 < self.label_nc < 35:
             raise DatasetError(
                 f"The synthetic dataset uses Cityscapes labelIds 0..34, so it needs --label_nc 35 (or 0), not {self.label_nc}."
             )
-        if getattr(opt, "load_features", False):
+        if spec.load_features:
             raise DatasetError("The synthetic dataset has no precomputed feature maps; run without --load_features.")
-        self.load_image = bool(opt.isTrain or getattr(opt, "use_encoded_image", False))
-        self.load_instance = not getattr(opt, "no_instance", False)
+        self.load_image = spec.read_images
+        self.load_instance = not spec.no_instance
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -441,7 +442,7 @@ class SyntheticDataset(torch.utils.data.Dataset):
         image_img = Image.fromarray(image) if self.load_image else None
         path = f"synthetic/{self.phase}_label/{_scene_name(index)}_gtFine_labelIds.png"
         rng = item_rng(self.seed, self.epoch, index)
-        return build_item(self.opt, label_img, inst_img, image_img, None, rng, path, self.label_nc)
+        return build_item(self.spec, label_img, inst_img, image_img, None, rng, path, self.label_nc)
 
 
 _WRITTEN = re.compile(r"scene_\d{5}_(gtFine_labelIds|gtFine_instanceIds|leftImg8bit)\.png")
@@ -461,7 +462,7 @@ def make_synthetic(
     Writes ``{train,test}_label/scene_XXXXX_gtFine_labelIds.png`` (8-bit),
     ``{train,test}_inst/scene_XXXXX_gtFine_instanceIds.png`` (16-bit) and
     ``{train,test}_img/scene_XXXXX_leftImg8bit.png`` (RGB); scene i of a phase is the
-    one ``SyntheticDataset(opt, n, seed=seed, size=(height, width))`` renders. An existing
+    one ``SyntheticDataset(spec, n, size=(height, width))`` renders for a spec with this seed. An existing
     non-empty ``out_dir`` is refused unless ``overwrite=True``; then only files this
     function writes (``scene_XXXXX_*.png`` in those six folders) are replaced or removed,
     nothing else is touched.

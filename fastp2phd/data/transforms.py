@@ -1,9 +1,8 @@
 """pix2pixHD's resize / crop / flip of label maps, instance maps and photos.
 
-Option attributes read (an ``argparse.Namespace`` or any object): ``resize_or_crop``
-(``'resize_and_crop'``, ``'crop'``, ``'scale_width'``, ``'scale_width_and_crop'`` or
-``'none'``), ``loadSize``, ``fineSize``, ``isTrain``; optional with pix2pixHD's defaults:
-``no_flip`` (False), ``n_downsample_global`` (4), ``netG`` ('global'), ``n_local_enhancers`` (1).
+What they read from the ``DataSpec``: ``resize_or_crop`` (``'resize_and_crop'``, ``'crop'``,
+``'scale_width'``, ``'scale_width_and_crop'`` or ``'none'``), ``loadSize``, ``fineSize``,
+``train`` and ``no_flip`` (flips), and ``size_base`` (what ``'none'`` rounds sizes to).
 
 All maps of one sample share one :func:`get_params` draw, so they are cropped and
 flipped identically. Label and instance maps are resampled NEAREST (ids stay ids),
@@ -18,17 +17,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..specs import RESIZE_OR_CROP_CHOICES, DataSpec
+
 __all__ = [
     "RESIZE_OR_CROP_MODES",
     "get_params",
-    "size_base",
     "to_image_tensor",
     "to_instance_tensor",
     "to_label_tensor",
     "transform",
 ]
 
-RESIZE_OR_CROP_MODES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
+RESIZE_OR_CROP_MODES = RESIZE_OR_CROP_CHOICES
 
 # Pillow >= 9.1 has Image.Resampling / Image.Transpose; older ones only the module constants.
 _NEAREST = getattr(getattr(Image, "Resampling", Image), "NEAREST")
@@ -36,44 +36,28 @@ _BICUBIC = getattr(getattr(Image, "Resampling", Image), "BICUBIC")
 _FLIP_LEFT_RIGHT = getattr(getattr(Image, "Transpose", Image), "FLIP_LEFT_RIGHT")
 
 
-def _mode(opt) -> str:
-    mode = opt.resize_or_crop
-    if mode not in RESIZE_OR_CROP_MODES:
-        raise ValueError(f"resize_or_crop must be one of {', '.join(RESIZE_OR_CROP_MODES)}; got {mode!r}")
-    return mode
-
-
-def size_base(opt) -> int:
-    """The multiple that ``resize_or_crop='none'`` rounds sizes to: 2**n_downsample_global,
-    times 2**n_local_enhancers when netG == 'local'."""
-    base = 2 ** int(getattr(opt, "n_downsample_global", 4))
-    if getattr(opt, "netG", "global") == "local":
-        base *= 2 ** int(getattr(opt, "n_local_enhancers", 1))
-    return base
-
-
-def get_params(opt, size: Tuple[int, int], rng: random.Random) -> Dict[str, object]:
+def get_params(spec: DataSpec, size: Tuple[int, int], rng: random.Random) -> Dict[str, object]:
     """Draw one sample's crop position and flip: ``{'crop_pos': (x, y), 'flip': bool}``.
 
     ``size`` is the PIL size (w, h) of the loaded image. Draws x, then y, then the flip
     from ``rng`` (in pix2pixHD's order), whatever the mode, so every sample uses exactly
     three draws.
     """
-    mode = _mode(opt)
+    mode = spec.resize_or_crop
     w, h = size
     new_w, new_h = w, h
     if mode == "resize_and_crop":
-        new_w = new_h = opt.loadSize
+        new_w = new_h = spec.loadSize
     elif mode == "scale_width_and_crop":
-        new_w = opt.loadSize
-        new_h = opt.loadSize * h // w
-    x = rng.randint(0, max(0, new_w - opt.fineSize))
-    y = rng.randint(0, max(0, new_h - opt.fineSize))
+        new_w = spec.loadSize
+        new_h = spec.loadSize * h // w
+    x = rng.randint(0, max(0, new_w - spec.fineSize))
+    y = rng.randint(0, max(0, new_h - spec.fineSize))
     flip = rng.random() > 0.5
     return {"crop_pos": (x, y), "flip": flip}
 
 
-def transform(img: Image.Image, opt, params: Dict[str, object], nearest: bool) -> Image.Image:
+def transform(img: Image.Image, spec: DataSpec, params: Dict[str, object], nearest: bool) -> Image.Image:
     """Resize / crop / flip ``img`` as pix2pixHD does, in this order:
 
     1. 'resize' in resize_or_crop: resize to (loadSize, loadSize);
@@ -83,35 +67,35 @@ def transform(img: Image.Image, opt, params: Dict[str, object], nearest: bool) -
        when the image is larger than fineSize in either dimension (parts beyond the image
        are zero, as PIL pads crops);
     3. resize_or_crop == 'none': round width and height to the nearest multiple of
-       :func:`size_base` (Python's round: halves go to even; never below one base);
-    4. mirror left-right when opt.isTrain and not opt.no_flip and ``params['flip']``.
+       ``spec.size_base`` (Python's round: halves go to even; never below one base);
+    4. mirror left-right when ``spec.train`` and not ``spec.no_flip`` and ``params['flip']``.
 
     ``nearest``: NEAREST resampling (label and instance maps), else BICUBIC (photos).
     """
-    mode = _mode(opt)
+    mode = spec.resize_or_crop
     method = _NEAREST if nearest else _BICUBIC
     if "resize" in mode:
-        size = (opt.loadSize, opt.loadSize)
+        size = (spec.loadSize, spec.loadSize)
         if img.size != size:
             img = img.resize(size, method)
     elif "scale_width" in mode:
         w, h = img.size
-        if w != opt.loadSize:
-            img = img.resize((opt.loadSize, int(opt.loadSize * h / w)), method)
+        if w != spec.loadSize:
+            img = img.resize((spec.loadSize, int(spec.loadSize * h / w)), method)
     if "crop" in mode:
         w, h = img.size
-        size = opt.fineSize
+        size = spec.fineSize
         if w > size or h > size:
             x, y = params["crop_pos"]
             img = img.crop((x, y, x + size, y + size))
     if mode == "none":
-        base = size_base(opt)
+        base = spec.size_base
         w, h = img.size
         new_w = max(base, int(round(w / base) * base))
         new_h = max(base, int(round(h / base) * base))
         if (new_w, new_h) != (w, h):
             img = img.resize((new_w, new_h), method)
-    if opt.isTrain and not getattr(opt, "no_flip", False) and params["flip"]:
+    if spec.train and not spec.no_flip and params["flip"]:
         img = img.transpose(_FLIP_LEFT_RIGHT)
     return img
 

@@ -24,7 +24,9 @@ from urllib.parse import parse_qs, urlparse
 import numpy as np
 from PIL import Image
 
-from ..data import CITYSCAPES_CLASSES, THING_CLASSES, label_palette
+from ..data import CITYSCAPES_CLASSES, THING_CLASSES, class_of_instance, label_palette
+from ..errors import Pix2PixHDError
+from ..specs import DataSpec
 from .session import EditSession
 
 MAX_BODY = 1 << 20  # bytes: a stroke of a few thousand points fits easily
@@ -75,7 +77,7 @@ class EditorApp:
         self.objects = objects
         self.seed = seed
         self.lock = threading.Lock()
-        label_nc = model.opt.label_nc
+        label_nc = model.spec.label_nc
         names = [name for name, _ in CITYSCAPES_CLASSES] if label_nc == len(CITYSCAPES_CLASSES) else [
             f"class {i}" for i in range(label_nc)]
         self.labels = [{"id": i, "name": names[i], "color": "#%02x%02x%02x" % tuple(int(c) for c in color),
@@ -275,16 +277,13 @@ def serve(app: EditorApp, host: str = "127.0.0.1", port: int = 8765) -> Threadin
     return server
 
 
-def load_editor(opt, device, max_scenes: int = 32, max_objects: int = 12) -> EditorApp:
-    """An EditorApp for a trained run: its generator and clusters, the scenes of ``opt.phase``,
-    and object masks (the largest thing instances of those scenes) for the add-object tool."""
-    import argparse
-
+def load_editor(model, data: DataSpec, *, max_scenes: int = 32, max_objects: int = 12, seed: int = 0) -> EditorApp:
+    """An EditorApp for ``model`` (a trained Pix2PixHD with its clusters, e.g. from ``load_run``): the
+    scenes of ``data`` (unflipped), and object masks (the largest thing instances of those scenes) for
+    the add-object tool."""
     from ..data import create_dataset
-    from ..inference import load_model
 
-    model = load_model(argparse.Namespace(**{**vars(opt), "use_encoded_image": False, "isTrain": False}), device)
-    dataset = create_dataset(argparse.Namespace(**{**vars(opt), "isTrain": False, "no_flip": True}))
+    dataset = create_dataset(data.replace(train=False, read_images=False))
     scenes, objects = [], []
     for i in range(min(len(dataset), max_scenes)):
         item = dataset[i]
@@ -292,36 +291,37 @@ def load_editor(opt, device, max_scenes: int = 32, max_objects: int = 12) -> Edi
         name = item["path"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
         scenes.append(Scene(name, label, inst))
         for value in np.unique(inst):
-            cls = int(value) // 1000 if value >= 1000 else int(value)
+            cls = class_of_instance(int(value))
             if cls in THING_CLASSES and len(objects) < max_objects:
                 ys, xs = np.nonzero(inst == value)
                 if len(ys) >= 16:
                     mask = inst[ys.min():ys.max() + 1, xs.min():xs.max() + 1] == value
                     objects.append(ObjectMask(f"{CITYSCAPES_CLASSES[cls][0] if cls < len(CITYSCAPES_CLASSES) else cls} "
                                               f"from {name}", cls, mask))
-    return EditorApp(model, scenes, objects, seed=opt.seed)
+    return EditorApp(model, scenes, objects, seed=seed)
 
 
-def main_edit(opt, device) -> int:
+def main_edit(model, data: DataSpec, *, name: str, host: str, port: int, max_scenes: int, seed: int) -> int:
+    """``fastp2phd edit``: serve the editor until Ctrl+C."""
     import sys
 
-    from ..data import DatasetError
-    from ..inference import InferenceError
-
     try:
-        app = load_editor(opt, device, max_scenes=opt.max_scenes)
-    except (InferenceError, DatasetError, ValueError) as exc:
+        app = load_editor(model, data, max_scenes=max_scenes, seed=seed)
+    except (Pix2PixHDError, ValueError) as exc:
         print(f"fastp2phd edit: {exc}", file=sys.stderr)
         return 1
-    if opt.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: the editor listens on {opt.host}: anyone who can reach this machine can use it", file=sys.stderr)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: the editor listens on {host}: anyone who can reach this machine can use it", file=sys.stderr)
     try:
-        server = serve(app, opt.host, opt.port)
+        server = serve(app, host, port)
     except OSError as exc:
-        print(f"fastp2phd edit: cannot listen on {opt.host}:{opt.port} ({exc}); choose another --port", file=sys.stderr)
+        print(f"fastp2phd edit: cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port",
+              file=sys.stderr)
         return 1
-    host, port = server.server_address[:2]
-    print(f"editing {len(app.scenes)} scenes of {opt.name} on {device}: open http://{host}:{port}/ (Ctrl+C to stop)")
+    bound_host, bound_port = server.server_address[:2]
+    device = next(model.parameters()).device
+    print(f"editing {len(app.scenes)} scenes of {name} on {device}: open http://{bound_host}:{bound_port}/ "
+          "(Ctrl+C to stop)")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

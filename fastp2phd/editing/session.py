@@ -46,12 +46,12 @@ class EditSession:
 
     def __init__(self, model, label, inst, *, image=None, seed: int = 0, history: int = 100):
         self.model = model.eval()
-        self.opt = model.opt
+        self.spec = model.spec
         self.device = next(model.parameters()).device
-        self.label_nc = self.opt.label_nc
+        self.label_nc = self.spec.label_nc
         if self.label_nc == 0:
             raise ValueError("editing needs a model trained on label maps (--label_nc > 0)")
-        self.use_features = bool(self.opt.instance_feat or self.opt.label_feat)
+        self.use_features = self.spec.uses_features
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.history = history
         label = torch.as_tensor(np.asarray(label)).to(self.device, torch.int64)
@@ -77,7 +77,7 @@ class EditSession:
     def _set_state(self, label, inst, feat) -> None:
         """Adopt new maps and build the generator's input (1, C, H, W) from them; the history is cleared."""
         self.label, self.inst, self.feat = label, inst, feat
-        channels = self.label_nc + (0 if self.opt.no_instance else 1) + (self.opt.feat_num if self.use_features else 0)
+        channels = self.label_nc + (0 if self.spec.no_instance else 1) + (self.spec.feat_num if self.use_features else 0)
         self.input = torch.zeros(1, channels, self.height, self.width, device=self.device)
         self._refresh((0, self.height, 0, self.width))
         self.undo_stack: list[_Change] = []
@@ -92,7 +92,7 @@ class EditSession:
         region.zero_()
         region.scatter_(0, self.label[y0:y1, x0:x1][None], 1.0)
         channel = nc
-        if not self.opt.no_instance:
+        if not self.spec.no_instance:
             # A pixel's edge depends on its neighbours: recompute the box grown by one pixel,
             # from a window grown by two so the band's own neighbours are present.
             gy0, gy1, gx0, gx1 = max(0, y0 - 1), min(self.height, y1 + 1), max(0, x0 - 1), min(self.width, x1 + 1)
@@ -112,7 +112,7 @@ class EditSession:
         if clusters is None:
             raise ValueError("this model uses instance features: give the session an image to encode, or load "
                              "clusters into model.clusters")
-        return sample_feature_map(inst[None, None], clusters, self.opt.feat_num, generator=self.generator,
+        return sample_feature_map(inst[None, None], clusters, self.spec.feat_num, generator=self.generator,
                                   choices=choices)[0]
 
     def _apply(self, box, label_patch, inst_patch, feat_patch) -> None:
@@ -293,7 +293,7 @@ class EditSession:
         y0, y1, x0, x1 = box
         y0, y1, x0, x1 = max(0, y0 - margin), min(self.height, y1 + margin), max(0, x0 - margin), min(self.width, x1 + margin)
         batch = self.input.repeat(styles.shape[0], 1, 1, 1)
-        channel = self.label_nc + (0 if self.opt.no_instance else 1)
+        channel = self.label_nc + (0 if self.spec.no_instance else 1)
         where = (self.inst == inst_id)
         for k in range(styles.shape[0]):
             batch[k, channel:, where] = styles[k].to(self.device)[:, None]

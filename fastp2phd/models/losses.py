@@ -36,6 +36,8 @@ class GANLoss(nn.Module):
 
     def _one(self, pred: torch.Tensor, target_is_real: bool) -> torch.Tensor:
         target = self.real_label if target_is_real else self.fake_label
+        # In float32 at least, under autocast too, as CUDA's autocast runs mse_loss and BCE.
+        pred = pred.to(torch.promote_types(pred.dtype, torch.float32))
         if self.use_lsgan:
             return (pred - target).pow(2).mean()
         target_tensor = torch.full_like(pred, target)

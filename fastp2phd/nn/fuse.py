@@ -25,6 +25,8 @@ new modules.
 """
 from __future__ import annotations
 
+import math
+
 from torch import nn
 
 from .norm_act import InstanceNormAct2d
@@ -39,7 +41,7 @@ def _has_hooks(module: nn.Module) -> bool:
 
 def _fusable_norm(module: nn.Module) -> bool:
     return (type(module) is nn.InstanceNorm2d and not module.affine and not module.track_running_stats
-            and module.eps >= 0 and not _has_hooks(module))
+            and math.isfinite(module.eps) and module.eps >= 0 and not _has_hooks(module))
 
 
 def _fusable_activation(module: nn.Module | None) -> bool:

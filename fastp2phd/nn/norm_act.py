@@ -1,6 +1,7 @@
 """InstanceNormAct2d: InstanceNorm2d (no affine) and its activation as one module."""
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -56,8 +57,8 @@ class InstanceNormAct2d(nn.Module):
         check_activation(activation, negative_slope)
         if num_features <= 0:
             raise ValueError(f"InstanceNormAct2d: num_features must be positive, got {num_features}")
-        if eps < 0:
-            raise ValueError(f"InstanceNormAct2d: eps must be 0 or more, got {eps}")
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"InstanceNormAct2d: eps must be a finite number, 0 or more, got {eps}")
         self.num_features = num_features
         self.activation = activation
         self.negative_slope = float(negative_slope)

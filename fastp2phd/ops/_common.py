@@ -28,11 +28,15 @@ def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
     # Data-dependent check: costs a pass (and a host sync on CUDA), so only for
     # float maps, and skipped while torch.compile or an exporter traces (they cannot branch on data).
     if inst.is_floating_point() and inst.numel() and inst.device.type != "meta" and not torch.compiler.is_compiling() \
-            and not exporting():
-        if not bool(torch.all(inst == torch.trunc(inst))):
+            and not exporting() and not is_fake(inst):
+        # Ids become int64 inside the kernels: they must be whole numbers in int64's range (not NaN or inf).
+        whole = inst == torch.trunc(inst)
+        in_range = (inst >= -2.0**63) & (inst < 2.0**63)
+        if not bool(torch.all(whole & in_range)):
             raise ValueError(
-                f"{op}: {name} is a float tensor with fractional or NaN values; instance ids must be "
-                "whole numbers (load instance maps with nearest-neighbour resizing, or pass an integer tensor)"
+                f"{op}: {name} is a float tensor holding values that are not whole numbers within int64's range "
+                "(fractions, NaN, inf or beyond ±9.2e18); instance ids must be such numbers: load instance maps "
+                "with nearest-neighbour resizing, or pass an integer tensor"
             )
 
 

@@ -20,6 +20,8 @@ without a GPU), and the C++ CPU kernel of instance_mean is not used.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import _extension
@@ -67,5 +69,9 @@ def extension_kernel_missing(name: str, dispatch_key: str) -> str | None:
 def register_kernel(name: str, dispatch_key: str, kernel, *, replace: bool = False) -> None:
     """Register ``kernel`` for ``dispatch_key`` ("CPU", "CUDA") where the extension provides none
     (or, with ``replace``, instead of the extension's)."""
-    if replace or (name, dispatch_key) not in _EXTENSION_KERNELS:
+    if (name, dispatch_key) not in _EXTENSION_KERNELS:
         LIBRARY.impl(name, kernel, dispatch_key)
+    elif replace:
+        with warnings.catch_warnings():  # (the override is the point)
+            warnings.filterwarnings("ignore", message=".*[Oo]verrid")
+            LIBRARY.impl(name, kernel, dispatch_key)

@@ -66,10 +66,21 @@ FAST_PATHS = (
 
 
 def boundary_map(inst: torch.Tensor, *, dtype: torch.dtype = torch.float32, impl: str = "auto") -> torch.Tensor:
-    """Boundary map of an (N, 1, H, W) instance map, as ``dtype`` (default float32).
+    """The instance boundary map pix2pixHD feeds its generator.
 
-    ``impl``: "auto", "reference", "cpp" (CPU) or "cuda". A float instance map is
-    checked for fractional values first (one extra pass; pass integer ids to skip it).
+    ``inst``: (N, 1, H, W) instance ids: uint8, int8, int16, int32 or int64, or a float tensor
+    holding whole numbers (checked: one extra pass; pass integer ids where speed matters). Any
+    strided view is accepted.
+
+    Returns an (N, 1, H, W) tensor of ``dtype`` (float32, float64, float16, bfloat16, uint8 or
+    bool; default float32) that is 1 where any of a pixel's 4 neighbours (up, down, left,
+    right) holds a different id and 0 elsewhere. Pixels outside the image do not count, so
+    image borders never make edges; batch items are independent. This equals scikit-image's
+    ``find_boundaries(ids, mode="thick", connectivity=1)`` on each (H, W) slice. The output
+    never requires grad (ids are not differentiable).
+
+    ``impl``: "auto" (the fastest path for the device), "reference" (PyTorch), "cpp" (CPU)
+    or "cuda"; a named path that cannot run here raises instead of falling back.
     """
     check_instance_map("boundary_map", inst)
     if dtype not in OUTPUT_DTYPES:

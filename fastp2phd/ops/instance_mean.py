@@ -172,10 +172,19 @@ FAST_PATHS = (
 
 
 def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
-    """Replace every pixel's features by the mean over its (batch item, instance id) segment.
+    """Instance-wise average pooling: every pixel gets the mean feature of its instance.
 
-    ``impl``: "auto", "reference", "cpp" (CPU) or "triton" (CUDA; CPU under TRITON_INTERPRET=1).
-    Differentiable with respect to ``feat``.
+    ``feat``: (N, C, H, W) float16, bfloat16, float32 or float64. ``inst``: (N, 1, H, W) ids,
+    uint8..int64, or float holding whole numbers within int64's range (sparse and large ids,
+    such as Cityscapes' class*1000+k, are fine). A segment is the set of pixels of one batch
+    item that share an id; each channel is averaged over its segment (accumulated in float32
+    at least). Returns a new tensor of feat's dtype and layout (channels_last stays so); any
+    strided views are accepted.
+
+    Differentiable in ``feat`` in every mode (backward, double backward, forward-mode AD,
+    vmap): the op is a projection, so its gradient is the same pooling of the gradient.
+    ``impl``: "auto", "reference" (PyTorch), "cpp" (CPU) or "triton" (CUDA; CPU tensors
+    under TRITON_INTERPRET=1); a named path that cannot run here raises.
     """
     if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
         shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__

@@ -19,6 +19,8 @@ when the activation can be inverted (none, leaky_relu with a positive slope).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -250,9 +252,18 @@ def instance_norm_act(
     *,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Instance norm (no affine, biased variance) followed by ``activation``.
+    """Instance normalisation without affine parameters, then an activation: InstanceNorm2d + ReLU in one op.
 
-    ``impl``: "auto", "reference" or "triton" (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+    ``x``: (N, C, H, W) float16, bfloat16, float32 or float64, any strided view. Each (n, c)
+    plane is normalised by its own mean and biased variance, ``(x - mean) / sqrt(var + eps)``
+    (statistics in float32 for 16-bit input, float64 for float64), then ``activation``:
+    "none", "relu" or "leaky_relu" (slope ``negative_slope``). ``eps`` is finite and >= 0.
+    A 1x1 plane gives 0. Returns a new tensor of x's dtype, channels_last when x's strides
+    are channels-last-like, NCHW otherwise.
+
+    Differentiable in every mode (backward, double backward, forward-mode AD, vmap).
+    ``impl``: "auto", "reference" (PyTorch) or "triton" (CUDA tensors; CPU tensors under
+    TRITON_INTERPRET=1); a named path that cannot run here raises.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -260,8 +271,10 @@ def instance_norm_act(
     if not x.is_floating_point():
         raise TypeError(f"instance_norm_act: x must be floating point, got {x.dtype}")
     check_activation(activation, negative_slope)
-    if eps < 0:
-        raise ValueError(f"instance_norm_act: eps must be 0 or more, got {eps}")
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"instance_norm_act: eps must be a finite number, 0 or more, got {eps}")
+    if not math.isfinite(negative_slope):
+        raise ValueError(f"instance_norm_act: negative_slope must be a finite number, got {negative_slope}")
     if x.numel() == 0:
         return empty_like_format(x)
     path = select("instance_norm_act", impl, x.device, FAST_PATHS)

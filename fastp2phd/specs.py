@@ -1,0 +1,281 @@
+"""Typed specifications: what each part of the library needs, built once from the options.
+
+The command line (``fastp2phd.options``) parses the original pix2pixHD options and
+turns them into these frozen dataclasses; everything below it takes a spec or explicit
+arguments, never the parsed options. Field names are the original option names, so a
+spec reads like a command line and a run's ``opt.txt`` maps onto it one to one.
+From Python, build them directly::
+
+    model = ModelSpec(netG="local", ngf=32, instance_feat=True)
+    data = DataSpec.for_model(model, dataroot="datasets/cityscapes", resize_or_crop="none")
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import Pix2PixHDError
+
+NETG_CHOICES = ("global", "local")
+NORM_CHOICES = ("instance", "batch")
+RESIZE_OR_CROP_CHOICES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
+AMP_DTYPE_CHOICES = ("auto", "bf16", "fp16")
+
+
+class SpecError(Pix2PixHDError, ValueError):
+    """Options that cannot make a model, a dataset or a run; the message names the option."""
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SpecError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_count(spec: Any, names: tuple[str, ...], minimum: int) -> None:
+    for name in names:
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            kind = "a positive" if minimum == 1 else "a non-negative"
+            raise SpecError(f"{name} must be {kind} integer, got {value!r}")
+
+
+class _Spec:
+    def replace(self, **changes: Any):
+        """A copy with ``changes`` (checked again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_options(cls, options: Any, **overrides: Any):
+        """The spec of an options object (anything with the fields as attributes: parsed options, a
+        namespace), taking the fields it has and the defaults for the rest."""
+        values = {f.name: getattr(options, f.name) for f in fields(cls) if f.init and hasattr(options, f.name)}
+        return cls(**{**values, **overrides})
+
+
+@dataclass(frozen=True)
+class ModelSpec(_Spec):
+    """pix2pixHD's generator (and encoder) and the input they are built for."""
+
+    label_nc: int = 35  # label classes; 0: the input is an image of input_nc channels
+    input_nc: int = 3
+    output_nc: int = 3
+    no_instance: bool = False  # no instance maps, so no boundary map
+    instance_feat: bool = False  # instance-wise features from an encoder (or clusters)
+    label_feat: bool = False  # label-wise features instead
+    feat_num: int = 3
+    load_features: bool = False  # precomputed feature maps instead of an encoder
+    netG: str = "global"
+    ngf: int = 64
+    n_downsample_global: int = 4
+    n_blocks_global: int = 9
+    n_local_enhancers: int = 1
+    n_blocks_local: int = 3
+    norm: str = "instance"
+    nef: int = 16
+    n_downsample_E: int = 4
+    n_clusters: int = 10
+
+    def __post_init__(self) -> None:
+        _check_choice("netG", self.netG, NETG_CHOICES)
+        _check_choice("norm", self.norm, NORM_CHOICES)
+        _check_count(self, ("input_nc", "output_nc", "feat_num", "ngf", "n_local_enhancers", "nef", "n_clusters"), 1)
+        _check_count(self, ("label_nc", "n_downsample_global", "n_blocks_global", "n_blocks_local",
+                            "n_downsample_E"), 0)
+        if self.instance_feat and self.label_feat:
+            raise SpecError("choose one of instance_feat and label_feat")
+        if self.instance_feat and self.no_instance:
+            raise SpecError("instance_feat pools features per instance and needs instance maps: drop no_instance")
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether G's input holds feature channels (instance or label features)."""
+        return self.instance_feat or self.label_feat
+
+    @property
+    def has_encoder(self) -> bool:
+        """Whether the model has an encoder E (features that are not read from files)."""
+        return self.uses_features and not self.load_features
+
+    @property
+    def label_channels(self) -> int:
+        """Channels of the encoded label input: one-hot classes (or the input image), + the boundary map."""
+        return (self.label_nc if self.label_nc != 0 else self.input_nc) + (0 if self.no_instance else 1)
+
+    @property
+    def generator_input_nc(self) -> int:
+        return self.label_channels + (self.feat_num if self.uses_features else 0)
+
+    @property
+    def generator_size_multiple(self) -> int:
+        """Height and width must be multiples of this for G to return the input size."""
+        return 2**self.n_downsample_global * (2**self.n_local_enhancers if self.netG == "local" else 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """The multiple G and, where there is one, E need."""
+        multiple = self.generator_size_multiple
+        return max(multiple, 2**self.n_downsample_E) if self.has_encoder else multiple
+
+
+@dataclass(frozen=True)
+class DataSpec(_Spec):
+    """A dataset: where it is, how its images are resized, cropped and flipped, and what it holds."""
+
+    dataroot: str = "./datasets/cityscapes/"  # a Cityscapes-style folder, or "synthetic"
+    phase: str = "train"
+    resize_or_crop: str = "scale_width"
+    loadSize: int = 1024
+    fineSize: int = 512
+    no_flip: bool = False
+    train: bool = False  # a training set: random flips (unless no_flip)
+    read_images: bool = False  # read the photos (<phase>_img): training, or encoding real images
+    max_dataset_size: float = math.inf
+    synthetic_size: int | None = None  # scenes of the synthetic dataset (default 64 train, 16 test)
+    seed: int = 0  # crops, flips and synthetic scenes
+    label_nc: int = 35
+    no_instance: bool = False
+    load_features: bool = False
+    size_base: int = 16  # what resize_or_crop "none" rounds sizes to (the generator's size multiple)
+
+    def __post_init__(self) -> None:
+        _check_choice("resize_or_crop", self.resize_or_crop, RESIZE_OR_CROP_CHOICES)
+        _check_count(self, ("loadSize", "fineSize", "size_base"), 1)
+        _check_count(self, ("label_nc",), 0)
+        if self.max_dataset_size < 0:
+            raise SpecError(f"max_dataset_size must be 0 or more, got {self.max_dataset_size}")
+        if self.fineSize > self.loadSize and "crop" in self.resize_or_crop:
+            raise SpecError(f"fineSize {self.fineSize} is larger than loadSize {self.loadSize}: the crop cannot fit")
+
+    @classmethod
+    def for_model(cls, model: ModelSpec, **fields_: Any) -> "DataSpec":
+        """The dataset ``model`` reads: its label classes, instance maps, features and size base."""
+        return cls(label_nc=model.label_nc, no_instance=model.no_instance, load_features=model.load_features,
+                   size_base=model.generator_size_multiple, **fields_)
+
+
+@dataclass(frozen=True)
+class TrainSpec(_Spec):
+    """A training run: the model, its data, the discriminators and losses, the schedule, and the outputs."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=lambda: DataSpec(train=True, read_images=True))
+    name: str = "label2city"
+    checkpoints_dir: str = "./checkpoints"
+    which_epoch: str = "latest"
+    continue_train: bool = False
+    load_pretrain: str = ""
+    # discriminators and losses
+    num_D: int = 2
+    n_layers_D: int = 3
+    ndf: int = 64
+    no_ganFeat_loss: bool = False
+    no_lsgan: bool = False
+    lambda_feat: float = 10.0
+    no_vgg_loss: bool = False
+    vgg_weights: str | None = None
+    pool_size: int = 0
+    # optimisation
+    lr: float = 0.0002
+    beta1: float = 0.5
+    niter: int = 100
+    niter_decay: int = 100
+    niter_fix_global: int = 0
+    fp16: bool = False
+    amp_dtype: str = "auto"
+    checkpoint_activations: bool = False
+    batchSize: int = 1
+    nThreads: int = 2
+    serial_batches: bool = False
+    seed: int = 0
+    # outputs
+    print_freq: int = 100
+    display_freq: int = 100
+    save_latest_freq: int = 1000
+    save_epoch_freq: int = 10
+    no_html: bool = False
+    tf_log: bool = False
+    no_progress: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("amp_dtype", self.amp_dtype, AMP_DTYPE_CHOICES)
+        _check_count(self, ("num_D", "n_layers_D", "ndf", "batchSize", "print_freq", "display_freq",
+                            "save_latest_freq", "save_epoch_freq"), 1)
+        _check_count(self, ("pool_size", "niter", "niter_decay", "niter_fix_global", "nThreads"), 0)
+        if not (math.isfinite(self.lr) and self.lr >= 0):
+            raise SpecError(f"lr must be a finite number, 0 or more, got {self.lr}")
+        if self.niter_fix_global and self.model.netG != "local":
+            raise SpecError("niter_fix_global trains only the local enhancer: it needs netG local")
+
+    @property
+    def run_folder(self) -> Path:
+        return Path(self.checkpoints_dir) / self.name
+
+    def options(self) -> dict[str, Any]:
+        """Every option of the run under its original name: what ``opt.txt`` records."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("model", "data")}
+        for part in (self.data, self.model):  # the model's values win where both hold one (label_nc, ...)
+            values.update({f.name: getattr(part, f.name) for f in fields(part)
+                           if f.name not in ("train", "read_images", "size_base", "seed")})
+        values["isTrain"] = True
+        return dict(sorted(values.items()))
+
+
+# ----------------------------------------------------------------------------- opt.txt
+
+
+OPT_TXT = "opt.txt"
+
+
+def read_opt_txt(folder: str | Path) -> dict[str, str]:
+    """The ``name: value`` lines of a run's ``opt.txt`` (written by train, here or in the original code)."""
+    path = Path(folder) / OPT_TXT
+    if not path.is_file():
+        return {}
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        raise SpecError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    recorded = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() and not key.strip().startswith("-"):
+            recorded[key.strip()] = value.strip()
+    return recorded
+
+
+def model_spec_from_opt_txt(folder: str | Path, **overrides: Any) -> ModelSpec:
+    """The ModelSpec a run's ``opt.txt`` records (fields it lacks keep their defaults), with ``overrides``;
+    a value that is not one the option takes is one sentence naming the file."""
+    recorded = read_opt_txt(folder)
+    values: dict[str, Any] = {}
+    for f in fields(ModelSpec):
+        if f.name not in recorded or f.name in overrides:
+            continue
+        text = recorded[f.name]
+        try:
+            values[f.name] = _parse_value(text, type(getattr(ModelSpec(), f.name)))
+        except ValueError:
+            raise SpecError(f"{Path(folder) / OPT_TXT} says {f.name}: {text!r}, which is not a valid value; "
+                            f"fix the file or pass --{f.name}") from None
+    try:
+        return ModelSpec(**{**values, **overrides})
+    except SpecError as exc:
+        raise SpecError(f"{Path(folder) / OPT_TXT} does not describe a model pix2pixHD can build: {exc}") from None
+
+
+def _parse_value(text: str, kind: type) -> Any:
+    if kind is bool:
+        if text not in ("True", "False"):
+            raise ValueError(text)
+        return text == "True"
+    return kind(text)
+
+
+def recorded_options(values: Mapping[str, Any]) -> str:
+    """``opt.txt``'s text for ``values``, in the original code's format."""
+    lines = ["------------ Options -------------", *(f"{k}: {v}" for k, v in values.items()),
+             "-------------- End ----------------"]
+    return "\n".join(lines) + "\n"

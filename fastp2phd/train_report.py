@@ -1,0 +1,77 @@
+"""What a training run reports: the loss logs (text, as the original writes it, and JSON lines),
+TensorBoard scalars, and the web page of input labels, generated and real images."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import Pix2PixHDError
+from .files import write_text
+from .visualize import HTMLPage, label_to_image, tensor_to_image
+
+
+class TrainingReport:
+    """The run folder's ``loss_log.txt``, ``loss_log.jsonl``, ``logs/`` (TensorBoard) and ``web/``.
+
+    Only the main process writes; the others hold a report that does nothing.
+    """
+
+    def __init__(self, folder: Path, name: str, *, write: bool, html: bool, tensorboard: bool, label_nc: int):
+        self.write = write
+        self.label_nc = label_nc
+        self.log_txt = folder / "loss_log.txt"
+        self.log_jsonl = folder / "loss_log.jsonl"
+        self.web = HTMLPage(folder / "web", f"Experiment name = {name}", refresh=30) if write and html else None
+        self.tb = None
+        if write and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise Pix2PixHDError("--tf_log needs the tensorboard package: pip install tensorboard") from None
+            self.tb = SummaryWriter(str(folder / "logs"))
+
+    def log(self, values: dict[str, float], epoch: int, epoch_iter: int, total_steps: int, seconds: float) -> None:
+        """One line of losses (averaged over the processes that trained, see Trainer)."""
+        if not self.write:
+            return
+        text = (f"(epoch: {epoch}, iters: {epoch_iter}, time: {seconds:.3f}) "
+                + " ".join(f"{k}: {v:.3f}" for k, v in values.items()))
+        with open(self.log_txt, "a") as f:
+            f.write(text + "\n")
+        with open(self.log_jsonl, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "epoch_iter": epoch_iter, "total_steps": total_steps,
+                                "seconds_per_image": seconds, **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, total_steps)
+
+    def forget_after(self, total_steps: int) -> None:
+        """A run resumed at ``total_steps`` replays the steps logged after it: drop their JSON lines."""
+        if not self.write or not self.log_jsonl.is_file():
+            return
+        kept = []
+        for line in self.log_jsonl.read_text().splitlines():
+            try:
+                if json.loads(line)["total_steps"] > total_steps:
+                    continue
+            except (ValueError, KeyError, TypeError):
+                pass  # not ours: keep it
+            kept.append(line)
+        write_text(self.log_jsonl, "".join(line + "\n" for line in kept))
+
+    def display(self, batch: dict, fake: torch.Tensor, epoch: int, epoch_iter: int, total_steps: int) -> None:
+        if self.web is None:
+            return
+        self.web.add_header(f"epoch {epoch}, iteration {epoch_iter}")
+        self.web.add_images({
+            "input_label": label_to_image(batch["label"][0], self.label_nc),
+            "synthesized_image": tensor_to_image(fake[0]),
+            "real_image": tensor_to_image(batch["image"][0]),
+        }, prefix=f"epoch{epoch:03d}_iter{total_steps}")
+        self.web.save()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,160 @@
+"""A training run's checkpoints: the networks under the original names, the state that resumes a run
+exactly, and starting from an earlier run (coarse-to-fine).
+
+``save`` writes ``<label>_net_G.pth`` (``_net_D``, ``_net_E``): plain state_dicts the original code
+loads; and ``<label>_train_state.pth``: the weights again, the optimisers, the grad scaler, the
+position, the random state and every process's image pool, so that ``resume`` continues bit for
+bit. Each file is written to a temporary name and renamed (``fastp2phd.files``). ``resume`` also
+takes a folder of the original code's checkpoints (networks and ``iter.txt``, no optimiser state).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from .files import load_torch, save_torch, write_text
+from .models.checkpoint import CheckpointMismatchError, read_state_dict
+from .train_step import TrainingError
+
+if TYPE_CHECKING:
+    from .training import Trainer
+
+STATE_VERSION = 2  # 2: one image pool per process (1: the main process's pool only)
+
+
+def _state(trainer: Trainer, pools: list[dict]) -> dict:
+    state = {
+        "version": STATE_VERSION,
+        "epoch": trainer.epoch, "epoch_iter": trainer.epoch_iter, "total_steps": trainer.total_steps,
+        "fixed_global": trainer.fixed_global,
+        "netG": trainer.model.netG.state_dict(), "netD": trainer.netD.state_dict(),
+        "optimizer_G": trainer.optimizer_G.state_dict(), "optimizer_D": trainer.optimizer_D.state_dict(),
+        "scaler": trainer.scaler.state_dict(), "pools": pools,
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "world": trainer.world,
+    }
+    if trainer.model.netE is not None:
+        state["netE"] = trainer.model.netE.state_dict()
+    return state
+
+
+def save(trainer: Trainer, label: str) -> None:
+    """Write the networks and the train state under ``label`` ("latest" or an epoch). Every process
+    calls it (their image pools are gathered); the main one writes."""
+    pools = [trainer.pool.state_dict()]
+    if trainer.distributed:
+        pools = [None] * trainer.world
+        dist.all_gather_object(pools, trainer.pool.state_dict())
+    if trainer.is_main:
+        _write(trainer, label, pools)
+    if trainer.distributed:
+        dist.barrier()  # nobody runs ahead (or exits) while the main process writes
+
+
+def _write(trainer: Trainer, label: str, pools: list[dict]) -> None:
+    folder = trainer.run_folder
+    save_torch(trainer.model.netG.state_dict(), folder / f"{label}_net_G.pth")
+    save_torch(trainer.netD.state_dict(), folder / f"{label}_net_D.pth")
+    if trainer.model.netE is not None:
+        save_torch(trainer.model.netE.state_dict(), folder / f"{label}_net_E.pth")
+    save_torch(_state(trainer, pools), folder / f"{label}_train_state.pth")
+    write_text(folder / "iter.txt", f"{trainer.epoch},{trainer.epoch_iter}\n")
+
+
+def resume(trainer: Trainer) -> None:
+    """Continue the run from ``<which_epoch>_train_state.pth``, or from the original code's networks."""
+    label = trainer.spec.which_epoch
+    path = trainer.run_folder / f"{label}_train_state.pth"
+    if path.is_file():
+        _resume_state(trainer, path)
+    else:
+        _resume_networks(trainer, label)
+
+
+def _resume_state(trainer: Trainer, path: Path) -> None:
+    state = load_torch(path, "train state")
+    if not isinstance(state, dict) or "version" not in state:
+        raise TrainingError(f"{path} is not a train state fastp2phd wrote (it holds a {type(state).__name__}); "
+                            "remove it to continue from the networks, or choose another --which_epoch")
+    if state["version"] not in (1, STATE_VERSION):
+        raise TrainingError(f"{path} was written by another version of fastp2phd's trainer (state version "
+                            f"{state['version']}, this one reads 1 and {STATE_VERSION}); continue it with that version")
+    try:
+        trainer.model.netG.load_state_dict(state["netG"])
+        trainer.netD.load_state_dict(state["netD"])
+        if trainer.model.netE is not None:
+            if "netE" not in state:
+                raise TrainingError(f"{path} has no encoder: it was trained without --instance_feat/--label_feat")
+            trainer.model.netE.load_state_dict(state["netE"])
+        trainer.epoch, trainer.epoch_iter = state["epoch"], state["epoch_iter"]
+        trainer.total_steps = state["total_steps"]
+        trainer.optimizer_G = trainer.make_optimizer_G(fix_global=state["fixed_global"])
+        trainer.optimizer_G.load_state_dict(state["optimizer_G"])
+        trainer.optimizer_D.load_state_dict(state["optimizer_D"])
+        trainer.scaler.load_state_dict(state["scaler"])
+        pools = state["pools"] if state["version"] >= 2 else [state["pool"]]
+    except KeyError as exc:
+        raise TrainingError(f"{path} lacks {exc} of a train state: it is damaged; remove it to continue from "
+                            "the networks") from None
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if state.get("world", 1) != trainer.world or len(pools) != trainer.world:
+        trainer.say(f"note: resuming a run of {state['world']} processes with {trainer.world}: the data order of the "
+                    "current epoch changes, and the image pools start empty")
+    else:
+        trainer.pool.load_state_dict(pools[trainer.rank], trainer.device)
+    trainer.say(f"resuming from {path} at epoch {trainer.epoch}, iteration {trainer.epoch_iter}")
+
+
+def _resume_networks(trainer: Trainer, label: str) -> None:
+    """An original pix2pixHD checkpoint: networks and iter.txt, no optimiser state."""
+    folder = trainer.run_folder
+    g_path = folder / f"{label}_net_G.pth"
+    if not g_path.is_file():
+        raise TrainingError(
+            f"--continue_train found nothing to continue in {folder} (no {label}_train_state.pth or "
+            f"{label}_net_G.pth); drop --continue_train to start a new run, or check --name and --which_epoch"
+        )
+    trainer.model.netG.load_state_dict(read_state_dict(g_path))
+    for net, key in ((trainer.netD, "D"), (trainer.model.netE, "E")):
+        net_path = folder / f"{label}_net_{key}.pth"
+        if net is not None and net_path.is_file():
+            net.load_state_dict(read_state_dict(net_path))
+    iter_path = folder / "iter.txt"
+    if iter_path.is_file():
+        text = iter_path.read_text(errors="replace")
+        try:
+            epoch, epoch_iter = (int(float(v)) for v in text.replace(",", " ").split()[:2])
+        except ValueError:
+            raise TrainingError(f"{iter_path} holds {text.strip()[:40]!r}, not 'epoch,iteration'; fix it, or remove "
+                                "it to start counting from epoch 1") from None
+        trainer.epoch, trainer.epoch_iter = epoch, epoch_iter
+    trainer.optimizer_G = trainer.make_optimizer_G(fix_global=trainer.epoch <= trainer.spec.niter_fix_global)
+    trainer.say(f"resuming from the networks in {folder} (no optimiser state) at epoch {trainer.epoch}, "
+                f"iteration {trainer.epoch_iter}")
+
+
+def start_from(trainer: Trainer, folder: Path) -> None:
+    """Coarse-to-fine: start from a trained run (a G1 for --netG local), D and E included when present."""
+    label = trainer.spec.which_epoch
+    g_path = folder / f"{label}_net_G.pth"
+    if not g_path.is_file():
+        raise TrainingError(f"--load_pretrain {folder}: {g_path.name} is not there")
+    state = read_state_dict(g_path)
+    if trainer.spec.model.netG == "local" and not any(k.startswith("model1_") for k in state):
+        trainer.model.netG.load_global_generator(state)
+    else:
+        trainer.model.netG.load_state_dict(state)
+    for net, key in ((trainer.netD, "D"), (trainer.model.netE, "E")):
+        path = folder / f"{label}_net_{key}.pth"
+        if net is not None and path.is_file():
+            try:
+                net.load_state_dict(read_state_dict(path))
+            except CheckpointMismatchError as exc:  # e.g. another --num_D: D starts afresh, as in the original
+                trainer.say(f"not starting {key} from {path.name}: {exc}")
+    trainer.say(f"started from the networks in {folder}")

@@ -1,0 +1,187 @@
+"""Every failure a sentence, and writes that keep what users share: unreadable run files for every command,
+opt.txt values an option does not take, bad numbers, file modes, leftovers of killed writes, the loss log
+after a resume, palette photos, and the losses' precision under autocast."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastp2phd import ops
+from fastp2phd.cli import main
+from fastp2phd.data import AlignedDataset, make_synthetic
+from fastp2phd.files import TEMPORARY_SUFFIX, save_torch
+from fastp2phd.inference import load_run
+from fastp2phd.models import GANLoss
+from fastp2phd.specs import DataSpec, ModelSpec, SpecError
+
+TINY = ["--fineSize", "64", "--loadSize", "64", "--resize_or_crop", "none", "--ngf", "4", "--n_downsample_global", "2",
+        "--n_blocks_global", "1", "--nThreads", "0", "--device", "cpu", "--no_progress", "--instance_feat", "--nef", "4",
+        "--n_downsample_E", "2", "--n_clusters", "2"]
+TRAIN = ["--ndf", "4", "--n_layers_D", "2", "--no_vgg_loss", "--batchSize", "2", "--niter", "1", "--niter_decay", "0",
+         "--print_freq", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(checkpoints folder, data folder) of a tiny run with features, trained one epoch and clustered."""
+    root = tmp_path_factory.mktemp("run")
+    data = make_synthetic(root / "data", num_train=6, num_test=2, height=32, width=64, seed=3)
+    common = ["--name", "run", "--checkpoints_dir", str(root / "ck"), "--dataroot", str(data), *TINY]
+    assert main(["train", *common, *TRAIN]) == 0
+    assert main(["encode-features", *common]) == 0
+    return root / "ck", data
+
+
+def copy_run(trained, tmp_path):
+    ck, data = trained
+    shutil.copytree(ck, tmp_path / "ck")
+    return tmp_path / "ck", data
+
+
+def command(name, ck, data, *extra):
+    argv = {"test": ["test", "--results_dir", str(ck.parent / "results")],
+            "export-onnx": ["export-onnx", "--onnx", str(ck.parent / "g.onnx")],
+            "encode-features": ["encode-features"],
+            "edit": ["edit", "--port", "0"]}[name]
+    return [*argv, "--name", "run", "--checkpoints_dir", str(ck), "--dataroot", str(data), "--device", "cpu",
+            "--no_progress", *extra]
+
+
+def one_sentence(capsys, *expected):
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    for text in expected:
+        assert text in err, err
+    return err
+
+
+@pytest.mark.parametrize("name", ["test", "export-onnx", "encode-features", "edit"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "unsafe"])
+def test_an_unreadable_checkpoint_is_one_sentence_naming_it(name, damage, trained, tmp_path, capsys):
+    ck, data = copy_run(trained, tmp_path)
+    g = ck / "run" / "latest_net_G.pth"
+    if damage == "truncated":
+        g.write_bytes(g.read_bytes()[:2000])
+    elif damage == "empty":
+        g.write_bytes(b"")
+    else:
+        torch.save({"weight": torch.zeros(1), "code": os.system}, g)
+    capsys.readouterr()
+    assert main(command(name, ck, data)) == 1
+    expected = ("holds Python objects besides tensors",) if damage == "unsafe" else ("truncated, damaged",)
+    one_sentence(capsys, "latest_net_G.pth", *expected)
+
+
+def test_opt_txt_values_are_checked(trained, tmp_path, capsys):
+    ck, data = copy_run(trained, tmp_path)
+    opt_txt = ck / "run" / "opt.txt"
+    opt_txt.write_text(opt_txt.read_text().replace("netG: global", "netG: bogus"))
+    capsys.readouterr()
+    assert main(command("test", ck, data)) == 1
+    one_sentence(capsys, "opt.txt says netG: 'bogus'", "global, local")
+    with pytest.raises(SpecError, match="opt.txt does not describe a model .*netG must be one of global, local"):
+        load_run(ck / "run")
+    opt_txt.write_text(opt_txt.read_text().replace("netG: bogus", "netG: global").replace("ngf: 4", "ngf: four"))
+    with pytest.raises(SpecError, match="opt.txt says ngf: 'four', which is not a valid value"):
+        load_run(ck / "run")
+
+
+def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
+    ck, _ = copy_run(trained, tmp_path)
+    (ck / "run" / "opt.txt").unlink()
+    with pytest.raises(Exception, match="has no opt.txt: pass model=ModelSpec"):
+        load_run(ck / "run")
+    spec = ModelSpec(ngf=4, n_downsample_global=2, n_blocks_global=1, instance_feat=True, nef=4, n_downsample_E=2,
+                     n_clusters=2)
+    model = load_run(ck / "run", model=spec)
+    assert model.netE is not None and model.clusters and not model.training
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["edit", "--port", "99999"], "must be a port number, 0 to 65535"),
+    (["make-synthetic", "--out", "x", "--height", "-5"], "must be a positive integer, got -5"),
+    (["make-synthetic", "--out", "x", "--num_train", "-1"], "must be a non-negative integer, got -1"),
+    (["train", "--netG", "huge"], "invalid choice: 'huge'"),
+])
+def test_bad_numbers_on_the_command_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_make_synthetic_refuses_scenes_too_small(tmp_path, capsys):
+    assert main(["make-synthetic", "--out", str(tmp_path / "s"), "--height", "8"]) == 1
+    one_sentence(capsys, "8")
+
+
+@pytest.mark.parametrize("eps", [math.nan, math.inf, -1.0])
+def test_instance_norm_act_refuses_eps_that_is_not_a_finite_non_negative_number(eps):
+    with pytest.raises(ValueError, match="eps must be a finite number, 0 or more"):
+        ops.instance_norm_act(torch.randn(1, 2, 3, 3), eps=eps)
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        save_torch({"x": torch.zeros(1)}, tmp_path / "a.pth")
+        assert (tmp_path / "a.pth").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        save_torch({"x": torch.zeros(1)}, tmp_path / "b.pth")
+        assert (tmp_path / "b.pth").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(previous)
+
+
+def test_a_new_start_removes_leftovers_of_killed_writes_and_a_resume_forgets_replayed_log_lines(trained, tmp_path):
+    ck, data = copy_run(trained, tmp_path)
+    folder = ck / "run"
+    leftover = folder / f".latest_train_state.pth.x1y2z3{TEMPORARY_SUFFIX}"
+    leftover.write_bytes(b"half a train state")
+    foreign = folder / ".notes.tmp"
+    foreign.write_text("not ours")
+    state_steps = torch.load(folder / "latest_train_state.pth", weights_only=True)["total_steps"]
+    with open(folder / "loss_log.jsonl", "a") as f:  # steps logged after the last checkpoint, before a kill
+        f.write(json.dumps({"epoch": 2, "epoch_iter": 2, "total_steps": state_steps + 2, "G_GAN": 1.0}) + "\n")
+    common = ["--name", "run", "--checkpoints_dir", str(ck), "--dataroot", str(data), *TINY]
+    assert main(["train", *common, *TRAIN, "--niter", "2", "--continue_train"]) == 0
+    assert not leftover.exists() and foreign.exists()
+    steps = [json.loads(line)["total_steps"] for line in (folder / "loss_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
+
+
+def test_palette_and_transparent_photos_are_converted_before_resizing(tmp_path):
+    """As the original: Image.open(path).convert('RGB'), then resize."""
+    rng = np.random.default_rng(0)
+    for sub in ("train_label", "train_img"):
+        (tmp_path / sub).mkdir()
+    Image.fromarray(rng.integers(0, 35, (40, 60), dtype=np.uint8)).save(tmp_path / "train_label" / "a.png")
+    Image.fromarray(rng.integers(0, 35, (40, 60), dtype=np.uint8)).save(tmp_path / "train_label" / "b.png")
+    palette = Image.fromarray(rng.integers(0, 16, (40, 60), dtype=np.uint8), mode="P")
+    palette.putpalette(list(rng.integers(0, 256, 768, dtype=np.uint8)))
+    palette.save(tmp_path / "train_img" / "a.png")
+    rgba = rng.integers(0, 256, (40, 60, 4), dtype=np.uint8)
+    rgba[..., 3] = rng.integers(0, 2, (40, 60)) * 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "train_img" / "b.png")
+    spec = DataSpec(dataroot=str(tmp_path), resize_or_crop="scale_width", loadSize=30, read_images=True,
+                    no_instance=True)
+    dataset = AlignedDataset(spec)
+    for index, name in enumerate(("a.png", "b.png")):
+        expected = Image.open(tmp_path / "train_img" / name).convert("RGB").resize((30, 20), Image.BICUBIC)
+        expected = torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 127.5 - 1
+        assert torch.allclose(dataset[index]["image"], expected, atol=1e-6), name
+
+
+def test_lsgan_loss_runs_in_float32_under_autocast_and_is_unchanged_in_float32():
+    pred = torch.randn(2, 1, 7, 9)
+    gan = GANLoss(use_lsgan=True)
+    assert torch.equal(gan(pred, True), (pred - 1.0).pow(2).mean())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gan(pred.bfloat16(), False).dtype == torch.float32

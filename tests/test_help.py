@@ -1,0 +1,70 @@
+"""Help texts, the version, the ops' documented contracts, and the benchmark report's links."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import fastp2phd
+from fastp2phd import ops
+from fastp2phd.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def help_text(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "-h"] if argv else ["-h"])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"fastp2phd {fastp2phd.__version__}"
+
+
+@pytest.mark.parametrize("command", ["train", "test", "memory", "encode-features", "export-onnx", "edit",
+                                     "make-synthetic", "demo"])
+def test_every_command_has_a_description_defaults_and_an_example(command, capsys):
+    text = help_text(capsys, command)
+    assert "examples:" in text and f"fastp2phd {command}" in text.split("examples:")[1]
+    assert "(default:" in text
+
+
+def test_train_help_shows_the_original_defaults(capsys):
+    text = " ".join(help_text(capsys, "train").split())
+    assert "epochs at the starting learning rate (default: 100)" in text
+    assert "--checkpoint_activations" in text
+
+
+def test_edit_help_lists_only_what_editing_needs(capsys):
+    text = help_text(capsys, "edit")
+    for option in ("--name", "--checkpoints_dir", "--which_epoch", "--dataroot", "--port", "--host", "--phase"):
+        assert option in text
+    for option in ("--ngf", "--netG", "--label_nc", "--fp16", "--batchSize", "--resize_or_crop"):
+        assert option not in text
+
+
+@pytest.mark.parametrize("op, words", [
+    (ops.boundary_map, ["4 neighbours", "borders never make edges", "(N, 1, H, W)", "uint8", "bool"]),
+    (ops.instance_mean, ["(N, C, H, W)", "(N, 1, H, W)", "segment", "float32 at least", "forward-mode AD"]),
+    (ops.instance_norm_act, ["biased variance", "leaky_relu", "channels_last", "1x1 plane gives 0"]),
+])
+def test_each_op_documents_its_contract(op, words):
+    doc = " ".join(op.__doc__.split())
+    for word in words:
+        assert word in doc, word
+
+
+def test_every_link_of_the_benchmark_report_resolves():
+    report = ROOT / "bench" / "REPORT.md"
+    text = report.read_text()
+    links = re.findall(r"\]\(([^)]+)\)", text)
+    runs = re.findall(r"run `([^`]+\.json)`", text)
+    assert links and runs
+    missing = [link for link in links if not (report.parent / link).is_file()]
+    missing += [run for run in runs if not (ROOT / "bench" / "results" / run).is_file()]
+    assert not missing, missing
