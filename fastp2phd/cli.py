@@ -97,7 +97,8 @@ def _run(args: argparse.Namespace) -> int:
     elif command == "edit":
         from .editing.server import main_edit
 
-        return main_edit(model, data_spec(opt, train=False, read_images=False), name=opt.name, host=opt.host,
+        return main_edit(model, data_spec(opt, train=False, read_images=False), name=opt.name,
+                         run_folder=run_folder, host=opt.host,
                          port=opt.port, max_scenes=opt.max_scenes, seed=opt.seed)
     return 0
 

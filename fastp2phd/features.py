@@ -21,6 +21,9 @@ instance's feature vector. After training, this module provides the rest of the 
 4. **Sample at test time.** :func:`sample_feature_map` gives every instance whose class has
    centres one centre (drawn uniformly, or chosen), broadcast over its pixels; other pixels
    are 0.
+5. **One edited scene.** :func:`instance_vectors` / :func:`save_instance_vectors` store a
+   scene's per-instance vectors (the editor's Save); :func:`load_instance_vectors` and
+   :func:`feature_map_from_vectors` rebuild its feature map at test time.
 
 Everything runs in torch on the input tensors' device; only numpy is used for file I/O.
 """
@@ -50,12 +53,16 @@ __all__ = [
     "class_features",
     "class_of",
     "cluster_features",
+    "feature_map_from_vectors",
     "import_official_clusters",
     "instance_features",
+    "instance_vectors",
     "kmeans",
     "load_clusters",
+    "load_instance_vectors",
     "sample_feature_map",
     "save_clusters",
+    "save_instance_vectors",
 ]
 
 #: The relative area of an instance is ``num_pixels / (H * W // AREA_BLOCKS)``.
@@ -674,4 +681,49 @@ def sample_feature_map(inst: torch.Tensor, centers: Mapping[int, Any], feat_num:
         rows = torch.zeros(uniq.numel(), feat_num, dtype=torch.float32, device=device)
         rows[sel] = table[off_of[pos[sel]] + idx]
         out[b] = rows[inverse].permute(2, 0, 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# One scene's instance features (what the editor saves and `fastp2phd test` reads back)
+# --------------------------------------------------------------------------------------------
+
+
+def instance_vectors(feat: torch.Tensor, inst: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids (N,) int64, vectors (N, F) float32)``: every instance's feature vector, read at its
+    first pixel (an edited or encoded feature map is constant per instance)."""
+    ids = inst.reshape(-1).long()
+    uniq, first = np.unique(ids.cpu().numpy(), return_index=True)
+    vectors = feat.reshape(feat.shape[0], -1)[:, torch.from_numpy(first).to(feat.device)].t()
+    return uniq.astype(np.int64), vectors.float().cpu().numpy()
+
+
+def save_instance_vectors(path: str | os.PathLike, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Write ``ids`` and ``vectors`` to a pickle-free ``.npz``, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, ids=np.asarray(ids, np.int64), vectors=np.asarray(vectors, np.float32))
+
+
+def load_instance_vectors(path: str | os.PathLike, feat_num: int) -> dict[int, torch.Tensor]:
+    """``{instance id: vector (feat_num,)}`` from a file :func:`save_instance_vectors` wrote."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            ids, vectors = npz["ids"], npz["vectors"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise ClustersFileError(f"{path} is not an instance features file the editor wrote ({exc}).") from None
+    if ids.ndim != 1 or vectors.shape != (ids.shape[0], feat_num) or ids.dtype.kind not in "iu":
+        raise ClustersFileError(f"{path} holds ids of shape {ids.shape} and vectors of shape {vectors.shape}; expected "
+                                f"(N,) integer ids and (N, {feat_num}) vectors for this model")
+    return {int(i): torch.from_numpy(np.array(v, np.float32)) for i, v in zip(ids, vectors)}
+
+
+def feature_map_from_vectors(inst: torch.Tensor, vectors: Mapping[int, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """``base`` (N, F, H, W) with every instance of ``inst`` (N, 1, H, W) that ``vectors`` names set to its vector."""
+    out = base.clone()
+    ids_map = _as_id_map(inst)
+    for value in torch.unique(ids_map).tolist():
+        if value in vectors:
+            where = (ids_map == value)[:, None].expand_as(out)
+            out[where] = vectors[value].to(out)[None, :, None, None].expand_as(out)[where]
     return out

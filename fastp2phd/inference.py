@@ -100,16 +100,21 @@ def run_test(
     """Generate images for ``data`` into ``web_dir`` (images and an index.html); returns the page.
 
     Features come from the encoded real images with ``use_encoded_image`` (``data`` must read
-    them), else from the model's clusters, sampled with ``seed``.
+    them); else from ``<phase>_features/<name>.npz`` next to the label maps where there is one
+    (the instance features the editor saved with a scene); else from the model's clusters,
+    sampled with ``seed``.
     """
     from .data import DatasetError, create_dataset
 
     spec = model.spec
+    sampled = spec.uses_features and not spec.load_features and not use_encoded_image
+    saved = Path(data.dataroot) / f"{data.phase}_features"
+    saved = saved if sampled and saved.is_dir() else None
     if spec.uses_features and not spec.load_features:
         if use_encoded_image and model.netE is None:
             raise InferenceError("--use_encoded_image needs the run's encoder (<which_epoch>_net_E.pth), which is not "
                                  "there; sample clusters instead (drop --use_encoded_image)")
-        if not use_encoded_image and model.clusters is None:
+        if not use_encoded_image and model.clusters is None and saved is None:
             raise InferenceError("this model uses instance features and the run has no clusters: run `fastp2phd "
                                  "encode-features` with the same --name first, or pass --use_encoded_image")
     device = next(model.parameters()).device
@@ -127,14 +132,38 @@ def run_test(
         label = item["label"].unsqueeze(0).to(device)
         inst = item["inst"].unsqueeze(0).to(device)
         image = item["image"].unsqueeze(0).to(device) if use_encoded_image else None
-        fake = model.inference(label, None if spec.no_instance else inst, image, generator=generator)
         name = Path(item["path"]).stem
+        if saved is not None and (saved / f"{name}.npz").is_file():
+            fake = _generate_with_saved_features(model, label, inst, saved / f"{name}.npz", generator)
+        else:
+            fake = model.inference(label, None if spec.no_instance else inst, image, generator=generator)
         page.add_header(name)
         page.add_images({"input_label": label_to_image(item["label"], spec.label_nc),
                          "synthesized_image": tensor_to_image(fake[0])}, prefix=name)
         bar.update(1)
     bar.close()
     return page.save()
+
+
+@torch.no_grad()
+def _generate_with_saved_features(model: Pix2PixHD, label, inst, path: Path, generator) -> torch.Tensor:
+    """Generate with the instance features saved in ``path``; instances it does not name sample the clusters."""
+    from .features import ClustersFileError, feature_map_from_vectors, load_instance_vectors, sample_feature_map
+
+    spec = model.spec
+    try:
+        vectors = load_instance_vectors(path, spec.feat_num)
+    except ClustersFileError as exc:
+        raise InferenceError(str(exc)) from None
+    regions = label if spec.label_feat else inst
+    missing = sorted(set(torch.unique(regions).tolist()) - set(vectors))
+    if missing and model.clusters is None:
+        raise InferenceError(f"{path} has no features for instances {missing[:5]} and the run has no clusters to "
+                             "sample them from; run `fastp2phd encode-features` first")
+    base = (sample_feature_map(regions, model.clusters, spec.feat_num, generator=generator) if missing
+            else torch.zeros(label.shape[0], spec.feat_num, *label.shape[-2:], device=label.device))
+    feat = feature_map_from_vectors(regions, vectors, base)
+    return model.generate(label, None if spec.no_instance else inst, feat=feat)[0]
 
 
 def export_onnx(model: Pix2PixHD, path: str | os.PathLike) -> tuple[Path, float | None]:

@@ -6,9 +6,13 @@ loads; and ``<label>_train_state.pth``: the weights again, the optimisers, the g
 position, the random state and every process's image pool, so that ``resume`` continues bit for
 bit. Each file is written to a temporary name and renamed (``fastp2phd.files``). ``resume`` also
 takes a folder of the original code's checkpoints (networks and ``iter.txt``, no optimiser state).
+``classes.json`` records how many pixels of each class the run has trained on, so that the editor
+can tell the classes the model knows from those it never saw (``trained_classes``).
 """
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,9 +27,10 @@ if TYPE_CHECKING:
     from .training import Trainer
 
 STATE_VERSION = 2  # 2: one image pool per process (1: the main process's pool only)
+CLASSES_FILE = "classes.json"
 
 
-def _state(trainer: Trainer, pools: list[dict]) -> dict:
+def _state(trainer: Trainer, pools: list[dict], class_pixels: torch.Tensor | None) -> dict:
     state = {
         "version": STATE_VERSION,
         "epoch": trainer.epoch, "epoch_iter": trainer.epoch_iter, "total_steps": trainer.total_steps,
@@ -35,7 +40,7 @@ def _state(trainer: Trainer, pools: list[dict]) -> dict:
         "scaler": trainer.scaler.state_dict(), "pools": pools,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "world": trainer.world,
+        "world": trainer.world, "class_pixels": class_pixels,
     }
     if trainer.model.netE is not None:
         state["netE"] = trainer.model.netE.state_dict()
@@ -46,22 +51,29 @@ def save(trainer: Trainer, label: str) -> None:
     """Write the networks and the train state under ``label`` ("latest" or an epoch). Every process
     calls it (their image pools are gathered); the main one writes."""
     pools = [trainer.pool.state_dict()]
+    class_pixels = trainer.class_pixels
     if trainer.distributed:
         pools = [None] * trainer.world
         dist.all_gather_object(pools, trainer.pool.state_dict())
+        if class_pixels is not None:  # each process counted its own batches
+            class_pixels = class_pixels.to(trainer.device if trainer.device.type == "cuda" else "cpu")
+            dist.all_reduce(class_pixels)
+            class_pixels = class_pixels.cpu()
     if trainer.is_main:
-        _write(trainer, label, pools)
+        _write(trainer, label, pools, class_pixels)
     if trainer.distributed:
         dist.barrier()  # nobody runs ahead (or exits) while the main process writes
 
 
-def _write(trainer: Trainer, label: str, pools: list[dict]) -> None:
+def _write(trainer: Trainer, label: str, pools: list[dict], class_pixels: torch.Tensor | None) -> None:
     folder = trainer.run_folder
+    if class_pixels is not None:
+        write_text(folder / CLASSES_FILE, json.dumps({"label_nc": len(class_pixels), "pixels": class_pixels.tolist()}))
     save_torch(trainer.model.netG.state_dict(), folder / f"{label}_net_G.pth")
     save_torch(trainer.netD.state_dict(), folder / f"{label}_net_D.pth")
     if trainer.model.netE is not None:
         save_torch(trainer.model.netE.state_dict(), folder / f"{label}_net_E.pth")
-    save_torch(_state(trainer, pools), folder / f"{label}_train_state.pth")
+    save_torch(_state(trainer, pools, class_pixels), folder / f"{label}_train_state.pth")
     write_text(folder / "iter.txt", f"{trainer.epoch},{trainer.epoch_iter}\n")
 
 
@@ -97,6 +109,9 @@ def _resume_state(trainer: Trainer, path: Path) -> None:
         trainer.optimizer_D.load_state_dict(state["optimizer_D"])
         trainer.scaler.load_state_dict(state["scaler"])
         pools = state["pools"] if state["version"] >= 2 else [state["pool"]]
+        counted = state.get("class_pixels")  # the run's total: the main process carries it on
+        if trainer.is_main and counted is not None and trainer.class_pixels is not None:
+            trainer.class_pixels = counted.clone()
     except KeyError as exc:
         raise TrainingError(f"{path} lacks {exc} of a train state: it is damaged; remove it to continue from "
                             "the networks") from None
@@ -158,3 +173,18 @@ def start_from(trainer: Trainer, folder: Path) -> None:
             except CheckpointMismatchError as exc:  # e.g. another --num_D: D starts afresh, as in the original
                 trainer.say(f"not starting {key} from {path.name}: {exc}")
     trainer.say(f"started from the networks in {folder}")
+
+
+def trained_classes(folder: str | Path) -> list[int] | None:
+    """The class ids a run trained on (those with pixels in ``classes.json``); None when the run did not record them."""
+    path = Path(folder) / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        pixels = json.loads(path.read_text())["pixels"]
+        if not all(isinstance(n, int) for n in pixels):
+            raise ValueError("pixel counts are not integers")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        warnings.warn(f"{path} is unreadable ({exc}); the trained classes are guessed instead", stacklevel=2)
+        return None
+    return [i for i, n in enumerate(pixels) if n > 0]

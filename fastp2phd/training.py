@@ -110,6 +110,8 @@ class Trainer(TrainStep):
                                  pin_memory=device.type == "cuda", persistent_workers=False)
 
         super().__init__(spec, device)
+        # Pixels of each class this process has trained on (train_state writes the run's total).
+        self.class_pixels = torch.zeros(spec.model.label_nc, dtype=torch.int64) if spec.model.label_nc else None
         self.report = TrainingReport(self.run_folder, spec.name, write=self.is_main, html=not spec.no_html,
                                      tensorboard=spec.tf_log, label_nc=spec.model.label_nc)
         if spec.continue_train:
@@ -173,6 +175,8 @@ class Trainer(TrainStep):
             start = time.time()
             for batch in self.loader:
                 before = self.total_steps
+                if self.class_pixels is not None:
+                    self.class_pixels += torch.bincount(batch["label"].reshape(-1), minlength=spec.model.label_nc)
                 values, fake = self.step(batch)
                 done = len(batch["path"]) * self.world
                 self.epoch_iter = min(self.epoch_iter + done, dataset_size)

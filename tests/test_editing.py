@@ -1,11 +1,10 @@
 """EditSession: every edit changes exactly its pixels, the generator input stays consistent,
-undo/redo are exact, bad requests change nothing; and the editor's HTTP API."""
+undo/redo (and reset) are exact, bad requests change nothing, a saved scene regenerates through
+``run_test``; and the editor's API (its HTTP safety is in test_editor_http.py)."""
 from __future__ import annotations
 
-import http.client
+import io
 import json
-import urllib.error
-import urllib.request
 
 import numpy as np
 import pytest
@@ -14,9 +13,9 @@ import torch
 from fastp2phd import ops
 from support import tiny_model
 
-from fastp2phd.data import render_scene
+from fastp2phd.data import THING_CLASSES, render_scene
 from fastp2phd.editing import EditSession
-from fastp2phd.editing.server import EditorApp, ObjectMask, Scene, serve
+from fastp2phd.editing.server import EditorApp, ObjectMask, Scene
 from fastp2phd.options import finish_options
 
 H, W = 32, 64
@@ -75,21 +74,57 @@ def test_change_label_changes_exactly_the_instance(session):
     assert_consistent(session)
 
 
+def stroke_reference(points, width):
+    """Pixels within width/2 of the polyline, in float64, and the pixels within rounding of that edge."""
+    yy, xx = np.mgrid[:H, :W].astype(float)
+    nearest = np.full((H, W), np.inf)
+    for (ay, ax), (by, bx) in list(zip(points, points[1:])) or [(points[0], points[0])]:
+        d = np.array([by - ay, bx - ax], float)
+        t = np.clip(((yy - ay) * d[0] + (xx - ax) * d[1]) / (d @ d), 0, 1) if d @ d else 0.0
+        nearest = np.minimum(nearest, (yy - (ay + t * d[0])) ** 2 + (xx - (ax + t * d[1])) ** 2)
+    radius2 = (width / 2) ** 2
+    return nearest <= radius2, np.abs(nearest - radius2) < 1e-3
+
+
 def test_paint_changes_the_stroke_pixels(session):
     before_label, before_inst, _ = session.state()
     points = [(5, 5), (5, 40), (20, 40)]
     session.paint(points, 21, width=5)
     label, inst, _ = session.state()
     changed = label != before_label
-    yy, xx = np.mgrid[:H, :W]
-    near = np.zeros((H, W), bool)
-    for (ay, ax), (by, bx) in zip(points, points[1:]):
-        d = np.array([by - ay, bx - ax], float)
-        t = np.clip(((yy - ay) * d[0] + (xx - ax) * d[1]) / (d @ d), 0, 1)
-        near |= (yy - (ay + t * d[0])) ** 2 + (xx - (ax + t * d[1])) ** 2 <= 2.5**2
+    near, _ = stroke_reference(points, 5)
     assert (label[near] == 21).all() and (inst[near] == 21).all()  # stuff: the class id is the instance id
     assert not (changed & ~near).any()
     assert_consistent(session)
+
+
+def test_strokes_cover_exactly_the_pixels_near_the_polyline(session):
+    """Random polylines, widths and repeated points: the windowed rasteriser paints the definition's pixels
+    (pixels within float32 rounding of the brush's edge may go either way)."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        points = [(int(rng.integers(0, H)), int(rng.integers(0, W))) for _ in range(int(rng.integers(1, 6)))]
+        if rng.random() < 0.2:
+            points = points[:1] * 3
+        width = int(rng.integers(1, 40))
+        box, inside = session._stroke_region(points, width)
+        got = np.zeros((H, W), bool)
+        got[box[0]:box[1], box[2]:box[3]] = inside.numpy()
+        near, edge = stroke_reference(points, width)
+        assert not ((got != near) & ~edge).any(), (points, width)
+
+
+@pytest.mark.parametrize("points, width, message", [
+    ([(1, 1)] * 10_001, 8, "at most 10000 points"),
+    ([(1, 1), (2, 2)], 129, "from 1 to 128"),
+    ([(1, 1)], True, "from 1 to 128"),
+    ([(0, 0), (H - 1, W - 1)] * 2000, 128, "too much for one edit"),
+    ([(0, 0), (10 ** 6, 0)], 8, "outside"),
+])
+def test_strokes_beyond_the_caps_are_refused(session, points, width, message):
+    with pytest.raises(ValueError, match=message):
+        session.paint(points, 21, width=width)
+    assert not session.undo_stack
 
 
 def test_add_object_places_a_new_instance_with_a_style(session):
@@ -123,19 +158,32 @@ def test_style_changes_features_and_mostly_the_instance_neighbourhood(session):
     assert_consistent(session)
 
 
-def test_style_previews_render_every_style_in_one_batch(session):
+def test_style_previews_render_every_style_in_one_batch_on_a_crop(session):
     car, y, x = a_car(session)
-    calls = []
-    handle = session.model.netG.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    previews = session.style_previews(y, x)
+    shapes = []
+    handle = session.model.netG.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+    previews = session.style_previews(y, x, margin=2)
     handle.remove()
-    assert calls == [3] and len(previews) == 3
-    assert previews[0].shape == previews[1].shape and previews[0].ndim == 3
+    ys, xs = np.nonzero((session.inst == car).numpy())
+    box = (max(0, ys.min() - 2), min(H, ys.max() + 3), max(0, xs.min() - 2), min(W, xs.max() + 3))
+    assert len(shapes) == 1 and shapes[0][0] == 3 and len(previews) == 3
+    assert shapes[0][2] * shapes[0][3] < H * W and shapes[0][2] % 4 == 0 and shapes[0][3] % 4 == 0  # a crop
+    assert all(p.shape == (box[1] - box[0], box[3] - box[2], 3) for p in previews)
     assert not np.array_equal(previews[0], previews[1])
 
 
-def test_undo_redo_are_exact_and_reset_restores(session):
+def test_style_of_names_the_applied_style(session):
+    car, y, x = a_car(session)
+    for style in (2, 0):
+        session.set_style(y, x, style)
+        assert session.style_of(y, x) == style
+    session.feat[:, y, x] += 0.5  # features that are no cluster centre
+    assert session.style_of(y, x) is None
+
+
+def test_undo_redo_are_exact_and_reset_is_an_undoable_step(session):
     start = snapshot(session)
+    assert not session.reset() and not session.undo_stack  # nothing to reset: no step
     car, y, x = a_car(session)
     session.change_label(y, x, 24)
     session.paint([(2, 2), (10, 30)], 8, width=3)
@@ -152,8 +200,60 @@ def test_undo_redo_are_exact_and_reset_restores(session):
     session.undo()
     session.paint([(1, 1)], 23, width=2)  # a new edit drops the redo history
     assert not session.redo()
-    session.reset()
-    assert same(snapshot(session), start) and not session.undo()
+    edited = snapshot(session)
+    assert session.reset()
+    assert same(snapshot(session), start) and len(session.undo_stack) == 4
+    assert session.undo() and same(snapshot(session), edited)  # the edits are back
+    assert session.redo() and same(snapshot(session), start)
+    assert_consistent(session)
+
+
+def test_unsaved_follows_the_state_not_the_history(session, tmp_path):
+    assert not session.unsaved
+    session.paint([(3, 3)], 21, width=3)
+    assert session.unsaved
+    session.undo()
+    assert not session.unsaved  # back to the scene as loaded
+    session.redo()
+    session.save(tmp_path / "edits")
+    assert not session.unsaved
+    session.paint([(9, 9)], 23, width=3)
+    assert session.unsaved
+    session.undo()
+    assert not session.unsaved  # back to what was saved
+    session.undo()
+    assert session.unsaved
+
+
+def test_history_is_bounded_and_revisions_stay_honest(session):
+    session.history = 3
+    for i in range(5):
+        session.paint([(i, 0)], 21 if i % 2 else 23, width=1)
+    assert len(session.undo_stack) == 3
+    while session.undo():
+        pass
+    assert session.unsaved  # not the scene as loaded: the two oldest edits are still in it
+
+
+def test_remove_object_fills_it_with_the_surrounding_stuff(session):
+    car, y, x = a_car(session)
+    region = (session.inst == car).numpy()
+    before_label, before_inst, _ = session.state()
+    # What the ring of pixels around the car holds most (stuff only).
+    grown = torch.nn.functional.max_pool2d(torch.from_numpy(region).float()[None, None], 5, 1, 2)[0, 0].numpy() > 0
+    ring = before_label[grown & ~region]
+    ring = ring[~np.isin(ring, sorted(THING_CLASSES))]
+    expected = int(np.bincount(ring).argmax())
+    assert session.remove_object(y, x) == expected
+    label, inst, feat = session.state()
+    assert (label[region] == expected).all() and (inst[region] == expected).all()
+    assert np.array_equal(label[~region], before_label[~region]) and np.array_equal(inst[~region], before_inst[~region])
+    if (before_inst == expected).any():  # the stuff region keeps its one feature vector
+        assert np.allclose(feat[:, region], feat[:, before_inst == expected][:, :1])
+    assert_consistent(session)
+    sky = np.argwhere(before_label == 23)[0]
+    with pytest.raises(ValueError, match="only objects"):
+        session.remove_object(int(sky[0]), int(sky[1]))
 
 
 @pytest.mark.parametrize("edit", [
@@ -179,26 +279,45 @@ def test_session_without_features():
         s.style_options(0, 0)
 
 
-def test_save_writes_maps_and_image(session, tmp_path):
+def test_saved_scene_regenerates_through_run_test(session, tmp_path):
+    """Save writes a dataset folder; run_test (what `fastp2phd test` calls) reads the saved ids and the saved
+    instance features, and generates exactly the editor's image."""
     from PIL import Image
 
+    from fastp2phd.inference import run_test
+    from fastp2phd.specs import DataSpec
+
+    car, y, x = a_car(session)
+    session.set_style(y, x, 1)
     session.paint([(3, 3), (3, 20)], 21, width=3)
-    folder = session.save(tmp_path / "edited")
+    folder = session.save(tmp_path / "edits", "my_scene")
     label, inst, feat = session.state()
-    assert np.array_equal(np.array(Image.open(folder / "label.png")), label)
-    assert np.array_equal(np.array(Image.open(folder / "instance.png")).astype(np.int64), inst)
-    assert np.array_equal(np.load(folder / "features.npy"), feat)
-    assert np.array_equal(np.array(Image.open(folder / "image.png")), session.image())
+    assert np.array_equal(np.array(Image.open(folder / "test_label" / "my_scene.png")), label)
+    assert np.array_equal(np.array(Image.open(folder / "test_inst" / "my_scene.png")).astype(np.int64), inst)
+    assert np.array_equal(np.array(Image.open(folder / "test_img" / "my_scene.png")), session.image())
+    session.model.clusters = None  # the saved features are all run_test needs
+    data = DataSpec.for_model(session.spec, dataroot=str(folder), phase="test", resize_or_crop="none", train=False,
+                              read_images=False)
+    page = run_test(session.model, data, tmp_path / "web", progress=False)
+    generated = np.array(Image.open(page.parent / "images" / "my_scene_synthesized_image.png"))
+    assert np.array_equal(generated, session.image())
+
+
+def test_save_refuses_names_that_are_not_file_names(session, tmp_path):
+    for name in ("", "../up", "a/b", ".hidden"):
+        with pytest.raises(ValueError, match="plain file name"):
+            session.save(tmp_path, name)
+    assert not any(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------- the HTTP API
 
 
 @pytest.fixture
-def app() -> EditorApp:
+def app(tmp_path) -> EditorApp:
     scenes = [Scene(f"scene{i}", *render_scene(H, W, seed=i)[:2]) for i in range(2)]
     objects = [ObjectMask("box", 26, np.ones((4, 6), bool))]
-    return EditorApp(tiny_model(), scenes, objects)
+    return EditorApp(tiny_model(), scenes, objects, save_dir=tmp_path / "edits", trained_classes=[7, 11, 21, 23, 26])
 
 
 def call(app, method, path, body=None):
@@ -209,91 +328,161 @@ def call(app, method, path, body=None):
 def test_api_valid_requests(app):
     status, info = call(app, "GET", "/api/info")
     assert status == 200 and info["size"] == [H, W] and len(info["labels"]) == 35 and info["features"]
-    assert info["labels"][26] == {"id": 26, "name": "car", "color": "#00008e", "thing": True}
+    assert info["labels"][26] == {"id": 26, "name": "car", "color": "#00008e", "thing": True, "trained": True,
+                                  "styles": 3}
+    assert info["labels"][28]["trained"] is False and info["labels"][25]["styles"] == 0
     status, page = call(app, "GET", "/")
     assert status == 200 and b"label-canvas" in page
-    status, png = call(app, "GET", "/api/image.png")
-    assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("image", "outlines", "object0", "download/label_ids", "download/instance_ids",
+                 "download/label_colours"):
+        status, png = call(app, "GET", f"/api/{name}.png")
+        assert status == 200 and png[:8] == b"\x89PNG\r\n\x1a\n", name
     status, result = call(app, "POST", "/api/edit", {"op": "paint", "points": [[1, 1], [1, 9]], "label": 21, "width": 3})
-    assert status == 200 and result["undo"] == 1 and result["ms"] > 0
-    car = next(int(v) for v in np.unique(app.session.inst.numpy()) if 26000 <= v < 27000)
-    y, x = (int(v[0]) for v in np.nonzero(app.session.inst.numpy() == car))
+    assert status == 200 and result["undo"] == 1 and result["ms"] > 0 and result["unsaved"] == [0]
+    car, y, x = a_car(app.session)
     status, inst = call(app, "GET", f"/api/instance?y={y}&x={x}")
-    assert status == 200 and inst["name"] == "car" and inst["styles"] == 3
+    assert status == 200 and inst["name"] == "car" and inst["styles"] == 3 and inst["thing"]
     status, styles = call(app, "GET", f"/api/styles?y={y}&x={x}")
     assert status == 200 and len(styles["previews"]) == 3 and styles["previews"][0].startswith("data:image/png;base64,")
+    assert styles["style"] == app.session.style_of(y, x)
     for body in ({"op": "set_style", "y": y, "x": x, "style": 1}, {"op": "add_object", "object": 0, "y": 2, "x": 2},
-                 {"op": "change_label", "y": y, "x": x, "label": 24}, {"op": "undo"}, {"op": "redo"}, {"op": "reset"}):
+                 {"op": "change_label", "y": y, "x": x, "label": 24}, {"op": "undo"}, {"op": "redo"}, {"op": "reset"},
+                 {"op": "undo"}, {"op": "remove_object", "y": 3, "x": 3}):
         assert call(app, "POST", "/api/edit", body)[0] == 200, body
     status, scene = call(app, "POST", "/api/scene", {"index": 1})
     assert status == 200 and scene["scene"] == 1
 
 
-@pytest.mark.parametrize("method, path, body, message", [
-    ("POST", "/api/edit", {"op": "explode"}, "unknown operation"),
-    ("POST", "/api/edit", {"op": "change_label", "y": 999, "x": 0, "label": 7}, "outside"),
-    ("POST", "/api/edit", {"op": "change_label", "y": "1", "x": 0, "label": 7}, "must be an integer"),
-    ("POST", "/api/edit", {"op": "change_label", "y": 1, "x": 0, "label": 99}, "not a class id"),
-    ("POST", "/api/edit", {"op": "paint", "points": "nope", "label": 7}, "points must be"),
-    ("POST", "/api/edit", {"op": "add_object", "object": 5, "y": 0, "x": 0}, "does not exist"),
-    ("POST", "/api/scene", {"index": 9}, "does not exist"),
-    ("GET", "/api/styles?y=a", None, "give the pixel"),
-    ("GET", "/api/nothing.png", None, "no such image"),
+def test_label_ids_download_holds_ids_and_colours_are_a_preview(app):
+    from PIL import Image
+
+    ids = np.array(Image.open(io.BytesIO(call(app, "GET", "/api/download/label_ids.png")[1])))
+    colours = np.array(Image.open(io.BytesIO(call(app, "GET", "/api/download/label_colours.png")[1])))
+    assert np.array_equal(ids, app.session.label.numpy()) and colours.shape == (H, W, 3)
+
+
+def test_each_scene_keeps_its_history(app):
+    call(app, "POST", "/api/edit", {"op": "paint", "points": [[1, 1]], "label": 21, "width": 3})
+    edited = snapshot(app.session)
+    status, info = call(app, "POST", "/api/scene", {"index": 1})
+    assert info["undo"] == 0 and info["unsaved"] == [0]
+    call(app, "POST", "/api/edit", {"op": "paint", "points": [[5, 5]], "label": 23, "width": 3})
+    status, info = call(app, "POST", "/api/scene", {"index": 0})
+    assert info["undo"] == 1 and info["unsaved"] == [0, 1] and same(snapshot(app.session), edited)
+    call(app, "POST", "/api/edit", {"op": "undo"})
+    status, info = call(app, "POST", "/api/scene", {"index": 1})
+    assert info["undo"] == 1 and info["unsaved"] == [1]  # scene 0 is back to as loaded, its redo kept
+    assert 0 in app.sessions and app.sessions[0].redo_stack
+
+
+def test_untouched_scenes_are_not_kept(app):
+    call(app, "POST", "/api/scene", {"index": 1})
+    call(app, "POST", "/api/scene", {"index": 0})
+    assert list(app.sessions) == [0]
+
+
+def test_save_writes_the_scene_for_fastp2phd_test(app, tmp_path):
+    call(app, "POST", "/api/edit", {"op": "paint", "points": [[1, 1]], "label": 21, "width": 3})
+    status, result = call(app, "POST", "/api/save", {})
+    assert status == 200 and result["unsaved"] == [] and result["name"] == "scene0"
+    assert (tmp_path / "edits" / "test_label" / "scene0.png").is_file()
+    assert (tmp_path / "edits" / "test_features" / "scene0.npz").is_file()
+
+
+def test_app_without_a_save_folder_says_so():
+    app = EditorApp(tiny_model(), [Scene("s", *render_scene(H, W, seed=0)[:2])], [])
+    status, result = call(app, "POST", "/api/save", {})
+    assert status == 400 and "without a folder" in result["error"]
+
+
+def test_trained_classes_are_guessed_from_clusters_and_scenes_without_a_record():
+    label, inst, _ = render_scene(H, W, seed=0)
+    app = EditorApp(tiny_model(), [Scene("s", label, inst)], [])
+    trained = {entry["id"] for entry in app.labels if entry["trained"]}
+    assert trained == set(np.unique(label).tolist()) | set(tiny_model().clusters) and "guessed" in app.trained_source
+
+
+@pytest.mark.parametrize("method, path, body, status, message", [
+    ("POST", "/api/edit", {"op": "explode"}, 400, "unknown operation"),
+    ("POST", "/api/edit", {"op": "change_label", "y": 999, "x": 0, "label": 7}, 400, "outside"),
+    ("POST", "/api/edit", {"op": "change_label", "y": "1", "x": 0, "label": 7}, 400, "must be an integer"),
+    ("POST", "/api/edit", {"op": "change_label", "y": 1, "x": 0, "label": 99}, 400, "not a class id"),
+    ("POST", "/api/edit", {"op": "paint", "points": "nope", "label": 7}, 400, "points must be"),
+    ("POST", "/api/edit", {"op": "paint", "points": [[1, 1]] * 10_001, "label": 7}, 400, "at most 10000 points"),
+    ("POST", "/api/edit", {"op": "paint", "points": [[1, 1]], "label": 7, "width": 10 ** 400}, 400, "from 1 to 128"),
+    ("POST", "/api/edit", {"op": "paint", "points": [[1, 1]], "label": 7, "width": 1e300}, 400, "must be an integer"),
+    ("POST", "/api/edit", {"op": "remove_object", "y": 0, "x": 0}, 400, "only objects"),
+    ("POST", "/api/edit", {"op": "add_object", "object": 5, "y": 0, "x": 0}, 400, "does not exist"),
+    ("POST", "/api/scene", {"index": 9}, 400, "does not exist"),
+    ("POST", "/api/scene", [1], 400, "JSON object"),
+    ("GET", "/api/styles?y=a", None, 400, "give the pixel"),
+    ("GET", "/api/instance?y=-1&x=0", None, 400, "give the pixel"),
+    ("GET", "/api/nothing.png", None, 404, "no such image"),
+    ("GET", "/api/object-1.png", None, 404, "no such image"),
+    ("GET", "/api/object1.png", None, 404, "no such image"),
+    ("GET", '/api/download/image".png', None, 404, "no such download"),
 ])
-def test_api_invalid_requests_change_nothing(app, method, path, body, message):
+def test_api_invalid_requests_change_nothing(app, method, path, body, status, message):
     before = snapshot(app.session)
-    status, result = call(app, method, path, body)
-    assert status == 400 and message in result["error"]
+    got, result = call(app, method, path, body)
+    assert got == status and message in result["error"]
     assert same(snapshot(app.session), before)
 
 
-def test_api_over_http(app):
-    server = serve(app, "127.0.0.1", 0)
-    base = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        with urllib.request.urlopen(base + "/api/info") as response:
-            assert json.loads(response.read())["scenes"] == ["scene0", "scene1"]
-        request = urllib.request.Request(base + "/api/edit", data=b"{not json", method="POST")
-        with pytest.raises(urllib.error.HTTPError) as error:
-            urllib.request.urlopen(request)
-        assert error.value.code == 400 and "not valid JSON" in json.loads(error.value.read())["error"]
-        with pytest.raises(urllib.error.HTTPError) as error:
-            urllib.request.urlopen(base + "/nowhere")
-        assert error.value.code == 404
-        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
-        connection.putrequest("POST", "/api/edit")
-        connection.putheader("Content-Length", str(2 << 20))  # announced, never sent
-        connection.endheaders()
-        assert connection.getresponse().status == 413
-        connection.close()
-        with urllib.request.urlopen(base + "/api/download/label.png") as response:
-            assert "attachment" in response.headers["Content-Disposition"]
-    finally:
-        server.shutdown()
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "not valid JSON"), (b"\xff\xfe", "not valid JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
+    (b'{"op": "paint", "width": ' + b"9" * 5000 + b"}", "not valid JSON"),
+])
+def test_api_malformed_bodies_get_a_sentence(app, body, message):
+    status, kind, payload = app.handle("POST", "/api/edit", body)
+    assert status == 400 and message in json.loads(payload)["error"]
 
 
-def test_edit_command_loads_a_trained_run(tmp_path):
-    """`fastp2phd edit` builds its editor from a run's checkpoint and opt.txt (model options not repeated)."""
+def test_edit_command_loads_a_trained_run_and_its_saves_feed_fastp2phd_test(tmp_path):
+    """`fastp2phd edit` builds its editor from a run's checkpoint and opt.txt (model options not repeated),
+    knows the classes the run trained on, and a scene it saves regenerates with `fastp2phd test`."""
+    from PIL import Image
+
     from fastp2phd.cli import main, parse
     from fastp2phd.data import make_synthetic
+    from fastp2phd.data.synthetic import scene_seed
     from fastp2phd.editing.server import load_editor
     from fastp2phd.inference import load_run
     from fastp2phd.options import data_spec
+    from fastp2phd.train_state import trained_classes
 
     data = make_synthetic(tmp_path / "data", num_train=4, num_test=2, height=H, width=W, seed=1)
-    train = ["train", "--name", "e", "--checkpoints_dir", str(tmp_path), "--dataroot", str(data), "--fineSize", "64",
-             "--loadSize", "64", "--resize_or_crop", "none", "--ngf", "4", "--n_downsample_global", "2",
-             "--n_blocks_global", "1", "--ndf", "4", "--n_layers_D", "2", "--no_vgg_loss", "--niter", "1",
-             "--niter_decay", "0", "--nThreads", "0", "--device", "cpu", "--no_progress"]
+    run = ["--name", "e", "--checkpoints_dir", str(tmp_path), "--device", "cpu", "--no_progress"]
+    train = ["train", *run, "--dataroot", str(data), "--fineSize", "64", "--loadSize", "64", "--resize_or_crop", "none",
+             "--ngf", "4", "--n_downsample_global", "2", "--n_blocks_global", "1", "--ndf", "4", "--n_layers_D", "2",
+             "--no_vgg_loss", "--niter", "1", "--niter_decay", "0", "--nThreads", "0", "--instance_feat",
+             "--feat_num", "3", "--nef", "4", "--n_downsample_E", "2"]
     assert main(train) == 0
-    opt = finish_options(parse(["edit", "--name", "e", "--checkpoints_dir", str(tmp_path), "--device", "cpu"]),
-                         is_train=False)
+    assert main(["encode-features", *run, "--resize_or_crop", "none"]) == 0
+    opt = finish_options(parse(["edit", *run]), is_train=False)
     assert (opt.ngf, opt.n_downsample_global, opt.dataroot) == (4, 2, str(data))  # from opt.txt
     model = load_run(tmp_path / "e", device="cpu")  # the same, from Python
-    assert (model.spec.ngf, model.spec.n_downsample_global) == (4, 2)
-    app = load_editor(model, data_spec(opt, train=False, read_images=False))
-    assert len(app.scenes) == 2 and app.objects and not app.session.use_features
-    assert call(app, "POST", "/api/edit", {"op": "change_label", "y": 0, "x": 0, "label": 21})[0] == 200
+    assert (model.spec.ngf, model.spec.n_downsample_global) == (4, 2) and model.clusters
+    trained = trained_classes(tmp_path / "e")  # recorded while training: the classes of the training scenes
+    seen = set()
+    for i in range(4):
+        seen |= set(np.unique(render_scene(H, W, scene_seed(1, "train", i))[0]).tolist())
+    assert set(trained) == seen
+    app = load_editor(model, data_spec(opt, train=False, read_images=False), trained_classes=trained,
+                      save_dir=tmp_path / "e" / "edits")
+    assert len(app.scenes) == 2 and app.objects and app.session.use_features
+    assert {entry["id"] for entry in app.labels if entry["trained"]} == seen
+
+    car, y, x = a_car(app.session)
+    assert call(app, "POST", "/api/edit", {"op": "change_label", "y": y, "x": x, "label": 24})[0] == 200
+    assert call(app, "POST", "/api/edit", {"op": "paint", "points": [[2, 2], [2, 30]], "label": 21, "width": 3})[0] == 200
+    assert call(app, "POST", "/api/save", {})[0] == 200
+    name = app.scenes[0].name
+    assert main(["test", *run, "--dataroot", str(tmp_path / "e" / "edits"), "--resize_or_crop", "none",
+                 "--results_dir", str(tmp_path / "results")]) == 0
+    generated = tmp_path / "results" / "e" / "test_latest" / "images" / f"{name}_synthesized_image.png"
+    assert np.array_equal(np.array(Image.open(generated)), app.session.image())
 
 
 def test_concurrent_requests_queue_instead_of_interleaving(app):

@@ -1,18 +1,22 @@
 """The web editor in a real browser: headless Chromium (Debian's package) driven by Playwright.
 
-Paints a stroke, changes a label, picks a style, undoes all three, and checks that the
-displayed image changed and came back pixel for pixel. Skipped when Playwright or Chromium
-is missing (.ci/run installs both). With FASTP2PHD_SCREENSHOT=path the final page is saved
-there too (that is how the README's screenshot is made).
+One page session paints, relabels (a class the model never saw, behind "show all"), picks a style,
+switches scenes and comes back to its history, resets and undoes the reset, saves, and undoes
+everything back to the first image pixel for pixel; the saved folder regenerates the same image
+through ``run_test``. A hostile page on another site, and a page reached through a rebound DNS name,
+try to drive the editor and change nothing. Skipped when Playwright or Chromium is missing
+(.ci/run installs both).
 """
 from __future__ import annotations
 
-import os
+import io
 import shutil
-from pathlib import Path
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from PIL import Image
 from support import tiny_model
 
 from fastp2phd.data import render_scene
@@ -21,89 +25,193 @@ from fastp2phd.editing.server import EditorApp, ObjectMask, Scene, serve
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+# evil.test and rebind.test both resolve to this machine, as a rebinding DNS server would make them.
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--host-resolver-rules=MAP evil.test 127.0.0.1, MAP rebind.test 127.0.0.1"]
+H, W = 48, 96
 
 
-def drive_editor(url: str, screenshot: Path, car: tuple[int, int]) -> None:
-    """Edit in the page at ``url``; asserts the image changes and comes back after undo."""
+@pytest.fixture(scope="module")
+def browser():
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
-            page.wait_for_selector("body[data-ready='1']", timeout=30000)
-
-            def settled_image() -> bytes:
-                page.wait_for_function(
-                    "() => { const i = document.getElementById('image'); return i.complete && i.naturalWidth > 0; }")
-                page.wait_for_timeout(100)
-                return page.locator("#image").screenshot()
-
-            def wait_status(text: str) -> None:
-                page.wait_for_function(f"() => document.getElementById('status').textContent.startsWith({text!r})")
-
-            initial = settled_image()
-            scale = page.evaluate("() => document.getElementById('label-canvas').width") / page.evaluate(
-                "() => document.getElementById('image').naturalWidth")
-            box = page.locator("#label-canvas").bounding_box()
-
-            def at(y: int, x: int) -> tuple[float, float]:
-                return box["x"] + (x + 0.5) * scale, box["y"] + (y + 0.5) * scale
-
-            # A stroke of vegetation with the brush.
-            page.click("#palette button[data-label='21']")
-            page.mouse.move(*at(4, 4))
-            page.mouse.down()
-            page.mouse.move(*at(6, 40), steps=12)
-            page.mouse.up()
-            wait_status("paint:")
-            painted = settled_image()
-            assert painted != initial
-
-            # The car becomes a bus.
-            page.check("#tool-label")
-            page.click("#palette button[data-label='28']")
-            page.mouse.click(*at(*car))
-            wait_status("change_label:")
-            relabelled = settled_image()
-            assert relabelled != painted
-
-            # Back to a car, then pick its second style from the previews.
-            page.click("#palette button[data-label='26']")
-            page.mouse.click(*at(*car))
-            wait_status("change_label:")
-            page.check("#tool-style")
-            page.mouse.click(*at(*car))
-            page.wait_for_selector("#styles img.style-preview >> nth=2")
-            page.locator("#styles img.style-preview").nth(1).click()
-            wait_status("set_style:")
-            settled_image()
-            page.screenshot(path=str(screenshot), full_page=True)
-
-            for _ in range(4):  # style, label back, label, stroke
-                page.click("#undo")
-                wait_status("undo:")
-            assert settled_image() == initial
-            assert page.locator("#undo").is_disabled()
+            yield browser
         finally:
             browser.close()
 
 
-def test_editor_in_headless_chromium(tmp_path):
-    label, inst, _ = render_scene(48, 96, seed=4)
-    scenes = [Scene("scene0", label, inst)]
-    app = EditorApp(tiny_model(), scenes, [ObjectMask("box", 26, np.ones((6, 10), bool))])
-    cars = [v for v in np.unique(inst) if 26000 <= v < 27000]
-    car_id = max(cars, key=lambda v: (inst == v).sum())
-    ys, xs = np.nonzero(inst == car_id)
-    car = (int(ys[len(ys) // 2]), int(xs[len(xs) // 2]))
+@pytest.fixture
+def editor(tmp_path):
+    scenes = [Scene(f"scene{i}", *render_scene(H, W, seed=4 + i)[:2]) for i in range(2)]
+    trained = set(np.unique(scenes[0].label).tolist()) | set(np.unique(scenes[1].label).tolist())
+    app = EditorApp(tiny_model(), scenes, [ObjectMask("box", 26, np.ones((6, 10), bool))], save_dir=tmp_path / "edits",
+                    trained_classes=trained)
     server = serve(app, "127.0.0.1", 0)
     try:
-        screenshot = tmp_path / "editor.png"
-        drive_editor(f"http://127.0.0.1:{server.server_address[1]}/", screenshot, car)
-        assert screenshot.stat().st_size > 1000
-        if os.environ.get("FASTP2PHD_SCREENSHOT"):
-            shutil.copy(screenshot, os.environ["FASTP2PHD_SCREENSHOT"])
+        yield app, server.server_address[1]
     finally:
         server.shutdown()
+        server.server_close()
+
+
+def a_car(inst: np.ndarray) -> tuple[int, int]:
+    cars = [v for v in np.unique(inst) if 26000 <= v < 27000]
+    ys, xs = np.nonzero(inst == max(cars, key=lambda v: (inst == v).sum()))
+    return int(ys[len(ys) // 2]), int(xs[len(xs) // 2])
+
+
+class EditorPage:
+    """The editor page, driven as a user would."""
+
+    def __init__(self, page, url: str):
+        self.page = page
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']", timeout=30000)
+        self.box = page.locator("#label-canvas").bounding_box()
+        self.scale = page.evaluate("() => document.getElementById('label-canvas').width") / page.evaluate(
+            "() => document.getElementById('image').naturalWidth")
+
+    def at(self, y: int, x: int) -> tuple[float, float]:
+        return self.box["x"] + (x + 0.5) * self.scale, self.box["y"] + (y + 0.5) * self.scale
+
+    def image(self) -> np.ndarray:
+        """The generated image the page shows, as the server sent it (fetched by the page)."""
+        self.page.wait_for_function(
+            "() => { const i = document.getElementById('image'); return i.complete && i.naturalWidth > 0; }")
+        src = self.page.evaluate("() => document.getElementById('image').src")
+        return np.array(Image.open(io.BytesIO(self.page.request.get(src).body())))
+
+    def wait_status(self, text: str) -> str:
+        self.page.wait_for_function(f"() => document.getElementById('status').textContent.startsWith({text!r})")
+        return self.page.text_content("#status")
+
+    def click(self, selector: str, then: str) -> str:
+        self.page.click(selector)
+        return self.wait_status(then)
+
+
+def test_editing_history_scenes_and_save(editor, browser, tmp_path):
+    from fastp2phd.inference import run_test
+    from fastp2phd.specs import DataSpec
+
+    app, port = editor
+    page = EditorPage(browser.new_page(viewport={"width": 1400, "height": 1000}), f"http://127.0.0.1:{port}/")
+    initial = page.image()
+    car = a_car(app.scenes[0].inst)
+
+    # A stroke of vegetation with the brush: the status reports the time the page waited.
+    page.page.click("#palette button[data-label='21']")
+    page.page.mouse.move(*page.at(4, 4))
+    page.page.mouse.down()
+    page.page.mouse.move(*page.at(6, 40), steps=12)
+    page.page.mouse.up()
+    assert "ms from click to new image" in page.wait_status("paint:")
+    painted = page.image()
+    assert not np.array_equal(painted, initial)
+
+    # The car becomes a bus: a class the model never saw, offered only behind "show all".
+    assert not page.page.is_visible("#palette button[data-label='28']")
+    page.page.check("#show-all")
+    page.page.check("#tool-label")
+    page.page.click("#palette button[data-label='28']")
+    page.page.mouse.click(*page.at(*car))
+    page.wait_status("change_label:")
+    page.page.click("#palette button[data-label='26']")
+    page.page.mouse.click(*page.at(*car))
+    page.wait_status("change_label:")
+
+    # The car's styles; the applied one is marked, then another is applied and marked.
+    page.page.check("#tool-style")
+    page.page.mouse.click(*page.at(*car))
+    page.page.wait_for_selector("#styles figure.style-preview >> nth=2")
+    page.page.locator("#styles figure.style-preview").nth(1).click()
+    page.wait_status("set_style:")
+    assert page.page.locator("#styles figure.applied").get_attribute("data-style") == "1"
+    styled = page.image()
+
+    # Another scene and back: the history is still there, and the scene list marks unsaved scenes.
+    page.page.select_option("#scene", "1")
+    page.wait_status("scene loaded")
+    assert page.page.is_disabled("#undo")
+    page.page.select_option("#scene", "0")
+    page.wait_status("scene loaded")
+    assert not page.page.is_disabled("#undo") and np.array_equal(page.image(), styled)
+    assert page.page.locator("#scene option").first.text_content().endswith("*")
+
+    # Reset is one step that undo takes back; previews are cleared by it.
+    page.click("#reset", "reset:")
+    assert np.array_equal(page.image(), initial) and page.page.locator("#styles figure").count() == 0
+    page.click("#undo", "undo:")
+    assert np.array_equal(page.image(), styled)
+
+    # Save: the folder regenerates the page's image through run_test, and the scene is no longer unsaved.
+    assert "saved scene0" in page.click("#save", "saved")
+    assert not page.page.locator("#scene option").first.text_content().endswith("*")
+    data = DataSpec.for_model(app.model.spec, dataroot=str(tmp_path / "edits"), phase="test", resize_or_crop="none",
+                              train=False, read_images=False)
+    result = run_test(app.model, data, tmp_path / "web", progress=False)
+    assert np.array_equal(np.array(Image.open(result.parent / "images" / "scene0_synthesized_image.png")), styled)
+
+    for _ in range(4):  # style, label back, label, stroke
+        page.click("#undo", "undo:")
+    assert np.array_equal(page.image(), initial) and page.page.is_disabled("#undo")
+
+
+HOSTILE_PAGES = {"/": """<!DOCTYPE html><title>hostile</title><script>
+(async () => {
+  const editor = "http://127.0.0.1:%(port)d";
+  const results = await Promise.allSettled([
+    fetch(editor + "/api/edit", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"},
+                                 body: JSON.stringify({op: "reset"})}),
+    fetch(editor + "/api/edit", {method: "POST", headers: {"Content-Type": "application/json"},
+                                 body: JSON.stringify({op: "paint", points: [[1, 1]], label: 7, width: 40})}),
+    fetch(editor + "/api/info").then((r) => r.text()),
+  ]);
+  document.body.dataset.read = results[2].status === "fulfilled" ? "yes" : "no";
+  document.title = "done";
+})();
+</script>""", "/form": """<!DOCTYPE html><title>hostile form</title>
+<form method="POST" action="http://127.0.0.1:%(port)d/api/edit" enctype="text/plain">
+<input name='{"op": "reset", "x": "' value='"}'></form><script>document.forms[0].submit();</script>"""}
+
+
+def test_other_sites_cannot_drive_the_editor(editor, browser):
+    app, port = editor
+    app.session.paint([(2, 2), (2, 30)], 21, width=3)  # something a reset would take away
+    before = (app.session.revision, len(app.session.undo_stack), app.session.label.clone())
+
+    class Hostile(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            body = (HOSTILE_PAGES.get(self.path, "") % {"port": port}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    hostile = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=hostile.serve_forever, daemon=True).start()
+    try:
+        page = browser.new_page()
+        evil = f"http://evil.test:{hostile.server_address[1]}"
+        page.goto(evil + "/")  # fetches, simple and preflighted
+        page.wait_for_function("() => document.title === 'done'")
+        assert page.evaluate("() => document.body.dataset.read") == "no"  # no CORS: the answer is unreadable
+        with page.expect_navigation(url=f"http://127.0.0.1:{port}/api/edit") as navigation:
+            page.goto(evil + "/form")  # a plain form post, which needs no CORS
+        assert navigation.value.status == 403 and "may not change this editor" in page.content()
+        # DNS rebinding: the attacker's name now points at the editor; the editor refuses that Host.
+        response = page.goto(f"http://rebind.test:{port}/")
+        assert response.status == 403 and "answers requests to 127.0.0.1" in page.content()
+        answer = page.evaluate("""async () => { const r = await fetch('/api/edit', {method: 'POST',
+            headers: {'Content-Type': 'application/json'}, body: JSON.stringify({op: 'reset'})}); return r.status; }""")
+        assert answer == 403
+    finally:
+        hostile.shutdown()
+        hostile.server_close()
+    assert (app.session.revision, len(app.session.undo_stack)) == before[:2] and app.session.label.equal(before[2])

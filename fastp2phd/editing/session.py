@@ -7,10 +7,12 @@ input only there (the boundary map over the box grown by one pixel, through
 ``ops.boundary_map``), records what it replaced so that ``undo``/``redo`` restore
 the exact previous state, and marks the image for regeneration (without an
 autograd graph). A bad coordinate, label, mask or style raises ``ValueError``
-before anything changes.
+before anything changes. Every edit, ``reset`` included, can be undone.
 """
 from __future__ import annotations
 
+import itertools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,13 @@ import torch
 
 from .. import ops
 from ..data import THING_CLASSES, colorize_labels
-from ..features import class_of
+from ..features import class_of, instance_vectors, save_instance_vectors
 from ..visualize import tensor_to_image
+
+# Bounds on one stroke: its cost grows with its points, length and width (see _stroke_region).
+MAX_STROKE_POINTS = 10_000
+MAX_BRUSH_WIDTH = 128
+MAX_STROKE_WORK = 64 << 20  # pixel tests: about a second on one CPU core
 
 
 @dataclass
@@ -32,6 +39,10 @@ class _Change:
     box: tuple[int, int, int, int]  # y0, y1, x0, x1
     before: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
     after: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+    revision: int  # names the state this change leads to
+
+
+_revisions = itertools.count(1)
 
 
 class EditSession:
@@ -71,18 +82,26 @@ class EditSession:
             else:
                 feat = self._sample_features(inst)
         self._initial = (label.clone(), inst.clone(), None if feat is None else feat.clone())
-        self._set_state(label, inst, feat)
-
-    # ------------------------------------------------------------------ state
-    def _set_state(self, label, inst, feat) -> None:
-        """Adopt new maps and build the generator's input (1, C, H, W) from them; the history is cleared."""
         self.label, self.inst, self.feat = label, inst, feat
         channels = self.label_nc + (0 if self.spec.no_instance else 1) + (self.spec.feat_num if self.use_features else 0)
         self.input = torch.zeros(1, channels, self.height, self.width, device=self.device)
         self._refresh((0, self.height, 0, self.width))
         self.undo_stack: list[_Change] = []
         self.redo_stack: list[_Change] = []
+        self._base_revision = 0  # the state before the oldest change still in the history
+        self.saved_revision = 0  # the scene as loaded counts as saved: nothing of the user's is in it
         self._image: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ state
+    @property
+    def revision(self) -> int:
+        """Names the current state: 0 as loaded; equal revisions mean equal maps."""
+        return self.undo_stack[-1].revision if self.undo_stack else self._base_revision
+
+    @property
+    def unsaved(self) -> bool:
+        """The maps differ from the last ``save`` (or, before one, from the scene as loaded)."""
+        return self.revision != self.saved_revision
 
     def _refresh(self, box) -> None:
         """Rebuild the input inside ``box``: one-hot labels and features there, edges on the box grown by 1."""
@@ -122,8 +141,11 @@ class EditSession:
                   None if self.feat is None else self.feat[:, y0:y1, x0:x1].clone())
         after = (label_patch, inst_patch, feat_patch)
         self._write(box, after)
-        self.undo_stack.append(_Change(box, before, after))
-        del self.undo_stack[:-self.history]
+        self.undo_stack.append(_Change(box, before, after, next(_revisions)))
+        if len(self.undo_stack) > self.history:
+            dropped = self.undo_stack[:-self.history]
+            self._base_revision = dropped[-1].revision
+            del self.undo_stack[:-self.history]
         self.redo_stack.clear()
 
     def _write(self, box, patches) -> None:
@@ -190,10 +212,13 @@ class EditSession:
 
     def _paint_mask(self, mask: torch.Tensor, label: int, inst_id: int, vector: torch.Tensor | None) -> None:
         box = self._box(mask)
-        if box is None:
-            return
+        if box is not None:
+            y0, y1, x0, x1 = box
+            self._paint_region(box, mask[y0:y1, x0:x1], label, inst_id, vector)
+
+    def _paint_region(self, box, inside: torch.Tensor, label: int, inst_id: int, vector: torch.Tensor | None) -> None:
+        """Give the pixels ``inside`` (a mask over ``box``) class ``label``, id ``inst_id`` and features ``vector``."""
         y0, y1, x0, x1 = box
-        inside = mask[y0:y1, x0:x1]
         label_patch = torch.where(inside, label, self.label[y0:y1, x0:x1])
         inst_patch = torch.where(inside, inst_id, self.inst[y0:y1, x0:x1]).to(torch.int32)
         feat_patch = None
@@ -217,30 +242,69 @@ class EditSession:
         self._paint_mask(self.inst == old, label, new_id, self._instance_features(new_id, None))
 
     def paint(self, points: Sequence[Sequence[int]], label: int, width: int = 8) -> None:
-        """Paint class ``label`` along the polyline ``points`` [(y, x), ...] with a round brush of ``width`` pixels."""
+        """Paint class ``label`` along the polyline ``points`` [(y, x), ...] with a round brush of ``width`` pixels.
+
+        The work is proportional to the pixels the stroke touches; a stroke of more than
+        ``MAX_STROKE_POINTS`` points, wider than ``MAX_BRUSH_WIDTH``, or costing more than
+        ``MAX_STROKE_WORK`` pixel tests is refused.
+        """
         label = self._check_label(label)
-        if not isinstance(width, (int, np.integer)) or width < 1:
-            raise ValueError(f"brush width must be a positive integer, got {width!r}")
-        points = [self._check_point(*p) for p in points]
+        if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 1 <= width <= MAX_BRUSH_WIDTH:
+            raise ValueError(f"brush width must be an integer from 1 to {MAX_BRUSH_WIDTH}, got {width!r}")
+        if len(points) > MAX_STROKE_POINTS:
+            raise ValueError(f"a stroke has at most {MAX_STROKE_POINTS} points, this one has {len(points)}; "
+                             "paint it in several strokes")
         if not points:
             raise ValueError("a stroke needs at least one point")
-        mask = self._stroke_mask(points, width)
+        points = [self._check_point(*p) for p in points]
+        box, inside = self._stroke_region(points, int(width))
         inst_id = self._new_instance_id(label)
-        self._paint_mask(mask, label, inst_id, self._instance_features(inst_id, None))
+        self._paint_region(box, inside, label, inst_id, self._instance_features(inst_id, None))
 
-    def _stroke_mask(self, points: list[tuple[int, int]], width: int) -> torch.Tensor:
-        yy = torch.arange(self.height, device=self.device)[:, None].float()
-        xx = torch.arange(self.width, device=self.device)[None, :].float()
-        radius2 = (width / 2.0) ** 2
-        mask = torch.zeros(self.height, self.width, dtype=torch.bool, device=self.device)
-        segments = list(zip(points, points[1:])) or [(points[0], points[0])]
-        for (ay, ax), (by, bx) in segments:
-            dy, dx = by - ay, bx - ax
+    def _stroke_region(self, points: list[tuple[int, int]], width: int) -> tuple[tuple[int, int, int, int], torch.Tensor]:
+        """(box, mask over the box) of the pixels within width/2 of the polyline.
+
+        Every segment is cut into pieces no longer than the brush radius, and each piece is
+        tested only on the pixels of its own small window: the work grows with the stroke's
+        points, length and width (the pixels it touches), not with the scene's size.
+        """
+        radius = width / 2.0
+        pts = torch.tensor(points, dtype=torch.float32)
+        if len(pts) > 1:  # repeated points add nothing but work
+            pts = pts[torch.cat([torch.ones(1, dtype=torch.bool), (pts[1:] != pts[:-1]).any(dim=1)])]
+        starts, ends = (pts[:-1], pts[1:]) if len(pts) > 1 else (pts, pts)
+        lengths = (ends - starts).norm(dim=1)
+        pieces = torch.ceil(lengths / max(1.0, radius)).clamp_min(1).long()
+        size = int(math.ceil(float((lengths / pieces).max()) + 2 * radius)) + 2  # a piece's window side
+        work = int(pieces.sum()) * size * size
+        if work > MAX_STROKE_WORK:
+            raise ValueError(f"this stroke ({len(points)} points, {float(lengths.sum()):.0f} pixels long, width {width}) "
+                             "is too much for one edit; paint it in several shorter strokes")
+        segment = torch.repeat_interleave(torch.arange(len(lengths)), pieces)
+        k = torch.arange(len(segment)) - torch.repeat_interleave(torch.cumsum(pieces, 0) - pieces, pieces)
+        direction = (ends - starts)[segment]
+        a = starts[segment] + direction * (k / pieces[segment])[:, None]
+        b = starts[segment] + direction * ((k + 1) / pieces[segment])[:, None]
+        origin = torch.floor(torch.minimum(a, b) - radius)
+        offsets = torch.arange(size, dtype=torch.float32)
+        hits = []
+        chunk = max(1, (1 << 22) // (size * size))  # bounds the temporaries to a few MiB
+        for i in range(0, len(a), chunk):
+            ca, cb, co = a[i:i + chunk], b[i:i + chunk], origin[i:i + chunk]
+            ys = co[:, 0, None, None] + offsets[None, :, None]  # (pieces, size, 1)
+            xs = co[:, 1, None, None] + offsets[None, None, :]  # (pieces, 1, size)
+            ay, ax = ca[:, 0, None, None], ca[:, 1, None, None]
+            dy, dx = (cb - ca)[:, 0, None, None], (cb - ca)[:, 1, None, None]
             length2 = dy * dy + dx * dx
-            t = ((yy - ay) * dy + (xx - ax) * dx) / length2 if length2 else torch.zeros_like(yy + xx)
-            t = t.clamp(0, 1)
-            mask |= (yy - (ay + t * dy)) ** 2 + (xx - (ax + t * dx)) ** 2 <= radius2
-        return mask
+            t = (((ys - ay) * dy + (xs - ax) * dx) / torch.where(length2 > 0, length2, 1.0)).clamp(0, 1)
+            near = (ys - (ay + t * dy)) ** 2 + (xs - (ax + t * dx)) ** 2 <= radius * radius
+            near &= (ys >= 0) & (ys < self.height) & (xs >= 0) & (xs < self.width)
+            hits.append(torch.stack([ys.expand_as(near)[near], xs.expand_as(near)[near]], 1).long())
+        hit = torch.cat(hits)
+        (y0, x0), (y1, x1) = hit.min(0).values.tolist(), (hit.max(0).values + 1).tolist()
+        inside = torch.zeros(y1 - y0, x1 - x0, dtype=torch.bool)
+        inside[hit[:, 0] - y0, hit[:, 1] - x0] = True
+        return (y0, y1, x0, x1), inside.to(self.device)
 
     def add_object(self, mask, y: int, x: int, label: int, style: int | None = None) -> int:
         """Paste an object ``mask`` (h, w) with its top-left corner at (y, x) as a new instance of ``label``.
@@ -260,6 +324,31 @@ class EditSession:
         self._paint_mask(full, label, inst_id, vector)
         return inst_id
 
+    def remove_object(self, y: int, x: int) -> int:
+        """Fill the object under (y, x) with the stuff class around it (the most common one in a ring
+        of pixels around the object, widened until it holds stuff). Returns that class."""
+        y, x = self._check_point(y, x)
+        inst_id = int(self.inst[y, x])
+        cls = class_of(inst_id)
+        if cls not in THING_CLASSES:
+            raise ValueError(f"({y}, {x}) is not on an object but on a region of class {cls}; only objects (cars, "
+                             "persons, ...) can be removed")
+        mask = self.inst == inst_id
+        is_stuff = torch.ones(self.label_nc, dtype=torch.bool, device=self.device)
+        is_stuff[[c for c in THING_CLASSES if c < self.label_nc]] = False
+        grown = mask.float()[None, None]
+        for reach in (2, 4, 8, 16, 32, 64, max(self.height, self.width)):
+            grown = torch.nn.functional.max_pool2d(mask.float()[None, None], 2 * reach + 1, 1, reach)[0, 0] > 0
+            ring = self.label[grown & ~mask]
+            ring = ring[is_stuff[ring]]
+            if ring.numel():
+                break
+        else:
+            raise ValueError("the scene holds no stuff class (road, building, ...) to fill the object with")
+        stuff = int(torch.bincount(ring, minlength=self.label_nc).argmax())
+        self._paint_mask(mask, stuff, stuff, self._instance_features(stuff, None))
+        return stuff
+
     def _class_styles(self, label: int) -> torch.Tensor:
         clusters = self.model.clusters or {}
         styles = clusters.get(label)
@@ -274,6 +363,18 @@ class EditSession:
             raise ValueError("this model has no instance features, so no styles")
         return self._class_styles(class_of(int(self.inst[y, x])))
 
+    def style_of(self, y: int, x: int) -> int | None:
+        """Which style (cluster index) the instance under (y, x) has; None when its features are no cluster centre."""
+        y, x = self._check_point(y, x)
+        if not self.use_features:
+            return None
+        try:
+            styles = self._class_styles(class_of(int(self.inst[y, x]))).to(self.device)
+        except ValueError:
+            return None
+        matches = torch.nonzero((styles == self.feat[:, y, x][None]).all(dim=1))
+        return int(matches[0]) if matches.numel() else None
+
     def set_style(self, y: int, x: int, cluster: int) -> None:
         """Give the instance under (y, x) the style (cluster centre) ``cluster`` of its class."""
         y, x = self._check_point(y, x)
@@ -282,24 +383,31 @@ class EditSession:
         self._paint_mask(self.inst == inst_id, int(self.label[y, x]), inst_id, vector)
 
     def style_previews(self, y: int, x: int, margin: int = 16) -> list[np.ndarray]:
-        """The instance under (y, x), cropped with a margin, rendered in every style of its class.
+        """The instance under (y, x), cropped with ``margin`` pixels around it, rendered in every style of its class.
 
-        All styles go through the generator in one batch; the crop is taken from the
-        full-scene render so the network sees the same context.
+        All styles go through the generator in one batch, on a crop of the input around the
+        instance (with as much context again on every side, whole multiples of what the
+        generator needs), not on the whole scene: a preview costs the crop's pixels. The
+        context differs from the full scene's, so a preview is close to, not equal to, the
+        image the style gives once applied.
         """
         styles = self.style_options(y, x)
         inst_id = int(self.inst[y, x])
         box = self._box(self.inst == inst_id)
-        y0, y1, x0, x1 = box
-        y0, y1, x0, x1 = max(0, y0 - margin), min(self.height, y1 + margin), max(0, x0 - margin), min(self.width, x1 + margin)
-        batch = self.input.repeat(styles.shape[0], 1, 1, 1)
+        view = _grow(box, margin, self.height, self.width)
+        multiple = self.spec.size_multiple
+        context = max(2 * margin, box[1] - box[0], box[3] - box[2])
+        crop = _align(_grow(view, context, self.height, self.width), multiple, self.height, self.width)
+        cy0, cy1, cx0, cx1 = crop
+        batch = self.input[:, :, cy0:cy1, cx0:cx1].repeat(styles.shape[0], 1, 1, 1)
         channel = self.label_nc + (0 if self.spec.no_instance else 1)
-        where = (self.inst == inst_id)
+        where = self.inst[cy0:cy1, cx0:cx1] == inst_id
         for k in range(styles.shape[0]):
             batch[k, channel:, where] = styles[k].to(self.device)[:, None]
         with torch.inference_mode():
             images = self.model.netG(batch)
-        return [tensor_to_image(img[:, y0:y1, x0:x1]) for img in images]
+        vy0, vy1, vx0, vx1 = view
+        return [tensor_to_image(img[:, vy0 - cy0:vy1 - cy0, vx0 - cx0:vx1 - cx0]) for img in images]
 
     # ------------------------------------------------------------------ history
     def undo(self) -> bool:
@@ -319,10 +427,20 @@ class EditSession:
         self.undo_stack.append(change)
         return True
 
-    def reset(self) -> None:
-        """Back to the scene as it was loaded (the history is cleared)."""
+    def reset(self) -> bool:
+        """Back to the scene as it was loaded, as one edit that ``undo`` reverts; False when nothing differed."""
         label, inst, feat = self._initial
-        self._set_state(label.clone(), inst.clone(), None if feat is None else feat.clone())
+        differs = self.label != label
+        differs |= self.inst != inst
+        if feat is not None:
+            differs |= (self.feat != feat).any(dim=0)
+        box = self._box(differs)
+        if box is None:
+            return False
+        y0, y1, x0, x1 = box
+        self._apply(box, label[y0:y1, x0:x1].clone(), inst[y0:y1, x0:x1].clone(),
+                    None if feat is None else feat[:, y0:y1, x0:x1].clone())
+        return True
 
     # ------------------------------------------------------------------ outputs
     def image(self) -> np.ndarray:
@@ -333,29 +451,45 @@ class EditSession:
         return tensor_to_image(self._image)
 
     def label_image(self) -> np.ndarray:
+        """The label map in the dataset's colours (H, W, 3) uint8: a picture, not ids."""
         return colorize_labels(self.label.cpu().numpy(), self.label_nc)
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write label.png, instance.png (16-bit when ids allow), features.npy, image.png; returns the folder."""
+    def instance_outlines(self) -> np.ndarray:
+        """(H, W, 4) uint8: opaque where the boundary map marks an instance edge, transparent elsewhere."""
+        edges = ops.boundary_map(self.inst[None, None])[0, 0].cpu().numpy() > 0
+        rgba = np.zeros((self.height, self.width, 4), np.uint8)
+        rgba[edges] = (255, 255, 255, 255)
+        return rgba
+
+    def save(self, folder: str | os.PathLike, name: str = "scene", phase: str = "test") -> Path:
+        """Write the scene as a dataset that ``fastp2phd test --dataroot folder`` reads; returns the folder.
+
+        ``<phase>_label/<name>.png`` (class ids), ``<phase>_inst/<name>.png`` (16-bit
+        instance ids), ``<phase>_img/<name>.png`` (the generated image) and, with instance
+        features, ``<phase>_features/<name>.npz`` (each instance's feature vector, which
+        ``fastp2phd test`` uses instead of sampling the clusters). Several scenes can share
+        a folder; saving a scene again replaces its files.
+        """
         from PIL import Image
 
         from ..files import atomic_write
 
+        if not name or Path(name).name != name or name.startswith("."):
+            raise ValueError(f"a scene name must be a plain file name, got {name!r}")
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         inst = self.inst.cpu().numpy()
         if inst.min(initial=0) < 0 or inst.max(initial=0) > 65535:
             raise ValueError("instance ids outside 0..65535 do not fit a 16-bit instance PNG")
-        images = {"label.png": self.label.cpu().numpy().astype(np.uint8), "instance.png": inst.astype(np.uint16),
-                  "image.png": self.image()}
-        for name, array in images.items():
-            atomic_write(folder / name, lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
+        images = {f"{phase}_label": self.label.cpu().numpy().astype(np.uint8),
+                  f"{phase}_inst": inst.astype(np.uint16), f"{phase}_img": self.image()}
+        for subfolder, array in images.items():
+            (folder / subfolder).mkdir(parents=True, exist_ok=True)
+            atomic_write(folder / subfolder / f"{name}.png",
+                         lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
         if self.feat is not None:
-            def write_features(tmp):
-                with open(tmp, "wb") as f:
-                    np.save(f, self.feat.cpu().numpy())
-
-            atomic_write(folder / "features.npy", write_features)
+            (folder / f"{phase}_features").mkdir(exist_ok=True)
+            save_instance_vectors(folder / f"{phase}_features" / f"{name}.npz", *instance_vectors(self.feat, self.inst))
+        self.saved_revision = self.revision
         return folder
 
     def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -370,3 +504,21 @@ class EditSession:
                 mask = self.inst == value
                 y0, y1, x0, x1 = self._box(mask)
                 yield int(value), mask[y0:y1, x0:x1].cpu().numpy()
+
+
+def _grow(box, by: int, height: int, width: int) -> tuple[int, int, int, int]:
+    y0, y1, x0, x1 = box
+    return max(0, y0 - by), min(height, y1 + by), max(0, x0 - by), min(width, x1 + by)
+
+
+def _align(box, multiple: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """The box grown to sides that are multiples of ``multiple``, shifted to stay inside the scene
+    (whose sides are multiples already)."""
+    def side(lo, hi, limit):
+        size = min(limit, -(-(hi - lo) // multiple) * multiple)
+        lo = min(lo - (size - (hi - lo)) // 2, limit - size)
+        return max(0, lo), max(0, lo) + size
+
+    y0, y1 = side(box[0], box[1], height)
+    x0, x1 = side(box[2], box[3], width)
+    return y0, y1, x0, x1

@@ -1,0 +1,164 @@
+"""The editor over real HTTP: what a hostile web page (or a hostile client) sends is refused with a
+status and a sentence, changes nothing, and prints no traceback; what the page sends works."""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import time
+
+import numpy as np
+import pytest
+from support import tiny_model
+
+from fastp2phd.data import render_scene
+from fastp2phd.editing import server as editor_server
+from fastp2phd.editing.server import EditorApp, ObjectMask, Scene, serve
+
+H, W = 32, 64
+PAINT = json.dumps({"op": "paint", "points": [[1, 1], [1, 9]], "label": 21, "width": 3}).encode()
+
+
+@pytest.fixture
+def editor():
+    scenes = [Scene('we"ird\r\nname', *render_scene(H, W, seed=0)[:2])]
+    app = EditorApp(tiny_model(), scenes, [ObjectMask("box", 26, np.ones((4, 6), bool))])
+    server = serve(app, "127.0.0.1", 0)
+    try:
+        yield app, server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def exchange(port: int, request: bytes, timeout: float = 30) -> tuple[int, dict, bytes]:
+    """Send raw bytes; (status, headers, body) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def request(method: str, path: str, port: int, headers: dict | None = None, body: bytes = b"") -> bytes:
+    fields = {"Host": f"127.0.0.1:{port}"}
+    if method == "POST":
+        fields.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
+    fields.update(headers or {})
+    head = "".join(f"{k}: {v}\r\n" for k, v in fields.items() if v is not None)
+    return f"{method} {path} HTTP/1.1\r\n{head}Connection: close\r\n\r\n".encode() + body
+
+
+def test_the_page_own_requests_work(editor):
+    app, port = editor
+    status, _, body = exchange(port, request("GET", "/api/info", port))
+    assert status == 200 and json.loads(body)["size"] == [H, W]
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}"):
+        origin = f"http://{host}"
+        status, _, body = exchange(port, request("POST", "/api/edit", port, {"Host": host, "Origin": origin,
+                                                                            "Sec-Fetch-Site": "same-origin"}, PAINT))
+        assert status == 200 and json.loads(body)["undo"] >= 1
+    status, headers, _ = exchange(port, request("GET", "/api/download/image.png", port))
+    assert status == 200 and headers["Content-Disposition"] == 'attachment; filename="we_ird__name_image.png"'
+
+
+@pytest.mark.parametrize("headers, body, status, message", [
+    ({"Host": "evil.example:{port}"}, PAINT, 403, "answers requests to 127.0.0.1"),  # DNS rebinding
+    ({"Host": "127.0.0.1:1"}, PAINT, 403, "answers requests to 127.0.0.1"),
+    ({"Host": None}, PAINT, 403, "answers requests to 127.0.0.1"),
+    ({"Origin": "http://evil.example"}, PAINT, 403, "may not change this editor"),
+    ({"Origin": "null"}, PAINT, 403, "may not change this editor"),
+    ({"Sec-Fetch-Site": "cross-site"}, PAINT, 403, "other sites"),
+    ({"Content-Type": "text/plain"}, PAINT, 415, "application/json"),  # what a form of another page can send
+    ({"Content-Type": None}, PAINT, 415, "application/json"),
+    ({"Content-Length": "-1"}, PAINT, 400, "Content-Length"),
+    ({"Content-Length": "abc"}, PAINT, 400, "Content-Length"),
+    ({"Content-Length": None}, PAINT, 400, "Content-Length"),
+    ({"Content-Length": str(2 << 20)}, b"", 413, "more than"),  # announced, never sent
+    ({"Transfer-Encoding": "chunked"}, PAINT, 400, "chunked"),
+    ({}, b"[" * 100_000 + b"]" * 100_000, 400, "nests too deeply"),
+    ({}, b'{"op": "paint", "points": [[1, 1]], "label": 21, "width": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
+    ({}, b'{"op": "paint", "points": [[1, 1]], "label": 21, "width": 1' + b"0" * 400 + b"}", 400, "from 1 to 128"),
+    ({}, b'{"op": "paint", "points": [[1, 1]], "label": 21, "width": 1e400}', 400, "must be an integer"),
+    ({}, b"\xff\xfe{}", 400, "not valid JSON"),
+])
+def test_refused_posts_change_nothing_and_print_nothing(editor, capfd, headers, body, status, message):
+    app, port = editor
+    headers = {k: v.format(port=port) if v else v for k, v in headers.items()}
+    before = app.session.label.clone()
+    got, _, answer = exchange(port, request("POST", "/api/edit", port, headers, body))
+    assert got == status and message in json.loads(answer)["error"]
+    assert app.session.label.equal(before) and not app.session.undo_stack
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_foreign_hosts_cannot_read_either(editor):
+    app, port = editor
+    for path in ("/", "/api/info", "/api/image.png", "/api/download/label_ids.png"):
+        status, _, body = exchange(port, request("GET", path, port, {"Host": f"attacker.example:{port}"}))
+        assert status == 403 and b"PNG" not in body and b"label-canvas" not in body
+
+
+@pytest.mark.parametrize("path, status", [("/api/object-1.png", 404), ("/api/object0.png", 200), ("/nowhere", 404),
+                                          ("/api/download/..%2Fimage.png", 404)])
+def test_gets_are_validated(editor, path, status):
+    _, port = editor
+    assert exchange(port, request("GET", path, port))[0] == status
+
+
+def test_a_get_with_a_body_is_refused(editor):
+    _, port = editor
+    status, _, body = exchange(port, request("GET", "/api/info", port, {"Content-Length": "5"}, b"hello"))
+    assert status == 400 and "no body" in json.loads(body)["error"]
+
+
+def test_slow_clients_time_out_and_connections_are_bounded(monkeypatch, capfd):
+    monkeypatch.setattr(editor_server, "SOCKET_TIMEOUT", 1.0)
+    monkeypatch.setattr(editor_server, "MAX_CONNECTIONS", 2)
+    app = EditorApp(tiny_model(), [Scene("s", *render_scene(H, W, seed=0)[:2])], [])
+    server = serve(app, "127.0.0.1", 0)
+    port = server.server_address[1]
+    try:
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        idle[0].sendall(b"POST /api/edit HTTP/1.1\r\n")  # never finishes its headers
+        time.sleep(0.3)
+        status, _, body = exchange(port, request("GET", "/api/info", port))
+        assert status == 503 and "busy" in json.loads(body)["error"]
+        for sock in idle:  # the server drops both after the timeout
+            sock.settimeout(10)
+            assert sock.recv(100) == b""
+            sock.close()
+        time.sleep(0.2)
+        assert exchange(port, request("GET", "/api/info", port))[0] == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_cancelled_requests_print_no_traceback(editor, capfd):
+    app, port = editor
+    for _ in range(5):
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        sock.sendall(request("GET", "/api/image.png", port))
+        sock.close()
+    time.sleep(0.5)
+    assert exchange(port, request("GET", "/api/info", port))[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("listen, good, bad", [
+    ("127.0.0.1", ["127.0.0.1:8765", "localhost:8765", "LOCALHOST:8765"], ["127.0.0.1", "evil.example:8765",
+                                                                          "127.0.0.1:8766", "127.0.0.1.evil:8765"]),
+    ("::1", ["[::1]:8765", "localhost:8765"], ["[::2]:8765", "::1:8765"]),
+    ("0.0.0.0", ["192.168.1.7:8765", "[fe80::1]:8765", "localhost:8765"], ["rebind.example:8765", "192.168.1.7:80"]),
+])
+def test_allowed_hosts(listen, good, bad):
+    allowed = editor_server.allowed_hosts(listen, 8765)
+    assert all(editor_server._host_ok(h, allowed, 8765) for h in good)
+    assert not any(editor_server._host_ok(h, allowed, 8765) for h in bad)
