@@ -96,6 +96,8 @@ def test_resume_is_exact(tmp_path, dataroot):
     for key in ("G", "D", "E"):
         a, b = weights(tmp_path / "a" / "run" / f"latest_net_{key}.pth"), weights(tmp_path / "b" / "run" / f"latest_net_{key}.pth")
         assert all(torch.equal(a[k], b[k]) for k in a), key
+    counts = [json.loads((tmp_path / run_name / "run" / "classes.json").read_text()) for run_name in "ab"]
+    assert counts[0] == counts[1] and sum(counts[0]["pixels"]) == 2 * 6 * 32 * 64  # two epochs of 6 scenes
 
 
 def test_killed_run_resumes_at_the_saved_iteration(tmp_path, dataroot):
@@ -139,6 +141,8 @@ def test_two_processes_with_gloo(tmp_path, dataroot):
     assert not torch.equal(state["pools"][0]["images"][0], state["pools"][1]["images"][0])
     logged = [json.loads(line) for line in (ck / "run" / "loss_log.jsonl").read_text().splitlines()]
     assert logged and all(np.isfinite(row["G_GAN"]) for row in logged)
+    # The classes both processes trained on, each pixel counted once.
+    assert sum(json.loads((ck / "run" / "classes.json").read_text())["pixels"]) == 6 * 32 * 64
 
 
 def test_coarse_to_fine(tmp_path, dataroot):
