@@ -113,8 +113,10 @@ def peak_memory_mb(fn: Callable[[], object], settings: Settings) -> float | None
 
 
 def measure(benchmark, settings: Settings, *, suite: str, case: str, provider: str, fn: Callable[[], object],
-            bytes_moved: int | None = None, images: int | None = None, slow: bool = False) -> None:
-    """Warm up, record peak memory, and time ``fn`` (synchronising the GPU after each call)."""
+            bytes_moved: int | None = None, images: int | None = None, slow: bool = False,
+            rounds: int | None = None) -> None:
+    """Warm up, record peak memory, and time ``fn`` (synchronising the GPU after each call) over
+    ``rounds`` rounds (default: the settings' number)."""
     if settings.cuda:
         def target():
             fn()
@@ -126,7 +128,7 @@ def measure(benchmark, settings: Settings, *, suite: str, case: str, provider: s
     benchmark.group = f"{suite} | {case}"
     benchmark.extra_info.update(suite=suite, case=case, provider=provider, bytes=bytes_moved, images=images,
                                 peak_mb=peak_memory_mb(target, settings))
-    benchmark.pedantic(target, rounds=settings.rounds(slow), iterations=1, warmup_rounds=0)
+    benchmark.pedantic(target, rounds=rounds or settings.rounds(slow), iterations=1, warmup_rounds=0)
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:

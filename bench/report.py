@@ -161,6 +161,18 @@ def memory_targets(check, suites) -> None:
           _ratio(suites, "checkpointing cost", ".", "fastp2phd + checkpointing", "fastp2phd"), lambda v: v <= 1.35)
 
 
+def editor_targets(check, suites) -> None:
+    def ms(suite, case):
+        row = _row(suites, suite, case, "fastp2phd")
+        return row["median_s"] * 1e3 if row else None
+
+    for op in ("paint stroke", "change label"):
+        check(f"editor page, {op} on a 256x512 scene with the demo model: median from the edit to the new image "
+              "loaded under 150 ms", ms("editor page", rf"^{op}, 256x512"), lambda v: v < 150, unit=" ms")
+    check("style previews, 6 styles of a car on a 256x512 scene: under 500 ms",
+          ms("style previews", r"256x512"), lambda v: v < 500, unit=" ms")
+
+
 def _ratio(suites, suite, case, slow, fast):
     a, b = _row(suites, suite, case, slow), _row(suites, suite, case, fast)
     return a["median_s"] / b["median_s"] if a and b else None
@@ -176,6 +188,8 @@ def targets(device: str, suites: dict) -> list[tuple[str, str, bool | None]]:
 
     if "training memory" in suites or "checkpointing cost" in suites:
         memory_targets(check, suites)
+    if "editor page" in suites or "style previews" in suites:
+        editor_targets(check, suites)
     if device.startswith("cpu"):
         case = r"^4x1x1024x2048"
         check("boundary_map 4x1x1024x2048: within 1.25× of its floor (time / floor time)",
