@@ -197,9 +197,9 @@ class EditorApp:
                 if not 0 <= index < len(self.objects):
                     raise RequestError(f"object {index} does not exist; there are {len(self.objects)}")
                 obj = self.objects[index]
-                style = body.get("style")
+                style = None if body.get("style") is None else _int(body.get("style"), "style")
                 s.add_object(obj.mask, _int(body.get("y"), "y"), _int(body.get("x"), "x"),
-                             _int(body.get("label", obj.label), "label"), None if style is None else _int(style, "style"))
+                             _int(body.get("label", obj.label), "label"), style)
             elif op == "remove_object":
                 s.remove_object(_int(body.get("y"), "y"), _int(body.get("x"), "x"))
             elif op == "set_style":
@@ -371,12 +371,6 @@ def _host_ok(value: str, allowed: frozenset[str] | None, port: int) -> bool:
         return False
 
 
-class _Refused(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
 def make_handler(app: EditorApp, listen_host: str, port: int):
     hosts = allowed_hosts(listen_host, port)
 
@@ -385,41 +379,41 @@ def make_handler(app: EditorApp, listen_host: str, port: int):
         timeout = SOCKET_TIMEOUT  # socket timeout for every read: a slow client is dropped
 
         def _check(self, method: str) -> bytes:
-            """The body of a request that passes the HTTP layer's checks; raises _Refused otherwise."""
+            """The body of a request that passes the HTTP layer's checks; raises RequestError otherwise."""
             host = self.headers.get("Host")
             if host is None or not _host_ok(host, hosts, port):
-                raise _Refused(403, f"this editor answers requests to {listen_host}:{port} only, not to host "
-                                    f"{_short(host)}")
+                raise RequestError(f"this editor answers requests to {listen_host}:{port} only, not to host "
+                                   f"{_short(host)}", 403)
             length = self.headers.get("Content-Length")
             if self.headers.get("Transfer-Encoding"):
-                raise _Refused(400, "chunked request bodies are not accepted; send a Content-Length")
+                raise RequestError("chunked request bodies are not accepted; send a Content-Length")
             if method == "GET":
                 if length not in (None, "0"):
-                    raise _Refused(400, "GET requests take no body")
+                    raise RequestError("GET requests take no body")
                 return b""
             origin = self.headers.get("Origin")
             if origin is not None and origin.strip().lower() != f"http://{host.strip().lower()}":
-                raise _Refused(403, f"requests from {_short(origin)} may not change this editor; open it at "
-                                    f"http://{host.strip()}/")
+                raise RequestError(f"requests from {_short(origin)} may not change this editor; open it at "
+                                   f"http://{host.strip()}/", 403)
             if self.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-                raise _Refused(403, "requests from other sites may not change this editor")
+                raise RequestError("requests from other sites may not change this editor", 403)
             kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             if kind != "application/json":
-                raise _Refused(415, f"send the request body as JSON with Content-Type: application/json, not "
-                                    f"{_short(kind or 'none')}")
+                raise RequestError(f"send the request body as JSON with Content-Type: application/json, not "
+                                   f"{_short(kind or 'none')}", 415)
             if length is None or not re.fullmatch(r"\d{1,12}", length.strip()):
-                raise _Refused(400, f"a POST needs a Content-Length of 0 or more bytes, got {_short(length)}")
+                raise RequestError(f"a POST needs a Content-Length of 0 or more bytes, got {_short(length)}")
             if int(length) > MAX_BODY:
-                raise _Refused(413, f"the request body is {int(length)} bytes, more than the {MAX_BODY} allowed")
+                raise RequestError(f"the request body is {int(length)} bytes, more than the {MAX_BODY} allowed", 413)
             body = self.rfile.read(int(length))
             if len(body) < int(length):
-                raise _Refused(400, "the request body ended before its Content-Length")
+                raise RequestError("the request body ended before its Content-Length")
             return body
 
         def _respond(self, method: str) -> None:
             try:
                 body = self._check(method)
-            except _Refused as refused:
+            except RequestError as refused:
                 self.close_connection = True  # an unread body may follow
                 status, kind, payload = refused.status, "application/json", json.dumps({"error": str(refused)}).encode()
             except (TimeoutError, ConnectionError):
