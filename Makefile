@@ -42,10 +42,12 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/interpreter $(PYTEST_ARGS)
 
-# Trains a small pix2pixHD with instance features on built-in synthetic scenes (a few
+# Trains a small pix2pixHD with instance features on built-in synthetic scenes (about 3
 # minutes on 2 CPU cores), clusters styles, and writes demo_output/web/index.html.
+# An earlier demo_output is kept: `make demo DEMO_ARGS=--overwrite` replaces it.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m fastp2phd demo --out demo_output
+	$(PY) -m fastp2phd demo --out demo_output $(DEMO_ARGS)
 
 # The CPU benchmark suites (about 15 minutes on 2 cores): results in bench/results/, report in bench/REPORT.md.
 bench: $(TEST_STAMP)

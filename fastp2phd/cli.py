@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     if command == "demo":
         from .demo import run_demo
 
-        return run_demo(Path(args.out), resolve_device(args.device), minutes=args.minutes, seed=args.seed)
+        return run_demo(Path(args.out), resolve_device(args.device), seed=args.seed, overwrite=args.overwrite)
 
     opt = finish_options(args, is_train=command in ("train", "memory"))
     if command == "memory":  # models a device; needs none
@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
 
         path = encode_features(model, data_spec(opt, train=False, read_images=True), run_folder,
                                batch_size=opt.batchSize, num_workers=opt.nThreads, seed=opt.seed,
-                               progress=not opt.no_progress)
+                               progress=not opt.no_progress, area_threshold=args.area_threshold)
         print(f"clusters: {path}")
     elif command == "export-onnx":
         from .inference import export_onnx

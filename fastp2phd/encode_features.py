@@ -22,9 +22,11 @@ from .specs import DataSpec
 
 
 def encode_features(model: Pix2PixHD, data: DataSpec, folder: str | os.PathLike, *, batch_size: int = 1,
-                    num_workers: int = 0, seed: int = 0, progress: bool = True) -> Path:
+                    num_workers: int = 0, seed: int = 0, progress: bool = True, area_threshold: float = 0.5) -> Path:
     """Encode the photos of ``data`` (unflipped) with ``model``'s encoder, cluster them, and write
-    ``folder/features_clustered_<n_clusters>.npz`` (and the raw ``features.npz``); returns the clusters file."""
+    ``folder/features_clustered_<n_clusters>.npz`` (and the raw ``features.npz``); returns the clusters file.
+    Instances whose relative area (pixels / (H * W // 32)) is not above ``area_threshold`` (0.5 as in the
+    original) are left out of the clusters: lower it for small images, where people and poles are small."""
     from .data import DatasetError, create_dataset
     from .training import collate
 
@@ -52,7 +54,8 @@ def encode_features(model: Pix2PixHD, data: DataSpec, folder: str | os.PathLike,
         raise InferenceError(str(exc)) from None
     features = collector.result()
     save_clusters(folder / "features.npz", features, {"kind": "features", "columns": "features..., relative area"})
-    centers = cluster_features(features, n_clusters=spec.n_clusters, seed=seed, device=device)
+    centers = cluster_features(features, n_clusters=spec.n_clusters, area_threshold=area_threshold, seed=seed,
+                               device=device)
     path = folder / f"features_clustered_{spec.n_clusters:03d}.npz"
     save_clusters(path, centers, {"kind": "clusters", "feat_num": spec.feat_num, "n_clusters": spec.n_clusters})
     return path

@@ -30,6 +30,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
+    return value
+
+
 def _size(text: str) -> float:
     return math.inf if text == "inf" else float(_non_negative_int(text))
 
@@ -124,6 +131,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no_vgg_loss", action="store_true", help="no VGG perceptual loss")
     g.add_argument("--vgg_weights", default=None,
                    help="path to torchvision's vgg19-dcbb9e9d.pth (default: $FASTP2PHD_VGG19_WEIGHTS or torch's hub cache)")
+    g.add_argument("--lambda_l1", type=_non_negative_float, default=0.0,
+                   help="weight of an L1 loss between generated and real images; not in the original pix2pixHD, "
+                        "off (0) by default (the demo uses it to learn in minutes)")
     g.add_argument("--no_lsgan", action="store_true", help="vanilla GAN loss (binary cross entropy) instead of least squares")
     g.add_argument("--pool_size", type=_non_negative_int, default=0, help="size of the pool of generated images shown to D")
     g.add_argument("--checkpoint_activations", action="store_true",
@@ -305,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "  fastp2phd encode-features --name label2city_512p_feat --dataroot datasets/cityscapes")
     add_base_options(p)
     p.add_argument("--phase", default="train", help="which folders to encode: <phase>_label, ...")
+    p.add_argument("--area_threshold", type=_non_negative_float, default=0.5,
+                   help="cluster only instances with more than this many pixels per H*W/32 (the original's 0.5; "
+                        "lower it for small images, where people and poles are small)")
 
     p = _add_command(commands, "export-onnx", "export the generator to ONNX",
                      "Export a trained run's generator to ONNX (dynamic batch and size) and check it in onnxruntime.",
@@ -338,12 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes")
 
     p = _add_command(commands, "demo", "train a small model on synthetic scenes, cluster styles, and write a web page",
-                     "The whole workflow on built-in synthetic scenes within a time budget: train, cluster styles, "
-                     "generate held-out scenes, write a web page.",
-                     "  fastp2phd demo --out demo_output --minutes 5")
+                     "The whole workflow on built-in synthetic scenes: train for a fixed number of epochs (a few "
+                     "minutes on 2 CPU cores), cluster styles, generate held-out scenes, write a web page, and compare "
+                     "the held-out L1 of the trained model with the untrained one and with painting each class in its "
+                     "mean colour.",
+                     "  fastp2phd demo --out demo_output\n"
+                     "  fastp2phd demo --out demo_output --overwrite")
     p.add_argument("--out", default="demo_output", help="folder for the data, checkpoints and the page")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier demo in --out (without it, a folder that holds one is refused)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time budget")
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes and the model")
 
     _add_command(commands, "info", "print versions, devices and which fast paths are available",

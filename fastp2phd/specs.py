@@ -176,6 +176,7 @@ class TrainSpec(_Spec):
     lambda_feat: float = 10.0
     no_vgg_loss: bool = False
     vgg_weights: str | None = None
+    lambda_l1: float = 0.0  # not in the original: weight of an L1 loss between generated and real images
     pool_size: int = 0
     # optimisation
     lr: float = 0.0002
@@ -206,6 +207,8 @@ class TrainSpec(_Spec):
         _check_count(self, ("pool_size", "niter", "niter_decay", "niter_fix_global", "nThreads"), 0)
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise SpecError(f"lr must be a finite number, 0 or more, got {self.lr}")
+        if not (math.isfinite(self.lambda_l1) and self.lambda_l1 >= 0):
+            raise SpecError(f"lambda_l1 must be a finite number, 0 or more, got {self.lambda_l1}")
         if self.niter_fix_global and self.model.netG != "local":
             raise SpecError("niter_fix_global trains only the local enhancer: it needs netG local")
 

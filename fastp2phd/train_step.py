@@ -6,7 +6,8 @@ the loop, and ``fastp2phd.memory`` runs the same step on fake tensors.
 
 The step, as in the paper: G (and E) produce a fake image; the discriminators
 score (label, pooled fake) and (label, real) pairs for the D loss, and (label,
-fake) for G's adversarial loss, feature matching and VGG losses; every
+fake) for G's adversarial loss, feature matching and VGG losses (and, only with
+``lambda_l1``, which the original does not have, an L1 loss to the real image); every
 discriminator pass sees the same, not yet updated, weights, and both
 optimisers step at the end. D's gradients are computed before G's adversarial
 pass, so the graph of D's real/fake pass is freed before G's losses build
@@ -222,11 +223,15 @@ class TrainStep:
             del pred_fake, pred_real  # the losses keep what backward needs (the signs of the differences)
             loss_G_VGG = (self.vgg_loss(fake.float(), real) * spec.lambda_feat
                           if self.vgg_loss is not None else fake.new_zeros(()))
-        values = {**self._read_losses({"G_GAN": loss_G_GAN, "G_GAN_Feat": loss_G_feat, "G_VGG": loss_G_VGG}),
-                  **values}
+            losses_G = {"G_GAN": loss_G_GAN, "G_GAN_Feat": loss_G_feat, "G_VGG": loss_G_VGG}
+            loss_G = loss_G_GAN + loss_G_feat + loss_G_VGG
+            if spec.lambda_l1:  # not in the original: logged as its own entry only when it is on
+                losses_G["G_L1"] = (fake.float() - real).abs().mean() * spec.lambda_l1
+                loss_G = loss_G + losses_G["G_L1"]
+        values = {**self._read_losses(losses_G), **values}
         self.on_phase("G backward")
         self.optimizer_G.zero_grad(set_to_none=True)
-        self.scaler.scale(loss_G_GAN + loss_G_feat + loss_G_VGG).backward()
+        self.scaler.scale(loss_G).backward()
         self.on_phase("optimizer steps")
         self.scaler.step(self.optimizer_G)
         self.scaler.step(self.optimizer_D)

@@ -12,7 +12,7 @@ import torch
 from fastp2phd.cli import build_parser
 from fastp2phd.models.vgg import Vgg19
 from fastp2phd.options import finish_options, train_spec
-from fastp2phd.train_step import TrainStep
+from fastp2phd.train_step import LOSS_NAMES, TrainStep
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from official import official_train_step_class  # noqa: E402
@@ -74,3 +74,31 @@ def test_batch_norm_step_changes_nothing():
 def test_gradients_are_freed_after_the_step():
     step, _, _ = run(TrainStep, ["--instance_feat"], steps=1)
     assert all(p.grad is None for p in [*step.model.parameters(), *step.netD.parameters()])
+
+
+def generator_loss(argv):
+    """One step's logged losses, the loss G's backward starts from, and the generated and real images."""
+    opt = finish_options(build_parser().parse_args(["train", "--resize_or_crop", "none", *TINY, *argv]), is_train=True)
+    torch.manual_seed(0)
+    step = TrainStep(train_spec(opt), torch.device("cpu"), vgg=Vgg19(pretrained=False))
+    scaled, scale = [], step.scaler.scale
+    step.scaler.scale = lambda loss: scaled.append(loss.detach()) or scale(loss)  # D's loss, then G's
+    data = batch()
+    values, fake = step.step(data)
+    assert len(scaled) == 2
+    return values, scaled[1].item(), fake, data["image"]
+
+
+def test_the_l1_loss_is_off_by_default():
+    # (off, the step is the original's bit for bit: test_step_order_and_lean_losses_change_nothing)
+    values, loss_G, _, _ = generator_loss([])
+    assert tuple(values) == LOSS_NAMES
+    assert loss_G == pytest.approx(values["G_GAN"] + values["G_GAN_Feat"] + values["G_VGG"], rel=1e-6)
+
+
+def test_the_l1_loss_adds_lambda_times_the_mean_absolute_difference():
+    values, loss_G, fake, real = generator_loss(["--lambda_l1", "7.5"])
+    l1 = 7.5 * (fake - real).abs().mean().item()
+    assert tuple(values) == ("G_GAN", "G_GAN_Feat", "G_VGG", "G_L1", "D_real", "D_fake")
+    assert values["G_L1"] == pytest.approx(l1, rel=1e-6)
+    assert loss_G == pytest.approx(values["G_GAN"] + values["G_GAN_Feat"] + values["G_VGG"] + l1, rel=1e-6)

@@ -72,6 +72,15 @@ def test_train_continue_test_encode_export(tmp_path, dataroot, capsys):
     assert run("encode-features", *common, "--n_clusters", "2") == 0
     clusters = np.load(folder / "features_clustered_002.npz", allow_pickle=False)
     assert any(key.startswith("class_") for key in clusters.files)
+    # Only classes with an instance above the area threshold are clustered; --area_threshold 0 keeps them all.
+    features = np.load(folder / "features.npz", allow_pickle=False)
+    for threshold in (0.5, 0.0):
+        if threshold == 0.0:
+            assert run("encode-features", *common, "--n_clusters", "2", "--area_threshold", "0") == 0
+        clusters = np.load(folder / "features_clustered_002.npz", allow_pickle=False)
+        expected = {k for k in features.files if k.startswith("class_") and (features[k][:, -1] > threshold).any()}
+        assert {k for k in clusters.files if k.startswith("class_")} == expected
+    assert expected > {k for k in features.files if k.startswith("class_") and (features[k][:, -1] > 0.5).any()}
     results = tmp_path / "results"
     assert run("test", *common, "--n_clusters", "2", "--results_dir", results, "--how_many", "2") == 0
     images = sorted((results / "run" / "test_latest" / "images").glob("*synthesized_image.png"))

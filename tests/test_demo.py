@@ -1,0 +1,85 @@
+"""`fastp2phd demo`: it never deletes what it did not write, its baseline is the class-mean painting it
+claims, and its whole workflow runs (here on a few tiny scenes for one epoch) and prints the three-way table."""
+from __future__ import annotations
+
+import torch
+
+from fastp2phd import demo
+from fastp2phd.cli import main
+from fastp2phd.data import create_dataset, make_synthetic
+from fastp2phd.demo import DEMO_MODEL, class_mean_colours, demo_data
+
+
+def earlier_demo(out):
+    (out / "checkpoints" / "demo").mkdir(parents=True)
+    (out / "checkpoints" / "demo" / "latest_net_G.pth").write_bytes(b"weights")
+    return out
+
+
+def test_an_earlier_demo_is_kept_without_overwrite(tmp_path, capsys):
+    out = earlier_demo(tmp_path / "demo_output")
+    assert main(["demo", "--out", str(out), "--device", "cpu"]) == 1
+    assert "pass --overwrite to replace it" in capsys.readouterr().err
+    assert (out / "checkpoints" / "demo" / "latest_net_G.pth").read_bytes() == b"weights"
+
+
+def test_a_folder_that_is_not_a_demo_is_never_replaced(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(out), "--device", "cpu", "--overwrite"]) == 1
+    assert "holds no earlier demo; choose another --out" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    assert main(["demo", "--out", str(a_file), "--device", "cpu"]) == 1
+    assert "is not a folder" in capsys.readouterr().err
+    assert a_file.read_text() == "mine"
+
+
+def test_overwrite_replaces_an_earlier_demo(tmp_path):
+    out = earlier_demo(tmp_path / "demo_output")
+    assert demo._prepare(out, overwrite=True) is None
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_class_mean_colours_are_the_mean_colour_of_each_class(tmp_path):
+    make_synthetic(tmp_path / "data", num_train=3, num_test=1, height=32, width=64, seed=1)
+    dataset = create_dataset(demo_data(tmp_path, "train", 1))
+    colours = class_mean_colours(dataset, DEMO_MODEL.label_nc)
+    items = [dataset[i] for i in range(len(dataset))]
+    labels = torch.cat([it["label"].flatten() for it in items])
+    pixels = torch.cat([it["image"].reshape(3, -1) for it in items], 1)
+    for c in range(DEMO_MODEL.label_nc):
+        mask = labels == c
+        expected = pixels[:, mask].double().mean(1).float() if mask.any() else torch.zeros(3)
+        torch.testing.assert_close(colours[c], expected, atol=1e-6, rtol=0)
+    assert int(torch.unique(labels).numel()) >= 5  # the scenes hold several classes, absent ones are zero
+
+
+def test_the_whole_demo_runs_and_prints_baseline_untrained_and_trained(tmp_path, monkeypatch, capsys):
+    full_training = demo.demo_training
+    monkeypatch.setattr(demo, "SCENE", (64, 128))
+    monkeypatch.setattr(demo, "NUM_TRAIN", 4)
+    monkeypatch.setattr(demo, "NUM_TEST", 2)
+    monkeypatch.setattr(demo, "demo_training", lambda out, seed: full_training(out, seed, 1, 0))
+    out = tmp_path / "demo_output"
+    status = demo.run_demo(out, torch.device("cpu"), seed=0)
+    printed = capsys.readouterr()
+    assert "[demo] epoch 1/1 done" in printed.out  # progress
+    lines = printed.out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "class-mean colours |" in line)
+    assert [c.strip() for c in lines[header].removeprefix("[demo]").split("|")] == [
+        "class-mean colours", "untrained model", "trained model"]
+    baseline, untrained, trained = (float(c) for c in lines[header + 1].removeprefix("[demo]").split("|"))
+    # The printed baseline is the class-mean painting's L1, computed here independently.
+    colours = class_mean_colours(create_dataset(demo_data(out, "train", 0)), DEMO_MODEL.label_nc)
+    test_set = create_dataset(demo_data(out, "test", 0))
+    expected = sum((colours[test_set[i]["label"][0]].permute(2, 0, 1) - test_set[i]["image"]).abs().mean().item()
+                   for i in range(len(test_set))) / len(test_set)
+    assert baseline == round(expected, 3)
+    assert 0 < trained and 0 < untrained
+    assert status == (0 if trained < baseline else 1)
+    assert ("did not beat the class-mean colours" in printed.err) == (status == 1)
+    assert (out / "web" / "index.html").is_file()
+    assert (out / "checkpoints" / "demo" / "classes.json").is_file()
