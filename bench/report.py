@@ -16,7 +16,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 SUITE_ORDER = ["memory copy", "boundary_map", "instance_mean fwd", "instance_mean fwd+bwd", "instance_norm_act fwd",
                "instance_norm_act bwd", "generator forward", "encoder forward", "training step", "training memory",
-               "checkpointing cost", "features + k-means"]
+               "checkpointing cost", "features + k-means", "inference precision"]
 MEMORY_LAYOUTS = ("original", "fastp2phd", "fastp2phd + checkpointing")
 GiB = 1024**3
 
@@ -80,6 +80,22 @@ def suite_table(rows: list[dict], bandwidth: float | None) -> list[str]:
             speedup = f"{row['median_s'] / fast['median_s']:.2f}×" if fast and provider not in ("fastp2phd",) else ""
             lines.append(f"| {case} | {provider} | {_ms(row['median_s'])} | {_ms(row['iqr_s'])} | {images} | {gbps} | "
                          f"{times_floor} | {peak} | {speedup} |")
+    return lines
+
+
+def precision_table(rows: list[dict]) -> list[str]:
+    """The inference suite: each provider's speed over fp32 eager's and its PSNR against fp32's output."""
+    lines = ["| case | provider | median ms | IQR ms | images/s | peak MB | speed vs fp32 | PSNR vs fp32 (dB) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for case, providers in _by_case(rows).items():
+        fp32 = providers.get("fp32")
+        for provider, row in providers.items():
+            speed = f"{fp32['median_s'] / row['median_s']:.2f}×" if fp32 else ""
+            psnr = row.get("psnr_db")
+            psnr = "" if psnr is None else ("exact" if psnr == float("inf") else f"{psnr:.1f}")
+            peak = f"{row['peak_mb']:.0f}" if row.get("peak_mb") is not None else ""
+            lines.append(f"| {case} | {provider} | {_ms(row['median_s'])} | {_ms(row['iqr_s'])} | "
+                         f"{row['images'] / row['median_s']:.3g} | {peak} | {speed} | {psnr} |")
     return lines
 
 
@@ -173,6 +189,18 @@ def editor_targets(check, suites) -> None:
           ms("style previews", r"256x512"), lambda v: v < 500, unit=" ms")
 
 
+def precision_targets(check, suites) -> None:
+    suite = "inference precision"
+    check("bf16 inference, 1024p generator at 512x1024: at least 1.5× fp32 eager (fp32 time / bf16 time)",
+          _ratio(suites, suite, r"^1024p generator at 512x1024$", "fp32", "bf16"), lambda v: v >= 1.5)
+    demo = _row(suites, suite, r"^demo model", "bf16")
+    check("bf16 inference on the trained demo model's held-out scenes: PSNR against fp32 at least 30 dB (lowest "
+          "scene)", demo["psnr_db"] if demo else None, lambda v: v >= 30, unit=" dB")
+    for case in ("1024p generator at 512x1024", "1024p generator at 1024x2048", "512p generator at 512x1024"):
+        check(f"onnxruntime (CPU) vs fp32 eager, {case} (fp32 time / onnxruntime time; no target, where it stands)",
+              _ratio(suites, suite, rf"^{case}$", "fp32", "onnxruntime"), lambda v: None)
+
+
 def _ratio(suites, suite, case, slow, fast):
     a, b = _row(suites, suite, case, slow), _row(suites, suite, case, fast)
     return a["median_s"] / b["median_s"] if a and b else None
@@ -190,6 +218,8 @@ def targets(device: str, suites: dict) -> list[tuple[str, str, bool | None]]:
         memory_targets(check, suites)
     if "editor page" in suites or "style previews" in suites:
         editor_targets(check, suites)
+    if "inference precision" in suites:
+        precision_targets(check, suites)
     if device.startswith("cpu"):
         case = r"^4x1x1024x2048"
         check("boundary_map 4x1x1024x2048: within 1.25× of its floor (time / floor time)",
@@ -287,7 +317,8 @@ def write_report(results: Path = BENCH / "results", out: Path = BENCH / "REPORT.
             slug = re.sub(r"[^a-z0-9]+", "-", f"{device} {suite}".lower()).strip("-")
             plot_suite(rows, f"{suite} — {run['device_name']}", plots / f"{slug}.png")
             lines += [f"### {suite}", "", f"![{suite}](results/plots/{slug}.png)", ""]
-            lines += suite_table(rows, bandwidth if run["device"] == "cuda" else None)
+            lines += (precision_table(rows) if suite == "inference precision"
+                      else suite_table(rows, bandwidth if run["device"] == "cuda" else None))
             lines.append("")
     out.write_text("\n".join(lines) + "\n")
     return out

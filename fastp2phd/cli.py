@@ -2,8 +2,8 @@
 
 Subcommands keep the original pix2pixHD scripts' option names:
 ``train`` (train.py), ``test`` (test.py), ``encode-features`` (encode_features.py
-plus the clustering), ``export-onnx``, ``make-synthetic``, ``demo``, ``info``, ``edit``
-and ``memory`` (the peak memory a training step of these options needs).
+plus the clustering), ``export-onnx``, ``make-synthetic``, ``demo``, ``info``, ``edit``,
+``evaluate`` (FID, KID, mIoU) and ``memory`` (the peak memory a training step of these options needs).
 Several processes: ``torchrun --nproc_per_node N -m fastp2phd train ...``.
 
 This is the edge where options become specs (``fastp2phd.options``); every failure a user
@@ -52,6 +52,13 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_demo(Path(args.out), resolve_device(args.device), seed=args.seed, overwrite=args.overwrite)
 
+    if command == "evaluate":
+        from .evaluate import generate_first, main_evaluate
+
+        if generate_first(args):  # --name: generate with the code `test` runs, then score what it wrote
+            _run(argparse.Namespace(**{**vars(args), "command": "test"}))
+        return main_evaluate(args)
+
     opt = finish_options(args, is_train=command in ("train", "memory"))
     if command == "memory":  # models a device; needs none
         from .memory import main_memory
@@ -70,7 +77,8 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(opt.device)
     run_folder = Path(opt.checkpoints_dir) / opt.name
     model = load_run(run_folder, opt.which_epoch, device, model=model_spec(opt),
-                     cluster_path=getattr(opt, "cluster_path", None), allow_pickle=getattr(opt, "allow_pickle", False))
+                     cluster_path=getattr(opt, "cluster_path", None), allow_pickle=getattr(opt, "allow_pickle", False),
+                     precision=getattr(opt, "precision", "fp32"))
     if command == "test":
         from .inference import run_test
 

@@ -18,6 +18,21 @@ def _version(package: str) -> str | None:
         return None
 
 
+def cpu_bf16() -> str | None:
+    """The CPU's native bfloat16 instructions (AMX, AVX512-BF16), or None: without them bf16 runs emulated,
+    often slower than fp32."""
+    import torch
+
+    found = []
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        try:
+            if getattr(torch.cpu, probe)():
+                found.append(name)
+        except (AttributeError, RuntimeError):  # private probes: a torch without them says nothing
+            pass
+    return ", ".join(found) or None
+
+
 def collect() -> dict[str, Any]:
     import torch
 
@@ -49,6 +64,7 @@ def collect() -> dict[str, Any]:
         "triton": _version("triton"),
         "numpy": _version("numpy"),
         "devices": devices,
+        "cpu_bf16": cpu_bf16(),
         "extension": "loaded" if _extension.is_loaded() else _extension.load_error,
         "impl_default": os.environ.get(IMPL_ENV, "auto"),
         "ops": ops,
@@ -61,6 +77,8 @@ def format_report(facts: dict[str, Any]) -> str:
         f"torch {facts['torch']} (CUDA {facts['torch_cuda'] or 'none'}), triton {facts['triton'] or 'not installed'}, "
         f"numpy {facts['numpy']}",
         "devices: " + ", ".join(facts["devices"]),
+        "CPU bfloat16: " + (f"native ({facts['cpu_bf16']}): --precision bf16 is fast here" if facts["cpu_bf16"]
+                            else "emulated (no AVX512-BF16 or AMX): --precision bf16 saves memory, not time"),
         f"extension fastp2phd._C: {facts['extension']}",
         f"default impl (FASTP2PHD_IMPL): {facts['impl_default']}",
         "ops (impl: status):",

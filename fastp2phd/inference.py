@@ -12,7 +12,7 @@ import torch
 from .console import progress_bar
 from .errors import Pix2PixHDError
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
-from .pix2pixhd import Pix2PixHD
+from .pix2pixhd import Pix2PixHD, autocast_dtype
 from .specs import OPT_TXT, DataSpec, ModelSpec, model_spec_from_opt_txt
 from .visualize import HTMLPage, label_to_image, tensor_to_image
 
@@ -29,6 +29,7 @@ def load_run(
     model: ModelSpec | None = None,
     cluster_path: str | os.PathLike | None = None,
     allow_pickle: bool = False,
+    precision: str = "fp32",
 ) -> Pix2PixHD:
     """A trained run, ready to generate: ``Pix2PixHD`` in eval mode on ``device`` (default the CPU).
 
@@ -39,8 +40,11 @@ def load_run(
     the file is there; and, for a model with features, the clusters ``encode-features`` wrote
     (``features_clustered_<n_clusters>.npz``, or ``cluster_path``: an original pickled
     ``.npy`` only with ``allow_pickle``) where they are there. What is missing is said, in one
-    sentence, by the call that needs it.
+    sentence, by the call that needs it. ``precision`` (fp32, bf16, or fp16 on CUDA) is what
+    ``generate``/``inference`` run in unless told otherwise; weights stay float32.
     """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    autocast_dtype(precision, device)  # refuses fp16 on the CPU before anything is read
     folder = Path(path)
     if not folder.is_dir():
         raise InferenceError(f"{folder} is not a run folder; pass checkpoints_dir/name of a trained run")
@@ -65,7 +69,8 @@ def load_run(
             net.clusters = load_cluster_file(clusters, allow_pickle)
         elif cluster_path:
             raise InferenceError(f"the clusters file {clusters} does not exist; check --cluster_path")
-    return net.to(torch.device(device) if device is not None else torch.device("cpu")).eval()
+    net.precision = precision
+    return net.to(device).eval()
 
 
 def load_network_file(net: torch.nn.Module, path: Path) -> None:

@@ -165,6 +165,13 @@ def add_test_options(p: argparse.ArgumentParser) -> None:
                         "encode-features; an original features_clustered_010.npy needs --allow_pickle)")
     g.add_argument("--allow_pickle", action="store_true",
                    help="allow reading an original pickled features_clustered_*.npy (a pickle can run code: only for files you trust)")
+    add_precision_option(g)
+
+
+def add_precision_option(g) -> None:
+    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="inference precision: fp32, bf16 (autocast; fast on CPUs with AVX512-BF16 or AMX, see "
+                        "`fastp2phd info`, and on GPUs), or fp16 (autocast, CUDA only)")
 
 
 # Options that define the networks and their inputs: `test`, `encode-features`, `export-onnx` and
@@ -293,6 +300,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_options(p)
     add_test_options(p)
 
+    p = _add_command(commands, "evaluate", "score generated images: FID, KID, and mIoU with a segmentation network",
+                     "Score a folder of generated images (what `test` wrote), or a run's test set after generating "
+                     "it (--name), against <dataroot>/<phase>_img and <phase>_label: FID and KID with the FID "
+                     "Inception (weights never downloaded), mIoU and pixel accuracy over the 19 Cityscapes train ids "
+                     "with --seg_model. Writes evaluation.json and evaluation.md, which state the protocol.",
+                     "  fastp2phd evaluate --results results/label2city_512p/test_latest --dataroot datasets/cityscapes "
+                     "--seg_model drn_d_105_cityscapes.pt\n"
+                     "  fastp2phd evaluate --name label2city_512p --dataroot datasets/cityscapes --no_fid "
+                     "--seg_model drn.pt")
+    add_base_options(p, model_help=False)
+    add_test_options(p)
+    from .evaluate import add_evaluate_options
+
+    add_evaluate_options(p)
+    for action in p._actions:
+        if action.dest == "name":
+            action.help = "a run to generate the test images with first (as `test` does), instead of --results"
+    p.set_defaults(name=None, how_many=math.inf)
+
     p = _add_command(commands, "memory", "estimate the peak memory of a training step (or of inference) for "
                                          "these train options, on any machine",
                      "Estimate the peak memory of one training step for the train options given (on fake tensors: "
@@ -338,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_scenes", type=_positive_int, default=32, help="scenes offered in the scene picker")
     g.add_argument("--cluster_path", default=None, help="clusters file (default features_clustered_<n_clusters>.npz)")
     g.add_argument("--allow_pickle", action="store_true", help="allow an original pickled clusters .npy")
+    add_precision_option(g)
 
     p = _add_command(commands, "make-synthetic", "write the built-in synthetic street scenes as a Cityscapes-style "
                                                  "folder",
@@ -372,7 +399,7 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parse, taking the model options of a trained run from its opt.txt unless given explicitly."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("test", "encode-features", "export-onnx", "edit"):
+    if args.command in ("test", "encode-features", "export-onnx", "edit") or (args.command == "evaluate" and args.name):
         sub = parser._subparsers._group_actions[0].choices[args.command]
         saved = saved_model_options(sub, Path(args.checkpoints_dir) / args.name)
         if saved:

@@ -8,6 +8,7 @@ images. The discriminator and the losses live in ``fastp2phd.training``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Mapping
 
 import torch
@@ -17,6 +18,23 @@ from . import ops
 from .models import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
 from .ops._common import is_fake
 from .specs import ModelSpec, TrainSpec
+
+
+#: Inference precisions: the autocast dtype of each (None: float32 throughout).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype that ``precision`` runs inference in on ``device``, or a ValueError that says why not."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    device = torch.device(device)
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 inference needs a CUDA device (CPUs have no fast float16 convolutions): use "
+                         "--precision bf16 (or fp32) on the CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise ValueError(f"{torch.cuda.get_device_name(device)} has no native bfloat16: use --precision fp16 or fp32")
+    return PRECISIONS[precision]
 
 
 def build_generator(spec: ModelSpec, checkpoint: bool = False) -> nn.Module:
@@ -58,6 +76,8 @@ class Pix2PixHD(nn.Module):
         self.netG = build_generator(spec, checkpoint)
         self.netE = build_encoder(spec, checkpoint)
         self.clusters: dict[int, torch.Tensor] | None = None
+        #: The precision ``generate`` and ``inference`` run in unless told otherwise (``load_run(precision=)``).
+        self.precision = "fp32"
 
     # ------------------------------------------------------------------ inputs
     def encode_input(self, label: torch.Tensor, inst: torch.Tensor | None,
@@ -125,10 +145,23 @@ class Pix2PixHD(nn.Module):
             input_label = torch.cat([input_label, feat_map.to(input_label.dtype)], dim=1)
         return self.netG(input_label), feat_map
 
-    def generate(self, label, inst=None, image=None, feat=None):
-        """(generated image, feature map or None) from label and instance maps."""
+    def precision_scope(self, device: torch.device, precision: str | None = None):
+        """The context that runs ``netG``/``netE`` at ``precision`` (default ``self.precision``): autocast to
+        bfloat16 or float16, whose convolutions accumulate in float32 and whose norms and instance means keep
+        float32 statistics; nothing for fp32."""
+        dtype = autocast_dtype(precision or self.precision, device)
+        return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+    def generate(self, label, inst=None, image=None, feat=None, *, precision: str | None = None):
+        """(generated image, feature map or None) from label and instance maps; the image is float32 at every
+        ``precision`` (default ``self.precision``)."""
         self.check_size(label)
-        return self(self.encode_input(label, inst), inst, label, image, feat)
+        dtype = autocast_dtype(precision or self.precision, label.device)
+        if dtype is None:
+            return self(self.encode_input(label, inst), inst, label, image, feat)
+        with torch.autocast(label.device.type, dtype=dtype):
+            fake, feat_map = self(self.encode_input(label, inst, dtype), inst, label, image, feat)
+        return fake.float(), feat_map
 
     @torch.no_grad()
     def inference(
@@ -139,13 +172,15 @@ class Pix2PixHD(nn.Module):
         *,
         generator: torch.Generator | None = None,
         choices: Mapping[int, int] | None = None,
+        precision: str | None = None,
     ) -> torch.Tensor:
-        """Generate images without an autograd graph.
+        """Generate images (float32) without an autograd graph.
 
         With features: the real ``image`` is encoded when given, else every
         instance takes a cluster centre (sampled with ``generator``, or the index
         ``choices`` gives for its instance id or class; see
-        ``fastp2phd.features.sample_feature_map``).
+        ``fastp2phd.features.sample_feature_map``). ``precision``: fp32, bf16 or fp16 (CUDA only);
+        default ``self.precision``.
         """
         feat = None
         if self.spec.uses_features and image is None:
@@ -158,4 +193,4 @@ class Pix2PixHD(nn.Module):
 
             feat = sample_feature_map(label if self.spec.label_feat else inst, self.clusters, self.spec.feat_num,
                                       generator=generator, choices=choices)
-        return self.generate(label, inst, image, feat)[0]
+        return self.generate(label, inst, image, feat, precision=precision)[0]

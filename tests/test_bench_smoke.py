@@ -45,3 +45,28 @@ def test_report_renders_targets_and_tables(tmp_path):
     assert "≥ 2× faster than the original 4-pass formulation | 3.64× | yes |" in report
     assert "instance_mean fwd 1x3x1024x2048: within 2× of its floor | not measured | — |" in report
     assert (tmp_path / "results" / "plots" / "cpu-test-cpu-boundary-map.png").is_file()
+
+
+def test_report_judges_bf16_speed_and_psnr(tmp_path):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import write_report
+
+    def row(case, provider, seconds, psnr, images=1):
+        return {"suite": "inference precision", "case": case, "provider": provider, "bytes": None, "images": images,
+                "peak_mb": 100.0, "median_s": seconds, "iqr_s": 0.01, "min_s": seconds, "max_s": seconds,
+                "rounds": 3, "psnr_db": psnr}
+
+    case = "1024p generator at 512x1024"
+    rows = [row(case, "fp32", 2.0, float("inf")), row(case, "bf16", 1.25, 41.0), row(case, "onnxruntime", 2.5, 90.0),
+            row("demo model, 8 held-out scenes of 128x256", "bf16", 0.4, 29.5, images=8)]
+    run = {"device": "cpu", "device_name": "Test CPU", "cpu_threads": 2, "date": "2026-11-29T10:00Z",
+           "torch": "x", "cuda": None, "triton": "y", "python": "3.11", "commit": "abc", "results": rows}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "cpu-test-cpu-2026-11-29T1000Z.json").write_text(json.dumps(run))
+    report = write_report(tmp_path / "results", tmp_path / "REPORT.md").read_text()
+    assert "1024p generator at 512x1024: at least 1.5× fp32 eager (fp32 time / bf16 time) | 1.60× | yes |" in report
+    assert "PSNR against fp32 at least 30 dB (lowest scene) | 29.50 dB | **no** |" in report
+    assert "onnxruntime (CPU) vs fp32 eager, 1024p generator at 512x1024" in report and "| 0.80× | — |" in report
+    assert f"| {case} | bf16 | 1250 | 10 | 0.8 | 100 | 1.60× | 41.0 |" in report
+    assert f"| {case} | fp32 | 2000 | 10 | 0.5 | 100 | 1.00× | exact |" in report

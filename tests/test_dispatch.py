@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from support import requires_extension
 
+import fastp2phd.diagnostics
 from fastp2phd import ops
 from fastp2phd.ops._dispatch import select
 
@@ -87,3 +89,12 @@ def test_info_command_reports_every_op():
         assert "triton     unavailable: installed, but torch is a CPU build" in result.stdout
     elif not torch.cuda.is_available():
         assert "installed, but this machine has no CUDA device" in result.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads the CPU flags Linux reports")
+def test_info_says_whether_the_cpu_has_native_bf16():
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    report = fastp2phd.diagnostics.format_report(fastp2phd.diagnostics.collect())
+    assert ("CPU bfloat16: native (" in report) == native
+    assert ("CPU bfloat16: emulated" in report) == (not native)

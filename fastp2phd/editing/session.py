@@ -405,7 +405,8 @@ class EditSession:
         for k in range(styles.shape[0]):
             batch[k, channel:, where] = styles[k].to(self.device)[:, None]
         with torch.inference_mode():
-            images = self.model.netG(batch)
+            with self.model.precision_scope(batch.device):
+                images = self.model.netG(batch).float()
         vy0, vy1, vx0, vx1 = view
         return [tensor_to_image(img[:, vy0 - cy0:vy1 - cy0, vx0 - cx0:vx1 - cx0]) for img in images]
 
@@ -447,7 +448,8 @@ class EditSession:
         """The generated image (H, W, 3) uint8, regenerated only after an edit."""
         if self._image is None:
             with torch.inference_mode():
-                self._image = self.model.netG(self.input)[0]
+                with self.model.precision_scope(self.input.device):
+                    self._image = self.model.netG(self.input)[0].float()
         return tensor_to_image(self._image)
 
     def label_image(self) -> np.ndarray:
