@@ -174,6 +174,38 @@ def add_precision_option(g) -> None:
                         "`fastp2phd info`, and on GPUs), or fp16 (autocast, CUDA only)")
 
 
+def _rgb(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"must be three comma-separated numbers (R,G,B), got {text}")
+    return values  # type: ignore[return-value]
+
+
+def add_evaluate_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--results", default=None,
+                   help="folder of generated images (what `fastp2phd test` wrote: results_dir/name/<phase>_<epoch>); "
+                        "without it, --name runs `test` first")
+    g.add_argument("--out", default=None, help="where evaluation.json and evaluation.md go (None: the results folder)")
+    g.add_argument("--no_fid", action="store_true", help="skip FID and KID")
+    g.add_argument("--fid_weights", default=None,
+                   help="the FID Inception weights pt_inception-2015-12-05-6726825d.pth (None: look in torch's hub "
+                        "cache, <torch.hub.get_dir()>/checkpoints/); never downloaded")
+    g.add_argument("--seg_model", default=None,
+                   help="segmentation network for mIoU and pixel accuracy: TorchScript file or torch.export .pt2, "
+                        "returning logits over the 19 Cityscapes train ids")
+    g.add_argument("--seg_mean", type=_rgb, default=(0.485, 0.456, 0.406),
+                   help="R,G,B mean the segmentation network's input (RGB/255) is normalised with (ImageNet's)")
+    g.add_argument("--seg_std", type=_rgb, default=(0.229, 0.224, 0.225),
+                   help="R,G,B standard deviation of that normalisation")
+    g.add_argument("--fid_batch_size", type=_positive_int, default=16, help="images per Inception batch")
+    g.add_argument("--kid_subsets", type=_positive_int, default=100, help="random subsets KID averages over")
+    g.add_argument("--kid_subset_size", type=_positive_int, default=1000, help="images per KID subset (at most all)")
+
+
 # Options that define the networks and their inputs: `test`, `encode-features`, `export-onnx` and
 # `edit` take them from the run's opt.txt (written by `train`, and by the original code) unless
 # given on the command line.
@@ -311,8 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
                      "--seg_model drn.pt")
     add_base_options(p, model_help=False)
     add_test_options(p)
-    from .evaluate import add_evaluate_options
-
     add_evaluate_options(p)
     for action in p._actions:
         if action.dest == "name":

@@ -27,7 +27,7 @@ def test_version(capsys):
 
 
 @pytest.mark.parametrize("command", ["train", "test", "memory", "encode-features", "export-onnx", "edit",
-                                     "make-synthetic", "demo"])
+                                     "make-synthetic", "demo", "evaluate"])
 def test_every_command_has_a_description_defaults_and_an_example(command, capsys):
     text = help_text(capsys, command)
     assert "examples:" in text and f"fastp2phd {command}" in text.split("examples:")[1]
