@@ -33,6 +33,19 @@ def test_forward_matches_definition(activation, dtype, shape):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 3, 40, 56), (2, 3, 40, 56)])
+def test_16_bit_cpu_kernel_on_planes_far_from_zero(activation, dtype, shape):
+    # Its statistics come from sums of squares: a mean 100 standard deviations away must not matter.
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 0.5 + 50).to(dtype)
+    expected = definition(x, activation, 0.1)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = instance_norm_act(x.contiguous(memory_format=layout), activation, 0.1, impl="cpu")
+        assert out.dtype == dtype and out.is_contiguous(memory_format=layout)
+        assert rel_err(out, expected) <= tolerance(expected, dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_backward_matches_definition(activation, dtype):
     g = torch.Generator().manual_seed(3)

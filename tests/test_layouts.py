@@ -1,11 +1,11 @@
-"""Layout fuzz of the C++ paths (see layouts.py): every view kind, forward and gradient, sentinel-guarded."""
+"""Layout fuzz of the CPU paths (see layouts.py): every view kind, forward and gradient, sentinel-guarded."""
 from __future__ import annotations
 
 import random
 
 import pytest
 import torch
-from layouts import VIEW_KINDS, check_boundary_map, check_instance_mean, guarded_view
+from layouts import VIEW_KINDS, check_boundary_map, check_instance_mean, check_instance_norm_act, guarded_view
 from support import requires_extension
 
 from fastp2phd.ops._common import memory_format_of
@@ -31,6 +31,12 @@ def test_cpp_boundary_map_on_views(kind, seed):
 @pytest.mark.parametrize("kind", VIEW_KINDS)
 def test_cpp_instance_mean_on_views(kind, seed):
     check_instance_mean("cpp", "cpu", random.Random(f"instance_mean {kind} {seed}"), kind, FLOATS)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("kind", VIEW_KINDS)
+def test_cpu_instance_norm_act_on_views(kind, seed):
+    check_instance_norm_act("cpu", "cpu", random.Random(f"instance_norm_act {kind} {seed}"), kind, FLOATS)
 
 
 def test_the_guard_catches_a_write_outside_the_view():

@@ -81,9 +81,31 @@ def _forward_reference_kernel(x, activation, negative_slope, eps):
 
 _forward_op = op("instance_norm_act")
 _backward_op = op("instance_norm_act_backward")
+def _forward_cpu_kernel(x, activation, negative_slope, eps):
+    """The CPU kernel. For 16-bit input (bf16 autocast inference) PyTorch's mixed-precision batch norm over the
+    N*C planes does in one pass what the reference does in five (upcast, statistics, normalise, activate,
+    round): float32 statistics (from sums of squares: relative error ~1e-5 where |mean| >> std, far below the
+    output's rounding), y rounded once to x's dtype, then the activation in place (leaky_relu rounds its
+    product once more: within one unit in the last place). Other dtypes, one-value planes and layouts it
+    cannot view as planes take the reference."""
+    N, C, H, W = x.shape
+    dense = x.is_contiguous() or (N == 1 and x.is_contiguous(memory_format=torch.channels_last))
+    if x.dtype not in (torch.float16, torch.bfloat16) or H * W == 1 or not dense or x.numel() == 0:
+        return _forward_reference_kernel(x, activation, negative_slope, eps)
+    ones = torch.ones(N * C, dtype=torch.float32)
+    y, mean, rstd = torch.ops.aten.native_batch_norm(x if N == 1 else x.view(1, N * C, H, W), ones,
+                                                     torch.zeros_like(ones), None, None, True, 0.0, eps)
+    y = y.view(N, C, H, W)
+    if activation == "relu":
+        y.relu_()
+    elif activation == "leaky_relu":
+        F.leaky_relu_(y, negative_slope)
+    return y, mean, rstd
+
+
 _triton_forward = _kernels.forward if _kernels is not None else _forward_reference_kernel
 register_kernel("instance_norm_act", "CUDA", _triton_forward)
-register_kernel("instance_norm_act", "CPU", _triton_forward if _INTERPRETED else _forward_reference_kernel)
+register_kernel("instance_norm_act", "CPU", _triton_forward if _INTERPRETED else _forward_cpu_kernel)
 
 
 def _check_stats(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
@@ -233,14 +255,23 @@ class _ForwardADFunction(torch.autograd.Function):
         return (y.unflatten(0, xb.shape[:2]), mean.unflatten(0, (batch, -1)), rstd.unflatten(0, (batch, -1))), (0, 0, 0)
 
 
-def _instance_norm_act_triton(x, activation, negative_slope, eps):
+def _run_op(x, activation, negative_slope, eps):
+    """The registered op (its device's kernel), with forward-mode AD where tangents flow."""
     run = _ForwardADFunction.apply if tangents_may_flow() else _forward_op
     return run(x, activation, float(negative_slope), float(eps))[0]
 
 
+def _instance_norm_act_cpu(x, activation, negative_slope, eps):
+    # The op's CPU kernel wins only for 16-bit input (one pass instead of five); for float32/64 the
+    # reference is one fused PyTorch call already, and the op would add a pass for its saved statistics.
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return _run_op(x, activation, negative_slope, eps)
+    return instance_norm_act_reference(x, activation, negative_slope, eps)
+
+
 FAST_PATHS: tuple[FastPath, ...] = (
-    FastPath("triton", "cuda", _TRITON_MISSING, _instance_norm_act_triton, interpreted=_INTERPRETED,
-             registered_anywhere=True),
+    FastPath("triton", "cuda", _TRITON_MISSING, _run_op, interpreted=_INTERPRETED, registered_anywhere=True),
+    FastPath("cpu", "cpu", None, _instance_norm_act_cpu, registered_anywhere=True),
 )
 
 
@@ -262,7 +293,8 @@ def instance_norm_act(
     are channels-last-like, NCHW otherwise.
 
     Differentiable in every mode (backward, double backward, forward-mode AD, vmap).
-    ``impl``: "auto", "reference" (PyTorch) or "triton" (CUDA tensors; CPU tensors under
+    ``impl``: "auto", "reference" (PyTorch), "cpu" (CPU tensors: the op, whose kernel normalises
+    16-bit input in one pass with float32 statistics) or "triton" (CUDA tensors; CPU tensors under
     TRITON_INTERPRET=1); a named path that cannot run here raises.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
