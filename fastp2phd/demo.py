@@ -24,7 +24,7 @@ from .training import Trainer
 from .visualize import HTMLPage, label_to_image, tensor_to_image
 
 SCENE = (128, 256)  # height, width of the demo scenes: cars, people and poles visible, trainable on 2 CPU cores
-NUM_TRAIN, NUM_TEST = 96, 8
+NUM_TRAIN, NUM_TEST = 96, 16
 NITER, NITER_DECAY = 10, 10  # epochs at the starting learning rate, then of linear decay to zero
 
 # A small pix2pixHD with instance features. Batch norm (the original's --norm batch) and one downsampling
@@ -96,6 +96,29 @@ def _mean_l1(dataset, device: torch.device, paint) -> float:
         label, inst, real = (item[k].unsqueeze(0).to(device) for k in ("label", "inst", "image"))
         total += (paint(label, inst, real) - real).abs().mean().item()
     return total / len(dataset)
+
+
+def _fid(trained, out: Path, device: torch.device, seed: int) -> str:
+    """FID and KID of the trained model's held-out scenes (sampled styles, as `fastp2phd test` makes them)
+    against the real ones when the FID Inception weights are there; else how to get them."""
+    from .evaluate import (FID_WEIGHTS_URL, EvaluationError, EvaluationSpec, evaluate,
+                           find_fid_weights, pair_results, write_report)
+    from .inference import run_test
+
+    try:
+        find_fid_weights()
+    except EvaluationError:
+        return (f"FID: not computed, its Inception weights are missing: download {FID_WEIGHTS_URL} into "
+                f"{Path(torch.hub.get_dir()) / 'checkpoints'}/ (no other setup), then score the held-out scenes "
+                f"with `fastp2phd evaluate --name demo --checkpoints_dir {out / 'checkpoints'} --dataroot "
+                f"{out / 'data'} --resize_or_crop none --results_dir {out / 'results'}` (or run the demo again)")
+    results = out / "results"
+    run_test(trained, demo_data(out, "test", seed, read_images=False), results, seed=seed, progress=False)
+    report = evaluate(pair_results(results, out / "data"), EvaluationSpec(seed=seed), device, progress=False)
+    write_report(report, results, title="fastp2phd demo: held-out scenes")
+    kid = report["kid"]
+    return (f"FID {report['fid']:.1f}, KID {kid['mean']:.4f} ± {kid['std']:.4f} over the {report['images']} held-out "
+            f"scenes with sampled styles (so few images make FID biased upwards; KID is not), in {results}")
 
 
 def _prepare(out: Path, overwrite: bool) -> str | None:
@@ -185,6 +208,7 @@ def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = F
     print("[demo]   " + " | ".join(f"{v:>18.3f}" for v in l1.values()))
     print("[demo] the baseline paints each class in its mean colour over the training images; the models' instance "
           "features are encoded from the real image (as pix2pixHD tests with real images)")
+    print(f"[demo] {_fid(trained, out, device, seed)}")
     print(f"[demo] edit the test scenes with this model: {sys.executable} -m fastp2phd edit --name demo "
           f"--checkpoints_dir {out / 'checkpoints'}")
     if l1["trained model"] >= l1["class-mean colours"]:

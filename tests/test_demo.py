@@ -2,12 +2,16 @@
 claims, and its whole workflow runs (here on a few tiny scenes for one epoch) and prints the three-way table."""
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 
 from fastp2phd import demo
 from fastp2phd.cli import main
 from fastp2phd.data import create_dataset, make_synthetic
 from fastp2phd.demo import DEMO_MODEL, class_mean_colours, demo_data
+from fastp2phd.evaluate import FID_WEIGHTS_NAME, FIDInceptionV3
 
 
 def earlier_demo(out):
@@ -57,8 +61,13 @@ def test_class_mean_colours_are_the_mean_colour_of_each_class(tmp_path):
     assert int(torch.unique(labels).numel()) >= 5  # the scenes hold several classes, absent ones are zero
 
 
-def test_the_whole_demo_runs_and_prints_baseline_untrained_and_trained(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fid_weights", [False, True])
+def test_the_whole_demo_runs_and_prints_baseline_untrained_and_trained(tmp_path, monkeypatch, capsys, fid_weights):
     full_training = demo.demo_training
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    if fid_weights:  # a randomly initialised FID Inception stands in for the real weights file
+        (tmp_path / "torch_home" / "hub" / "checkpoints").mkdir(parents=True)
+        torch.save(FIDInceptionV3().state_dict(), tmp_path / "torch_home" / "hub" / "checkpoints" / FID_WEIGHTS_NAME)
     monkeypatch.setattr(demo, "SCENE", (64, 128))
     monkeypatch.setattr(demo, "NUM_TRAIN", 4)
     monkeypatch.setattr(demo, "NUM_TEST", 2)
@@ -83,3 +92,12 @@ def test_the_whole_demo_runs_and_prints_baseline_untrained_and_trained(tmp_path,
     assert ("did not beat the class-mean colours" in printed.err) == (status == 1)
     assert (out / "web" / "index.html").is_file()
     assert (out / "checkpoints" / "demo" / "classes.json").is_file()
+    fid_line = next(line for line in lines if line.startswith("[demo] FID"))
+    if fid_weights:
+        report = json.loads((out / "results" / "evaluation.json").read_text())
+        assert report["images"] == 2
+        assert fid_line.startswith(f"[demo] FID {report['fid']:.1f}, KID {report['kid']['mean']:.4f}")
+    else:
+        assert fid_line.startswith("[demo] FID: not computed, its Inception weights are missing: download https://")
+        assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in fid_line
+        assert not (out / "results").exists()
