@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -368,3 +369,26 @@ def test_bad_data_in_a_loader_worker_is_one_sentence(tmp_path, dataroot, capsys)
     assert run(*argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "40" in err and "--label_nc" in err, err
+
+
+def _mean_in_process(rank: int, store_path: str, out_path: str) -> None:
+    import torch.distributed as dist
+
+    from fastp2phd.training import Trainer
+
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=2)
+    try:
+        trainer = types.SimpleNamespace(distributed=True, device=torch.device("cpu"), world=2)
+        values = {"G_GAN": 1.0 + rank, "D_fake": 10.0 * rank, "D_real": -0.25}
+        torch.save(Trainer._mean_over_processes(trainer, values), f"{out_path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_logged_losses_are_the_mean_over_processes(tmp_path):
+    """What rank 0 logs under torchrun: every loss averaged over the processes, names kept in order."""
+    torch.multiprocessing.spawn(_mean_in_process, args=(str(tmp_path / "store"), str(tmp_path / "mean")), nprocs=2)
+    for rank in (0, 1):
+        mean = torch.load(f"{tmp_path / 'mean'}.{rank}")
+        assert list(mean) == ["G_GAN", "D_fake", "D_real"]
+        assert mean == {"G_GAN": 1.5, "D_fake": 5.0, "D_real": -0.25}
