@@ -70,19 +70,15 @@ def test_bf16_stays_within_the_derived_psnr_of_fp32(trained):
     for i in range(len(test_set)):
         item = test_set[i]
         label, inst, real = (item[k].unsqueeze(0) for k in ("label", "inst", "image"))
-        for kwargs in ({"image": real}, {"generator": torch.Generator().manual_seed(i)}):  # encoded, sampled
-            if "generator" in kwargs:
-                expected = fp32.inference(label, inst, generator=torch.Generator().manual_seed(i))
-            else:
-                expected = fp32.inference(label, inst, **kwargs)
-            got = bf16.inference(label, inst, **kwargs)
+        # Features encoded from the real image, and sampled from the clusters (a fresh generator per call).
+        for features in (lambda: {"image": real}, lambda: {"generator": torch.Generator().manual_seed(i)}):
+            expected = fp32.inference(label, inst, **features())
+            got = bf16.inference(label, inst, **features())
             assert got.dtype == torch.float32 and got.shape == expected.shape
             assert not torch.equal(got, expected)  # it did run in bfloat16
             assert psnr(got, expected) >= floor
             # The per-call precision overrides the model's.
-            assert torch.equal(bf16.inference(label, inst, precision="fp32", **{
-                k: (torch.Generator().manual_seed(i) if k == "generator" else v) for k, v in kwargs.items()}),
-                expected)
+            assert torch.equal(bf16.inference(label, inst, precision="fp32", **features()), expected)
 
 
 def test_bf16_runs_the_convolutions_in_bfloat16(trained):
