@@ -10,8 +10,10 @@
 #   bench/gpu_check.sh OUT_DIR                     all steps (PYTHON=python3 by default)
 #   bench/gpu_check.sh OUT_DIR tests memcheck      build, GPU tests, memcheck
 #   bench/gpu_check.sh OUT_DIR bench               build, benchmarks (with the measured memory peaks)
+#   bench/gpu_check.sh OUT_DIR inference           build, the inference-precision suite (fp32, bf16,
+#                                                  fp16, torch.compile, CUDA graphs: compiles, ~5 min)
 set -uo pipefail
-out=${1:?usage: bench/gpu_check.sh OUT_DIR [tests] [memcheck] [bench]}
+out=${1:?usage: bench/gpu_check.sh OUT_DIR [tests] [memcheck] [bench] [inference]}
 shift
 steps=${*:-tests memcheck bench}
 wants() { [[ " $steps " == *" $1 "* ]]; }
@@ -58,8 +60,17 @@ fi
 if wants bench; then
 step "benchmarks"
 timeout 360 "$py" -m pytest bench --bench-device cuda --bench-out "$out" -q -p no:cacheprovider \
+    --ignore=bench/bench_inference.py \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name >"$out/bench.log" 2>&1 || status=1
 cp bench/REPORT.md "$out/REPORT.md" 2>/dev/null
+fi
+
+if wants inference; then
+step "inference precision"
+timeout 360 "$py" -m pytest bench/bench_inference.py --bench-device cuda --bench-out "$out" -q \
+    -p no:cacheprovider --benchmark-columns=median,iqr,rounds >"$out/inference.log" 2>&1 || status=1
+cp bench/REPORT.md "$out/REPORT.md" 2>/dev/null
+tail -3 "$out/inference.log"
 fi
 
 step "results"
