@@ -2,6 +2,8 @@
 the fast paths are checked against, written as plainly as possible."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,3 +91,25 @@ def tiny_model(features: bool = True):
         g = torch.Generator().manual_seed(1)
         model.clusters = {c: torch.randn(3, 3, generator=g) for c in (7, 8, 11, 17, 21, 23, 24, 26)}
     return model
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR of images in [-1, 1] (peak-to-peak range 2)."""
+    mse = (a.double() - b.double()).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(4 / mse)
+
+
+def psnr_floor(model, unit_roundoff: float = 2.0 ** -9) -> float:
+    """The PSNR that 16-bit autocast must reach against fp32, derived from the type's unit roundoff u
+    (bfloat16 2^-9, float16 2^-11).
+
+    Under autocast every convolution rounds its input and its weights to the 16-bit type and accumulates
+    in float32, and norms and instance means keep float32 statistics.
+    To first order each of the L convolutions on the generator's path adds a relative error of at most
+    3u (input, weight and output roundings), and normalisation layers rescale values without changing
+    relative errors, so the output's error is at most 3uL times its magnitude, which tanh bounds by 1.
+    The encoder's convolutions feed the features: they add to L. RMSE <= 3uL gives
+    PSNR >= 20 log10(2 / (3uL)).
+    """
+    convs = sum(isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) for m in model.modules())
+    return 20 * math.log10(2 / (3 * unit_roundoff * convs))

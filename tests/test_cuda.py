@@ -223,3 +223,25 @@ def test_cuda_encoder_exports_to_onnx(tmp_path):
     example = (torch.randn(1, 3, 16, 32, device=CUDA), cityscapes_like(1, 16, 32, seed=0).to(CUDA))
     other = (torch.randn(2, 3, 24, 40, device=CUDA), cityscapes_like(2, 24, 40, seed=1).to(CUDA))
     assert export_and_run_onnx(netE, example, other, ["image", "inst"], tmp_path / "e.onnx") < 1e-4
+
+
+@pytest.mark.parametrize("precision,unit_roundoff", [("fp16", 2.0 ** -11), ("bf16", 2.0 ** -9)])
+def test_cuda_inference_precision(precision, unit_roundoff):
+    """16-bit autocast on the GPU (instance features encoded, the Triton norm and instance mean): a float32
+    image within the PSNR floor derived from the type's unit roundoff (see support.psnr_floor)."""
+    from support import psnr, psnr_floor
+
+    from fastp2phd.pix2pixhd import Pix2PixHD
+    from fastp2phd.specs import ModelSpec
+
+    torch.manual_seed(0)
+    spec = ModelSpec(label_nc=35, instance_feat=True, feat_num=3, nef=8, n_downsample_E=2, ngf=16,
+                     n_downsample_global=2, n_blocks_global=2)
+    model = Pix2PixHD(spec).cuda().eval()
+    inst = cityscapes_like(1, 64, 128).cuda()
+    label = (inst // 1000).where(inst >= 1000, inst).clamp(max=34)
+    image = torch.rand(1, 3, 64, 128, device="cuda") * 2 - 1
+    expected = model.inference(label, inst, image)
+    got = model.inference(label, inst, image, precision=precision)
+    assert got.dtype == torch.float32 and not torch.equal(got, expected)
+    assert psnr(got, expected) >= psnr_floor(model, unit_roundoff)

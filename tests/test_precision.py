@@ -2,12 +2,12 @@
 derived PSNR bound of fp32 on a trained model; fp16 on the CPU is refused in one sentence everywhere."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+
+from support import psnr, psnr_floor
 
 from fastp2phd.cli import main
 from fastp2phd.data import create_dataset, make_synthetic
@@ -18,27 +18,6 @@ from fastp2phd.specs import DataSpec, ModelSpec, TrainSpec
 from fastp2phd.training import Trainer
 
 H, W = 64, 128
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR of images in [-1, 1] (peak-to-peak range 2)."""
-    mse = (a.double() - b.double()).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(4 / mse)
-
-
-def bf16_psnr_floor(model) -> float:
-    """The PSNR that bf16 autocast must reach against fp32, derived from bfloat16's unit roundoff.
-
-    Under autocast every convolution rounds its input and its weights to bfloat16 (unit roundoff
-    u = 2^-9) and accumulates in float32, and norms and instance means keep float32 statistics.
-    To first order each of the L convolutions on the generator's path adds a relative error of at most
-    3u (input, weight and output roundings), and normalisation layers rescale values without changing
-    relative errors, so the output's error is at most 3uL times its magnitude, which tanh bounds by 1.
-    The encoder's convolutions feed the features: they add to L. RMSE <= 3uL gives
-    PSNR >= 20 log10(2 / (3uL)).
-    """
-    convs = sum(isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) for m in model.modules())
-    return 20 * math.log10(2 / (3 * 2.0 ** -9 * convs))
 
 
 @pytest.fixture(scope="module", params=["instance", "batch"])
@@ -65,7 +44,7 @@ def trained(request, tmp_path_factory):
 def test_bf16_stays_within_the_derived_psnr_of_fp32(trained):
     folder, test_set = trained
     fp32, bf16 = load_run(folder), load_run(folder, precision="bf16")
-    floor = bf16_psnr_floor(fp32)
+    floor = psnr_floor(fp32)
     assert 25 < floor < 45  # the bound is meaningful for this depth (neither vacuous nor exactness)
     for i in range(len(test_set)):
         item = test_set[i]
@@ -101,7 +80,7 @@ def test_the_editor_honours_the_precision(trained):
     bf16 = EditSession(load_run(folder, precision="bf16"), item["label"][0], item["inst"][0], seed=0)
     a, b = fp32.image(), bf16.image()
     assert a.dtype == b.dtype == np.uint8 and not np.array_equal(a, b)
-    floor = bf16_psnr_floor(fp32.model)
+    floor = psnr_floor(fp32.model)
     assert psnr(torch.from_numpy(a) / 127.5 - 1, torch.from_numpy(b) / 127.5 - 1) >= floor - 1  # 8-bit rounding
     car = next(int(v) for v in torch.unique(item["inst"]) if 26000 <= int(v) < 27000)
     y, x = (int(c) for c in torch.nonzero(item["inst"][0] == car)[0])
