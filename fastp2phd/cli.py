@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import Pix2PixHDError
@@ -24,6 +25,9 @@ parse = parse_command_line  # (the name earlier versions had)
 
 def main(argv: list[str] | None = None) -> int:
     command = "fastp2phd"
+    format_warning = warnings.formatwarning
+    # The library's warnings are sentences for the user: on the command line, without file and line.
+    warnings.formatwarning = lambda message, category, *_, **__: f"{command}: warning: {message}\n"
     try:
         args = parse_command_line(argv)
         command = f"fastp2phd {args.command}"
@@ -31,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except (Pix2PixHDError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"{command}: {exc}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = format_warning
 
 
 def _run(args: argparse.Namespace) -> int:

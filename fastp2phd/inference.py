@@ -45,6 +45,12 @@ def load_run(
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     autocast_dtype(precision, device)  # refuses fp16 on the CPU before anything is read
+    if precision == "bf16" and device.type == "cpu":
+        from .diagnostics import cpu_bf16
+
+        if cpu_bf16() is None:
+            warnings.warn("this CPU has no native bfloat16 (AVX512-BF16 or AMX), so --precision bf16 is emulated "
+                          "and likely slower than fp32; it still halves the activations' memory", stacklevel=2)
     folder = Path(path)
     if not folder.is_dir():
         raise InferenceError(f"{folder} is not a run folder; pass checkpoints_dir/name of a trained run")

@@ -2,6 +2,10 @@
 derived PSNR bound of fp32 on a trained model; fp16 on the CPU is refused in one sentence everywhere."""
 from __future__ import annotations
 
+import subprocess
+import sys
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -115,3 +119,26 @@ def test_fp16_on_the_cpu_is_refused_in_one_sentence(trained, capsys):
         assert main([*command, *run]) == 1
         err = capsys.readouterr().err
         assert sentence in err and err.count("\n") == 1
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_is_emulated(trained, monkeypatch, tmp_path):
+    folder, _ = trained
+    monkeypatch.setattr("fastp2phd.diagnostics.cpu_bf16", lambda: None)
+    with pytest.warns(UserWarning, match=r"this CPU has no native bfloat16 .* emulated and likely slower than fp32"):
+        load_run(folder, precision="bf16")
+    monkeypatch.setattr("fastp2phd.diagnostics.cpu_bf16", lambda: "AVX512-BF16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_run(folder, precision="bf16")
+        load_run(folder)
+    # On the command line the warning is one sentence, without a file and line (a process of its own, where
+    # Python's own warning display runs rather than pytest's capture).
+    run = ["test", "--name", "run", "--checkpoints_dir", str(folder.parent), "--dataroot",
+           str(folder.parents[1] / "data"), "--resize_or_crop", "none", "--results_dir", str(tmp_path),
+           "--no_progress", "--precision", "bf16"]
+    code = ("import sys, fastp2phd.diagnostics as d; d.cpu_bf16 = lambda: None; from fastp2phd.cli import main; "
+            f"sys.exit(main({run!r}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("fastp2phd test: warning: this CPU has no native bfloat16")
+    assert result.stderr.count("\n") == 1 and ".py:" not in result.stderr
