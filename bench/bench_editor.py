@@ -49,16 +49,13 @@ def editor_page(settings):
     height, width = scene_size(settings)
     label, inst, _ = render_scene(height, width, seed=4)
     app = EditorApp(demo_model(settings), [Scene("bench", label, inst)], [])
-    server = serve(app, "127.0.0.1", 0)
-    with sync_api.sync_playwright() as p:
+    with serve(app, "127.0.0.1", 0) as server, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
         page.wait_for_selector("body[data-ready='1']", timeout=60000)
         yield app, page
         browser.close()
-    server.shutdown()
-    server.server_close()
 
 
 # The page's own edit(): request, then wait for the new image to load.

@@ -30,9 +30,8 @@ def main(run_folder: str = "demo_output/checkpoints/demo", out: str = "docs/edit
     ys, xs = np.nonzero(inst == max(cars, key=lambda v: (inst == v).sum()))
     car = int(ys[len(ys) // 2]), int(xs[len(xs) // 2])
     height, width = inst.shape
-    server = serve(app, "127.0.0.1", 0)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    with sync_playwright() as p:
+    with serve(app, "127.0.0.1", 0) as server, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1320, "height": 900})
         page.goto(f"http://127.0.0.1:{server.server_address[1]}/")
@@ -61,7 +60,6 @@ def main(run_folder: str = "demo_output/checkpoints/demo", out: str = "docs/edit
         page.wait_for_selector("#styles figure.applied")
         page.screenshot(path=out, full_page=True)
         browser.close()
-    server.shutdown()
     print(f"wrote {out}")
 
 

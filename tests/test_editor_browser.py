@@ -48,12 +48,8 @@ def editor(tmp_path):
     trained = set(np.unique(scenes[0].label).tolist()) | set(np.unique(scenes[1].label).tolist())
     app = EditorApp(tiny_model(), scenes, [ObjectMask("box", 26, np.ones((6, 10), bool))], save_dir=tmp_path / "edits",
                     trained_classes=trained)
-    server = serve(app, "127.0.0.1", 0)
-    try:
+    with serve(app, "127.0.0.1", 0) as server:
         yield app, server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def a_car(inst: np.ndarray) -> tuple[int, int]:

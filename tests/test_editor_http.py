@@ -23,12 +23,8 @@ PAINT = json.dumps({"op": "paint", "points": [[1, 1], [1, 9]], "label": 21, "wid
 def editor():
     scenes = [Scene('we"ird\r\nname', *render_scene(H, W, seed=0)[:2])]
     app = EditorApp(tiny_model(), scenes, [ObjectMask("box", 26, np.ones((4, 6), bool))])
-    server = serve(app, "127.0.0.1", 0)
-    try:
+    with serve(app, "127.0.0.1", 0) as server:
         yield app, server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def exchange(port: int, request: bytes, timeout: float = 30) -> tuple[int, dict, bytes]:
@@ -120,9 +116,8 @@ def test_slow_clients_time_out_and_connections_are_bounded(monkeypatch, capfd):
     monkeypatch.setattr(editor_server, "SOCKET_TIMEOUT", 1.0)
     monkeypatch.setattr(editor_server, "MAX_CONNECTIONS", 2)
     app = EditorApp(tiny_model(), [Scene("s", *render_scene(H, W, seed=0)[:2])], [])
-    server = serve(app, "127.0.0.1", 0)
-    port = server.server_address[1]
-    try:
+    with serve(app, "127.0.0.1", 0) as server:
+        port = server.server_address[1]
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         idle[0].sendall(b"POST /api/edit HTTP/1.1\r\n")  # never finishes its headers
         time.sleep(0.3)
@@ -134,9 +129,6 @@ def test_slow_clients_time_out_and_connections_are_bounded(monkeypatch, capfd):
             sock.close()
         time.sleep(0.2)
         assert exchange(port, request("GET", "/api/info", port))[0] == 200
-    finally:
-        server.shutdown()
-        server.server_close()
     assert "Traceback" not in capfd.readouterr().err
 
 

@@ -454,7 +454,8 @@ BUSY_RESPONSE = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application
 
 
 class EditorServer(ThreadingHTTPServer):
-    """A threaded HTTP server that serves at most ``MAX_CONNECTIONS`` connections at once."""
+    """A threaded HTTP server that serves at most ``MAX_CONNECTIONS`` connections at once. As a context
+    manager (``with serve(app) as server:``) it stops serving and closes its socket on exit."""
 
     daemon_threads = True
     block_on_close = False
@@ -464,6 +465,10 @@ class EditorServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, handler)
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def __exit__(self, *exc):
+        self.shutdown()  # (serve() started serve_forever in a thread)
+        self.server_close()
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
@@ -549,8 +554,9 @@ def main_edit(model, data: DataSpec, *, name: str, run_folder: Path, host: str, 
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"editing {len(app.scenes)} scenes of {name} on {device}: open http://{shown}:{bound_port}/ "
           f"(Ctrl+C to stop); saved scenes go to {save_dir}")
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        server.shutdown()
+    with server:
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            pass
     return 0
