@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .evaluate import IMAGENET_MEAN, IMAGENET_STD
 from .specs import OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec, read_opt_txt
 
 
@@ -197,9 +198,9 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seg_model", default=None,
                    help="segmentation network for mIoU and pixel accuracy: TorchScript file or torch.export .pt2, "
                         "returning logits over the 19 Cityscapes train ids")
-    g.add_argument("--seg_mean", type=_rgb, default=(0.485, 0.456, 0.406),
+    g.add_argument("--seg_mean", type=_rgb, default=IMAGENET_MEAN,
                    help="R,G,B mean the segmentation network's input (RGB/255) is normalised with (ImageNet's)")
-    g.add_argument("--seg_std", type=_rgb, default=(0.229, 0.224, 0.225),
+    g.add_argument("--seg_std", type=_rgb, default=IMAGENET_STD,
                    help="R,G,B standard deviation of that normalisation")
     g.add_argument("--fid_batch_size", type=_positive_int, default=16, help="images per Inception batch")
     g.add_argument("--kid_subsets", type=_positive_int, default=100, help="random subsets KID averages over")
