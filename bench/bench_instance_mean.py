@@ -1,5 +1,5 @@
 """instance_mean forward and forward + backward: the fast path next to the reference
-(unique + scatter_add + gather), a straightforward unique + index_add + gather, the original
+(sort + scatter_add + gather), a straightforward unique + index_add + gather, the original
 Python-loop pooling, torch.compile, and the floor (read the ids, copy the features)."""
 from __future__ import annotations
 

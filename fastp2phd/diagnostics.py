@@ -53,7 +53,7 @@ def collect() -> dict[str, Any]:
         ops[op] = {"reference": None}
         for path in paths:
             # Built and importable, but useless without CUDA: say so rather than "available".
-            ops[op][path.name] = path.unavailable or (f"installed, but {no_cuda}" if path.device_type == "cuda"
+            ops[op][f"{path.name} ({path.kernel})"] = path.unavailable or (f"installed, but {no_cuda}" if path.device_type == "cuda"
                                                       and no_cuda else None)
     return {
         "fastp2phd": __version__,
@@ -86,7 +86,7 @@ def format_report(facts: dict[str, Any]) -> str:
     for op, paths in facts["ops"].items():
         lines.append(f"  {op}")
         for name, reason in paths.items():
-            lines.append(f"    {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+            lines.append(f"    {name:<16} {'available' if reason is None else 'unavailable: ' + reason}")
     return "\n".join(lines)
 
 

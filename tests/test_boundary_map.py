@@ -135,9 +135,12 @@ def test_torch_compile_fullgraph():
         (torch.zeros(1, 1, 4, 4, dtype=torch.bool), "integer ids"),
         (torch.full((1, 1, 4, 4), 0.5), "not whole numbers"),
         (torch.full((1, 1, 4, 4), float("nan")), "fractions, NaN, inf"),
+        # In float16, -2**63 rounds to -inf: a range check alone let -inf through.
+        *[(torch.full((1, 1, 4, 4), value, dtype=dtype), "fractions, NaN, inf")
+          for dtype in (torch.float16, torch.bfloat16) for value in (float("-inf"), float("inf"), float("nan"))],
     ],
 )
-@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("impl", ["auto", "reference", pytest.param("cpp", marks=requires_extension)])
 def test_bad_instance_maps(inst, message, impl):
     with pytest.raises((ValueError, TypeError), match=message):
         boundary_map(inst, impl=impl)
@@ -147,7 +150,7 @@ def test_bad_output_dtype_and_impl():
     inst = torch.zeros(1, 1, 4, 4, dtype=torch.int32)
     with pytest.raises(TypeError, match="dtype must be one of"):
         boundary_map(inst, dtype=torch.int32)
-    with pytest.raises(ValueError, match="unknown impl='triton'.*choose one of 'auto', 'reference', 'cpp', 'cuda'"):
+    with pytest.raises(ValueError, match="unknown impl='triton'.*choose one of 'auto', 'reference', 'cpu', 'cuda'"):
         boundary_map(inst, impl="triton")
     with pytest.raises(ValueError, match="runs on cuda tensors"):
         boundary_map(inst, impl="cuda")

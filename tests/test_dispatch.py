@@ -23,11 +23,11 @@ BOUNDARY_PATHS = ops.fast_paths()["boundary_map"]
 def test_auto_picks_the_fast_path_and_env_can_force_reference(monkeypatch):
     paths = BOUNDARY_PATHS
     monkeypatch.delenv(ops.IMPL_ENV, raising=False)
-    assert select("boundary_map", "auto", CPU, paths).name == "cpp"
+    assert select("boundary_map", "auto", CPU, paths).name == "cpu"
     assert select("boundary_map", "reference", CPU, paths) is None
     monkeypatch.setenv(ops.IMPL_ENV, "reference")
     assert select("boundary_map", "auto", CPU, paths) is None
-    assert select("boundary_map", "cpp", CPU, paths).name == "cpp"  # named paths ignore the default
+    assert select("boundary_map", "cpu", CPU, paths).name == "cpu"  # named paths ignore the default
     monkeypatch.setenv(ops.IMPL_ENV, "fastest")
     with pytest.raises(ValueError, match="FASTP2PHD_IMPL='fastest' is not understood"):
         select("boundary_map", "auto", CPU, paths)
@@ -76,17 +76,17 @@ def test_package_works_without_the_extension():
     assert result.returncode == 0, result.stderr
     assert "ERROR: boundary_map: impl='cpp' is not available: the C++ extension fastp2phd._C could not be loaded" in result.stdout
     assert "pip install --no-build-isolation -e ." in result.stdout
-    assert "cpp        unavailable" in result.stdout
+    assert "cpu (C++)        unavailable" in result.stdout
 
 
 def test_info_command_reports_every_op():
     result = subprocess.run([sys.executable, "-m", "fastp2phd", "info"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     for op in ("boundary_map", "instance_mean", "instance_norm_act"):
-        assert f"  {op}\n    reference  available" in result.stdout
+        assert f"  {op}\n    reference        available" in result.stdout
     assert f"torch {torch.__version__}" in result.stdout
     if torch.version.cuda is None:  # this CPU build of torch: the GPU paths are there, but cannot run
-        assert "triton     unavailable: installed, but torch is a CPU build" in result.stdout
+        assert "cuda (Triton)    unavailable: installed, but torch is a CPU build" in result.stdout
     elif not torch.cuda.is_available():
         assert "installed, but this machine has no CUDA device" in result.stdout
 
@@ -98,3 +98,38 @@ def test_info_says_whether_the_cpu_has_native_bf16():
     report = fastp2phd.diagnostics.format_report(fastp2phd.diagnostics.collect())
     assert ("CPU bfloat16: native (" in report) == native
     assert ("CPU bfloat16: emulated" in report) == (not native)
+
+
+@pytest.mark.parametrize("op", ["boundary_map", "instance_mean", "instance_norm_act"])
+def test_every_op_takes_the_device_names_and_the_earlier_names(op):
+    # One impl for a whole network (issue 18): "cpu" and "cuda" name every op's fast kernels.
+    paths = ops.fast_paths()[op]
+    assert [p.name for p in paths] == ["cpu", "cuda"]
+    earlier = {"boundary_map": {"cpp": "cpu"}, "instance_mean": {"cpp": "cpu", "triton": "cuda"},
+               "instance_norm_act": {"triton": "cuda"}}[op]
+    for old, new in earlier.items():
+        assert next(p for p in paths if old in p.aliases).name == new
+    if paths[0].unavailable is None:
+        assert select(op, "cpu", CPU, paths) is paths[0]
+        for old, new in earlier.items():
+            if new == "cpu":
+                assert select(op, old, CPU, paths) is paths[0]
+
+
+@requires_extension
+def test_one_impl_selects_the_cpu_kernels_of_a_whole_encoder(monkeypatch):
+    from fastp2phd.models import Encoder
+
+    chosen = []
+
+    def recording_select(op, impl, device, paths):
+        path = select(op, impl, device, paths)
+        chosen.append((op, impl, path.name))
+        return path
+
+    for module in ("instance_mean", "instance_norm_act"):  # (the package exports the functions under these names)
+        monkeypatch.setattr(sys.modules[f"fastp2phd.ops.{module}"], "select", recording_select)
+    encoder = Encoder(3, 3, ngf=4, n_downsampling=1, impl="cpu")
+    assert encoder(torch.randn(1, 3, 8, 8), torch.zeros(1, 1, 8, 8, dtype=torch.int64)).shape == (1, 3, 8, 8)
+    assert {op for op, _, _ in chosen} == {"instance_norm_act", "instance_mean"}
+    assert all(impl == "cpu" and name == "cpu" for _, impl, name in chosen)

@@ -50,7 +50,7 @@ def test_edit_help_lists_only_what_editing_needs(capsys):
 
 @pytest.mark.parametrize("op, words", [
     (ops.boundary_map, ["4 neighbours", "borders never make edges", "(N, 1, H, W)", "uint8", "bool"]),
-    (ops.instance_mean, ["(N, C, H, W)", "(N, 1, H, W)", "segment", "float32 at least", "forward-mode AD"]),
+    (ops.instance_mean, ["(N, C, H, W)", "(N, 1, H, W)", "segment", "summed in float64", "forward-mode AD"]),
     (ops.instance_norm_act, ["biased variance", "leaky_relu", "channels_last", "1x1 plane gives 0"]),
 ])
 def test_each_op_documents_its_contract(op, words):

@@ -1,12 +1,15 @@
 """instance_norm_act: the op against a float64 definition, every activation, dtype and layout."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from support import grad_err, pytorch_errors, rel_err, requires_extension
 from support import instance_norm_act_definition as definition
-from support import rel_err
 
+from fastp2phd.nn import InstanceNormAct2d
 from fastp2phd.ops import ACTIVATIONS, instance_norm_act
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -94,10 +97,6 @@ def test_eps_is_used():
     assert out.abs().max() < 1e-3  # with eps=1e-5 it would be about 0.16
 
 
-def test_empty_batch_returns_empty():
-    assert instance_norm_act(torch.zeros(0, 3, 4, 4)).shape == (0, 3, 4, 4)
-
-
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
@@ -117,8 +116,8 @@ def test_bad_input(kwargs, error, message):
 def test_matches_pytorch_modules_exactly_in_float32():
     # The reference must be interchangeable with the modules it replaces in official checkpoints.
     x = torch.randn(2, 4, 8, 8)
-    assert torch.equal(instance_norm_act(x, "relu"), F.relu(F.instance_norm(x)))
-    assert torch.equal(instance_norm_act(x, "leaky_relu", 0.2), F.leaky_relu(F.instance_norm(x), 0.2))
+    assert torch.equal(instance_norm_act(x, "relu", impl="reference"), F.relu(F.instance_norm(x)))
+    assert torch.equal(instance_norm_act(x, "leaky_relu", 0.2, impl="reference"), F.leaky_relu(F.instance_norm(x), 0.2))
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -152,3 +151,78 @@ def test_registered_triton_op_opcheck_and_compile_on_cpu():
     compiled(x1).backward()
     step(x2).backward()
     assert rel_err(x1.grad, x2.grad) < 1e-6
+
+
+PATHS = ["reference", pytest.param("cpu", marks=requires_extension)]
+
+
+@pytest.mark.parametrize("impl", PATHS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_output_can_be_modified_in_place_before_backward(activation, dtype, impl):
+    # A plain tensor, not a view or a saved output that autograd forbids writing to (issue 18). The reference
+    # is F.instance_norm + F.relu, whose relu saves its output: there (as with the modules) relu's may not be,
+    # unless the reference returns a cast of it (16-bit input).
+    x = torch.randn(2, 3, 5, 6).to(dtype).requires_grad_(True)
+    grad = torch.randn(2, 3, 5, 6).to(dtype)
+    y = instance_norm_act(x, activation, 0.2, impl=impl)
+    y.add_(1).mul_(2)
+    if impl == "reference" and activation == "relu" and dtype in (torch.float32, torch.float64):
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward(grad)
+        return
+    y.backward(grad)
+    expected = x.detach().clone().requires_grad_(True)
+    instance_norm_act(expected, activation, 0.2, impl=impl).backward(2 * grad)
+    assert torch.equal(x.grad, expected.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_block_with_an_in_place_relu_trains_in_16_bit(dtype):
+    from fastp2phd import fuse_modules
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.InstanceNorm2d(4), torch.nn.ReLU(inplace=True))
+    fused = fuse_modules(copy.deepcopy(block)).to(dtype)
+    x = torch.randn(2, 3, 9, 10).to(dtype)
+    fused(x).float().square().sum().backward()
+    block.to(dtype)(x).float().square().sum().backward()
+    # (The conv's bias has an exact gradient of 0 before an instance norm: both give rounding noise there.)
+    a, b = fused[0].weight.grad.float(), block[0].weight.grad.float()
+    assert torch.allclose(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
+
+
+@pytest.mark.filterwarnings("ignore:InstanceNormAct2d. input has 0 channels")
+@pytest.mark.parametrize("impl", PATHS)
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0, 4), (2, 3, 4, 0)])
+def test_empty_input_keeps_autograd(shape, impl):
+    x = torch.zeros(shape, requires_grad=True)
+    for out in (instance_norm_act(x, impl=impl), InstanceNormAct2d(max(shape[1], 1), impl=impl)(x)):
+        assert out.shape == x.shape and out.requires_grad
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+        x.grad = None
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_compiles_with_dynamic_shapes(activation):
+    # eps and the slope reach the op as SymFloats under dynamic=True (issue 18: math.isfinite broke this).
+    torch._dynamo.reset()
+    module = InstanceNormAct2d(4, activation, 0.3)
+    for fn in (module, lambda t: instance_norm_act(t, activation, 0.3)):
+        compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+        for shape in ((2, 4, 8, 8), (1, 4, 5, 7)):
+            x = torch.randn(shape)
+            assert rel_err(compiled(x), fn(x)) < 1e-6
+
+
+@pytest.mark.parametrize("impl", PATHS)
+@pytest.mark.parametrize("slope", [1e-8, 1e-3])
+def test_16_bit_leaky_relu_with_a_tiny_slope_gets_the_right_gradient(slope, impl):
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9)).half().requires_grad_(True)
+    grad = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(10)).half()
+    instance_norm_act(x, "leaky_relu", slope, impl=impl).backward(grad)
+    x64 = x.detach().double().requires_grad_(True)
+    definition(x64, "leaky_relu", slope).backward(grad.double())
+    _, backward_error = pytorch_errors(x, grad, "leaky_relu", slope)
+    assert grad_err(x.grad, x64.grad, x, grad) <= 2 * backward_error + 1e-6

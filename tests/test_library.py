@@ -39,8 +39,11 @@ CALLS = {
                                                                                     0.0, 1e-5),
                                       "activation must be one of"),
     "backward, statistics": (lambda: torch.ops.fastp2phd.instance_norm_act_backward(
-        torch.empty(1, 3, 4, 4), torch.empty(1, 3, 4, 4), torch.empty(2), torch.empty(3), "relu", 0.0, False),
-        r"mean must be \(3,\)"),
+        torch.empty(1, 3, 4, 4), torch.empty(1, 3, 4, 4), torch.empty(2, dtype=torch.float64), torch.empty(3), "relu",
+        0.0), r"mean must be \(3,\) torch.float64"),
+    "backward, float32 mean": (lambda: torch.ops.fastp2phd.instance_norm_act_backward(
+        torch.empty(1, 3, 4, 4), torch.empty(1, 3, 4, 4), torch.empty(3), torch.empty(3), "relu", 0.0),
+        r"mean must be \(3,\) torch.float64"),
 }
 
 

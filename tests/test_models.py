@@ -553,8 +553,11 @@ def test_fused_and_plain_agree_in_outputs_and_gradients(cls, options, inputs):
     for a, e in zip(out_f, out_p):
         assert_rel_close(a, e, 1e-5)
     assert grads_f.keys() == grads_p.keys() and len(grads_f) > 0
+    # Absolute error against the network's largest gradient: the bias of a conv before an instance norm has an
+    # exact gradient of 0, so both paths give rounding noise there, which no relative bound can compare.
+    scale = max(g.abs().max().item() for g in grads_p.values())
     for k in grads_p:
-        assert torch.allclose(grads_f[k], grads_p[k], rtol=1e-5, atol=1e-5 * grads_p[k].abs().max().item() + 1e-12), k
+        assert torch.allclose(grads_f[k], grads_p[k], rtol=1e-5, atol=1e-5 * scale), k
     assert_rel_close(xgrad_f, xgrad_p, 1e-5)
     # most parameters receive a gradient (biases before an instance norm legitimately get ~0)
     nonzero = [k for k, g in grads_p.items() if g.abs().max() > 1e-6]

@@ -10,7 +10,8 @@ ACTIVATIONS = ("none", "relu", "leaky_relu")
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """instance_norm_act's statistics and accumulation: float64 for float64 input, float32 otherwise."""
+    """instance_norm_act's compute dtype and the dtype of its rstd: float64 for float64 input, float32
+    otherwise (its mean is float64 for every input, and its sums are accumulated in float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -30,14 +31,23 @@ def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
     if inst.is_floating_point() and inst.numel() and inst.device.type != "meta" and not torch.compiler.is_compiling() \
             and not exporting() and not is_fake(inst):
         # Ids become int64 inside the kernels: they must be whole numbers in int64's range (not NaN or inf).
-        whole = inst == torch.trunc(inst)
-        in_range = (inst >= -2.0**63) & (inst < 2.0**63)
-        if not bool(torch.all(whole & in_range)):
+        # isfinite is needed: in float16 the bound -2**63 rounds to -inf, which the comparisons alone let through.
+        ids = _unbatched(inst)
+        valid = torch.isfinite(ids) & (ids == torch.trunc(ids)) & (ids >= -2.0**63) & (ids < 2.0**63)
+        if not bool(torch.all(valid)):
             raise ValueError(
                 f"{op}: {name} is a float tensor holding values that are not whole numbers within int64's range "
                 "(fractions, NaN, inf or beyond ±9.2e18); instance ids must be such numbers: load instance maps "
                 "with nearest-neighbour resizing, or pass an integer tensor"
             )
+
+
+def _unbatched(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without torch.func's wrappers: under vmap a tensor cannot be branched on, but the whole
+    batch beneath it can be checked at once."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def check_same_device(op: str, **tensors: torch.Tensor) -> None:

@@ -6,8 +6,10 @@ Every public op takes ``impl``:
   here; the reference otherwise. The environment variable ``FASTP2PHD_IMPL=reference``
   makes ``auto`` pick the reference everywhere (for debugging and comparisons).
 * ``"reference"``: the pure-PyTorch implementation beside the op.
-* a fast path's name (``"cpp"``, ``"cuda"``, ``"triton"``): that path or a clear
-  error, never a silent fallback.
+* ``"cpu"`` or ``"cuda"``: the op's fast kernel for that device (C++ on the CPU; Triton,
+  or CUDA C++ for boundary_map, on the GPU), or a clear error, never a silent fallback.
+  Every op takes the same names, so ``impl="cpu"`` works for a whole network. The names
+  of earlier releases still work: ``"cpp"`` for ``"cpu"``, ``"triton"`` for a Triton ``"cuda"``.
 
 While a model is exported (``torch.export``, ``torch.onnx.export``, ``torch.jit.trace``)
 every op records its reference, whatever ``impl`` says: the exported graph then holds
@@ -33,12 +35,17 @@ _DEFAULTS = ("auto", "reference")
 
 @dataclass(frozen=True)
 class FastPath:
-    name: str  # what users pass as impl=
-    device_type: str  # the tensors it serves: "cpu" or "cuda"
+    device_type: str  # the tensors it serves, and what users pass as impl=: "cpu" or "cuda"
+    kernel: str  # what runs, for reports: "C++", "Triton", "CUDA C++"
     unavailable: Optional[str]  # None when it can run here, else why not (decided at import)
     run: Callable
+    aliases: tuple[str, ...] = ()  # earlier names that still select it
     interpreted: bool = False  # a Triton path running in the interpreter: also takes CPU tensors by name
     registered_anywhere: bool = False  # its torch.library op (and fake kernel) exists even where it cannot run
+
+    @property
+    def name(self) -> str:
+        return self.device_type
 
 
 _emulated_device: Optional[str] = None
@@ -80,10 +87,11 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
     if impl == "reference":
         return None
     for path in fast_paths:
-        if path.name != impl:
+        if impl != path.name and impl not in path.aliases:
             continue
         if path.device_type != device.type and not (path.interpreted and device.type == "cpu"):
-            interpreter = " (or on CPU tensors when TRITON_INTERPRET=1 is set before import)" if impl == "triton" else ""
+            interpreter = (" (or on CPU tensors when TRITON_INTERPRET=1 is set before import)"
+                           if path.kernel == "Triton" else "")
             raise ValueError(
                 f"{op}: impl={impl!r} runs on {path.device_type} tensors{interpreter} but got a {device.type} "
                 f"tensor; move the tensor to {path.device_type} or use impl='auto'"

@@ -36,9 +36,9 @@ SCHEMAS = {
     # (y, mean, rstd): y = act((x - mean) * rstd) per (n, c) plane; mean, rstd (N*C,).
     "instance_norm_act": "instance_norm_act(Tensor x, str activation, float negative_slope, float eps) "
                          "-> (Tensor, Tensor, Tensor)",
-    # dx from dy and the saved x (or y when saved_is_output).
-    "instance_norm_act_backward": "instance_norm_act_backward(Tensor grad, Tensor saved, Tensor mean, Tensor rstd, "
-                                  "str activation, float negative_slope, bool saved_is_output) -> Tensor",
+    # dx from dy, x and the forward's statistics.
+    "instance_norm_act_backward": "instance_norm_act_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, "
+                                  "str activation, float negative_slope) -> Tensor",
 }
 
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")

@@ -6,7 +6,7 @@ holding whole numbers). The result (N, 1, H, W) is 1 where any of the pixel's
 not count, so image borders never create edges. This equals scikit-image's
 ``find_boundaries(ids, mode="thick", connectivity=1)`` on each 2D slice.
 
-Fast paths: ``"cpp"`` (CPU, one pass, threads over rows) and ``"cuda"``, the
+Fast paths: ``"cpu"`` (C++, one pass, threads over rows) and ``"cuda"`` (CUDA C++), the
 kernels of ``torch.ops.fastp2phd.boundary_map`` in the C++/CUDA extension (where
 it is absent, the operator runs the reference). The output never requires grad:
 ids are not differentiable.
@@ -60,8 +60,8 @@ def _no_gradient(ctx, inputs, output):
 torch.library.register_autograd("fastp2phd::boundary_map", lambda ctx, grad: (None, None), setup_context=_no_gradient)
 
 FAST_PATHS = (
-    FastPath("cpp", "cpu", extension_kernel_missing("boundary_map", "CPU"), _OP),
-    FastPath("cuda", "cuda", extension_kernel_missing("boundary_map", "CUDA"), _OP),
+    FastPath("cpu", "C++", extension_kernel_missing("boundary_map", "CPU"), _OP, aliases=("cpp",)),
+    FastPath("cuda", "CUDA C++", extension_kernel_missing("boundary_map", "CUDA"), _OP),
 )
 
 
@@ -79,8 +79,8 @@ def boundary_map(inst: torch.Tensor, *, dtype: torch.dtype = torch.float32, impl
     ``find_boundaries(ids, mode="thick", connectivity=1)`` on each (H, W) slice. The output
     never requires grad (ids are not differentiable).
 
-    ``impl``: "auto" (the fastest path for the device), "reference" (PyTorch), "cpp" (CPU)
-    or "cuda"; a named path that cannot run here raises instead of falling back.
+    ``impl``: "auto" (the fastest path for the device), "reference" (PyTorch), "cpu" (C++; "cpp"
+    is its earlier name) or "cuda"; a named path that cannot run here raises instead of falling back.
     """
     check_instance_map("boundary_map", inst)
     if dtype not in OUTPUT_DTYPES:

@@ -9,14 +9,21 @@ channel by channel. The output has feat's dtype and memory format.
 The op is linear and self-adjoint (a projection onto segment-wise constant
 maps), so its backward is the same projection applied to the gradient.
 
+The reference (``instance_mean_reference``) numbers each item's segments by sorting its
+ids (``segment_index``), sums with scatter_add in float64 and gathers the means back:
+no shape depends on the data, so one reference serves eager use, vmap, torch.compile
+and exporters (ONNX included).
+
 Both fast paths are kernels of one operator, ``torch.ops.fastp2phd.instance_mean``:
 
-* ``"cpp"``, its CPU kernel (the C++ extension): per-thread hash tables over runs of
+* ``"cpu"`` (earlier ``"cpp"``), its CPU kernel (the C++ extension): per-thread hash tables over runs of
   equal ids, two passes. Sums are accumulated in float64 across rows, so results do
   not depend on the thread count beyond the last bit.
-* ``"triton"``, its CUDA kernel (``kernels/instance_mean.py``): run sums inside pixel
-  tiles, one float64 atomic per run. With ``torch.use_deterministic_algorithms(True)``
-  it runs the reference instead, since float atomics do not add in a fixed order.
+* ``"cuda"`` (earlier ``"triton"``), its CUDA kernel (Triton, ``kernels/instance_mean.py``): segments numbered by
+  ``segment_index`` (on the device, so the op never waits for it and a CUDA graph can
+  hold it), run sums inside pixel tiles, one float64 atomic per run. With
+  ``torch.use_deterministic_algorithms(True)`` it runs the reference instead, since
+  float atomics do not add in a fixed order.
 
 Where a kernel is missing (no extension, no Triton) the operator runs the reference;
 under ``TRITON_INTERPRET=1`` its CPU kernel runs the Triton kernels in the interpreter.
@@ -25,30 +32,46 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (check_instance_map, check_same_device, empty_like_format, exporting, memory_format_of,
+from ._common import (check_instance_map, check_same_device, empty_like_format, memory_format_of,
                       tangents_may_flow)
 from ._dispatch import FastPath, select, triton_missing
 from ._library import extension_kernel_missing, op, register_kernel
 
 
-def instance_mean_reference(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
-    """Vectorised PyTorch reference: unique ids -> scatter_add sums and counts -> gather.
+def segment_index(inst: torch.Tensor) -> torch.Tensor:
+    """(N, H*W) int64: each pixel's segment, numbered 0, 1, ... in order of id within its batch item.
 
-    Accumulates in float32 at least (float64 for float64 input); differentiable
-    through PyTorch's own scatter/gather backward.
+    Sorting an item's ids puts equal ids side by side, and counting where the sorted ids change
+    numbers them. Nothing has a data-dependent size (the numbers are below H*W however many ids
+    there are), so this serves vmap, exporters (ONNX: TopK, CumSum, ScatterElements), torch.compile
+    and the Triton launcher, which must not wait for the GPU to learn how many ids there are.
+    """
+    N, _, H, W = inst.shape
+    sorted_ids, order = torch.sort(inst.reshape(N, H * W), dim=1)
+    changes = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    first = torch.zeros_like(sorted_ids[:, :1], dtype=torch.bool)  # the first pixel starts segment 0
+    rank = torch.cat([first, changes], dim=1).cumsum(1, dtype=torch.int64)
+    return torch.zeros_like(order).scatter(1, order, rank)  # back to pixel order (out of place: vmap batches it)
+
+
+def instance_mean_reference(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+    """Vectorised PyTorch reference: segment indices -> scatter_add sums and counts -> gather.
+
+    Sums in float64 whatever feat's dtype, rounded once to feat's dtype: this is the exact path
+    (float32 sums were off by 1.7e-3 on a one-segment 1024x1024 map). Differentiable through
+    PyTorch's own scatter/gather backward; no data-dependent shapes, so it also runs under vmap,
+    torch.export, ONNX export and torch.compile(fullgraph=True).
     """
     N, C, H, W = feat.shape
-    # One dense index space for the ids of all batch items; segments of different
-    # items stay apart because sums are kept per item.
-    ids, segment = torch.unique(inst.reshape(N, H * W), return_inverse=True)  # segment: (N, HW)
-    num_ids = ids.numel()
-    acc_dtype = torch.promote_types(feat.dtype, torch.float32)
-    values = feat.reshape(N, C, H * W).to(acc_dtype)
-    index = segment.unsqueeze(1).expand(N, C, H * W)
-    sums = values.new_zeros(N, C, num_ids).scatter_add(2, index, values)
-    counts = values.new_zeros(N, 1, num_ids).scatter_add(2, segment.unsqueeze(1), values.new_ones(N, 1, H * W))
-    means = sums / counts.clamp_min(1)
-    out = means.gather(2, index).reshape(N, C, H, W).to(feat.dtype)
+    segment = segment_index(inst).unsqueeze(1)  # (N, 1, HW)
+    index = segment.expand(N, C, H * W)
+    values = feat.reshape(N, C, H * W).to(torch.float64)
+    sums = torch.zeros_like(values).scatter_add(2, index, values)  # out of place: vmap may batch index alone
+    ones = torch.ones_like(segment, dtype=torch.float64)
+    counts = torch.zeros_like(ones).scatter_add_(2, segment, ones)
+    means = sums / counts.clamp_min(1)  # slots of no segment divide by 1 and are never read
+    # Gathered in float64: gather's backward sums the gradient of each segment, in the gathered dtype.
+    out = means.gather(2, index).to(feat.dtype).reshape(N, C, H, W)
     return out.contiguous(memory_format=memory_format_of(feat))
 
 
@@ -61,42 +84,24 @@ else:
     _TRITON_MISSING = None
 
 
-def instance_mean_exportable(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
-    """The reference with no data-dependent shapes, for exporters (ONNX: TopK, ScatterElements, GatherElements).
-
-    Segment indices come from sorting each item's ids and counting where the sorted ids change,
-    so the tables have one slot per pixel rather than one per distinct id.
-    """
-    N, C, H, W = feat.shape
-    keys = inst.reshape(N, H * W)
-    order = torch.argsort(keys, dim=1)
-    sorted_keys = keys.gather(1, order)
-    changes = (sorted_keys[:, 1:] != sorted_keys[:, :-1]).to(torch.int64)
-    rank = torch.cat([torch.zeros_like(changes[:, :1]), changes], dim=1).cumsum(1)  # segment, in sorted order
-    segment = torch.zeros_like(rank).scatter(1, order, rank)  # segment of every pixel, in pixel order
-    acc_dtype = torch.promote_types(feat.dtype, torch.float32)
-    values = feat.reshape(N, C, H * W).to(acc_dtype)
-    index = segment.unsqueeze(1).expand(N, C, H * W)
-    sums = torch.zeros_like(values).scatter_add(2, index, values)
-    counts = torch.zeros_like(values[:, :1]).scatter_add(2, segment.unsqueeze(1), torch.ones_like(values[:, :1]))
-    means = sums / counts.clamp_min(1)
-    return means.gather(2, index).reshape(N, C, H, W).to(feat.dtype)
-
-
 # ----------------------------------------------------------------------------- the operator
+
+
+def _triton_kernel(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
+    return _kernels.forward(feat, segment_index(inst))
 
 
 def _cuda_kernel(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
     # Float atomics do not add in a fixed order: deterministic mode gets the reference.
     if _kernels is None or torch.are_deterministic_algorithms_enabled():
         return instance_mean_reference(feat, inst)
-    return _kernels.forward(feat, inst)
+    return _triton_kernel(feat, inst)
 
 
 _OP = op("instance_mean")
 register_kernel("instance_mean", "CUDA", _cuda_kernel)
 # The C++ CPU kernel where the extension has one; the reference where not; the Triton kernels when interpreted.
-register_kernel("instance_mean", "CPU", _kernels.forward if _INTERPRETED else instance_mean_reference,
+register_kernel("instance_mean", "CPU", _triton_kernel if _INTERPRETED else instance_mean_reference,
                 replace=_INTERPRETED)
 
 
@@ -165,9 +170,10 @@ class _ForwardADFunction(torch.autograd.Function):
 
 
 FAST_PATHS = (
-    FastPath("cpp", "cpu", "the interpreter process (TRITON_INTERPRET=1) runs the Triton kernels on the CPU"
-             if _INTERPRETED else extension_kernel_missing("instance_mean", "CPU"), instance_mean_op),
-    FastPath("triton", "cuda", _TRITON_MISSING, instance_mean_op, interpreted=_INTERPRETED, registered_anywhere=True),
+    FastPath("cpu", "C++", "the interpreter process (TRITON_INTERPRET=1) runs the Triton kernels on the CPU"
+             if _INTERPRETED else extension_kernel_missing("instance_mean", "CPU"), instance_mean_op, aliases=("cpp",)),
+    FastPath("cuda", "Triton", _TRITON_MISSING, instance_mean_op, aliases=("triton",), interpreted=_INTERPRETED,
+             registered_anywhere=True),
 )
 
 
@@ -177,14 +183,15 @@ def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto")
     ``feat``: (N, C, H, W) float16, bfloat16, float32 or float64. ``inst``: (N, 1, H, W) ids,
     uint8..int64, or float holding whole numbers within int64's range (sparse and large ids,
     such as Cityscapes' class*1000+k, are fine). A segment is the set of pixels of one batch
-    item that share an id; each channel is averaged over its segment (accumulated in float32
-    at least). Returns a new tensor of feat's dtype and layout (channels_last stays so); any
-    strided views are accepted.
+    item that share an id; each channel is averaged over its segment (summed in float64; the
+    Triton path sums runs of at most 1024 pixels in float32 first). Returns a new tensor of
+    feat's dtype and layout (channels_last stays so); any strided views are accepted. Empty
+    inputs give an empty result that autograd still connects to ``feat``.
 
     Differentiable in ``feat`` in every mode (backward, double backward, forward-mode AD,
     vmap): the op is a projection, so its gradient is the same pooling of the gradient.
-    ``impl``: "auto", "reference" (PyTorch), "cpp" (CPU) or "triton" (CUDA; CPU tensors
-    under TRITON_INTERPRET=1); a named path that cannot run here raises.
+    ``impl``: "auto", "reference" (PyTorch), "cpu" (C++; earlier "cpp") or "cuda" (Triton, earlier
+    "triton"; CPU tensors too under TRITON_INTERPRET=1); a named path that cannot run here raises.
     """
     if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
         shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
@@ -198,9 +205,9 @@ def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto")
             f"instance_mean: feat {tuple(feat.shape)} and inst {tuple(inst.shape)} must share batch size, "
             "height and width; resize the instance map (nearest neighbour) to the feature size"
         )
-    if feat.numel() == 0:
-        return empty_like_format(feat)
     path = select("instance_mean", impl, feat.device, FAST_PATHS)
+    if feat.numel() == 0:  # nothing to pool; a clone keeps feat's strides and stays in its autograd graph
+        return feat.clone()
     if path is None:
-        return instance_mean_exportable(feat, inst) if exporting() else instance_mean_reference(feat, inst)
+        return instance_mean_reference(feat, inst)
     return path.run(feat, inst)

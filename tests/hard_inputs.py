@@ -1,0 +1,198 @@
+"""The hard-input accuracy suite of instance_norm_act, shared by every implementation.
+
+The planes pix2pixHD produces break naive kernels, not random normal data: constant planes (a first
+conv over one-hot labels with large uniform regions), planes with a large mean and a small spread,
+sparse label-like planes, huge planes, one-value planes, NaN and inf. Every path is checked against
+float64 on each, in every dtype, forward and backward, by the rule the op's docstring states:
+
+    error(path) <= max(2 * error(nn.InstanceNorm2d + activation in the same dtype),
+                       2 * error(impl="reference"),
+                       2 * the dtype's unit roundoff)
+
+and the fast paths in float64 within 1e-10. The last term is the floor where the others are exactly 0 (a constant
+plane): one rounding of the output is always allowed. tests/test_hard_inputs.py runs it for the
+reference and the CPU kernel, tests/interpreter/test_hard_inputs_triton.py for the Triton kernels.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastp2phd.ops import instance_norm_act
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+# (activation, negative_slope): pix2pixHD's three, and a small slope whose inverse amplifies errors.
+ACTIVATIONS = [("relu", 0.0), ("leaky_relu", 0.2), ("none", 0.0), ("leaky_relu", 0.01)]
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def constant(value: float, shape=(1, 2, 64, 96)):
+    return lambda: torch.full(shape, value, dtype=torch.float64)
+
+
+def offset(mean: float, spread: float, shape=(2, 3, 40, 56)):
+    return lambda: mean + spread * torch.randn(shape, generator=_generator(int(mean) % 97 + 7), dtype=torch.float64)
+
+
+def label_like(shape=(1, 2, 512, 1024), base=-2.3, spike=1.0, density=1e-4):
+    """A conv of a one-hot label map: one value almost everywhere, another on a few pixels."""
+    def make():
+        x = torch.full(shape, base, dtype=torch.float64)
+        x[torch.rand(shape, generator=_generator(11)) < density] = spike
+        return x
+    return make
+
+
+def regions(shape=(1, 4, 96, 128)):
+    """A few large uniform regions with different values, as after a first conv over labels."""
+    def make():
+        g = _generator(12)
+        x = torch.empty(shape, dtype=torch.float64)
+        n, c, h, w = shape
+        levels = torch.randn(c, 4, generator=g, dtype=torch.float64) * 3
+        x[:, :, : h // 2, : w // 3] = levels[:, 0, None, None]
+        x[:, :, : h // 2, w // 3:] = levels[:, 1, None, None]
+        x[:, :, h // 2:, : w // 2] = levels[:, 2, None, None]
+        x[:, :, h // 2:, w // 2:] = levels[:, 3, None, None]
+        return x
+    return make
+
+
+def with_value(value: float, shape=(2, 3, 9, 11)):
+    """Random planes, one of which holds a NaN or an inf."""
+    def make():
+        x = torch.randn(shape, generator=_generator(13), dtype=torch.float64)
+        x[1, 2, 4, 5] = value
+        return x
+    return make
+
+
+CASES = {
+    "constant -2.3": constant(-2.3),
+    "constant 1000": constant(1000.0),
+    "constant 0": constant(0.0),
+    "constant bf16 1024x1024": constant(-2.3, (1, 1, 1024, 1024)),
+    "3 + 0.01 randn": offset(3.0, 0.01, (3, 3, 300, 260)),
+    "1000 + randn": offset(1000.0, 1.0),
+    "1000 + 0.001 randn": offset(1000.0, 1e-3),
+    "-1e4 + 0.1 randn": offset(-1e4, 0.1),
+    "1e4 + randn huge": offset(1e4, 1.0, (1, 1, 2048, 2048)),
+    "label-like": label_like(),
+    "label-like small": label_like((2, 3, 64, 64), density=3e-3),
+    "regions": regions(),
+    "one pixel": offset(5.0, 2.0, (2, 3, 1, 1)),
+    "one row": offset(5.0, 2.0, (2, 3, 1, 37)),
+    "NaN": with_value(math.nan),
+    "inf": with_value(math.inf),
+    "-inf": with_value(-math.inf),
+}
+# The cases whose planes are big enough to take seconds per call: fewer activations there, and in Triton's
+# interpreter (tens of seconds per call) only the dtype and activation named here.
+HUGE = {"constant bf16 1024x1024": ("bfloat16", "relu"), "1e4 + randn huge": ("float32", "relu"),
+        "label-like": ("bfloat16", "leaky_relu"), "3 + 0.01 randn": ("float32", "leaky_relu")}
+CHANNELS_LAST = {"label-like", "label-like small", "regions", "1000 + randn", "constant -2.3", "NaN"}
+
+
+def parameters(interpreted: bool = False):
+    """(case, dtype name, channels_last, activation, slope) of the suite. ``interpreted``: Triton's interpreter
+    takes ~30 s per call on a 2048x2048 plane, so there the huge cases run in one dtype each, and every case
+    with relu and a leaky_relu (the activations' two branch rules) only."""
+    for case in CASES:
+        for dtype in DTYPES:
+            if interpreted and case in HUGE and dtype != HUGE[case][0]:
+                continue
+            for channels_last in (False, True) if case in CHANNELS_LAST else (False,):
+                for activation, slope in ACTIVATIONS[::3] if case in HUGE or interpreted else ACTIVATIONS:
+                    if not (interpreted and case in HUGE and activation != HUGE[case][1]):
+                        yield case, dtype, channels_last, activation, slope
+
+
+def make_input(case: str, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
+    x = CASES[case]().to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def _act(y, activation, slope):
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, slope)
+    return y
+
+
+def oracle(x: torch.Tensor, dy: torch.Tensor, activation: str, slope: float):
+    """(y, dx) in float64 from x and dy's values, with PyTorch's branch rule at 0 (xhat > 0 passes dy)."""
+    x, dy = x.double(), dy.double()
+    first = x[:, :, :1, :1]  # summing x - first keeps a constant plane's mean exact
+    mean = first + (x - first).mean(dim=(2, 3), keepdim=True)
+    rstd = 1 / torch.sqrt(((x - mean) ** 2).mean(dim=(2, 3), keepdim=True) + 1e-5)
+    xhat = (x - mean) * rstd
+    if x.shape[2] * x.shape[3] == 1:  # a one-value plane normalises to 0
+        xhat = torch.zeros_like(x)
+    g = dy if activation == "none" else torch.where(xhat > 0, dy, dy * slope)
+    dx = rstd * (g - g.mean(dim=(2, 3), keepdim=True) - xhat * (g * xhat).mean(dim=(2, 3), keepdim=True))
+    return _act(xhat, activation, slope), dx, rstd
+
+
+def module_result(x, dy, activation, slope):
+    """nn.InstanceNorm2d + activation in x's own dtype: the module the op replaces."""
+    xr = x.detach().clone().requires_grad_(True)
+    y = _act(F.instance_norm(xr) if x.shape[2] * x.shape[3] > 1 else xr - xr, activation, slope)
+    y.backward(dy)
+    return y.detach(), xr.grad
+
+
+def path_result(x, dy, activation, slope, impl):
+    xr = x.detach().clone().requires_grad_(True)
+    y = instance_norm_act(xr, activation, slope, impl=impl)
+    y.backward(dy)
+    return y.detach(), xr.grad
+
+
+def errors(y, dx, expected_y, expected_dx, rstd, dy):
+    """(forward, backward) error against float64 on the planes where float64 is finite, and whether the
+    non-finite planes are non-finite in y too. Forward: relative to max |y|, at least 1. Backward: relative to the size
+    of the terms dx is computed from, rstd * |dy| (dx itself may cancel to ~0)."""
+    finite = torch.isfinite(expected_y).flatten(2).all(dim=2)[:, :, None, None].expand_as(expected_y)
+    nan_planes_agree = bool(torch.isnan(y.double())[~finite].all()) if (~finite).any() else True
+    if not finite.any():
+        return 0.0, 0.0, nan_planes_agree
+    e_y, a_y = expected_y[finite], y.double()[finite]
+    forward = ((a_y - e_y).abs().max() / e_y.abs().max().clamp_min(1.0)).item()  # (a constant plane's y is 0)
+    scale = max((rstd.expand_as(expected_y)[finite] * dy.double().abs().max()).max().item(),
+                expected_dx[finite].abs().max().item(), 1e-30)
+    backward = ((dx.double()[finite] - expected_dx[finite]).abs().max() / scale).item()
+    if torch.isnan(a_y).any():
+        forward = math.inf
+    if torch.isnan(dx.double()[finite]).any():
+        backward = math.inf
+    return forward, backward, nan_planes_agree
+
+
+def check_path(case: str, dtype: torch.dtype, channels_last: bool, activation: str, slope: float, impl: str):
+    """Assert the accuracy rule for one path on one hard input (see the module docstring)."""
+    x = make_input(case, dtype, channels_last)
+    dy = torch.randn(x.shape, generator=_generator(3)).to(dtype)
+    expected_y, expected_dx, rstd = oracle(x, dy, activation, slope)
+
+    y, dx = path_result(x, dy, activation, slope, impl)
+    assert y.dtype == dtype and dx.dtype == dtype
+    forward, backward, nan_planes = errors(y, dx, expected_y, expected_dx, rstd, dy)
+    assert nan_planes, f"{impl}: a plane holding NaN or inf must give NaN"
+    floor = 2 * UNIT_ROUNDOFF[dtype]
+    module_forward, module_backward, _ = errors(*module_result(x, dy, activation, slope), expected_y, expected_dx,
+                                                rstd, dy)
+    reference_forward, reference_backward, _ = errors(*path_result(x, dy, activation, slope, "reference"),
+                                                      expected_y, expected_dx, rstd, dy)
+    assert forward <= max(2 * module_forward, 2 * reference_forward, floor), \
+        f"forward error {forward:.3g}: nn.InstanceNorm2d {module_forward:.3g}, reference {reference_forward:.3g}"
+    assert backward <= max(2 * module_backward, 2 * reference_backward, floor), \
+        f"backward error {backward:.3g}: nn.InstanceNorm2d {module_backward:.3g}, reference {reference_backward:.3g}"
+    if dtype == torch.float64 and impl != "reference":  # (the reference is nn.InstanceNorm2d's arithmetic)
+        assert forward <= 1e-10 and backward <= 1e-10, f"float64 errors {forward:.3g}, {backward:.3g}"

@@ -1,0 +1,15 @@
+"""instance_norm_act's reference and CPU kernel on the hard-input suite (tests/hard_inputs.py)."""
+from __future__ import annotations
+
+import pytest
+from hard_inputs import DTYPES, check_path, parameters
+from support import requires_extension
+
+IMPLS = ["reference", pytest.param("cpu", marks=requires_extension)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case, dtype, channels_last, activation, slope", list(parameters()))
+def test_instance_norm_act_is_as_accurate_as_the_module_it_replaces(case, dtype, channels_last, activation, slope,
+                                                                      impl):
+    check_path(case, DTYPES[dtype], channels_last, activation, slope, impl)
