@@ -27,9 +27,13 @@ def layers(height: int, width: int) -> list[tuple[str, tuple[int, int, int], str
 
 
 # The GPU targets' shapes: the first layers at 1024x512 and 2048x1024 (few huge planes), a
-# middle layer with a batch, and the residual blocks' many small planes.
+# middle layer with a batch, and the residual blocks' many small planes, at pix2pixHD's batch 1
+# (512p G at 512x1024: 1024 planes of 32x64; 1024p G1 at 1024x512 with ngf 32: 512 planes of 32x64).
 GPU_SHAPES = [("G first layer, 1024x512", (1, 64, 1024, 512)), ("G first layer, 2048x1024", (1, 64, 2048, 1024)),
-              ("G down 2, batch 4", (4, 256, 256, 128)), ("G blocks, batch 8", (8, 1024, 64, 32))]
+              ("G down 2, batch 4", (4, 256, 256, 128)), ("G blocks, batch 8", (8, 1024, 64, 32)),
+              ("G blocks, batch 1", (1, 1024, 32, 64)), ("1024p G1 blocks, batch 1", (1, 512, 32, 64))]
+CPU_BF16 = ("G 7x7 conv", "G blocks", "D layer 1")  # the 16-bit CPU path (bf16 inference) at a few layers
+MODES = ["fwd", "bwd", "fwd+bwd"]
 
 
 def workloads(settings):
@@ -37,7 +41,10 @@ def workloads(settings):
         return [("smoke", (1, 8, 16, 32), "relu", torch.float32)]
     if settings.cuda:
         return [(name, shape, "relu", dtype) for name, shape in GPU_SHAPES for dtype in (torch.float32, torch.bfloat16)]
-    return [(f"512x1024 {name}", (1, *shape), act, torch.float32) for name, shape, act in layers(512, 1024)]
+    fp32 = [(f"512x1024 {name}", (1, *shape), act, torch.float32) for name, shape, act in layers(512, 1024)]
+    bf16 = [(f"512x1024 {name}", (1, *shape), act, torch.bfloat16)
+            for name, shape, act in layers(512, 1024) if name in CPU_BF16]
+    return fp32 + bf16
 
 
 def official_module(channels: int, activation: str) -> nn.Module:
@@ -45,14 +52,16 @@ def official_module(channels: int, activation: str) -> nn.Module:
     return nn.Sequential(nn.InstanceNorm2d(channels), act)
 
 
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("index", range(8))
-def test_instance_norm_act(benchmark, settings, index, provider, backward):
+@pytest.mark.parametrize("index", range(12))
+def test_instance_norm_act(benchmark, settings, index, provider, mode):
     cases = workloads(settings)
     if index >= len(cases):
         pytest.skip("no such workload on this device")
     name, shape, activation, dtype = cases[index]
+    if mode == "fwd+bwd" and not (settings.smoke or shape[0] == 1 and shape[1] >= 512):
+        pytest.skip("forward + backward is measured at the batch-1 deep layers, where host time dominates")
     x = torch.randn(shape, device=settings.device, dtype=dtype)
     if provider == "fastp2phd":
         op = lambda t: instance_norm_act(t, activation)  # noqa: E731
@@ -62,15 +71,20 @@ def test_instance_norm_act(benchmark, settings, index, provider, backward):
         op = official_module(shape[1], activation).to(settings.device)
     else:
         op = compiled_or_skip(lambda t: instance_norm_act_reference(t, activation), x)
-    if backward:
+    if mode == "bwd":
         leaf = x.clone().requires_grad_(True)
         y = op(leaf)
         dy = torch.randn_like(y)
         fn = lambda: torch.autograd.grad(y, leaf, dy, retain_graph=True)  # noqa: E731
-        moved = 5 * tensor_bytes(x)  # read the saved tensor and dy twice, write dx
+        moved = 4 * tensor_bytes(x)  # read x and dy twice (sums, then dx), write dx; (dy once more for relu's mask)
+    elif mode == "fwd+bwd":
+        leaf = x.clone().requires_grad_(True)
+        dy = torch.randn_like(x)
+        fn = lambda: torch.autograd.grad(op(leaf), leaf, dy)  # noqa: E731
+        moved = 7 * tensor_bytes(x)
     else:
         fn = lambda: op(x)  # noqa: E731
         moved = 3 * tensor_bytes(x)  # read x twice (statistics, normalisation), write y
     dtype_name = str(dtype).replace("torch.", "")
-    measure(benchmark, settings, suite="instance_norm_act bwd" if backward else "instance_norm_act fwd",
+    measure(benchmark, settings, suite=f"instance_norm_act {mode}",
             case=f"{name} {'x'.join(map(str, shape))} {dtype_name}", provider=provider, fn=fn, bytes_moved=moved)

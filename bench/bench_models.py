@@ -2,8 +2,9 @@
 (G + D + all losses, with and without instance features), and feature encoding + K-means.
 
 Providers: ``fastp2phd`` (fused modules, fast paths), ``reference`` (the same networks on the
-pure-PyTorch ops) and ``official`` (the original's plain InstanceNorm2d + ReLU modules and
-Python-loop instance pooling). On the CPU the networks run at reduced sizes (stated in each
+pure-PyTorch ops), ``official`` (the original's plain InstanceNorm2d + ReLU modules and
+Python-loop instance pooling) and, for the training step, ``compile`` (fastp2phd with ``--compile``:
+``reduce-overhead``, so CUDA graphs, on a GPU; ``default`` on the CPU). On the CPU the networks run at reduced sizes (stated in each
 case) so that `make bench` fits in 15 minutes on 2 cores; on a GPU at the real ones.
 """
 from __future__ import annotations
@@ -81,12 +82,12 @@ def test_encoder_forward(benchmark, settings, provider):
             provider=provider, fn=fn, images=n)
 
 
-def training_options(settings, features: bool, size: tuple[int, int]) -> TrainSpec:
+def training_options(settings, features: bool, size: tuple[int, int], extra: list[str] = ()) -> TrainSpec:
     h, w = size
     argv = ["train", "--name", "bench", "--dataroot", "synthetic", "--synthetic_size", "4", "--nThreads", "0",
             "--fineSize", str(w), "--loadSize", str(w), "--resize_or_crop", "none", "--no_vgg_loss",
             "--no_progress", "--no_html", "--checkpoints_dir", "/tmp/fastp2phd-bench-checkpoints",
-            "--device", settings.device.type]
+            "--device", settings.device.type, *extra]
     if settings.smoke:
         argv += ["--ngf", "8", "--n_downsample_global", "2", "--n_blocks_global", "1", "--ndf", "8", "--nef", "4",
                  "--n_downsample_E", "2"]
@@ -95,13 +96,30 @@ def training_options(settings, features: bool, size: tuple[int, int]) -> TrainSp
     return train_spec(finish_options(build_parser().parse_args(argv), is_train=True))
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("features", [False, True], ids=["labels", "labels+instance features"])
-def test_training_step(benchmark, settings, features, provider, monkeypatch):
+# (name, features, options, (height, width) on a GPU, on the CPU (None: GPU only))
+TRAINING_CASES = [
+    ("512p global G + 2 D + GAN/FM/VGG losses", False, [], (512, 1024), (128, 256)),
+    ("512p global G + 2 D + GAN/FM/VGG losses", True, [], (512, 1024), (128, 256)),
+    ("label2city_1024p: local G + E + 2 D + losses", True, ["--netG", "local", "--ngf", "32"], (1024, 2048), None),
+    ("label2city_1024p: local G + E + 2 D + losses, bf16", True,
+     ["--netG", "local", "--ngf", "32", "--fp16", "--amp_dtype", "bf16"], (1024, 2048), None),
+]
+
+
+@pytest.mark.parametrize("provider", PROVIDERS + ["compile"])
+@pytest.mark.parametrize("index", range(len(TRAINING_CASES)))
+def test_training_step(benchmark, settings, index, provider, monkeypatch):
     from fastp2phd.training import Trainer
 
-    size = (32, 64) if settings.smoke else ((512, 1024) if settings.cuda else (128, 256))
-    opt = training_options(settings, features, size)
+    name, features, extra, gpu_size, cpu_size = TRAINING_CASES[index]
+    if settings.smoke and index > 1 or (not settings.cuda and cpu_size is None):
+        pytest.skip("a GPU case" if cpu_size is None else "smoke run")
+    size = (32, 64) if settings.smoke else (gpu_size if settings.cuda else cpu_size)
+    if provider == "compile":
+        if settings.smoke:
+            pytest.skip("compiling takes a minute on the CPU: tests/test_compiling.py covers it")
+        extra = [*extra, "--compile", "reduce-overhead" if settings.cuda else "default"]
+    opt = training_options(settings, features, size, extra)
     torch.manual_seed(0)
     trainer = Trainer(opt, settings.device)
     if provider == "official":
@@ -111,7 +129,7 @@ def test_training_step(benchmark, settings, features, provider, monkeypatch):
     # The VGG loss with random weights: the same work as the real one, no download needed.
     trainer.vgg_loss = VGGLoss(vgg=Vgg19(pretrained=False)).to(settings.device)
     batch = next(iter(trainer.loader))
-    case = f"512p global G + 2 D + GAN/FM/VGG losses at {size[0]}x{size[1]}" + (" + E" if features else "")
+    case = f"{name} at {size[0]}x{size[1]}" + (" + E" if features and index < 2 else "")
     if settings.smoke:
         case = "smoke " + ("+ E" if features else "")
     measure(benchmark, settings, suite="training step", case=case, provider=provider,

@@ -4,16 +4,17 @@
 # tests, run compute-sanitizer's memcheck over the layout fuzz, run the benchmark suites on the GPU,
 # and print the report's targets table last.
 # Logs, the results JSON and REPORT.md go to OUT_DIR (copy the JSON into bench/results/
-# to keep it). All four steps take about 10 minutes; name steps to run fewer (the build is
-# always done), e.g. two calls of under 10 minutes each:
+# to keep it). Name steps to run fewer (the build is always done), e.g. calls of under 10 minutes each:
 #
-#   bench/gpu_check.sh OUT_DIR                     all steps (PYTHON=python3 by default)
-#   bench/gpu_check.sh OUT_DIR tests memcheck      build, GPU tests, memcheck
-#   bench/gpu_check.sh OUT_DIR bench               build, benchmarks (with the measured memory peaks)
+#   bench/gpu_check.sh OUT_DIR                     tests, memcheck and bench (PYTHON=python3 by default)
+#   bench/gpu_check.sh OUT_DIR tests memcheck      build, GPU tests (hard inputs, compile, no host sync), memcheck
+#   bench/gpu_check.sh OUT_DIR bench               build, op and model benchmarks (with the measured memory peaks)
+#   bench/gpu_check.sh OUT_DIR train               build, the training-step suite: official, reference, fastp2phd
+#                                                  and --compile reduce-overhead (compiles: minutes)
 #   bench/gpu_check.sh OUT_DIR inference           build, the inference-precision suite (fp32, bf16,
 #                                                  fp16, torch.compile, CUDA graphs: compiles, ~5 min)
 set -uo pipefail
-out=${1:?usage: bench/gpu_check.sh OUT_DIR [tests] [memcheck] [bench] [inference]}
+out=${1:?usage: bench/gpu_check.sh OUT_DIR [tests] [memcheck] [bench] [train] [inference]}
 shift
 steps=${*:-tests memcheck bench}
 wants() { [[ " $steps " == *" $1 "* ]]; }
@@ -34,9 +35,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 
 if wants tests; then
 step "GPU tests"
-timeout 240 "$py" -m pytest tests/test_cuda.py tests/test_triton_compile.py -q -x -p no:cacheprovider \
-    >"$out/tests.log" 2>&1 || status=1
-tail -5 "$out/tests.log"
+timeout 240 "$py" -m pytest tests/test_cuda.py tests/test_triton_compile.py tests/test_compiling.py \
+    tests/test_instance_mean_graph_safe.py -q -p no:cacheprovider >"$out/tests.log" 2>&1 || status=1
+tail -3 "$out/tests.log"
+# The hard-input accuracy suite on the Triton kernels, compiled this time (the interpreter runs it everywhere).
+timeout 120 "$py" -m pytest tests/test_hard_inputs.py -q -p no:cacheprovider -k "cuda" \
+    >"$out/hard-inputs.log" 2>&1 || status=1
+tail -3 "$out/hard-inputs.log"
 fi
 
 if wants memcheck; then
@@ -60,9 +65,17 @@ fi
 if wants bench; then
 step "benchmarks"
 timeout 360 "$py" -m pytest bench --bench-device cuda --bench-out "$out" -q -p no:cacheprovider \
-    --ignore=bench/bench_inference.py \
+    --ignore=bench/bench_inference.py -k "not test_training_step" \
     --benchmark-columns=median,iqr,rounds --benchmark-sort=name >"$out/bench.log" 2>&1 || status=1
 cp bench/REPORT.md "$out/REPORT.md" 2>/dev/null
+fi
+
+if wants train; then
+step "training step"
+timeout 540 "$py" -m pytest bench/bench_models.py -k test_training_step --bench-device cuda --bench-out "$out" -q \
+    -p no:cacheprovider --benchmark-columns=median,iqr,rounds >"$out/train.log" 2>&1 || status=1
+cp bench/REPORT.md "$out/REPORT.md" 2>/dev/null
+tail -3 "$out/train.log"
 fi
 
 if wants inference; then

@@ -84,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
     run_folder = Path(opt.checkpoints_dir) / opt.name
     model = load_run(run_folder, opt.which_epoch, device, model=model_spec(opt),
                      cluster_path=getattr(opt, "cluster_path", None), allow_pickle=getattr(opt, "allow_pickle", False),
-                     precision=getattr(opt, "precision", "fp32"))
+                     precision=getattr(opt, "precision", "fp32"), compile=getattr(opt, "compile", "off"))
     if command == "test":
         from .inference import run_test
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .compiling import OneSize, compile_networks
 from .console import progress_bar
 from .errors import Pix2PixHDError
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
@@ -30,6 +31,7 @@ def load_run(
     cluster_path: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     precision: str = "fp32",
+    compile: str = "off",
 ) -> Pix2PixHD:
     """A trained run, ready to generate: ``Pix2PixHD`` in eval mode on ``device`` (default the CPU).
 
@@ -41,7 +43,8 @@ def load_run(
     (``features_clustered_<n_clusters>.npz``, or ``cluster_path``: an original pickled
     ``.npy`` only with ``allow_pickle``) where they are there. What is missing is said, in one
     sentence, by the call that needs it. ``precision`` (fp32, bf16, or fp16 on CUDA) is what
-    ``generate``/``inference`` run in unless told otherwise; weights stay float32.
+    ``generate``/``inference`` run in unless told otherwise; weights stay float32. ``compile``: a
+    ``fastp2phd.compiling`` mode for G and E ("off" by default).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     autocast_dtype(precision, device)  # refuses fp16 on the CPU before anything is read
@@ -76,7 +79,9 @@ def load_run(
         elif cluster_path:
             raise InferenceError(f"the clusters file {clusters} does not exist; check --cluster_path")
     net.precision = precision
-    return net.to(device).eval()
+    net = net.to(device).eval()
+    net.one_size = OneSize(compile, device, compile_networks([net.netG, net.netE], compile, device, what="inference"))
+    return net
 
 
 def load_network_file(net: torch.nn.Module, path: Path) -> None:

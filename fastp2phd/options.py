@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .evaluate import IMAGENET_MEAN, IMAGENET_STD
-from .specs import OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec, read_opt_txt
+from .specs import COMPILE_CHOICES, OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec, read_opt_txt
 
 
 def _positive_int(text: str) -> int:
@@ -140,6 +140,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint_activations", action="store_true",
                    help="recompute the full- and half-resolution activations of G, E and the VGG loss in backward "
                         "instead of keeping them: the same training in far less memory, for about a quarter more time")
+    add_compile_option(g, "G, E, D and the VGG loss")
     g.add_argument("--continue_train", action="store_true", help="resume from the checkpoint --which_epoch")
     g.add_argument("--load_pretrain", default="",
                    help="folder of a trained G1 (global generator) to start --netG local from (coarse-to-fine)")
@@ -167,6 +168,13 @@ def add_test_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow_pickle", action="store_true",
                    help="allow reading an original pickled features_clustered_*.npy (a pickle can run code: only for files you trust)")
     add_precision_option(g)
+    add_compile_option(g, "G and E")
+
+
+def add_compile_option(g, what: str) -> None:
+    g.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_CHOICES,
+                   help=f"run {what} through torch.compile: default, reduce-overhead (also CUDA graphs: one image "
+                        "size per run) or max-autotune; --compile alone means default; checkpoints are unchanged")
 
 
 def add_precision_option(g) -> None:

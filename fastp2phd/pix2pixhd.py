@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .compiling import OneSize
 from .models import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
 from .ops._common import is_fake
 from .specs import ModelSpec, TrainSpec
@@ -78,29 +79,40 @@ class Pix2PixHD(nn.Module):
         self.clusters: dict[int, torch.Tensor] | None = None
         #: The precision ``generate`` and ``inference`` run in unless told otherwise (``load_run(precision=)``).
         self.precision = "fp32"
+        #: Refuses a new input size when the networks replay CUDA graphs (``load_run(compile="reduce-overhead")``).
+        self.one_size: OneSize | None = None
 
     # ------------------------------------------------------------------ inputs
+    def check_labels(self, label: torch.Tensor) -> None:
+        """Refuse label ids outside 0..label_nc-1 (the one-hot scatter would fail on the device). It reads the
+        values: a host sync for a GPU tensor, so the training step checks its batch on the CPU, before moving it."""
+        if self.spec.label_nc == 0:
+            return
+        if label.dim() != 4 or label.shape[1] != 1:
+            raise ValueError(f"label maps must have shape (N, 1, H, W), got {tuple(label.shape)}")
+        # Fake tensors (the memory model) have no values to check.
+        lowest, highest = torch.stack(torch.aminmax(label)).tolist() if label.numel() and not is_fake(label) else (0, 0)
+        if lowest < 0 or highest >= self.spec.label_nc:
+            bad = highest if highest >= self.spec.label_nc else lowest
+            raise ValueError(
+                f"the label map holds id {bad}, outside 0..{self.spec.label_nc - 1}: check --label_nc "
+                f"(it must exceed the largest label id)"
+            )
+
     def encode_input(self, label: torch.Tensor, inst: torch.Tensor | None,
-                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                     dtype: torch.dtype = torch.float32, *, checked: bool = False) -> torch.Tensor:
         """One-hot label map (or the input image with --label_nc 0), plus the instance boundary map.
 
         ``dtype``: float32, or under autocast its low-precision type, which holds the 0/1 maps
         exactly (and holds an input image as autocast's convolutions would round it) in half the memory.
+        ``checked``: the labels went through ``check_labels`` already.
         """
         spec = self.spec
         if spec.label_nc == 0:
             input_label = label.to(dtype)
         else:
-            if label.dim() != 4 or label.shape[1] != 1:
-                raise ValueError(f"label maps must have shape (N, 1, H, W), got {tuple(label.shape)}")
-            # A data-dependent check (one host sync); fake tensors (the memory model) have no values to check.
-            lowest, highest = torch.stack(torch.aminmax(label)).tolist() if label.numel() and not is_fake(label) else (0, 0)
-            if lowest < 0 or highest >= spec.label_nc:
-                bad = highest if highest >= spec.label_nc else lowest
-                raise ValueError(
-                    f"the label map holds id {bad}, outside 0..{spec.label_nc - 1}: check --label_nc "
-                    f"(it must exceed the largest label id)"
-                )
+            if not checked:
+                self.check_labels(label)
             n, _, h, w = label.shape
             input_label = torch.zeros(n, spec.label_nc, h, w, device=label.device, dtype=dtype)
             input_label.scatter_(1, label.long(), 1.0)
@@ -156,6 +168,8 @@ class Pix2PixHD(nn.Module):
         """(generated image, feature map or None) from label and instance maps; the image is float32 at every
         ``precision`` (default ``self.precision``)."""
         self.check_size(label)
+        if self.one_size is not None:
+            self.one_size.check(label)
         dtype = autocast_dtype(precision or self.precision, label.device)
         if dtype is None:
             return self(self.encode_input(label, inst), inst, label, image, feat)

@@ -23,6 +23,7 @@ NETG_CHOICES = ("global", "local")
 NORM_CHOICES = ("instance", "batch")
 RESIZE_OR_CROP_CHOICES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
 AMP_DTYPE_CHOICES = ("auto", "bf16", "fp16")
+COMPILE_CHOICES = ("off", "default", "reduce-overhead", "max-autotune")  # fastp2phd.compiling
 
 
 class SpecError(Pix2PixHDError, ValueError):
@@ -187,6 +188,7 @@ class TrainSpec(_Spec):
     fp16: bool = False
     amp_dtype: str = "auto"
     checkpoint_activations: bool = False
+    compile: str = "off"  # not in the original: torch.compile mode of G, E, D and the VGG loss (fastp2phd.compiling)
     batchSize: int = 1
     nThreads: int = 2
     serial_batches: bool = False
@@ -202,6 +204,7 @@ class TrainSpec(_Spec):
 
     def __post_init__(self) -> None:
         _check_choice("amp_dtype", self.amp_dtype, AMP_DTYPE_CHOICES)
+        _check_choice("compile", self.compile, COMPILE_CHOICES)
         _check_count(self, ("num_D", "n_layers_D", "ndf", "batchSize", "print_freq", "display_freq",
                             "save_latest_freq", "save_epoch_freq"), 1)
         _check_count(self, ("pool_size", "niter", "niter_decay", "niter_fix_global", "nThreads"), 0)

@@ -22,6 +22,7 @@ import random
 import torch
 from torch import nn
 
+from .compiling import OneSize, compile_networks
 from .errors import Pix2PixHDError
 from .models import GANLoss, VGGLoss, VGGWeightsNotFound, feature_matching_loss
 from .models.vgg import Vgg19
@@ -144,6 +145,9 @@ class TrainStep:
         self.fixed_global = False
         self.optimizer_G = self.make_optimizer_G(fix_global=spec.niter_fix_global > 0)
         self.gen, self.disc = self.model, self.netD  # DistributedDataParallel wrappers when several processes train
+        compiled = compile_networks([self.model.netG, self.model.netE, self.netD, self.vgg_loss], spec.compile,
+                                    device) if not is_fake(next(self.netD.parameters())) else False
+        self.one_size = OneSize(spec.compile, device, compiled)
 
     def make_optimizer_G(self, fix_global: bool) -> torch.optim.Optimizer:
         """Adam over G (and E); with --niter_fix_global, first only the outermost local enhancer."""
@@ -181,15 +185,17 @@ class TrainStep:
     def step(self, batch: dict) -> tuple[dict[str, float], torch.Tensor]:
         """Update G (and E) and D on one batch; returns the loss values and the generated images."""
         spec, model_spec = self.spec, self.spec.model
+        self.model.check_labels(batch["label"])  # on the loader's CPU tensors: no wait for the GPU
         batch = self._to_device(batch)
         label, inst, real = batch["label"], batch["inst"], batch["image"]
         feat = batch["feat"] if model_spec.load_features else None
         self.model.check_size(label)
+        self.one_size.check(real)
         self.on_phase("inputs")
         # Under autocast the label input is built in its low-precision type: the one-hot and boundary
         # maps are exact there, and concatenated with G's (or E's) low-precision outputs they stay so.
         input_label = self.model.encode_input(label, None if model_spec.no_instance else inst,
-                                              self.amp_dtype or torch.float32)
+                                              self.amp_dtype or torch.float32, checked=True)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         self.on_phase("G forward")
         with autocast:

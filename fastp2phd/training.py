@@ -105,8 +105,10 @@ class Trainer(TrainStep):
         if len(self.dataset) == 0:
             raise TrainingError(f"the dataset at {spec.data.dataroot} holds no images")
         self.sampler = EpochSampler(len(self.dataset), not spec.serial_batches, spec.seed, self.rank, self.world)
+        # CUDA graphs replay one batch size: --compile reduce-overhead on a GPU drops a smaller last batch.
+        drop_last = spec.compile == "reduce-overhead" and device.type == "cuda" and len(self.dataset) >= spec.batchSize
         self.loader = DataLoader(self.dataset, batch_size=spec.batchSize, sampler=self.sampler,
-                                 num_workers=spec.nThreads, collate_fn=collate, drop_last=False,
+                                 num_workers=spec.nThreads, collate_fn=collate, drop_last=drop_last,
                                  pin_memory=device.type == "cuda", persistent_workers=False)
 
         super().__init__(spec, device)

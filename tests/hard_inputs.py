@@ -175,13 +175,15 @@ def errors(y, dx, expected_y, expected_dx, rstd, dy):
     return forward, backward, nan_planes_agree
 
 
-def check_path(case: str, dtype: torch.dtype, channels_last: bool, activation: str, slope: float, impl: str):
-    """Assert the accuracy rule for one path on one hard input (see the module docstring)."""
+def check_path(case: str, dtype: torch.dtype, channels_last: bool, activation: str, slope: float, impl: str,
+               device: str = "cpu"):
+    """Assert the accuracy rule for one path on one hard input (see the module docstring). ``device``: where
+    ``impl`` runs; the module and the reference it is compared with run on the CPU."""
     x = make_input(case, dtype, channels_last)
     dy = torch.randn(x.shape, generator=_generator(3)).to(dtype)
     expected_y, expected_dx, rstd = oracle(x, dy, activation, slope)
 
-    y, dx = path_result(x, dy, activation, slope, impl)
+    y, dx = (t.cpu() for t in path_result(x.to(device), dy.to(device), activation, slope, impl))
     assert y.dtype == dtype and dx.dtype == dtype
     forward, backward, nan_planes = errors(y, dx, expected_y, expected_dx, rstd, dy)
     assert nan_planes, f"{impl}: a plane holding NaN or inf must give NaN"

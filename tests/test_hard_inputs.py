@@ -1,15 +1,18 @@
-"""instance_norm_act's reference and CPU kernel on the hard-input suite (tests/hard_inputs.py)."""
+"""instance_norm_act's reference, CPU kernel and (where there is a GPU) Triton kernels on the hard-input suite
+(tests/hard_inputs.py)."""
 from __future__ import annotations
 
 import pytest
 from hard_inputs import DTYPES, check_path, parameters
+import torch
 from support import requires_extension
 
-IMPLS = ["reference", pytest.param("cpu", marks=requires_extension)]
+IMPLS = ["reference", pytest.param("cpu", marks=requires_extension),
+         pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("case, dtype, channels_last, activation, slope", list(parameters()))
 def test_instance_norm_act_is_as_accurate_as_the_module_it_replaces(case, dtype, channels_last, activation, slope,
                                                                       impl):
-    check_path(case, DTYPES[dtype], channels_last, activation, slope, impl)
+    check_path(case, DTYPES[dtype], channels_last, activation, slope, impl, device="cuda" if impl == "cuda" else "cpu")

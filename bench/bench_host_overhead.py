@@ -1,0 +1,71 @@
+"""Host time per call: each op on a tiny tensor, where the kernels do almost nothing and what is measured
+is the Python wrapper, the dispatcher, autograd and the launch. pix2pixHD trains at batch 1, where most
+layers take microseconds on a GPU, so this cost decides its step time unless the step is captured in a
+CUDA graph. Each measurement is 100 calls; the same on any device (on the CPU too, as a proxy)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from harness import measure
+from torch import nn
+
+from fastp2phd import InstanceNormAct2d, ops
+
+CALLS = 100
+
+
+def _instance_norm_act(provider: str, channels: int):
+    if provider == "fastp2phd":
+        return InstanceNormAct2d(channels)
+    if provider == "op":
+        return lambda t: ops.instance_norm_act(t)
+    if provider == "reference":
+        return lambda t: ops.instance_norm_act(t, impl="reference")
+    return nn.Sequential(nn.InstanceNorm2d(channels), nn.ReLU())  # official: the unfused modules
+
+
+@pytest.mark.parametrize("provider", ["fastp2phd", "op", "reference", "official"])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_instance_norm_act_host_time(benchmark, settings, mode, provider):
+    x = torch.randn(1, 8, 4, 4, device=settings.device)
+    layer = _instance_norm_act(provider, 8)
+    if isinstance(layer, nn.Module):
+        layer.to(settings.device)
+    if mode == "fwd":
+        def fn():
+            for _ in range(CALLS):
+                layer(x)
+    else:
+        leaf = x.clone().requires_grad_(True)
+        dy = torch.ones_like(x)
+
+        def fn():
+            for _ in range(CALLS):
+                torch.autograd.grad(layer(leaf), leaf, dy)
+    measure(benchmark, settings, suite="host overhead", case=f"instance_norm_act {mode} 1x8x4x4, {CALLS} calls",
+            provider=provider, fn=fn)
+
+
+@pytest.mark.parametrize("provider", ["fastp2phd", "reference"])
+def test_instance_mean_host_time(benchmark, settings, provider):
+    feat = torch.randn(1, 3, 4, 4, device=settings.device)
+    inst = torch.arange(16, device=settings.device).view(1, 1, 4, 4) // 5
+    impl = "auto" if provider == "fastp2phd" else "reference"
+
+    def fn():
+        for _ in range(CALLS):
+            ops.instance_mean(feat, inst, impl=impl)
+    measure(benchmark, settings, suite="host overhead", case=f"instance_mean fwd 1x3x4x4, {CALLS} calls",
+            provider=provider, fn=fn)
+
+
+def test_eager_floor_host_time(benchmark, settings):
+    """The floor: one tiny ATen op per call (torch.relu), what any Python-level op pays at least."""
+    x = torch.randn(1, 8, 4, 4, device=settings.device)
+
+    def fn():
+        for _ in range(CALLS):
+            F.relu(x)
+    measure(benchmark, settings, suite="host overhead", case=f"torch.relu 1x8x4x4, {CALLS} calls",
+            provider="floor", fn=fn)

@@ -1,0 +1,178 @@
+"""--compile: the networks compile without graph breaks, a compiled training step equals the eager one, and
+what cannot be compiled (no working compiler, a new size under CUDA graphs) says so in one sentence."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fastp2phd.compiling import CompileError, OneSize, compile_networks
+from fastp2phd.models import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator, VGGLoss
+from fastp2phd.models.vgg import Vgg19
+from fastp2phd.pix2pixhd import Pix2PixHD
+from fastp2phd.specs import ModelSpec
+
+pytestmark = pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="torch.compile needs a newer torch")
+
+
+def instances(n=1, h=32, w=64):
+    return torch.randint(0, 3, (n, 1, h, w), generator=torch.Generator().manual_seed(1)) * 1000 + 26000
+
+
+def networks():
+    torch.manual_seed(0)
+    spec = ModelSpec(ngf=4, n_downsample_global=2, n_blocks_global=1, nef=4, n_downsample_E=2, instance_feat=True)
+    model = Pix2PixHD(spec)
+    label = torch.randint(0, 35, (1, 1, 32, 64))
+    image = torch.randn(1, 3, 32, 64)
+    return {
+        "GlobalGenerator": (GlobalGenerator(8, 3, ngf=4, n_downsampling=2, n_blocks=1), (torch.randn(1, 8, 32, 64),)),
+        "LocalEnhancer, checkpointed": (
+            LocalEnhancer(8, 3, ngf=4, n_downsample_global=2, n_blocks_global=1, n_local_enhancers=1,
+                          n_blocks_local=1, checkpoint=True), (torch.randn(1, 8, 64, 128),)),
+        "Encoder": (Encoder(3, 3, ngf=4, n_downsampling=2), (image, instances())),
+        "MultiscaleDiscriminator": (MultiscaleDiscriminator(6, ndf=4, n_layers=2, num_D=2), (torch.randn(2, 6, 32, 64),)),
+        "Pix2PixHD with features": (model, (model.encode_input(label, instances()), instances(), label, image)),
+        "VGGLoss": (VGGLoss(vgg=Vgg19(pretrained=False)), (torch.rand(1, 3, 32, 64), torch.rand(1, 3, 32, 64))),
+    }
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
+@pytest.mark.parametrize("name", list(networks()))
+def test_networks_compile_whole_with_no_graph_break(name, autocast):
+    torch._dynamo.reset()
+    module, inputs = networks()[name]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        explanation = torch._dynamo.explain(module)(*inputs)
+    assert explanation.graph_break_count == 0, [str(b.reason) for b in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+def run_steps(compile_mode: str, steps: int = 3):
+    """Losses of ``steps`` training steps, and the weights after them (tiny model, CPU, fixed seeds)."""
+    from test_train_step import TINY, batch
+
+    from fastp2phd.cli import build_parser
+    from fastp2phd.options import finish_options, train_spec
+    from fastp2phd.train_step import TrainStep
+
+    torch._dynamo.reset()
+    argv = ["train", "--resize_or_crop", "none", *TINY, "--instance_feat", "--no_vgg_loss", "--compile", compile_mode]
+    spec = train_spec(finish_options(build_parser().parse_args(argv), is_train=True))
+    torch.manual_seed(0)
+    step = TrainStep(spec, torch.device("cpu"))
+    losses = [step.step(batch(seed=1 + i))[0] for i in range(steps)]
+    return step, losses
+
+
+def test_a_compiled_training_step_matches_the_eager_one():
+    compiled, losses_c = run_steps("default")
+    eager, losses_e = run_steps("off")
+    assert compiled.model.netG._compiled_call_impl is not None and eager.model.netG._compiled_call_impl is None
+    for c, e in zip(losses_c, losses_e):
+        assert c.keys() == e.keys() and all(c[k] == pytest.approx(e[k], rel=1e-4, abs=1e-6) for k in c)
+    # Same checkpoints: the compiled networks keep their state_dict keys and hold the same weights.
+    for net_c, net_e in ((compiled.model, eager.model), (compiled.netD, eager.netD)):
+        sd_c, sd_e = net_c.state_dict(), net_e.state_dict()
+        assert sd_c.keys() == sd_e.keys()
+        assert all(torch.allclose(sd_c[k], sd_e[k], rtol=1e-4, atol=1e-5) for k in sd_c if sd_c[k].dim() > 1)
+    # A compiled step resumes from an eager one's weights (and the other way round).
+    compiled.model.load_state_dict(eager.model.state_dict())
+    compiled.netD.load_state_dict(eager.netD.state_dict())
+
+
+def test_without_a_working_compiler_it_warns_once_and_stays_eager(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    net = GlobalGenerator(8, 3, ngf=4, n_downsampling=2, n_blocks=1)
+    with pytest.warns(UserWarning, match=r"--compile default: torch.compile does not work here \(RuntimeError: no C\+\+ "
+                                         r"compiler found\); training runs eagerly"):
+        assert compile_networks([net, None], "default", torch.device("cpu")) is False
+    assert net._compiled_call_impl is None
+
+
+def test_off_compiles_nothing_and_a_bad_mode_is_refused():
+    net = GlobalGenerator(8, 3, ngf=4, n_downsampling=2, n_blocks=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compile_networks([net], "off", torch.device("cpu")) is False
+    with pytest.raises(CompileError, match="--compile must be one of off, default, reduce-overhead, max-autotune"):
+        compile_networks([net], "fastest", torch.device("cpu"))
+
+
+def test_cuda_graphs_refuse_a_second_image_size():
+    guard = OneSize("reduce-overhead", torch.device("cuda"), compiled=True)
+    guard.check(torch.zeros(1, 3, 256, 512, device="meta"))
+    guard.check(torch.zeros(1, 3, 256, 512, device="meta"))
+    with pytest.raises(CompileError, match=r"records CUDA graphs for one input size, 1x256x512, but this batch is "
+                                           r"1x240x512: give every image one size"):
+        guard.check(torch.zeros(1, 3, 240, 512, device="meta"))
+    for mode, device, compiled in (("default", "cuda", True), ("reduce-overhead", "cpu", True),
+                                   ("reduce-overhead", "cuda", False)):
+        free = OneSize(mode, torch.device(device), compiled)
+        free.check(torch.zeros(1, 3, 8, 8, device="meta"))
+        free.check(torch.zeros(1, 3, 16, 8, device="meta"))  # no graphs to protect: any size
+
+
+def test_the_command_line_takes_the_modes(capsys):
+    from fastp2phd.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--compile"]).compile == "default"
+    assert parser.parse_args(["train", "--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    assert parser.parse_args(["train"]).compile == "off"
+    assert parser.parse_args(["test", "--compile"]).compile == "default"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--compile", "fastest"])
+    assert "invalid choice: 'fastest'" in capsys.readouterr().err
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@requires_cuda
+def test_the_networks_never_wait_for_the_gpu():
+    """No op synchronises with the host (instance_mean included), so a step can be captured in a CUDA graph."""
+    torch.manual_seed(0)
+    spec = ModelSpec(ngf=4, n_downsample_global=2, n_blocks_global=1, nef=4, n_downsample_E=2, instance_feat=True)
+    model = Pix2PixHD(spec).cuda()
+    netD = MultiscaleDiscriminator(36 + 3, ndf=4, n_layers=2, num_D=2).cuda()
+    label = torch.randint(0, 35, (1, 1, 32, 64))
+    model.check_labels(label)  # (reads the values: done on the CPU, as the training step does)
+    label, inst, image = label.cuda(), instances().cuda(), torch.randn(1, 3, 32, 64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        input_label = model.encode_input(label, inst, checked=True)
+        fake, _ = model(input_label, inst, label, image)
+        loss = sum(scale[-1].mean() for scale in netD(torch.cat([input_label, fake], dim=1)))
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(p.grad is not None for p in model.netG.parameters())
+
+
+@requires_cuda
+def test_cuda_graphs_train_like_the_eager_step():
+    from test_train_step import TINY, batch
+
+    from fastp2phd.cli import build_parser
+    from fastp2phd.options import finish_options, train_spec
+    from fastp2phd.train_step import TrainStep
+
+    losses = {}
+    for mode in ("reduce-overhead", "off"):
+        torch._dynamo.reset()
+        argv = ["train", "--resize_or_crop", "none", *TINY, "--instance_feat", "--no_vgg_loss", "--compile", mode]
+        torch.manual_seed(0)
+        step = TrainStep(train_spec(finish_options(build_parser().parse_args(argv), is_train=True)),
+                         torch.device("cuda"))
+        losses[mode] = [step.step(batch(seed=1 + i))[0] for i in range(4)]
+        if mode == "reduce-overhead":
+            with pytest.raises(CompileError, match="records CUDA graphs for one input size"):
+                step.step(batch(h=32, seed=9))
+    for c, e in zip(losses["reduce-overhead"], losses["off"]):
+        assert all(c[k] == pytest.approx(e[k], rel=1e-3, abs=1e-5) for k in c)
