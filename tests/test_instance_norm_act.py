@@ -226,3 +226,33 @@ def test_16_bit_leaky_relu_with_a_tiny_slope_gets_the_right_gradient(slope, impl
     definition(x64, "leaky_relu", slope).backward(grad.double())
     _, backward_error = pytorch_errors(x, grad, "leaky_relu", slope)
     assert grad_err(x.grad, x64.grad, x, grad) <= 2 * backward_error + 1e-6
+
+
+@pytest.mark.parametrize("case", ["constant -2.3", "1000 + 0.001 randn", "label-like small", "regions", "one pixel"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_python_kernels_of_the_operator_match_the_compiled_ones(case, dtype):
+    # Where neither the extension nor Triton is there, the operator runs these: the same numerics.
+    import importlib
+
+    from hard_inputs import make_input, oracle
+
+    module = importlib.import_module("fastp2phd.ops.instance_norm_act")
+    x = make_input(case, dtype, channels_last=False)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    y, mean, rstd = module._forward_reference_kernel(x, "leaky_relu", 0.01, 1e-5)
+    dx = module._backward_formula(dy, x, mean, rstd, "leaky_relu", 0.01)
+    expected_y, expected_dx, expected_rstd = oracle(x, dy, "leaky_relu", 0.01)
+    bound = 1e-10 if dtype == torch.float64 else 4 * hard_inputs_roundoff(dtype)
+    assert (y.double() - expected_y).abs().max() <= bound * max(1.0, expected_y.abs().max().item())
+    assert (dx.double() - expected_dx).abs().max() <= bound * (expected_rstd.max() * dy.abs().max()).item()
+    if hasattr(torch.ops.fastp2phd.instance_norm_act.default, "_op"):  # the compiled kernel, where there is one
+        y_c, mean_c, rstd_c = torch.ops.fastp2phd.instance_norm_act(x, "leaky_relu", 0.01, 1e-5)
+        # (float64 statistics: equal to summation order; float32 rstd: a rounding of each)
+        assert rel_err(mean, mean_c) <= 1e-12
+        assert rel_err(rstd, rstd_c) <= (1e-12 if rstd.dtype == torch.float64 else 4 * hard_inputs_roundoff(rstd.dtype))
+
+
+def hard_inputs_roundoff(dtype):
+    from hard_inputs import UNIT_ROUNDOFF
+
+    return UNIT_ROUNDOFF[dtype]

@@ -89,21 +89,23 @@ def _normalize(s: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch
 
 
 def _forward_reference_kernel(x, activation, negative_slope, eps):
-    """(y, mean, rstd) in PyTorch ops with the kernels' numerics: the operator's kernel where no
-    compiled one is registered (no extension, no Triton). Moments are taken about a first estimate
-    of the mean, so a plane far from zero keeps its small spread; the mean is float64."""
+    """(y, mean, rstd) in PyTorch ops with the kernels' numerics: the operator's kernel where no compiled
+    one is registered (no extension, no Triton). Sums are taken in float64 (float32 values sum exactly
+    there; float64 values relative to the plane's first one, so a constant plane's mean is exact)."""
     dtype = stats_dtype(x.dtype)
     xc = x.to(dtype)
-    first = xc.mean(dim=(2, 3), keepdim=True)
-    centred = xc - first
-    correction = centred.mean(dim=(2, 3), keepdim=True)
-    var = (centred - correction).square().mean(dim=(2, 3)).reshape(-1).double()
-    mean = (first.double() + correction.double()).reshape(-1)
+    if dtype == torch.float64:
+        origin = xc[:, :, :1, :1]
+        mean = (origin + (xc - origin).mean(dim=(2, 3), keepdim=True)).reshape(-1)
+    else:
+        mean = xc.sum(dim=(2, 3), dtype=torch.float64).reshape(-1) / (x.shape[2] * x.shape[3])
+    centred = _normalize(xc, mean, torch.ones_like(mean, dtype=dtype))
+    var = centred.square().sum(dim=(2, 3), dtype=torch.float64).reshape(-1) / (x.shape[2] * x.shape[3])
     rstd = torch.rsqrt(var + eps)
     if x.shape[2] * x.shape[3] == 1 and eps == 0:  # a one-value plane normalises to 0, not 0 * inf
         rstd = torch.zeros_like(rstd)
     rstd = rstd.to(dtype)
-    y = _activate(_normalize(xc, mean, rstd), activation, negative_slope)
+    y = _activate(centred * rstd.view(*x.shape[:2], 1, 1), activation, negative_slope)
     return y.to(x.dtype, memory_format=memory_format_of(x)), mean, rstd
 
 
