@@ -130,7 +130,7 @@ def test_the_command_line_takes_the_modes(capsys):
     assert "invalid choice: 'fastest'" in capsys.readouterr().err
 
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @requires_cuda

@@ -8,7 +8,7 @@ import torch
 from support import requires_extension
 
 IMPLS = ["reference", pytest.param("cpu", marks=requires_extension),
-         pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+         pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
 
 
 @pytest.mark.parametrize("impl", IMPLS)
