@@ -25,7 +25,6 @@ H100 = GPUTarget("cuda", 90, 32)
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
                 torch.int32: "i32", torch.int64: "i64"}
 FLOAT_ARGS = {"eps", "slope"}  # float64 (annotated in the kernels)
-INT64_ARGS = {"lowest"}
 # (N, C, H, W) of pix2pixHD layers at 1024x512 and 2048x1024 (the benchmark shapes), and batch-1 deep layers.
 SHAPES = [(1, 64, 1024, 512), (1, 64, 2048, 1024), (4, 256, 256, 128), (8, 1024, 64, 32), (1, 1024, 32, 64), (1, 512, 64, 128)]
 
@@ -57,7 +56,7 @@ def compile_kernel(fn, pointer_types: dict, constexprs: dict, num_warps: int = 4
         elif name in FLOAT_ARGS:
             signature[name] = "fp64"
         else:
-            signature[name] = "i64" if name in INT64_ARGS else "i32"
+            signature[name] = "i32"
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=H100,
                           options={"num_warps": num_warps})
 
