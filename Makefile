@@ -49,7 +49,7 @@ DEMO_ARGS ?=
 demo: $(STAMP)
 	$(PY) -m fastp2phd demo --out demo_output $(DEMO_ARGS)
 
-# The CPU benchmark suites (about 15 minutes on 2 cores): results in bench/results/, report in bench/REPORT.md.
+# The CPU benchmark suites (about 25 minutes on 2 cores): results in bench/results/, report in bench/REPORT.md.
 bench: $(TEST_STAMP)
 	$(PIP) install "pytest-benchmark" "matplotlib" "scikit-image"
 	$(PY) -m pytest bench -p no:cacheprovider -q --benchmark-columns=median,iqr,rounds --benchmark-sort=name
