@@ -5,6 +5,7 @@ import glob
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -34,3 +35,18 @@ def test_cuda_source_compiles(source, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert (tmp_path / "kernel.o").stat().st_size > 0
+
+
+def test_a_checkout_on_pythonpath_imports_its_own_triton_kernels(tmp_path):
+    """Without an install's package_dir mapping, fastp2phd.kernels is still the kernels/ beside the
+    package imported (not another install's, and not missing)."""
+    pytest.importorskip("triton")
+    for name in ("fastp2phd", "kernels"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copy(ROOT / "setup.py", tmp_path / "setup.py")
+    probe = ("import fastp2phd, fastp2phd.kernels.instance_norm_act as k; "
+             "print(fastp2phd.__file__); print(k.__file__)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "FASTP2PHD_NO_EXT": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT.parent, env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == [str(tmp_path / "fastp2phd" / "__init__.py"), str(tmp_path / "kernels" / "instance_norm_act.py")]
