@@ -48,8 +48,9 @@ def collect() -> dict[str, Any]:
         no_cuda = "this machine has no CUDA device (or the driver is missing), so there are no CUDA tensors for it"
     else:
         no_cuda = None
-    ops = {}
+    ops, atomics = {}, []
     for op, paths in fast_paths().items():
+        atomics += [f"{op} {path.name} ({path.kernel})" for path in paths if not path.deterministic]
         ops[op] = {"reference": None}
         for path in paths:
             # Built and importable, but useless without CUDA: say so rather than "available".
@@ -67,6 +68,8 @@ def collect() -> dict[str, Any]:
         "cpu_bf16": cpu_bf16(),
         "extension": "loaded" if _extension.is_loaded() else _extension.load_error,
         "impl_default": os.environ.get(IMPL_ENV, "auto"),
+        "deterministic_mode": torch.are_deterministic_algorithms_enabled(),
+        "float_atomics": atomics,
         "ops": ops,
     }
 
@@ -81,6 +84,9 @@ def format_report(facts: dict[str, Any]) -> str:
                             else "emulated (no AVX512-BF16 or AMX): --precision bf16 saves memory, not time"),
         f"extension fastp2phd._C: {facts['extension']}",
         f"default impl (FASTP2PHD_IMPL): {facts['impl_default']}",
+        f"deterministic mode (torch.use_deterministic_algorithms): {'on' if facts['deterministic_mode'] else 'off'}; "
+        + (f"in it, auto runs the reference instead of {', '.join(facts['float_atomics'])} (float atomics)"
+           if facts["float_atomics"] else "every fast path here is deterministic"),
         "ops (impl: status):",
     ]
     for op, paths in facts["ops"].items():

@@ -82,17 +82,23 @@ def test_instance_mean_triton_small_cases_and_gradient():
         assert rel_err(feat.grad, instance_mean_loop(grad, inst)) < 1e-6
 
 
-def test_instance_mean_triton_deterministic_mode_runs_the_reference():
+def test_instance_mean_deterministic_mode_auto_runs_the_reference_and_by_name_refuses():
     inst = cityscapes_like(1, 64, 128, seed=2).to(CUDA)
     feat = torch.randn(1, 3, 64, 128, device=CUDA)
     torch.use_deterministic_algorithms(True)
     try:
-        first = ops.instance_mean(feat, inst, impl="triton")
-        second = ops.instance_mean(feat, inst, impl="triton")
+        with pytest.warns(UserWarning, match="float atomics"):
+            first = ops.instance_mean(feat, inst)
+        second = ops.instance_mean(feat, inst)
+        with pytest.raises(RuntimeError, match="use_deterministic_algorithms"):
+            ops.instance_mean(feat, inst, impl="cuda")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        atomics = ops.instance_mean(feat, inst, impl="cuda")
     finally:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(first, second)
-    assert rel_err(first, instance_mean_loop(feat, inst)) < 1e-6
+    assert torch.equal(first, ops.instance_mean(feat, inst, impl="reference"))
+    assert rel_err(atomics, instance_mean_loop(feat, inst)) < 1e-6
 
 
 def test_instance_mean_triton_opcheck_and_compile():

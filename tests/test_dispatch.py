@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from support import requires_extension
 
 import fastp2phd.diagnostics
 from fastp2phd import ops
-from fastp2phd.ops._dispatch import select
+from fastp2phd.ops._dispatch import FastPath, select
 
 CPU = torch.device("cpu")
 BOUNDARY_PATHS = ops.fast_paths()["boundary_map"]
@@ -45,6 +46,35 @@ def test_fast_path_that_cannot_run_raises_instead_of_falling_back():
         pytest.skip("the CUDA kernel is available here")
     with pytest.raises(RuntimeError, match="impl='cuda' is not available"):
         select("boundary_map", "cuda", torch.device("cuda"), BOUNDARY_PATHS)
+
+
+@pytest.fixture
+def deterministic_mode():
+    def switch(warn_only=False):
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    yield switch
+    torch.use_deterministic_algorithms(False)
+
+
+def test_a_path_with_float_atomics_is_never_a_silent_substitute_in_deterministic_mode(deterministic_mode, monkeypatch):
+    monkeypatch.delenv(ops.IMPL_ENV, raising=False)
+    monkeypatch.setattr("fastp2phd.ops._dispatch._warned", set())
+    atomics = FastPath("cpu", "Atomics", None, run=None, deterministic=False)
+    assert select("op", "auto", CPU, [atomics]) is atomics  # deterministic mode off: taken silently
+    deterministic_mode()
+    with pytest.warns(UserWarning, match=r"op: its cpu path \(Atomics\) adds with float atomics.*impl='auto' runs the deterministic reference"):
+        assert select("op", "auto", CPU, [atomics]) is None
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        assert select("op", "auto", CPU, [atomics]) is None
+    assert again == []  # once per op and path
+    with pytest.raises(RuntimeError, match="impl='cpu' adds with float atomics.* use impl='auto'"):
+        select("op", "cpu", CPU, [atomics])
+    deterministic_mode(warn_only=True)  # as PyTorch's own ops: run, and say so
+    monkeypatch.setattr("fastp2phd.ops._dispatch._warned", set())
+    with pytest.warns(UserWarning, match="runs anyway"):
+        assert select("op", "cpu", CPU, [atomics]) is atomics
+    assert "float atomics" in fastp2phd.diagnostics.format_report(fastp2phd.diagnostics.collect())
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

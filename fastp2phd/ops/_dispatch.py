@@ -15,13 +15,19 @@ While a model is exported (``torch.export``, ``torch.onnx.export``, ``torch.jit.
 every op records its reference, whatever ``impl`` says: the exported graph then holds
 standard operators (ONNX: InstanceNormalization, Relu, ScatterElements, ...) and runs
 without fastp2phd. The function it computes is the same. Triton paths also take CPU tensors by name when
-  Triton's interpreter is on (``TRITON_INTERPRET=1``), which is how they are tested
-  without a GPU; ``"auto"`` never picks the interpreter for CPU tensors.
+Triton's interpreter is on (``TRITON_INTERPRET=1``), which is how they are tested
+without a GPU; ``"auto"`` never picks the interpreter for CPU tensors.
+
+Under ``torch.use_deterministic_algorithms(True)`` a path that adds with float atomics
+(``deterministic=False``) is not taken: ``"auto"`` runs the reference and says so once (a
+warning), asking for it by name raises, and with ``warn_only=True`` it runs with a warning,
+as PyTorch's own nondeterministic ops do. ``fastp2phd info`` lists such paths.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -42,6 +48,7 @@ class FastPath:
     aliases: tuple[str, ...] = ()  # earlier names that still select it
     interpreted: bool = False  # a Triton path running in the interpreter: also takes CPU tensors by name
     registered_anywhere: bool = False  # its torch.library op (and fake kernel) exists even where it cannot run
+    deterministic: bool = True  # False: float atomics add in no fixed order, so bits may differ run to run
 
     @property
     def name(self) -> str:
@@ -82,7 +89,7 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
         for path in fast_paths:
             usable = path.unavailable is None or (_emulated_device is not None and path.registered_anywhere)
             if path.device_type == device_type and usable:
-                return path
+                return path if _allowed_by_deterministic_mode(op, path, asked_by_name=False) else None
         return None
     if impl == "reference":
         return None
@@ -98,9 +105,34 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
             )
         if path.unavailable is not None:
             raise RuntimeError(f"{op}: impl={impl!r} is not available: {path.unavailable}")
+        if not _allowed_by_deterministic_mode(op, path, asked_by_name=True):
+            raise RuntimeError(
+                f"{op}: impl={impl!r} adds with float atomics, whose bits may differ from run to run, and "
+                "torch.use_deterministic_algorithms(True) is on; use impl='auto' (it runs the deterministic "
+                "reference then) or impl='reference', or pass warn_only=True to use_deterministic_algorithms")
         return path
     choices = ", ".join(repr(name) for name in ("auto", "reference", *(p.name for p in fast_paths)))
     raise ValueError(f"{op}: unknown impl={impl!r}; choose one of {choices}")
+
+
+_warned: set[tuple[str, str]] = set()
+
+
+def _allowed_by_deterministic_mode(op: str, path: FastPath, asked_by_name: bool) -> bool:
+    """Whether ``path`` may run under the current deterministic-algorithms setting (warning where PyTorch would)."""
+    if path.deterministic or not torch.are_deterministic_algorithms_enabled():
+        return True
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    if asked_by_name and not warn_only:
+        return False
+    if (op, path.name) not in _warned and not torch.compiler.is_compiling():
+        _warned.add((op, path.name))
+        warnings.warn(
+            f"{op}: its {path.name} path ({path.kernel}) adds with float atomics, so under "
+            "torch.use_deterministic_algorithms(True) " + (
+                "it runs anyway (warn_only=True)" if warn_only else "impl='auto' runs the deterministic reference instead"),
+            stacklevel=3)
+    return warn_only
 
 
 def triton_missing(exc: ImportError) -> str:

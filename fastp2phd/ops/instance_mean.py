@@ -21,9 +21,9 @@ Both fast paths are kernels of one operator, ``torch.ops.fastp2phd.instance_mean
   not depend on the thread count beyond the last bit.
 * ``"cuda"`` (earlier ``"triton"``), its CUDA kernel (Triton, ``kernels/instance_mean.py``): segments numbered by
   ``segment_index`` (on the device, so the op never waits for it and a CUDA graph can
-  hold it), run sums inside pixel tiles, one float64 atomic per run. With
-  ``torch.use_deterministic_algorithms(True)`` it runs the reference instead, since
-  float atomics do not add in a fixed order.
+  hold it), run sums inside pixel tiles, one float64 atomic per run. Float atomics do
+  not add in a fixed order, so under ``torch.use_deterministic_algorithms(True)`` ``"auto"``
+  runs the reference with a warning, and ``impl="cuda"`` raises (see ``_dispatch``).
 
 Where a kernel is missing (no extension, no Triton) the operator runs the reference;
 under ``TRITON_INTERPRET=1`` its CPU kernel runs the Triton kernels in the interpreter.
@@ -92,8 +92,9 @@ def _triton_kernel(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
 
 
 def _cuda_kernel(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
-    # Float atomics do not add in a fixed order: deterministic mode gets the reference.
-    if _kernels is None or torch.are_deterministic_algorithms_enabled():
+    # The operator called directly (not through select): deterministic mode gets the reference here too.
+    strict = torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+    if _kernels is None or strict:
         return instance_mean_reference(feat, inst)
     return _triton_kernel(feat, inst)
 
@@ -173,7 +174,7 @@ FAST_PATHS = (
     FastPath("cpu", "C++", "the interpreter process (TRITON_INTERPRET=1) runs the Triton kernels on the CPU"
              if _INTERPRETED else extension_kernel_missing("instance_mean", "CPU"), instance_mean_op, aliases=("cpp",)),
     FastPath("cuda", "Triton", _TRITON_MISSING, instance_mean_op, aliases=("triton",), interpreted=_INTERPRETED,
-             registered_anywhere=True),
+             registered_anywhere=True, deterministic=_INTERPRETED),  # the interpreter runs programs in order
 )
 
 
