@@ -176,3 +176,30 @@ def test_cuda_graphs_train_like_the_eager_step():
                 step.step(batch(h=32, seed=9))
     for c, e in zip(losses["reduce-overhead"], losses["off"]):
         assert all(c[k] == pytest.approx(e[k], rel=1e-3, abs=1e-5) for k in c)
+
+
+@requires_cuda
+def test_an_eager_training_step_waits_for_the_gpu_once():
+    """The loss values are read in one host transfer, just before the optimizer steps (each read drains
+    the GPU queue and leaves it idle while the host queues the next work)."""
+    import warnings
+
+    from test_train_step import TINY, batch
+
+    from fastp2phd.cli import build_parser
+    from fastp2phd.options import finish_options, train_spec
+    from fastp2phd.train_step import TrainStep
+
+    argv = ["train", "--resize_or_crop", "none", *TINY, "--instance_feat", "--no_vgg_loss"]
+    step = TrainStep(train_spec(finish_options(build_parser().parse_args(argv), is_train=True)), torch.device("cuda"))
+    step.step(batch(seed=1))  # warm-up: lazy initialisation may read from the GPU once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step.step(batch(seed=2))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs

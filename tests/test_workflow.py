@@ -276,7 +276,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, dataroot, monkey
     before = weights(ck / "run" / "latest_net_G.pth")
     from fastp2phd.models import GANLoss
 
-    monkeypatch.setattr(GANLoss, "forward", lambda self, input, real: torch.tensor(float("nan")))
+    # A NaN that carries gradients, as a diverged loss does: the step reads it only after the backwards.
+    monkeypatch.setattr(GANLoss, "forward", lambda self, input, real: input[0][-1].mean() * float("nan"))
     assert run(*train_args(ck, dataroot, "--niter", "2", "--niter_decay", "0", "--continue_train")) == 1
     err = capsys.readouterr().err
     assert "diverged" in err and "nan" in err
