@@ -4,7 +4,8 @@
 encoder E (``netE``). It turns a batch of label maps, instance maps and images
 into the generator's input (one-hot labels, the instance boundary map, the
 encoded or sampled features) exactly as the original model does, and generates
-images. The discriminator and the losses live in ``fastp2phd.training``.
+images. The discriminator and the losses live in ``fastp2phd.models``, the training step
+that uses them in ``fastp2phd.train_step``.
 """
 from __future__ import annotations
 

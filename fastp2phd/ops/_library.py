@@ -9,14 +9,14 @@ op                   CPU                                             CUDA
 ==================== =============================================== =====================================
 boundary_map         C++ (``csrc/``), else the PyTorch reference     CUDA C++, else the reference
 instance_mean        C++, else the reference                         Triton (``kernels/``), else the reference
-instance_norm_act    the reference                                   Triton, else the reference
+instance_norm_act    C++, else the reference                         Triton, else the reference
 ==================== =============================================== =====================================
 
 The C++ extension registers its kernels (``TORCH_LIBRARY_IMPL``) when it is imported,
 which happens here, after the schemas exist; the op modules register Python kernels
 for whatever it did not provide. Under ``TRITON_INTERPRET=1`` the CPU kernels of the
 Triton ops run the Triton kernels in Triton's interpreter (how the tests run them
-without a GPU), and the C++ CPU kernel of instance_mean is not used.
+without a GPU), and the C++ CPU kernels of the Triton ops are not used.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ tests/hard_inputs.py checks it on the planes that break naive kernels (constant,
 far from zero, sparse label-like, huge, one-value, NaN and inf).
 
 Fast paths: ``"cpu"`` (C++, ``csrc/instance_norm_act_cpu.cpp``) and ``"cuda"``
-(Triton, ``fastp2phd/kernels/instance_norm_act.py``; earlier name ``"triton"``),
+(Triton, ``kernels/instance_norm_act.py``, imported as ``fastp2phd.kernels``; earlier name ``"triton"``),
 the kernels of ``torch.ops.fastp2phd.instance_norm_act`` (returns y and the float64
 mean and rstd of every plane) and ``torch.ops.fastp2phd.instance_norm_act_backward``,
 with fake kernels and autograd. Where neither is compiled (no extension, no Triton)
