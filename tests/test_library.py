@@ -10,7 +10,7 @@ from fastp2phd.ops import _library
 
 def test_every_schema_is_defined_once_in_python():
     assert set(_library.SCHEMAS) == {"boundary_map", "instance_mean", "instance_norm_act",
-                                     "instance_norm_act_backward"}
+                                     "instance_norm_act_backward", "instance_norm_act_input_grad"}
     for name, schema in _library.SCHEMAS.items():
         assert str(_library.op(name)._schema) == f"fastp2phd::{schema}"
     assert {name for name in dir(torch.ops.fastp2phd) if not name.startswith("_")} >= set(_library.SCHEMAS)
@@ -20,6 +20,11 @@ def test_every_schema_is_defined_once_in_python():
 def test_every_operator_has_cpu_and_cuda_kernels(name):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastp2phd::{name}", key), (name, key)
+
+
+def test_the_differentiable_input_grad_is_one_composite_for_every_device():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("fastp2phd::instance_norm_act_input_grad",
+                                                           "CompositeImplicitAutograd")
 
 
 CALLS = {

@@ -152,3 +152,23 @@ def test_memory_command_rejects_an_unknown_generator(capsys):
     with pytest.raises(SystemExit):
         main(["memory", "--netG", "huge"])
     assert "invalid choice: 'huge'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_checkpointed_instance_norm_act_frees_what_it_recomputed(impl):
+    """After backward through checkpointed IN+act layers only the leaf and the output are alive (a C++
+    autograd Function that saved its own outputs once kept one tensor per layer alive here)."""
+    from torch.utils.checkpoint import checkpoint
+
+    from fastp2phd import ops
+    def layer(x):
+        return ops.instance_norm_act(x * 2, impl=impl)
+
+    tracker = LiveBytes()
+    leaf = torch.randn(1, 4, 64, 64, requires_grad=True)
+    with tracker:
+        out = leaf * 1
+        for _ in range(5):
+            out = checkpoint(layer, out, use_reentrant=False)
+        out.sum().backward()
+    assert tracker.live == out.untyped_storage().nbytes() + leaf.grad.untyped_storage().nbytes()

@@ -106,7 +106,7 @@ def exporting() -> bool:
     """Whether an exporter is tracing: torch.export (and the ONNX exporter built on it), or torch.jit.trace
     (and the TorchScript-based ONNX exporter). The ops then record their PyTorch reference, in standard
     ops every exporter and runtime knows, instead of fastp2phd's kernels."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def is_fake(t) -> bool:

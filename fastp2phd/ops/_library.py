@@ -39,6 +39,11 @@ SCHEMAS = {
     # dx from dy, x and the forward's statistics.
     "instance_norm_act_backward": "instance_norm_act_backward(Tensor grad, Tensor x, Tensor mean, Tensor rstd, "
                                   "str activation, float negative_slope) -> Tensor",
+    # dx from the gradients of all three outputs, differentiable (a composite of PyTorch ops where grad
+    # mode is on): what the C++ autograd calls for double backward and gradients of mean or rstd.
+    "instance_norm_act_input_grad": "instance_norm_act_input_grad(Tensor? grad_y, Tensor? grad_mean, "
+                                    "Tensor? grad_rstd, Tensor x, Tensor mean, Tensor rstd, str activation, "
+                                    "float negative_slope) -> Tensor",
 }
 
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")
@@ -47,7 +52,7 @@ for _schema in SCHEMAS.values():
 _extension.load()  # the C++/CUDA kernels register themselves against the schemas above
 # What the extension provides, noted before any Python kernel is registered.
 _EXTENSION_KERNELS = frozenset(
-    (name, key) for name in SCHEMAS for key in ("CPU", "CUDA")
+    (name, key) for name in SCHEMAS for key in ("CPU", "CUDA", "Autograd")
     if _extension.is_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key)
 )
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ._common import ACTIVATIONS, empty_like_format, memory_format_of, stats_dtype, tangents_may_flow
 from ._dispatch import FastPath, select, triton_missing
-from ._library import extension_kernel_missing, op, register_kernel
+from ._library import LIBRARY, extension_kernel_missing, op, register_kernel
 
 try:
     from ..kernels import INTERPRETED as _INTERPRETED
@@ -189,21 +189,21 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # mean and rstd rarely get gradients: don't fill zeros for them
 
 
-def _backward(ctx, grad_y, grad_mean, grad_rstd):
-    """dx from the gradients of all three outputs (y, mean, rstd).
+def _input_grad(grad_y, grad_mean, grad_rstd, x, mean, rstd, activation, negative_slope):
+    """dx from the gradients of all three outputs (y, mean, rstd; None where none flows).
 
     With create_graph (grad mode on during backward), dx is computed in PyTorch ops, so its graph
-    reaches x directly or through the saved mean and rstd; their gradients come back here.
+    reaches x directly or through the saved mean and rstd; their gradients come back here. This is
+    also the composite kernel of ``instance_norm_act_input_grad``, which the C++ autograd calls.
     """
-    x, mean, rstd = ctx.saved_tensors
     if grad_y is None:
         dx = torch.zeros(x.shape, dtype=rstd.dtype, device=x.device)
     elif torch.is_grad_enabled() or tangents_may_flow():  # create_graph, or under torch.func (e.g. jacrev)
-        dx = _backward_formula(grad_y, x, mean, rstd, ctx.activation, ctx.negative_slope)
+        dx = _backward_formula(grad_y, x, mean, rstd, activation, negative_slope)
     else:
-        dx = _backward_op(grad_y, x, mean, rstd, ctx.activation, ctx.negative_slope)
+        dx = _backward_op(grad_y, x, mean, rstd, activation, negative_slope)
     if grad_mean is None and grad_rstd is None:
-        return dx, None, None, None
+        return dx
     # d mean / dx = 1 / P and d rstd / dx = -rstd^2 xhat / P, per plane.
     N, C, H, W = x.shape
     xhat = _normalize(x, mean, rstd)
@@ -212,10 +212,19 @@ def _backward(ctx, grad_y, grad_mean, grad_rstd):
         extra = extra + grad_mean.to(rstd.dtype).view(N, C, 1, 1) / (H * W)
     if grad_rstd is not None:
         extra = extra - (grad_rstd * rstd * rstd).view(N, C, 1, 1) * xhat / (H * W)
-    return (dx + extra).to(x.dtype, memory_format=memory_format_of(x)), None, None, None
+    return (dx + extra).to(x.dtype, memory_format=memory_format_of(x))
 
 
-torch.library.register_autograd("fastp2phd::instance_norm_act", _backward, setup_context=_setup_context)
+def _backward(ctx, grad_y, grad_mean, grad_rstd):
+    x, mean, rstd = ctx.saved_tensors
+    return _input_grad(grad_y, grad_mean, grad_rstd, x, mean, rstd, ctx.activation, ctx.negative_slope), None, None, None
+
+
+LIBRARY.impl("instance_norm_act_input_grad", _input_grad, "CompositeImplicitAutograd")
+# The extension's C++ autograd (csrc/instance_norm_act_autograd.cpp) costs less host time per call;
+# this Python one, the same formula, serves where the extension is not built.
+if extension_kernel_missing("instance_norm_act", "Autograd") is not None:
+    torch.library.register_autograd("fastp2phd::instance_norm_act", _backward, setup_context=_setup_context)
 
 
 class _ForwardADFunction(torch.autograd.Function):
