@@ -291,3 +291,17 @@ def test_a_request_sent_in_pieces_within_the_deadline_is_answered(editor):
             time.sleep(0.05)
         assert well_formed(read_answer(sock)) == 200
     assert len(app.session.undo_stack) == 1
+
+
+def test_bodies_held_at_once_are_bounded(monkeypatch, editor):
+    monkeypatch.setattr(editor_server, "MAX_BUFFERED", 100_000)
+    _, port = editor
+    announced = {"Content-Length": "500000"}
+    with connect(port) as first, connect(port) as second:
+        first.sendall(request("POST", "/api/edit", port, announced, b" " * 90_000))  # held: its body is unfinished
+        time.sleep(0.2)
+        second.sendall(request("POST", "/api/edit", port, announced, b" " * 20_000))
+        assert well_formed(read_answer(second)) == 503
+        first.close()
+        time.sleep(0.2)
+        assert exchange(port, request("POST", "/api/edit", port, body=PAINT))[0] == 200  # the memory is back

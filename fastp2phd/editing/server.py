@@ -58,9 +58,11 @@ ANSWER_WITHIN = 4.0  # seconds a whole request may wait for a worker and the gen
 SEND_DEADLINE = 30.0  # seconds a client may take to read its answer
 LINGER = 2.0  # seconds the server reads (and drops) what a client still sends after its answer
 MAX_WORKERS = 16  # requests answered at once (threads)
-MAX_CONNECTIONS = 256  # connections open at once (being read or answered)
-MAX_PER_CLIENT = 128  # of them from one address: on 127.0.0.1 every local client shares it
+MAX_CONNECTIONS = 512  # connections open at once (being read or answered); with the lingering ones well
+MAX_LINGERING = 256  # under the usual limit of 1024 file descriptors
+MAX_PER_CLIENT = 384  # of them from one address (on 127.0.0.1 every local client shares it)
 MAX_HEAD = 64 << 10  # bytes of request line and headers
+MAX_BUFFERED = 64 << 20  # bytes of requests held at once, all connections together
 BACKLOG = 1024  # connections the kernel queues before the server accepts them (capped by net.core.somaxconn)
 DOWNLOADS = ("image", "label_ids", "instance_ids", "label_colours")  # what /api/download/<name>.png offers
 
@@ -551,8 +553,8 @@ class EditorServer:
 
     A slow or idle client costs a socket and a buffer, never a worker, and is answered 408 at its
     deadline; a client that already holds ``MAX_PER_CLIENT`` connections, or a full server
-    (``MAX_CONNECTIONS``), gets 503 at once; so does a request that waits more than ``ANSWER_WITHIN``
-    seconds for a worker or the generator. One request per connection; after the answer the server
+    (``MAX_CONNECTIONS``, ``MAX_BUFFERED``), gets 503 at once; so does a request that waits more than
+    ``ANSWER_WITHIN`` seconds for a worker or the generator. One request per connection; after the answer the server
     reads what the client still sends for up to ``LINGER`` seconds before closing, so the answer is
     not lost to a TCP reset. As a context manager (``with serve(app) as server:``) it stops serving
     and closes its sockets on exit.
@@ -582,6 +584,7 @@ class EditorServer:
         self.waiting: deque[Connection] = deque()  # read whole, waiting for a worker
         self.done: queue.SimpleQueue[Connection] = queue.SimpleQueue()  # answered by a worker
         self.answering = 0  # requests handed to workers and not yet given back
+        self.buffered = 0  # bytes in the ``data`` of counted connections
         self._stop = threading.Event()
         self._stopped = threading.Event()
 
@@ -595,22 +598,28 @@ class EditorServer:
     def serve_forever(self) -> None:
         try:
             while not self._stop.is_set():
-                for key, _ in self.selector.select(timeout=0.05):
-                    if key.fileobj is self.socket:
-                        self._accept()
-                    elif key.fileobj is self._wake_r:
-                        self._drain_wakeups()
-                    else:
-                        self._read(key.data)
-                while not self.done.empty():
-                    conn = self.done.get()
-                    self.answering -= 1
-                    self._release(conn)
-                    self._linger(conn)
-                self._expire(time.monotonic())
-                self._dispatch()
+                try:
+                    self._step()
+                except Exception:  # a bug: report it and keep serving the other clients
+                    traceback.print_exc(file=sys.stderr)
         finally:
             self._stopped.set()
+
+    def _step(self) -> None:
+        for key, _ in self.selector.select(timeout=0.05):
+            if key.fileobj is self.socket:
+                self._accept()
+            elif key.fileobj is self._wake_r:
+                self._drain_wakeups()
+            else:
+                self._read(key.data)
+        while not self.done.empty():
+            conn = self.done.get()
+            self.answering -= 1
+            self._release(conn)
+            self._linger(conn)
+        self._expire(time.monotonic())
+        self._dispatch()
 
     def shutdown(self) -> None:
         self._stop.set()
@@ -662,7 +671,12 @@ class EditorServer:
             else:  # the client stopped sending: answer what it sent (a cut-off request gets its 400)
                 self._ready(conn)
             return
+        if self.buffered + len(chunk) > MAX_BUFFERED:
+            self._stop_reading(conn)
+            self._refuse(conn, BUSY_RESPONSE)
+            return
         conn.data += chunk
+        self.buffered += len(chunk)
         if conn.size is None:
             conn.size = request_size(conn.data, len(conn.data) - len(chunk))
         if conn.size is None and len(conn.data) > MAX_HEAD:
@@ -726,7 +740,7 @@ class EditorServer:
         except OSError:
             conn.sock.close()
             return
-        if len(self.lingering) >= MAX_CONNECTIONS:  # (refused floods must not exhaust file descriptors)
+        if len(self.lingering) >= MAX_LINGERING:  # (refused floods must not exhaust file descriptors)
             conn.sock.close()
             return
         conn.sock.setblocking(False)
@@ -745,7 +759,9 @@ class EditorServer:
         self.selector.unregister(conn.sock)
 
     def _release(self, conn: Connection) -> None:
-        """``conn`` no longer counts against its client's connections."""
+        """``conn`` no longer counts against its client's connections, nor its request against MAX_BUFFERED."""
+        self.buffered -= len(conn.data)
+        conn.data = bytearray()
         left = self.open[conn.client] - 1
         if left:
             self.open[conn.client] = left
