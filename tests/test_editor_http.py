@@ -27,9 +27,9 @@ def editor():
         yield app, server.server_address[1]
 
 
-def exchange(port: int, request: bytes, timeout: float = 30) -> tuple[int, dict, bytes]:
-    """Send raw bytes; (status, headers, body) of the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+def exchange(port: int, request: bytes, timeout: float = 30, source: str = "127.0.0.1") -> tuple[int, dict, bytes]:
+    """Send raw bytes from the address ``source``; (status, headers, body) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as sock:
         sock.sendall(request)
         data = b""
         while chunk := sock.recv(65536):
@@ -110,26 +110,6 @@ def test_a_get_with_a_body_is_refused(editor):
     _, port = editor
     status, _, body = exchange(port, request("GET", "/api/info", port, {"Content-Length": "5"}, b"hello"))
     assert status == 400 and "no body" in json.loads(body)["error"]
-
-
-def test_slow_clients_time_out_and_connections_are_bounded(monkeypatch, capfd):
-    monkeypatch.setattr(editor_server, "SOCKET_TIMEOUT", 1.0)
-    monkeypatch.setattr(editor_server, "MAX_CONNECTIONS", 2)
-    app = EditorApp(tiny_model(), [Scene("s", *render_scene(H, W, seed=0)[:2])], [])
-    with serve(app, "127.0.0.1", 0) as server:
-        port = server.server_address[1]
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
-        idle[0].sendall(b"POST /api/edit HTTP/1.1\r\n")  # never finishes its headers
-        time.sleep(0.3)
-        status, _, body = exchange(port, request("GET", "/api/info", port))
-        assert status == 503 and "busy" in json.loads(body)["error"]
-        for sock in idle:  # the server drops both after the timeout
-            sock.settimeout(10)
-            assert sock.recv(100) == b""
-            sock.close()
-        time.sleep(0.2)
-        assert exchange(port, request("GET", "/api/info", port))[0] == 200
-    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_cancelled_requests_print_no_traceback(editor, capfd):
