@@ -54,22 +54,22 @@ def well_formed(data: bytes, head_request: bool = False) -> int:
 
 def many_at_once(port: int, requests: list[tuple[bytes, str]], limit: float = 30) -> list[tuple[int, float]]:
     """Sends every request on its own connection (from the given source address) at once; (status, seconds
-    from sending the request to the end of its answer) per request, status 0 for a connection closed
-    without an answer."""
+    from connecting (so a full listen backlog counts) to the end of its answer) per request, status 0 for
+    a connection closed without an answer."""
     selector = selectors.DefaultSelector()
     results: list[tuple[int, float] | None] = [None] * len(requests)
     for i, (raw, source) in enumerate(requests):
         sock = socket.socket()
         sock.bind((source, 0))
         sock.setblocking(False)
+        start = time.monotonic()
         sock.connect_ex(("127.0.0.1", port))
-        selector.register(sock, selectors.EVENT_WRITE, [i, raw, b"", 0.0])
+        selector.register(sock, selectors.EVENT_WRITE, [i, raw, b"", start])
     end = time.monotonic() + limit
     while selector.get_map() and time.monotonic() < end:
         for key, events in selector.select(timeout=0.1):
             state, sock = key.data, key.fileobj
             if events & selectors.EVENT_WRITE:  # connected: send the whole request (small: fits the buffer)
-                state[3] = time.monotonic()
                 sock.sendall(state[1])
                 selector.modify(sock, selectors.EVENT_READ, state)
                 continue
