@@ -141,6 +141,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
                    help="recompute the full- and half-resolution activations of G, E and the VGG loss in backward "
                         "instead of keeping them: the same training in far less memory, for about a quarter more time")
     add_compile_option(g, "G, E, D and the VGG loss")
+    g.add_argument("--channels_last", action="store_true",
+                   help="keep every network and image in channels_last (NHWC) layout, end to end: the layout of "
+                        "GPU tensor cores (with --fp16); checkpoints are unchanged")
     g.add_argument("--continue_train", action="store_true", help="resume from the checkpoint --which_epoch")
     g.add_argument("--load_pretrain", default="",
                    help="folder of a trained G1 (global generator) to start --netG local from (coarse-to-fine)")

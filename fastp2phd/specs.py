@@ -189,6 +189,7 @@ class TrainSpec(_Spec):
     amp_dtype: str = "auto"
     checkpoint_activations: bool = False
     compile: str = "off"  # not in the original: torch.compile mode of G, E, D and the VGG loss (fastp2phd.compiling)
+    channels_last: bool = False  # not in the original: every network and image in channels_last (NHWC) layout
     batchSize: int = 1
     nThreads: int = 2
     serial_batches: bool = False

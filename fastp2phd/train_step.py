@@ -26,7 +26,7 @@ from .compiling import OneSize, compile_networks
 from .errors import Pix2PixHDError
 from .models import GANLoss, VGGLoss, VGGWeightsNotFound, feature_matching_loss
 from .models.vgg import Vgg19
-from .ops._common import is_fake
+from .ops._common import is_fake, memory_format_of
 from .pix2pixhd import Pix2PixHD, build_discriminator
 from .specs import TrainSpec
 
@@ -49,8 +49,9 @@ class ImagePool:
         if self.pool_size == 0:
             return images
         out = []
-        for image in images.detach():
-            image = image.unsqueeze(0)
+        images = images.detach()
+        for i in range(images.shape[0]):
+            image = images[i:i + 1]  # (a slice rather than unsqueeze keeps channels_last strides recognisable)
             if len(self.images) < self.pool_size:
                 self.images.append(image.clone())
                 out.append(image)
@@ -60,7 +61,7 @@ class ImagePool:
                 self.images[index] = image.clone()
             else:
                 out.append(image)
-        return torch.cat(out, 0)
+        return torch.cat(out, 0).contiguous(memory_format=memory_format_of(images))
 
     def state_dict(self) -> dict:
         return {"images": [t.cpu() for t in self.images], "rng": list(self.rng.getstate()[1]),
@@ -144,6 +145,11 @@ class TrainStep:
         self.optimizer_D = torch.optim.Adam(self.netD.parameters(), lr=spec.lr, betas=(spec.beta1, 0.999))
         self.fixed_global = False
         self.optimizer_G = self.make_optimizer_G(fix_global=spec.niter_fix_global > 0)
+        self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
+        if spec.channels_last:  # the ops keep the layout, so it holds from the input to the losses and back
+            for net in (self.model, self.netD, self.vgg_loss):
+                if net is not None:
+                    net.to(memory_format=torch.channels_last)
         self.gen, self.disc = self.model, self.netD  # DistributedDataParallel wrappers when several processes train
         compiled = compile_networks([self.model.netG, self.model.netE, self.netD, self.vgg_loss], spec.compile,
                                     device) if not is_fake(next(self.netD.parameters())) else False
@@ -169,6 +175,9 @@ class TrainStep:
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    def _layout(self, t: torch.Tensor) -> torch.Tensor:
+        return t.contiguous(memory_format=self.memory_format) if self.spec.channels_last else t
+
     def _read_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss values, or a TrainingError when one is not finite (before any weight is updated).
 
@@ -190,7 +199,7 @@ class TrainStep:
         spec, model_spec = self.spec, self.spec.model
         self.model.check_labels(batch["label"])  # on the loader's CPU tensors: no wait for the GPU
         batch = self._to_device(batch)
-        label, inst, real = batch["label"], batch["inst"], batch["image"]
+        label, inst, real = batch["label"], batch["inst"], self._layout(batch["image"])
         feat = batch["feat"] if model_spec.load_features else None
         self.model.check_size(label)
         self.one_size.check(real)
@@ -199,6 +208,7 @@ class TrainStep:
         # maps are exact there, and concatenated with G's (or E's) low-precision outputs they stay so.
         input_label = self.model.encode_input(label, None if model_spec.no_instance else inst,
                                               self.amp_dtype or torch.float32, checked=True)
+        input_label = self._layout(input_label)
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         self.on_phase("G forward")
         with autocast:

@@ -117,3 +117,39 @@ def test_the_l1_loss_adds_lambda_times_the_mean_absolute_difference():
     assert tuple(values) == ("G_GAN", "G_GAN_Feat", "G_VGG", "G_L1", "D_real", "D_fake")
     assert values["G_L1"] == pytest.approx(l1, rel=1e-6)
     assert loss_G == pytest.approx(values["G_GAN"] + values["G_GAN_Feat"] + values["G_VGG"] + l1, rel=1e-6)
+
+
+@pytest.mark.parametrize("config", [CONFIGS["global + features"], CONFIGS["local + features, pool, vanilla GAN"]],
+                         ids=["global + features", "local + features"])
+def test_channels_last_trains_like_nchw_with_no_layout_round_trip(config):
+    """--channels_last: the same losses as NCHW within float tolerance, over steps that start from updated
+    weights (weights themselves are not compared: Adam turns rounding-level gradient differences near zero
+    into steps of up to lr either way), and after the label
+    encoding no 4-D activation of the step (G, E, D, VGG, losses, both backwards) falls back to NCHW."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastp2phd.ops._common import memory_format_of
+
+    class NCHWOutputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                # A layout shows only where the plane and the channels both have more than one element.
+                if isinstance(t, torch.Tensor) and t.dim() == 4 and t.is_floating_point() and min(t.shape[1:]) > 1 \
+                        and memory_format_of(t) != torch.channels_last:
+                    self.ops.add(str(func))
+            return out
+
+    _, nchw_losses, _ = run(TrainStep, config)
+    step, losses, _ = run(TrainStep, [*config, "--channels_last"])
+    for got, expected in zip(losses, nchw_losses):
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    encoding = {"aten.zeros.default", "aten.scatter_.value", "aten.cat.default", "aten.expand.default"}
+    data = batch(seed=7)
+    with NCHWOutputs() as outputs:
+        step.step(data)
+    assert outputs.ops <= encoding, outputs.ops - encoding
