@@ -277,7 +277,10 @@ def test_the_server_stops_promptly_with_connections_open():
     assert not stopper.is_alive() and time.monotonic() - start < 2
     for sock in held:
         sock.settimeout(5)
-        assert read_answer(sock) == b""  # closed, not left hanging
+        try:  # closed, not left hanging: an end of stream, or a reset (the client's half-sent request was unread)
+            assert read_answer(sock) == b""
+        except ConnectionResetError:
+            pass
         sock.close()
 
 
