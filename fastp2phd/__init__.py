@@ -43,11 +43,11 @@ _map_checkout_kernels()
 
 from . import ops  # noqa: E402  (after the mapping: ops imports the kernels)
 from .diagnostics import info  # noqa: E402
+from ._version import __version__  # noqa: E402
 from .errors import Pix2PixHDError  # noqa: E402
 from .nn import InstanceMeanPool, InstanceNormAct2d, fuse_modules  # noqa: E402
 from .specs import DataSpec, ModelSpec, TrainSpec  # noqa: E402
 
-__version__ = "0.1.0"
 
 __all__ = ["DataSpec", "InstanceMeanPool", "InstanceNormAct2d", "ModelSpec", "Pix2PixHDError", "TrainSpec",
            "__version__", "fuse_modules", "info", "load_run", "ops"]

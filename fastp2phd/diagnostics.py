@@ -36,7 +36,8 @@ def cpu_bf16() -> str | None:
 def collect() -> dict[str, Any]:
     import torch
 
-    from . import __version__, _extension
+    from . import _extension
+    from ._version import __version__
     from .ops import IMPL_ENV, fast_paths
 
     devices = [f"cpu ({torch.get_num_threads()} threads)"]

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import Pix2PixHDError
+from .specs import IMAGENET_MEAN, IMAGENET_STD, EvaluationSpec  # noqa: F401  (re-exported)
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -53,8 +54,6 @@ FID_DIMS = 2048
 TRAIN_LABEL_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
 NUM_CLASSES = len(TRAIN_LABEL_IDS)
 IGNORE_ID = 255
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SYNTHESIZED_SUFFIX = "_synthesized_image"
 
 
@@ -550,23 +549,10 @@ def _check_aspect(pair: Pair, generated: tuple[int, int], label: tuple[int, int]
 # ----------------------------------------------------------------------------- the evaluation
 
 
-@dataclass
-class EvaluationSpec:
-    fid: bool = True
-    fid_weights: Path | None = None
-    seg_model: Path | None = None
-    seg_mean: tuple[float, float, float] = IMAGENET_MEAN
-    seg_std: tuple[float, float, float] = IMAGENET_STD
-    batch_size: int = 16
-    kid_subsets: int = 100
-    kid_subset_size: int = 1000
-    seed: int = 0
-
-
 def evaluate(pairs: Sequence[Pair], spec: EvaluationSpec, device: str | torch.device = "cpu",
              progress: bool = True) -> dict[str, Any]:
     """Score ``pairs``; returns the report (scores and protocol) that :func:`write_report` writes."""
-    from . import __version__
+    from ._version import __version__
     from .console import progress_bar
 
     device = torch.device(device)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .evaluate import IMAGENET_MEAN, IMAGENET_STD
-from .specs import COMPILE_CHOICES, OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec, read_opt_txt
+from .specs import (COMPILE_CHOICES, IMAGENET_MEAN, IMAGENET_STD, OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec,
+                    read_opt_txt)
 
 
 def _positive_int(text: str) -> int:
@@ -322,7 +322,7 @@ def _add_command(commands, name: str, help: str, description: str, examples: str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     parser = argparse.ArgumentParser(prog="fastp2phd", description="pix2pixHD as a fast, faithful PyTorch library.",
                                      formatter_class=_HelpFormatter)

@@ -286,3 +286,23 @@ def recorded_options(values: Mapping[str, Any]) -> str:
     lines = ["------------ Options -------------", *(f"{k}: {v}" for k, v in values.items()),
              "-------------- End ----------------"]
     return "\n".join(lines) + "\n"
+
+
+# The ImageNet normalisation torchvision's segmentation networks expect (evaluate's --seg_mean/--seg_std).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EvaluationSpec:
+    """What ``fastp2phd.evaluate.evaluate`` computes: FID/KID (Inception weights), mIoU (a segmenter)."""
+
+    fid: bool = True
+    fid_weights: Path | None = None
+    seg_model: Path | None = None
+    seg_mean: tuple[float, float, float] = IMAGENET_MEAN
+    seg_std: tuple[float, float, float] = IMAGENET_STD
+    batch_size: int = 16
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    seed: int = 0
