@@ -40,6 +40,7 @@ namespace {
 
 constexpr int64_t kBlock = 2048;       // values per two-pass block (8 KiB of float32: stays in L1)
 constexpr int64_t kChunk = 1 << 15;    // values per unit of parallel work
+constexpr int64_t kCachedPlaneBytes = 4 << 20;  // planes normalised straight after their statistics (cache)
 enum Activation { kNone = 0, kRelu = 1, kLeakyRelu = 2 };  // fastp2phd.ops._common.ACTIVATIONS order
 
 // Loads and stores between an element type and its compute type (float32, or float64 for float64),
@@ -390,11 +391,66 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
   const Split split = rows ? split_rows(P, C) : split_planes(P);
   const int64_t per_plane = rows ? 1 : split.chunks;  // moments per plane per chunk index
 
-  // Pass 1: moments of every (plane, chunk), relative to the plane's first value.
-  std::vector<Moments> partial(N * C * split.chunks);
   std::vector<double> origin(N * C);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t c = 0; c < C; ++c) origin[n * C + c] = static_cast<double>(Elem<T>::load(xp[n * in.sn + c * in.sc]));
+  std::vector<acc> hi(N * C), lo(N * C), rstd(N * C);
+  // A plane's mean (float64) and rstd from its chunks' moments, merged in a fixed order.
+  auto finish_plane = [&](int64_t plane, auto chunk_moments) {
+    Moments total;
+    for (int64_t k = 0; k < split.chunks; ++k) {
+      const Moments& m = chunk_moments(k);
+      total.merge(m.count, m.mean, m.m2);
+    }
+    const double mean = origin[plane] + total.mean;
+    mean_p[plane] = mean;
+    // A one-value plane normalises to 0 whatever eps is (with eps = 0, 0 * inf would be NaN).
+    const double var = P == 1 ? 0.0 : total.m2 / static_cast<double>(P);
+    rstd_p[plane] = rstd[plane] = static_cast<acc>(P == 1 && eps == 0 ? 0.0 : 1.0 / std::sqrt(var + eps));
+    split_mean(mean, hi[plane], lo[plane]);
+  };
+  auto plane_moments = [&](int64_t plane, int64_t k, acc* buf, Moments& m) {
+    const int64_t p0 = k * split.chunk, p1 = std::min(P, p0 + split.chunk);
+    const T* base = xp + (plane / C) * in.sn + (plane % C) * in.sc;
+    for (int64_t p = p0; p < p1; p += kBlock)
+      block_moments<T>(base + p * in.sp, in.sp, std::min(kBlock, p1 - p), origin[plane], buf, m);
+  };
+  auto normalize_plane_chunk = [&](auto act_tag, int64_t plane, int64_t k) {
+    constexpr int ACT = decltype(act_tag)::value;
+    const int64_t p0 = k * split.chunk, p1 = std::min(P, p0 + split.chunk);
+    const int64_t n = plane / C, c = plane % C;
+    normalize_run<T, ACT>(xp + n * in.sn + c * in.sc + p0 * in.sp, in.sp, yp + n * out.sn + c * out.sc + p0,
+                          p1 - p0, hi[plane], lo[plane], rstd[plane], slope);
+  };
+  auto with_act = [&](auto body) {
+    if (act == kRelu) body(std::integral_constant<int, kRelu>());
+    else if (act == kLeakyRelu) body(std::integral_constant<int, kLeakyRelu>());
+    else body(std::integral_constant<int, kNone>());
+  };
+
+  // Enough planes to keep every thread busy: each plane is normalised right after its statistics, while
+  // it is still in the core's cache, so x's second read comes from cache rather than memory. The chunks
+  // and the merge order are those of the two passes below, so the bits are the same.
+  if (!rows && N * C >= 2 * at::get_num_threads() && P * static_cast<int64_t>(sizeof(T)) <= kCachedPlaneBytes) {
+    with_act([&](auto act_tag) {
+      at::parallel_for(0, N * C, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc> buf(kBlock);
+        std::vector<Moments> parts(split.chunks);
+        for (int64_t plane = begin; plane < end; ++plane) {
+          for (int64_t k = 0; k < split.chunks; ++k) {
+            parts[k] = Moments();
+            plane_moments(plane, k, buf.data(), parts[k]);
+          }
+          finish_plane(plane, [&](int64_t k) -> const Moments& { return parts[k]; });
+          for (int64_t k = 0; k < split.chunks; ++k) normalize_plane_chunk(act_tag, plane, k);
+        }
+      });
+    });
+    return;
+  }
+
+  // Pass 1: moments of every (plane, chunk), relative to the plane's first value.
+  std::vector<Moments> partial(N * C * split.chunks);
   if (rows) {
     at::parallel_for(0, N * split.chunks, grain(split.chunk * C), [&](int64_t begin, int64_t end) {
       const int64_t R = block_rows(C);
@@ -412,36 +468,17 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
   } else {
     at::parallel_for(0, N * C * split.chunks, grain(split.chunk), [&](int64_t begin, int64_t end) {
       std::vector<acc> buf(kBlock);
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t plane = unit / split.chunks, k = unit % split.chunks;
-        const int64_t p0 = k * split.chunk, p1 = std::min(P, p0 + split.chunk);
-        const T* base = xp + (plane / C) * in.sn + (plane % C) * in.sc;
-        for (int64_t p = p0; p < p1; p += kBlock)
-          block_moments<T>(base + p * in.sp, in.sp, std::min(kBlock, p1 - p), origin[plane], buf.data(),
-                           partial[unit]);
-      }
+      for (int64_t unit = begin; unit < end; ++unit)
+        plane_moments(unit / split.chunks, unit % split.chunks, buf.data(), partial[unit]);
     });
   }
-
-  // Merge each plane's chunks in a fixed order: mean (float64) and rstd.
-  std::vector<acc> hi(N * C), lo(N * C), rstd(N * C);
-  for (int64_t plane = 0; plane < N * C; ++plane) {
-    Moments total;
-    for (int64_t k = 0; k < split.chunks; ++k) {
-      const Moments& m = rows ? partial[((plane / C) * split.chunks + k) * C + plane % C]
-                              : partial[plane * per_plane + k];
-      total.merge(m.count, m.mean, m.m2);
-    }
-    const double mean = origin[plane] + total.mean;
-    mean_p[plane] = mean;
-    // A one-value plane normalises to 0 whatever eps is (with eps = 0, 0 * inf would be NaN).
-    const double var = P == 1 ? 0.0 : total.m2 / static_cast<double>(P);
-    rstd_p[plane] = rstd[plane] = static_cast<acc>(P == 1 && eps == 0 ? 0.0 : 1.0 / std::sqrt(var + eps));
-    split_mean(mean, hi[plane], lo[plane]);
-  }
+  for (int64_t plane = 0; plane < N * C; ++plane)
+    finish_plane(plane, [&](int64_t k) -> const Moments& {
+      return rows ? partial[((plane / C) * split.chunks + k) * C + plane % C] : partial[plane * per_plane + k];
+    });
 
   // Pass 2: y.
-  auto run = [&](auto act_tag) {
+  with_act([&](auto act_tag) {
     constexpr int ACT = decltype(act_tag)::value;
     if (rows) {
       at::parallel_for(0, N * split.chunks, grain(split.chunk * C), [&](int64_t begin, int64_t end) {
@@ -454,19 +491,11 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
       });
     } else {
       at::parallel_for(0, N * C * split.chunks, grain(split.chunk), [&](int64_t begin, int64_t end) {
-        for (int64_t unit = begin; unit < end; ++unit) {
-          const int64_t plane = unit / split.chunks, k = unit % split.chunks;
-          const int64_t p0 = k * split.chunk, p1 = std::min(P, p0 + split.chunk);
-          const int64_t n = plane / C, c = plane % C;
-          normalize_run<T, ACT>(xp + n * in.sn + c * in.sc + p0 * in.sp, in.sp, yp + n * out.sn + c * out.sc + p0,
-                                p1 - p0, hi[plane], lo[plane], rstd[plane], slope);
-        }
+        for (int64_t unit = begin; unit < end; ++unit)
+          normalize_plane_chunk(act_tag, unit / split.chunks, unit % split.chunks);
       });
     }
-  };
-  if (act == kRelu) run(std::integral_constant<int, kRelu>());
-  else if (act == kLeakyRelu) run(std::integral_constant<int, kLeakyRelu>());
-  else run(std::integral_constant<int, kNone>());
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> instance_norm_act_cpu(const at::Tensor& x_in,

@@ -256,3 +256,22 @@ def hard_inputs_roundoff(dtype):
     from hard_inputs import UNIT_ROUNDOFF
 
     return UNIT_ROUNDOFF[dtype]
+
+
+@requires_extension
+@pytest.mark.parametrize("shape", [(1, 2, 300, 260), (2, 5, 40, 1000), (1, 3, 1100, 1100), (1, 1, 4, 4)],
+                         ids=["few planes", "planes per thread", "planes over the cache bound", "one small plane"])
+def test_cpu_kernel_gives_the_same_bits_on_any_thread_count(shape):
+    """The kernel normalises planes right after their statistics when there are enough planes for the
+    threads, and in two passes otherwise: the same chunks and merge order, so the same bits either way."""
+    x = (torch.randn(shape) * 0.01 + 3).to(torch.float32)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            outputs.append(torch.ops.fastp2phd.instance_norm_act(x, "leaky_relu", 0.2, 1e-5))
+    finally:
+        torch.set_num_threads(threads)
+    for y, mean, rstd in outputs[1:]:
+        assert torch.equal(y, outputs[0][0]) and torch.equal(mean, outputs[0][1]) and torch.equal(rstd, outputs[0][2])
