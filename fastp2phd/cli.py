@@ -16,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .cpu_allocator import keep_freed_memory
 from .errors import Pix2PixHDError
 from .options import (build_parser, data_spec, finish_options, model_spec,  # noqa: F401  (build_parser: re-export)
                       parse_command_line, resolve_device, train_spec)
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_command_line(argv)
         command = f"fastp2phd {args.command}"
+        keep_freed_memory()  # large CPU tensors stop page-faulting on every call (fastp2phd.cpu_allocator)
         return _run(args)
     except (Pix2PixHDError, ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"{command}: {exc}", file=sys.stderr)

@@ -1,0 +1,49 @@
+"""keep_freed_memory: a large CPU tensor allocated again after a free reuses its pages (no page faults),
+and the fastp2phd command line turns it on while importing the library does not."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+# Page faults of the second of two 128 MiB allocations, each freed after writing it.
+PROBE = """
+import resource, sys, torch
+from fastp2phd.cpu_allocator import keep_freed_memory
+
+def second_allocation_faults():
+    for round in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        x = torch.empty(32 << 20)
+        x.fill_(1)
+        del x
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+{setup}
+print(second_allocation_faults())
+"""
+
+
+def faults_after(setup: str) -> int:
+    code = textwrap.dedent(PROBE).format(setup=textwrap.dedent(setup))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="needs Linux with glibc")
+def test_freed_blocks_are_reused_once_kept_and_not_before():
+    pages = (128 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert faults_after("") > pages // 2  # glibc's default: every page faults again
+    assert faults_after("assert keep_freed_memory()") < pages // 100
+
+
+@pytest.mark.skipif(not GLIBC, reason="needs Linux with glibc")
+def test_the_command_line_keeps_freed_memory_and_the_import_does_not():
+    assert faults_after("import fastp2phd, fastp2phd.cli") > (128 << 20) // os.sysconf("SC_PAGE_SIZE") // 2
+    assert faults_after("from fastp2phd.cli import main; main(['info'])") < (128 << 20) // os.sysconf("SC_PAGE_SIZE") // 100
