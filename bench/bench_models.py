@@ -4,7 +4,8 @@
 Providers: ``fastp2phd`` (fused modules, fast paths), ``reference`` (the same networks on the
 pure-PyTorch ops), ``official`` (the original's plain InstanceNorm2d + ReLU modules and
 Python-loop instance pooling) and, for the training step, ``compile`` (fastp2phd with ``--compile``:
-``reduce-overhead``, so CUDA graphs, on a GPU; ``default`` on the CPU). On the CPU the networks run at reduced sizes (stated in each
+``reduce-overhead``, so CUDA graphs, on a GPU; ``default`` on the CPU) and ``channels_last`` (fastp2phd with
+``--channels_last``: every network and image NHWC, the tensor-core layout). On the CPU the networks run at reduced sizes (stated in each
 case) so that `make bench` fits in 15 minutes on 2 cores; on a GPU at the real ones.
 """
 from __future__ import annotations
@@ -106,7 +107,7 @@ TRAINING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("provider", PROVIDERS + ["compile"])
+@pytest.mark.parametrize("provider", PROVIDERS + ["compile", "channels_last"])
 @pytest.mark.parametrize("index", range(len(TRAINING_CASES)))
 def test_training_step(benchmark, settings, index, provider, monkeypatch):
     from fastp2phd.training import Trainer
@@ -119,6 +120,8 @@ def test_training_step(benchmark, settings, index, provider, monkeypatch):
         if settings.smoke:
             pytest.skip("compiling takes a minute on the CPU: tests/test_compiling.py covers it")
         extra = [*extra, "--compile", "reduce-overhead" if settings.cuda else "default"]
+    if provider == "channels_last":
+        extra = [*extra, "--channels_last"]
     opt = training_options(settings, features, size, extra)
     torch.manual_seed(0)
     trainer = Trainer(opt, settings.device)
@@ -127,7 +130,8 @@ def test_training_step(benchmark, settings, index, provider, monkeypatch):
     elif provider == "reference":
         monkeypatch.setenv("FASTP2PHD_IMPL", "reference")
     # The VGG loss with random weights: the same work as the real one, no download needed.
-    trainer.vgg_loss = VGGLoss(vgg=Vgg19(pretrained=False)).to(settings.device)
+    trainer.vgg_loss = VGGLoss(vgg=Vgg19(pretrained=False)).to(settings.device,
+                                                                memory_format=trainer.memory_format)
     batch = next(iter(trainer.loader))
     case = f"{name} at {size[0]}x{size[1]}" + (" + E" if features and index < 2 else "")
     if settings.smoke:
