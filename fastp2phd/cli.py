@@ -42,81 +42,118 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    command = args.command
-    if command == "info":
-        from .diagnostics import info
+    return COMMANDS[args.command](args)
 
-        info()
-        return 0
-    if command == "make-synthetic":
-        from .data import make_synthetic
 
-        out = make_synthetic(args.out, num_train=args.num_train, num_test=args.num_test,
-                             height=args.height, width=args.width, seed=args.seed)
-        print(f"wrote {args.num_train} training and {args.num_test} test scenes to {out}")
-        return 0
-    if command == "demo":
-        from .demo import run_demo
+def _info(args: argparse.Namespace) -> int:
+    from .diagnostics import info
 
-        return run_demo(Path(args.out), resolve_device(args.device), seed=args.seed, overwrite=args.overwrite)
+    info()
+    return 0
 
-    if command == "evaluate":
-        from .evaluate import generate_first, main_evaluate
 
-        if generate_first(args):  # --name: generate with the code `test` runs, then score what it wrote
-            _run(argparse.Namespace(**{**vars(args), "command": "test"}))
-        return main_evaluate(args)
+def _make_synthetic(args: argparse.Namespace) -> int:
+    from .data import make_synthetic
 
-    opt = finish_options(args, is_train=command in ("train", "memory"))
-    if command == "memory":  # models a device; needs none
-        from .memory import main_memory
+    out = make_synthetic(args.out, num_train=args.num_train, num_test=args.num_test,
+                         height=args.height, width=args.width, seed=args.seed)
+    print(f"wrote {args.num_train} training and {args.num_test} test scenes to {out}")
+    return 0
 
-        device_type = "cpu" if (opt.device or "cuda").startswith("cpu") else "cuda"
-        return main_memory(train_spec(opt), size=args.size, inference=args.inference, as_json=args.json,
-                           measure=args.measure, device_type=device_type)
-    if command == "train":
-        from .training import main_train
 
-        spec = train_spec(opt)
-        return main_train(spec, resolve_device(opt.device))
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
 
+    return run_demo(Path(args.out), resolve_device(args.device), seed=args.seed, overwrite=args.overwrite)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import generate_first, main_evaluate
+
+    if generate_first(args):  # --name: generate with the code `test` runs, then score what it wrote
+        _test(argparse.Namespace(**vars(args)))
+    return main_evaluate(args)
+
+
+def _memory(args: argparse.Namespace) -> int:  # models a device; needs none
+    from .memory import main_memory
+
+    opt = finish_options(args, is_train=True)
+    device_type = "cpu" if (opt.device or "cuda").startswith("cpu") else "cuda"
+    return main_memory(train_spec(opt), size=args.size, inference=args.inference, as_json=args.json,
+                       measure=args.measure, device_type=device_type)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .training import main_train
+
+    opt = finish_options(args, is_train=True)
+    return main_train(train_spec(opt), resolve_device(opt.device))
+
+
+def _load_run(opt: argparse.Namespace):
+    """The run the inference commands work on (``--checkpoints_dir/--name``), and its folder."""
     from .inference import load_run
 
-    device = resolve_device(opt.device)
     run_folder = Path(opt.checkpoints_dir) / opt.name
-    model = load_run(run_folder, opt.which_epoch, device, model=model_spec(opt),
+    model = load_run(run_folder, opt.which_epoch, resolve_device(opt.device), model=model_spec(opt),
                      cluster_path=getattr(opt, "cluster_path", None), allow_pickle=getattr(opt, "allow_pickle", False),
                      precision=getattr(opt, "precision", "fp32"), compile=getattr(opt, "compile", "off"))
-    if command == "test":
-        from .inference import run_test
+    return model, run_folder
 
-        web_dir = Path(opt.results_dir) / opt.name / f"{opt.phase}_{opt.which_epoch}"
-        page = run_test(model, data_spec(opt, train=False, read_images=opt.use_encoded_image), web_dir,
-                        title=f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {opt.which_epoch}",
-                        how_many=opt.how_many, use_encoded_image=opt.use_encoded_image, seed=opt.seed,
-                        progress=not opt.no_progress)
-        print(f"results: {page}")
-    elif command == "encode-features":
-        from .encode_features import encode_features
 
-        path = encode_features(model, data_spec(opt, train=False, read_images=True), run_folder,
-                               batch_size=opt.batchSize, num_workers=opt.nThreads, seed=opt.seed,
-                               progress=not opt.no_progress, area_threshold=args.area_threshold)
-        print(f"clusters: {path}")
-    elif command == "export-onnx":
-        from .inference import export_onnx
+def _test(args: argparse.Namespace) -> int:
+    from .inference import run_test
 
-        path, difference = export_onnx(model, args.onnx or run_folder / f"{opt.which_epoch}_net_G.onnx")
-        checked = ("not checked (install onnxruntime to check it)" if difference is None
-                   else f"largest difference from PyTorch {difference:.2e}")
-        print(f"exported {path}; {checked}")
-    elif command == "edit":
-        from .editing.server import main_edit
-
-        return main_edit(model, data_spec(opt, train=False, read_images=False), name=opt.name,
-                         run_folder=run_folder, host=opt.host,
-                         port=opt.port, max_scenes=opt.max_scenes, seed=opt.seed)
+    opt = finish_options(args, is_train=False)
+    model, _ = _load_run(opt)
+    web_dir = Path(opt.results_dir) / opt.name / f"{opt.phase}_{opt.which_epoch}"
+    page = run_test(model, data_spec(opt, train=False, read_images=opt.use_encoded_image), web_dir,
+                    title=f"Experiment = {opt.name}, Phase = {opt.phase}, Epoch = {opt.which_epoch}",
+                    how_many=opt.how_many, use_encoded_image=opt.use_encoded_image, seed=opt.seed,
+                    progress=not opt.no_progress)
+    print(f"results: {page}")
     return 0
+
+
+def _encode_features(args: argparse.Namespace) -> int:
+    from .encode_features import encode_features
+
+    opt = finish_options(args, is_train=False)
+    model, run_folder = _load_run(opt)
+    path = encode_features(model, data_spec(opt, train=False, read_images=True), run_folder,
+                           batch_size=opt.batchSize, num_workers=opt.nThreads, seed=opt.seed,
+                           progress=not opt.no_progress, area_threshold=args.area_threshold)
+    print(f"clusters: {path}")
+    return 0
+
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    from .inference import export_onnx
+
+    opt = finish_options(args, is_train=False)
+    model, run_folder = _load_run(opt)
+    path, difference = export_onnx(model, args.onnx or run_folder / f"{opt.which_epoch}_net_G.onnx")
+    checked = ("not checked (install onnxruntime to check it)" if difference is None
+               else f"largest difference from PyTorch {difference:.2e}")
+    print(f"exported {path}; {checked}")
+    return 0
+
+
+def _edit(args: argparse.Namespace) -> int:
+    from .editing.server import main_edit
+
+    opt = finish_options(args, is_train=False)
+    model, run_folder = _load_run(opt)
+    return main_edit(model, data_spec(opt, train=False, read_images=False), name=opt.name, run_folder=run_folder,
+                     host=opt.host, port=opt.port, max_scenes=opt.max_scenes, seed=opt.seed)
+
+
+# One function per subcommand (a new command is a function here and its parser in fastp2phd.options).
+COMMANDS = {
+    "info": _info, "make-synthetic": _make_synthetic, "demo": _demo, "evaluate": _evaluate, "memory": _memory,
+    "train": _train, "test": _test, "encode-features": _encode_features, "export-onnx": _export_onnx, "edit": _edit,
+}
 
 
 if __name__ == "__main__":

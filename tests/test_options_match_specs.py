@@ -61,5 +61,7 @@ def test_every_flag_is_a_spec_field_with_its_default_or_a_listed_cli_only_flag(c
             assert action.default == expected, f"{command} --{dest}: CLI default {action.default!r}, spec {expected!r}"
 
 
-def test_the_listed_commands_are_all_the_commands():
-    assert set(_commands()) == set(CLI_ONLY)
+def test_the_listed_commands_are_all_the_commands_and_each_has_one_function():
+    from fastp2phd.cli import COMMANDS
+
+    assert set(_commands()) == set(CLI_ONLY) == set(COMMANDS)
