@@ -17,3 +17,7 @@ class CheckpointReadError(Pix2PixHDError, ValueError):
 
 class CheckpointReadFileNotFound(CheckpointReadError, FileNotFoundError):
     """A checkpoint (or weights) file that does not exist."""
+
+
+class DiskFullError(Pix2PixHDError, OSError):
+    """A save that did not fit the disk (or the file-size limit); what was saved before is intact."""

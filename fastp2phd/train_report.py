@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import Pix2PixHDError
-from .files import write_text
+from .files import append_text, write_text
 from .visualize import HTMLPage, label_to_image, tensor_to_image
 
 
@@ -38,11 +38,9 @@ class TrainingReport:
             return
         text = (f"(epoch: {epoch}, iters: {epoch_iter}, time: {seconds:.3f}) "
                 + " ".join(f"{k}: {v:.3f}" for k, v in values.items()))
-        with open(self.log_txt, "a") as f:
-            f.write(text + "\n")
-        with open(self.log_jsonl, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "epoch_iter": epoch_iter, "total_steps": total_steps,
-                                "seconds_per_image": seconds, **values}) + "\n")
+        append_text(self.log_txt, text + "\n")
+        append_text(self.log_jsonl, json.dumps({"epoch": epoch, "epoch_iter": epoch_iter, "total_steps": total_steps,
+                                                "seconds_per_image": seconds, **values}) + "\n")
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, total_steps)

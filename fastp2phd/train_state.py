@@ -4,7 +4,7 @@ exactly, and starting from an earlier run (coarse-to-fine).
 ``save`` writes ``<label>_net_G.pth`` (``_net_D``, ``_net_E``): plain state_dicts the original code
 loads; and ``<label>_train_state.pth``: the weights again, the optimisers, the grad scaler, the
 position, the random state and every process's image pool, so that ``resume`` continues bit for
-bit. Each file is written to a temporary name and renamed (``fastp2phd.files``). ``resume`` also
+bit. A checkpoint's files are saved as one unit (``fastp2phd.files.save_file_set``). ``resume`` also
 takes a folder of the original code's checkpoints (networks and ``iter.txt``, no optimiser state).
 ``classes.json`` records how many pixels of each class the run has trained on, so that the editor
 can tell the classes the model knows from those it never saw (``trained_classes``).
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from .files import load_torch, save_torch, write_text
+from .files import load_torch, save_file_set
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
 from .train_step import TrainingError
 
@@ -66,15 +66,16 @@ def save(trainer: Trainer, label: str) -> None:
 
 
 def _write(trainer: Trainer, label: str, pools: list[dict], class_pixels: torch.Tensor | None) -> None:
-    folder = trainer.run_folder
-    if class_pixels is not None:
-        write_text(folder / CLASSES_FILE, json.dumps({"label_nc": len(class_pixels), "pixels": class_pixels.tolist()}))
-    save_torch(trainer.model.netG.state_dict(), folder / f"{label}_net_G.pth")
-    save_torch(trainer.netD.state_dict(), folder / f"{label}_net_D.pth")
-    if trainer.model.netE is not None:
-        save_torch(trainer.model.netE.state_dict(), folder / f"{label}_net_E.pth")
-    save_torch(_state(trainer, pools, class_pixels), folder / f"{label}_train_state.pth")
-    write_text(folder / "iter.txt", f"{trainer.epoch},{trainer.epoch_iter}\n")
+    """All of a checkpoint's files as one unit: a resume never mixes two saves."""
+    with save_file_set(trainer.run_folder, "checkpoint") as files:
+        if class_pixels is not None:
+            files.write_text(CLASSES_FILE, json.dumps({"label_nc": len(class_pixels), "pixels": class_pixels.tolist()}))
+        files.save_torch(trainer.model.netG.state_dict(), f"{label}_net_G.pth")
+        files.save_torch(trainer.netD.state_dict(), f"{label}_net_D.pth")
+        if trainer.model.netE is not None:
+            files.save_torch(trainer.model.netE.state_dict(), f"{label}_net_E.pth")
+        files.save_torch(_state(trainer, pools, class_pixels), f"{label}_train_state.pth")
+        files.write_text("iter.txt", f"{trainer.epoch},{trainer.epoch_iter}\n")
 
 
 def resume(trainer: Trainer) -> None:
