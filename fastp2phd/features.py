@@ -698,11 +698,16 @@ def instance_vectors(feat: torch.Tensor, inst: torch.Tensor) -> tuple[np.ndarray
     return uniq.astype(np.int64), vectors.float().cpu().numpy()
 
 
+def write_instance_vectors(path: str | os.PathLike, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Write ``ids`` and ``vectors`` to a pickle-free ``.npz`` (in place: see ``save_instance_vectors``)."""
+    with open(path, "wb") as fh:
+        np.savez(fh, ids=np.asarray(ids, np.int64), vectors=np.asarray(vectors, np.float32))
+
+
 def save_instance_vectors(path: str | os.PathLike, ids: np.ndarray, vectors: np.ndarray) -> None:
-    """Write ``ids`` and ``vectors`` to a pickle-free ``.npz``, atomically."""
+    """``write_instance_vectors``, atomically."""
     with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, ids=np.asarray(ids, np.int64), vectors=np.asarray(vectors, np.float32))
+        write_instance_vectors(tmp, ids, vectors)
 
 
 def load_instance_vectors(path: str | os.PathLike, feat_num: int) -> dict[int, torch.Tensor]:

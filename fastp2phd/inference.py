@@ -148,7 +148,7 @@ def run_test(
         label = item["label"].unsqueeze(0).to(device)
         inst = item["inst"].unsqueeze(0).to(device)
         image = item["image"].unsqueeze(0).to(device) if use_encoded_image else None
-        name = Path(item["path"]).stem
+        name = item["name"]  # a/s for test_label/a/s.png: two scenes named s never share their outputs
         if saved is not None and (saved / f"{name}.npz").is_file():
             fake = _generate_with_saved_features(model, label, inst, saved / f"{name}.npz", generator)
         else:

@@ -304,10 +304,82 @@ def test_saved_scene_regenerates_through_run_test(session, tmp_path):
 
 
 def test_save_refuses_names_that_are_not_file_names(session, tmp_path):
-    for name in ("", "../up", "a/b", ".hidden"):
+    for name in ("", "../up", "a/../b", ".hidden", "a/.b", "a//b", "/abs", "a/"):
         with pytest.raises(ValueError, match="plain file name"):
             session.save(tmp_path, name)
     assert not any(tmp_path.iterdir())
+
+
+def test_scenes_of_one_name_in_two_subfolders_are_saved_apart_and_regenerate_apart(tmp_path):
+    """test_label/a/s.png and test_label/b/s.png: the editor names them a/s and b/s, saves each under its
+    own path, and `test` on the saved folder writes a result for each."""
+    from PIL import Image
+
+    from fastp2phd.data import create_dataset
+    from fastp2phd.inference import run_test
+    from fastp2phd.specs import DataSpec
+
+    model = tiny_model()
+    dataset = tmp_path / "data"
+    for sub, seed in (("a", 1), ("b", 2)):
+        label, inst, _ = render_scene(H, W, seed=seed)
+        for kind, array in (("label", label.astype(np.uint8)), ("inst", inst.astype(np.uint16))):
+            (dataset / f"test_{kind}" / sub).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(dataset / f"test_{kind}" / sub / "s.png")
+    data = DataSpec.for_model(model.spec, dataroot=str(dataset), phase="test", resize_or_crop="none", train=False,
+                              read_images=False)
+    items = [create_dataset(data)[i] for i in range(2)]
+    assert [item["name"] for item in items] == ["a/s", "b/s"]
+    app = EditorApp(model, [Scene(item["name"], item["label"][0].numpy(), item["inst"][0].numpy()) for item in items],
+                    [], save_dir=tmp_path / "edits", trained_classes=[7, 11, 21, 23, 26])
+    for index in (0, 1):
+        assert call(app, "POST", "/api/scene", {"index": index})[0] == 200
+        status, result = call(app, "POST", "/api/save", {})
+        assert status == 200 and result["name"] == items[index]["name"]
+    for index, sub in enumerate("ab"):
+        saved = np.array(Image.open(tmp_path / "edits" / "test_label" / sub / "s.png"))
+        assert np.array_equal(saved, items[index]["label"][0].numpy())
+    model.clusters = None  # the saved features are all run_test needs
+    page = run_test(model, data.replace(dataroot=str(tmp_path / "edits")), tmp_path / "web", progress=False)
+    results = [np.array(Image.open(page.parent / "images" / sub / "s_synthesized_image.png")) for sub in "ab"]
+    assert not np.array_equal(*results)
+    assert "a/s_synthesized_image.png" in page.read_text() and "b/s_synthesized_image.png" in page.read_text()
+
+
+def test_two_scenes_whose_names_save_alike_refuse_to_overwrite_each_other(tmp_path):
+    scenes = [Scene(name, *render_scene(H, W, seed=i)[:2]) for i, name in enumerate(("x y", "x_y"))]
+    app = EditorApp(tiny_model(), scenes, [], save_dir=tmp_path / "edits", trained_classes=[7, 11, 21, 23, 26])
+    status, result = call(app, "POST", "/api/save", {})
+    assert status == 409 and "would be saved as x_y" in result["error"] and "rename one" in result["error"]
+    assert not (tmp_path / "edits" / "test_label").exists()
+
+
+@pytest.mark.parametrize("failing_write", range(5))  # label, instances, image, features, then the commit
+def test_a_full_disk_midway_through_a_save_keeps_the_scene_s_previous_save_whole(tmp_path, monkeypatch, failing_write):
+    import errno
+
+    import fastp2phd.files as files
+
+    scenes = [Scene("scene", *render_scene(H, W, seed=1)[:2])]
+    app = EditorApp(tiny_model(), scenes, [], save_dir=tmp_path / "edits", trained_classes=[7, 11, 21, 23, 26])
+    assert call(app, "POST", "/api/save", {})[0] == 200
+    saved = sorted(p for p in (tmp_path / "edits").rglob("*") if p.is_file())
+    before = [p.read_bytes() for p in saved]
+    assert len(saved) == 4
+    call(app, "POST", "/api/edit", {"op": "paint", "points": [[1, 1], [20, 40]], "label": 21, "width": 5})
+    calls = []
+
+    def fsync_on_a_full_disk(path):
+        calls.append(path)
+        if len(calls) == failing_write + 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_fsync_file", fsync_on_a_full_disk)
+    status, result = call(app, "POST", "/api/save", {})
+    assert status == 500 and "disk is full" in result["error"] and "intact" in result["error"]
+    assert sorted(p for p in (tmp_path / "edits").rglob("*") if p.is_file()) == saved  # no temporaries left
+    assert [p.read_bytes() for p in saved] == before  # all four files of the previous save
+    assert call(app, "GET", "/api/info")[1]["unsaved"] == [0]
 
 
 # ----------------------------------------------------------------------------- the HTTP API

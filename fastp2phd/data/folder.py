@@ -20,7 +20,9 @@ Item ``i`` (a dict):
 * ``'image'``: FloatTensor (3, H, W) in [-1, 1] (zeros when the photo is not read);
 * ``'feat'``: FloatTensor (3, H, W) in [-1, 1] when load_features (resampled NEAREST,
   since feature maps are constant per instance), else zeros (1, H, W);
-* ``'path'``: the label map's path (str).
+* ``'path'``: the label map's path (str);
+* ``'name'``: the label map's path inside its folder, without the extension, with '/' between
+  subfolders (``a/s`` for ``test_label/a/s.png``): unique per item, so outputs named after it never collide.
 
 Randomness: item ``i`` draws its crop and flip from ``random.Random`` seeded with
 (spec.seed, epoch, i), where ``epoch`` is what ``set_epoch`` last set (0 at first); the
@@ -38,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
@@ -45,6 +48,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import Pix2PixHDError
+from ..files import finish_interrupted_save
 from ..specs import DataSpec
 from .transforms import get_params, to_image_tensor, to_instance_tensor, to_label_tensor, transform
 
@@ -108,6 +112,7 @@ def build_item(
     rng: random.Random,
     path: str,
     label_nc: int,
+    name: str,
 ) -> Dict[str, object]:
     """Transform one item's PIL images with one shared ``get_params`` draw into the item dict.
 
@@ -127,7 +132,7 @@ def build_item(
                else _zeros_like_hw(3, hw, torch.float32))
     feat_t = (to_image_tensor(transform(_rgb(feat), spec, params, nearest=True)) if feat is not None
               else _zeros_like_hw(1, hw, torch.float32))
-    return {"label": label_t, "inst": inst_t, "image": image_t, "feat": feat_t, "path": path}
+    return {"label": label_t, "inst": inst_t, "image": image_t, "feat": feat_t, "path": path, "name": name}
 
 
 def check_label_ids(img: Image.Image, path: str, label_nc: int) -> None:
@@ -180,6 +185,7 @@ class AlignedDataset(Dataset):
 
         if not os.path.isdir(self.root):
             raise DatasetNotFoundError(f"Dataset root {self.root} does not exist or is not a folder (check --dataroot).")
+        finish_interrupted_save(self.root)  # scenes the editor was saving into it when killed
         parts = [f"{name}/ ({what})" for _, (name, what) in wanted]
         layout = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         lists = {}
@@ -203,6 +209,7 @@ class AlignedDataset(Dataset):
                 f"one file in every folder, paired by sorted path."
             )
         n = _dataset_size(counts.pop(), spec.max_dataset_size)
+        self.label_folder = lists["label"][0]
         self.label_paths = lists["label"][1][:n]
         self.image_paths = lists["image"][1][:n] if "image" in lists else None
         self.inst_paths = lists["inst"][1][:n] if "inst" in lists else None
@@ -246,5 +253,6 @@ class AlignedDataset(Dataset):
                 )
             others[key] = img
         rng = item_rng(self.rng_seed, self.epoch, index)
+        name = Path(os.path.relpath(label_path, self.label_folder)).with_suffix("").as_posix()
         return build_item(self.spec, label, others["inst"], others["image"], others["feat"], rng, label_path,
-                          self.label_nc)
+                          self.label_nc, name)

@@ -442,7 +442,8 @@ class SyntheticDataset(torch.utils.data.Dataset):
         image_img = Image.fromarray(image) if self.load_image else None
         path = f"synthetic/{self.phase}_label/{_scene_name(index)}_gtFine_labelIds.png"
         rng = item_rng(self.seed, self.epoch, index)
-        return build_item(self.spec, label_img, inst_img, image_img, None, rng, path, self.label_nc)
+        return build_item(self.spec, label_img, inst_img, image_img, None, rng, path, self.label_nc,
+                          Path(path).stem)
 
 
 _WRITTEN = re.compile(r"scene_\d{5}_(gtFine_labelIds|gtFine_instanceIds|leftImg8bit)\.png")

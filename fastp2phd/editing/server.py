@@ -47,6 +47,7 @@ from PIL import Image
 
 from ..data import CITYSCAPES_CLASSES, THING_CLASSES, class_of_instance, label_palette
 from ..errors import Pix2PixHDError
+from ..files import remove_leftover_temporaries
 from ..specs import DataSpec
 from .session import MAX_STROKE_POINTS, EditSession
 
@@ -96,6 +97,11 @@ def file_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".") or "scene"
 
 
+def save_name(scene_name: str) -> str:
+    """Where a scene is saved, inside each ``test_*`` folder: its path in the dataset, each part made safe."""
+    return "/".join(file_name(part) for part in scene_name.split("/") if part not in ("", ".", ".."))
+
+
 class RequestError(ValueError):
     """A request the editor refuses; its message is sent back with ``status``."""
 
@@ -134,6 +140,8 @@ class EditorApp:
         self.objects = objects
         self.seed = seed
         self.save_dir = None if save_dir is None else Path(save_dir)
+        if self.save_dir is not None and self.save_dir.is_dir():  # a save killed midway: finish it, or drop its pieces
+            remove_leftover_temporaries(self.save_dir, recursive=True)
         self.test_command = test_command
         self.lock = threading.Lock()
         label_nc = model.spec.label_nc
@@ -240,7 +248,11 @@ class EditorApp:
     def save(self) -> dict:
         if self.save_dir is None:
             raise RequestError("this editor was started without a folder to save into")
-        name = file_name(self.scenes[self.scene_index].name)
+        name = save_name(self.scenes[self.scene_index].name)
+        twins = [s.name for i, s in enumerate(self.scenes) if i != self.scene_index and save_name(s.name) == name]
+        if twins:  # e.g. "a b" and "a_b": one would silently overwrite the other's saved files
+            raise RequestError(f"scene {_short(self.scenes[self.scene_index].name)} would be saved as {name}, as scene "
+                               f"{_short(twins[0])} is: rename one of the two files in the dataset", 409)
         try:
             folder = self.session.save(self.save_dir, name)
         except (OSError, ValueError) as exc:
@@ -359,7 +371,7 @@ class EditorApp:
 
     def download_name(self, name: str) -> str:
         """The file name a download of ``name`` is offered under: the scene's name, sanitised."""
-        return f"{file_name(self.scenes[self.scene_index].name)}_{name}.png"
+        return f"{file_name(self.scenes[self.scene_index].name.replace('/', '_'))}_{name}.png"
 
     @staticmethod
     def _json(data: dict) -> tuple[int, str, bytes]:
@@ -804,7 +816,7 @@ def load_editor(model, data: DataSpec, *, max_scenes: int = 32, max_objects: int
     for i in range(min(len(dataset), max_scenes)):
         item = dataset[i]
         label, inst = item["label"][0].numpy(), item["inst"][0].numpy()
-        name = item["path"].rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        name = item["name"]
         scenes.append(Scene(name, label, inst))
         for value in np.unique(inst):
             cls = class_of_instance(int(value))

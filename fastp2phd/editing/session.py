@@ -23,7 +23,7 @@ import torch
 
 from .. import ops
 from ..data import THING_CLASSES, colorize_labels
-from ..features import class_of, instance_vectors, save_instance_vectors
+from ..features import class_of, instance_vectors, write_instance_vectors
 from ..visualize import tensor_to_image
 
 # Bounds on one stroke: its cost grows with its points, length and width (see _stroke_region).
@@ -469,30 +469,31 @@ class EditSession:
         ``<phase>_label/<name>.png`` (class ids), ``<phase>_inst/<name>.png`` (16-bit
         instance ids), ``<phase>_img/<name>.png`` (the generated image) and, with instance
         features, ``<phase>_features/<name>.npz`` (each instance's feature vector, which
-        ``fastp2phd test`` uses instead of sampling the clusters). Several scenes can share
-        a folder; saving a scene again replaces its files.
+        ``fastp2phd test`` uses instead of sampling the clusters). ``name`` may hold subfolders
+        (``a/s``), as a dataset's scene names do. The files are saved as one unit: killed or out
+        of disk space midway, the folder holds the scene's previous save or this one, never a mix.
+        Several scenes can share a folder; saving a scene again replaces its files.
         """
         from PIL import Image
 
-        from ..files import atomic_write
+        from ..files import save_file_set
 
-        if not name or Path(name).name != name or name.startswith("."):
-            raise ValueError(f"a scene name must be a plain file name, got {name!r}")
-        folder = Path(folder)
+        parts = name.split("/")
+        if not name or any(not p or p in (".", "..") or p.startswith(".") or Path(p).name != p for p in parts):
+            raise ValueError(f"a scene name must be a plain file name, or plain names joined by '/', got {name!r}")
         inst = self.inst.cpu().numpy()
         if inst.min(initial=0) < 0 or inst.max(initial=0) > 65535:
             raise ValueError("instance ids outside 0..65535 do not fit a 16-bit instance PNG")
         images = {f"{phase}_label": self.label.cpu().numpy().astype(np.uint8),
                   f"{phase}_inst": inst.astype(np.uint16), f"{phase}_img": self.image()}
-        for subfolder, array in images.items():
-            (folder / subfolder).mkdir(parents=True, exist_ok=True)
-            atomic_write(folder / subfolder / f"{name}.png",
-                         lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
-        if self.feat is not None:
-            (folder / f"{phase}_features").mkdir(exist_ok=True)
-            save_instance_vectors(folder / f"{phase}_features" / f"{name}.npz", *instance_vectors(self.feat, self.inst))
+        with save_file_set(folder, f"save of scene {name}") as files:
+            for subfolder, array in images.items():
+                files.write(f"{subfolder}/{name}.png", lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
+            if self.feat is not None:
+                ids, vectors = instance_vectors(self.feat, self.inst)
+                files.write(f"{phase}_features/{name}.npz", lambda tmp: write_instance_vectors(tmp, ids, vectors))
         self.saved_revision = self.revision
-        return folder
+        return Path(folder)
 
     def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Copies of (label, inst, feat) as numpy arrays."""
