@@ -98,8 +98,16 @@ def _load_run(opt: argparse.Namespace):
     run_folder = Path(opt.checkpoints_dir) / opt.name
     model = load_run(run_folder, opt.which_epoch, resolve_device(opt.device), model=model_spec(opt),
                      cluster_path=getattr(opt, "cluster_path", None), allow_pickle=getattr(opt, "allow_pickle", False),
-                     precision=getattr(opt, "precision", "fp32"), compile=getattr(opt, "compile", "off"))
+                     precision=getattr(opt, "precision", "fp32"), compile=getattr(opt, "compile", "off"),
+                     optimize=_optimize(opt))
     return model, run_folder
+
+
+def _optimize(opt: argparse.Namespace) -> bool:
+    """test optimizes with --optimize; the editor unless --no_optimize (its latency is what the user feels)."""
+    if hasattr(opt, "no_optimize"):
+        return not opt.no_optimize
+    return getattr(opt, "optimize", False)
 
 
 def _test(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from .compiling import OneSize, compile_networks
 from .console import progress_bar
 from .errors import Pix2PixHDError
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
+from .optimize import optimize_for_inference
 from .pix2pixhd import Pix2PixHD, autocast_dtype
 from .specs import OPT_TXT, DataSpec, ModelSpec, model_spec_from_opt_txt
 from .visualize import HTMLPage, label_to_image, tensor_to_image
@@ -32,6 +33,7 @@ def load_run(
     allow_pickle: bool = False,
     precision: str = "fp32",
     compile: str = "off",
+    optimize: bool = False,
 ) -> Pix2PixHD:
     """A trained run, ready to generate: ``Pix2PixHD`` in eval mode on ``device`` (default the CPU).
 
@@ -44,7 +46,8 @@ def load_run(
     ``.npy`` only with ``allow_pickle``) where they are there. What is missing is said, in one
     sentence, by the call that needs it. ``precision`` (fp32, bf16, or fp16 on CUDA) is what
     ``generate``/``inference`` run in unless told otherwise; weights stay float32. ``compile``: a
-    ``fastp2phd.compiling`` mode for G and E ("off" by default).
+    ``fastp2phd.compiling`` mode for G and E ("off" by default). ``optimize``: run
+    ``fastp2phd.optimize_for_inference`` (channels_last, padding folded into the convolutions).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     autocast_dtype(precision, device)  # refuses fp16 on the CPU before anything is read
@@ -80,6 +83,8 @@ def load_run(
             raise InferenceError(f"the clusters file {clusters} does not exist; check --cluster_path")
     net.precision = precision
     net = net.to(device).eval()
+    if optimize:
+        optimize_for_inference(net)
     net.one_size = OneSize(compile, device, compile_networks([net.netG, net.netE], compile, device, what="inference"))
     return net
 

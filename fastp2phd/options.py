@@ -172,6 +172,9 @@ def add_test_options(p: argparse.ArgumentParser) -> None:
                    help="allow reading an original pickled features_clustered_*.npy (a pickle can run code: only for files you trust)")
     add_precision_option(g)
     add_compile_option(g, "G and E")
+    g.add_argument("--optimize", action="store_true",
+                   help="channels_last and reflection padding folded into the convolutions: the same images "
+                        "(to about 1e-5), faster on the CPU (see fastp2phd.optimize_for_inference)")
 
 
 def add_compile_option(g, what: str) -> None:
@@ -407,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cluster_path", default=None, help="clusters file (default features_clustered_<n_clusters>.npz)")
     g.add_argument("--allow_pickle", action="store_true", help="allow an original pickled clusters .npy")
     add_precision_option(g)
+    g.add_argument("--no_optimize", action="store_true",
+                   help="run the generator as built, without what `test --optimize` does (the editor does it by default)")
 
     p = _add_command(commands, "make-synthetic", "write the built-in synthetic street scenes as a Cityscapes-style "
                                                  "folder",

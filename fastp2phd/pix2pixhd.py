@@ -173,10 +173,12 @@ class Pix2PixHD(nn.Module):
             self.one_size.check(label)
         dtype = autocast_dtype(precision or self.precision, label.device)
         if dtype is None:
-            return self(self.encode_input(label, inst), inst, label, image, feat)
-        with torch.autocast(label.device.type, dtype=dtype):
-            fake, feat_map = self(self.encode_input(label, inst, dtype), inst, label, image, feat)
-        return fake.float(), feat_map
+            fake, feat_map = self(self.encode_input(label, inst), inst, label, image, feat)
+        else:
+            with torch.autocast(label.device.type, dtype=dtype):
+                fake, feat_map = self(self.encode_input(label, inst, dtype), inst, label, image, feat)
+        # A channels_last model (optimize_for_inference) gives channels_last images: hand out the usual layout.
+        return fake.float().contiguous(), feat_map
 
     @torch.no_grad()
     def inference(

@@ -20,13 +20,13 @@ COMMAND_DEFAULTS = {
 _RUN = ("allow_pickle", "cluster_path", "device", "precision", "verbose")
 CLI_ONLY = {
     "train": ("debug", "device", "verbose"),
-    "test": (*_RUN, "how_many", "results_dir", "use_encoded_image"),
+    "test": (*_RUN, "how_many", "optimize", "results_dir", "use_encoded_image"),
     "evaluate": (*_RUN, "fid_batch_size", "fid_weights", "how_many", "kid_subset_size", "kid_subsets", "no_fid",
-                 "out", "results", "results_dir", "seg_mean", "seg_model", "seg_std", "use_encoded_image"),
+                 "optimize", "out", "results", "results_dir", "seg_mean", "seg_model", "seg_std", "use_encoded_image"),
     "memory": ("debug", "device", "inference", "json", "measure", "size", "verbose"),
     "encode-features": ("area_threshold", "device", "verbose"),
     "export-onnx": ("device", "onnx", "verbose"),
-    "edit": (*_RUN, "host", "max_scenes", "port"),
+    "edit": (*_RUN, "host", "max_scenes", "no_optimize", "port"),
     "make-synthetic": ("height", "num_test", "num_train", "out", "width"),
     "demo": ("device", "out", "overwrite"),
     "info": (),
