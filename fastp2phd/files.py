@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -22,11 +23,15 @@ def _umask() -> int:
     return mask
 
 
-def remove_leftover_temporaries(folder: str | os.PathLike) -> int:
+def remove_leftover_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = None) -> int:
     """Remove what writes killed midway left in ``folder`` (their temporary files, up to a whole train
-    state each); returns how many. Only this module's own temporaries are touched."""
+    state each); returns how many. Only this module's own temporaries are touched, and with ``names``
+    only those of these files (so that a command sharing a folder with a running ``train`` leaves
+    the checkpoints that one is writing alone)."""
+    patterns = [f".{glob.escape(name)}.*{TEMPORARY_SUFFIX}" for name in names] if names is not None else [
+        f".*{TEMPORARY_SUFFIX}"]
     removed = 0
-    for leftover in Path(folder).glob(f".*{TEMPORARY_SUFFIX}"):
+    for leftover in (path for pattern in patterns for path in Path(folder).glob(pattern)):
         try:
             leftover.unlink()
             removed += 1

@@ -157,6 +157,24 @@ def test_a_new_start_removes_leftovers_of_killed_writes_and_a_resume_forgets_rep
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
 
 
+def test_test_and_encode_features_remove_leftovers_of_their_killed_writes(trained, tmp_path):
+    ck, data = copy_run(trained, tmp_path)
+    web = ck.parent / "results" / "run" / "test_latest"
+    planted = {web: ".index.html.abc", web / "images": ".x.png.abc", ck / "run": ".features.npz.abc"}
+    for folder, stem in planted.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{stem}{TEMPORARY_SUFFIX}").write_bytes(b"half a file")
+        (folder / "notes.tmp").write_text("not ours")
+    # A checkpoint a running `train` may be writing now into the run folder: encode-features leaves it.
+    training = ck / "run" / f".latest_net_G.pth.x1y2z3{TEMPORARY_SUFFIX}"
+    training.write_bytes(b"being written")
+    assert main(command("test", ck, data, "--how_many", "1")) == 0
+    assert main(command("encode-features", ck, data)) == 0
+    for folder, stem in planted.items():
+        assert not (folder / f"{stem}{TEMPORARY_SUFFIX}").exists() and (folder / "notes.tmp").exists(), folder
+    assert training.exists()
+
+
 def test_palette_and_transparent_photos_are_converted_before_resizing(tmp_path):
     """As the original: Image.open(path).convert('RGB'), then resize."""
     rng = np.random.default_rng(0)
