@@ -47,6 +47,7 @@ def encode_features(model: Pix2PixHD, data: DataSpec, folder: str | os.PathLike,
         with torch.no_grad():
             for batch in loader:
                 image, inst, label = (batch[k].to(device) for k in ("image", "inst", "label"))
+                model.check_size(label, batch["path"][0])  # one size per batch: the first scene names it
                 regions = label if spec.label_feat else inst
                 collector.add(model.encode_features(image, inst, label), regions)
                 bar.update(image.shape[0])

@@ -149,6 +149,7 @@ def run_test(
         inst = item["inst"].unsqueeze(0).to(device)
         image = item["image"].unsqueeze(0).to(device) if use_encoded_image else None
         name = Path(item["path"]).stem
+        model.check_size(label, item["path"])  # naming the scene
         if saved is not None and (saved / f"{name}.npz").is_file():
             fake = _generate_with_saved_features(model, label, inst, saved / f"{name}.npz", generator)
         else:

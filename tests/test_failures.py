@@ -19,6 +19,7 @@ from fastp2phd.data import AlignedDataset, make_synthetic
 from fastp2phd.files import TEMPORARY_SUFFIX, save_torch
 from fastp2phd.inference import load_run
 from fastp2phd.models import GANLoss
+from fastp2phd.pix2pixhd import InputSizeError, Pix2PixHD
 from fastp2phd.specs import DataSpec, ModelSpec, SpecError
 
 TINY = ["--fineSize", "64", "--loadSize", "64", "--resize_or_crop", "none", "--ngf", "4", "--n_downsample_global", "2",
@@ -173,6 +174,38 @@ def test_test_and_encode_features_remove_leftovers_of_their_killed_writes(traine
     for folder, stem in planted.items():
         assert not (folder / f"{stem}{TEMPORARY_SUFFIX}").exists() and (folder / "notes.tmp").exists(), folder
     assert training.exists()
+
+
+@pytest.mark.parametrize("options", [dict(n_downsample_global=2, n_blocks_global=1),
+                                     dict(n_downsample_global=2, n_blocks_global=0),
+                                     dict(n_downsample_global=4, n_blocks_global=1),
+                                     dict(netG="local", n_downsample_global=1, n_blocks_global=1),
+                                     dict(netG="local", n_downsample_global=0, n_blocks_global=1, n_local_enhancers=2)])
+def test_min_size_is_the_smallest_size_the_generator_takes(options):
+    spec = ModelSpec(label_nc=3, no_instance=True, ngf=2, n_blocks_local=1, **options)
+    net = Pix2PixHD(spec).eval()
+    smallest, multiple = spec.min_size, spec.size_multiple
+    label = torch.zeros(1, 1, smallest, smallest + multiple, dtype=torch.long)
+    assert net.generate(label)[0].shape[-2:] == label.shape[-2:]
+    if smallest > multiple:  # one multiple less: the reflection padding would fail, so check_size refuses it
+        with pytest.raises(RuntimeError, match="[Pp]adding"):
+            net.netG(net.encode_input(label[..., multiple:, :], None))
+        with pytest.raises(InputSizeError, match=f"smaller than the {smallest}x{smallest}"):
+            net.generate(label[..., multiple:, :])
+
+
+def test_scenes_too_small_for_the_generator_are_one_sentence(trained, tmp_path, capsys):
+    ck, _ = trained
+    data = tmp_path / "small"
+    for phase in ("train", "test"):  # 4x4 pixels: 1x1 at G's coarsest map, under its residual blocks' padding
+        for folder, image in (("label", Image.new("L", (4, 4), 7)), ("inst", Image.new("L", (4, 4), 7)),
+                              ("img", Image.new("RGB", (4, 4)))):
+            (data / f"{phase}_{folder}").mkdir(parents=True)
+            image.save(data / f"{phase}_{folder}" / "a.png")
+    for name in ("test", "encode-features"):
+        capsys.readouterr()
+        assert main(command(name, ck, data)) == 1, name
+        one_sentence(capsys, "a.png is 4x4 pixels", "smaller than the 8x8 this model needs", "--resize_or_crop")
 
 
 def test_palette_and_transparent_photos_are_converted_before_resizing(tmp_path):
