@@ -193,6 +193,12 @@ def export_onnx(model: Pix2PixHD, path: str | os.PathLike) -> tuple[Path, float 
     """
     from .files import atomic_path
 
+    try:  # optional packages torch's ONNX exporter imports midway, with a bare ModuleNotFoundError
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise InferenceError(f"export-onnx needs the {exc.name or 'onnx'} package, which is not installed: "
+                             'pip install "fastp2phd[onnx]"') from None
     netG = model.netG.cpu().eval()
     out = Path(path)
     channels = model.spec.generator_input_nc

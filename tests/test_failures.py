@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -206,6 +207,17 @@ def test_scenes_too_small_for_the_generator_are_one_sentence(trained, tmp_path, 
         capsys.readouterr()
         assert main(command(name, ck, data)) == 1, name
         one_sentence(capsys, "a.png is 4x4 pixels", "smaller than the 8x8 this model needs", "--resize_or_crop")
+
+
+@pytest.mark.parametrize("package", ["onnxscript", "onnx"])
+def test_export_onnx_without_its_optional_packages_says_which_extra_to_install(package, trained, tmp_path, capsys,
+                                                                               monkeypatch):
+    ck, data = copy_run(trained, tmp_path)
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    capsys.readouterr()
+    assert main(command("export-onnx", ck, data)) == 1
+    one_sentence(capsys, f"needs the {package} package", 'pip install "fastp2phd[onnx]"')
+    assert not list(tmp_path.glob("*onnx*"))
 
 
 def test_palette_and_transparent_photos_are_converted_before_resizing(tmp_path):
