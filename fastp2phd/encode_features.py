@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from .console import progress_bar
 from .features import FeatureCollector, cluster_features, save_clusters
+from .files import remove_leftover_temporaries
 from .inference import InferenceError
 from .pix2pixhd import Pix2PixHD
 from .specs import DataSpec
@@ -46,6 +47,7 @@ def encode_features(model: Pix2PixHD, data: DataSpec, folder: str | os.PathLike,
         with torch.no_grad():
             for batch in loader:
                 image, inst, label = (batch[k].to(device) for k in ("image", "inst", "label"))
+                model.check_size(label, batch["path"][0])  # one size per batch: the first scene names it
                 regions = label if spec.label_feat else inst
                 collector.add(model.encode_features(image, inst, label), regions)
                 bar.update(image.shape[0])
@@ -53,9 +55,11 @@ def encode_features(model: Pix2PixHD, data: DataSpec, folder: str | os.PathLike,
     except DatasetError as exc:
         raise InferenceError(str(exc)) from None
     features = collector.result()
+    path = folder / f"features_clustered_{spec.n_clusters:03d}.npz"
+    # Only the leftovers of these two files: a `train` may be writing checkpoints into this folder now.
+    remove_leftover_temporaries(folder, ["features.npz", path.name])
     save_clusters(folder / "features.npz", features, {"kind": "features", "columns": "features..., relative area"})
     centers = cluster_features(features, n_clusters=spec.n_clusters, area_threshold=area_threshold, seed=seed,
                                device=device)
-    path = folder / f"features_clustered_{spec.n_clusters:03d}.npz"
     save_clusters(path, centers, {"kind": "clusters", "feat_num": spec.feat_num, "n_clusters": spec.n_clusters})
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import pickle
@@ -11,7 +12,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -32,15 +33,19 @@ def _umask() -> int:
     return mask
 
 
-def remove_leftover_temporaries(folder: str | os.PathLike, recursive: bool = False) -> int:
+def remove_leftover_temporaries(folder: str | os.PathLike, names: Iterable[str] | None = None,
+                                recursive: bool = False) -> int:
     """Finish a file set whose save was interrupted after its commit point, then remove what writes
     killed midway left in ``folder`` (and its subfolders with ``recursive``): their temporary files,
-    up to a whole train state each. Returns how many were removed; only this module's own
-    temporaries are touched."""
+    up to a whole train state each. Returns how many were removed. Only this module's own temporaries
+    are touched, and with ``names`` only those of these files (so that a command sharing a folder with
+    a running ``train`` leaves the checkpoints that one is writing alone)."""
     finish_interrupted_save(folder)
-    pattern = f".*{TEMPORARY_SUFFIX}"
+    patterns = [f".{glob.escape(name)}.*{TEMPORARY_SUFFIX}" for name in names] if names is not None else [
+        f".*{TEMPORARY_SUFFIX}"]
+    found = Path(folder).rglob if recursive else Path(folder).glob
     removed = 0
-    for leftover in (Path(folder).rglob(pattern) if recursive else Path(folder).glob(pattern)):
+    for leftover in (path for pattern in patterns for path in found(pattern)):
         try:
             leftover.unlink()
             removed += 1
@@ -249,12 +254,12 @@ def _apply_journal(root: Path, journal: dict) -> None:
     folders = set()
     for tmp, final in journal["files"]:
         tmp, final = root / tmp, root / final
-        if tmp.exists():  # absent when an earlier finish got this far
+        with contextlib.suppress(FileNotFoundError):  # renamed already, by an earlier finish or another process
             os.replace(tmp, final)
         folders.add(final.parent)
     for folder in folders:
         _fsync_folder(folder)
-    os.unlink(root / SAVE_JOURNAL)
+    _unlink_quietly(root / SAVE_JOURNAL)
     _fsync_folder(root)
 
 

@@ -154,6 +154,7 @@ def run_test(
         inst = item["inst"].unsqueeze(0).to(device)
         image = item["image"].unsqueeze(0).to(device) if use_encoded_image else None
         name = item["name"]  # a/s for test_label/a/s.png: two scenes named s never share their outputs
+        model.check_size(label, item["path"])  # naming the scene
         if saved is not None and (saved / f"{name}.npz").is_file():
             fake = _generate_with_saved_features(model, label, inst, saved / f"{name}.npz", generator)
         else:
@@ -197,6 +198,12 @@ def export_onnx(model: Pix2PixHD, path: str | os.PathLike) -> tuple[Path, float 
     """
     from .files import atomic_path
 
+    try:  # optional packages torch's ONNX exporter imports midway, with a bare ModuleNotFoundError
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise InferenceError(f"export-onnx needs the {exc.name or 'onnx'} package, which is not installed: "
+                             'pip install "fastp2phd[onnx]"') from None
     netG = model.netG.cpu().eval()
     out = Path(path)
     channels = model.spec.generator_input_nc

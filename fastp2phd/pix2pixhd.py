@@ -17,9 +17,14 @@ from torch import nn
 
 from . import ops
 from .compiling import OneSize
+from .errors import Pix2PixHDError
 from .models import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
 from .ops._common import is_fake
 from .specs import ModelSpec, TrainSpec
+
+
+class InputSizeError(Pix2PixHDError, ValueError):
+    """An input this generator cannot take: too small, or not a multiple of its size multiple."""
 
 
 #: Inference precisions: the autocast dtype of each (None: float32 throughout).
@@ -127,11 +132,19 @@ class Pix2PixHD(nn.Module):
         """The encoder's instance-averaged features (per label region with --label_feat)."""
         return self.netE(image, label if self.spec.label_feat else inst)
 
-    def check_size(self, tensor: torch.Tensor) -> None:
-        multiple = self.spec.size_multiple
+    def check_size(self, tensor: torch.Tensor, source: str | None = None) -> None:
+        """A sentence, rather than a reflection-padding traceback deep in G, for a size G cannot take;
+        ``source``: the file the input was read from."""
+        multiple, smallest = self.spec.size_multiple, self.spec.min_size
         h, w = tensor.shape[-2:]
+        if h < smallest or w < smallest:
+            raise InputSizeError(
+                f"{'the input' if source is None else source} is {h}x{w} pixels after --resize_or_crop, smaller than "
+                f"the {smallest}x{smallest} this model needs; use larger images, or --resize_or_crop resize_and_crop "
+                f"with a --loadSize and --fineSize of at least {smallest}"
+            )
         if h % multiple or w % multiple:
-            raise ValueError(
+            raise InputSizeError(
                 f"input size {h}x{w} is not a multiple of {multiple}, which this generator needs; "
                 f"use --resize_or_crop none (rounds sizes) or a --loadSize/--fineSize that is a multiple of {multiple}"
             )

@@ -120,6 +120,14 @@ class ModelSpec(_Spec):
         multiple = self.generator_size_multiple
         return max(multiple, 2**self.n_downsample_E) if self.has_encoder else multiple
 
+    @property
+    def min_size(self) -> int:
+        """The smallest height and width G (and E) take: a reflection pad needs more pixels than it pads,
+        3 on the input of G1 (1/2^n_local_enhancers of the image) and 1 in the residual blocks at G1's coarsest map."""
+        levels = 2**self.n_local_enhancers if self.netG == "local" else 1
+        need = max(4 * levels, self.generator_size_multiple * (2 if self.n_blocks_global else 1))
+        return -(-need // self.size_multiple) * self.size_multiple
+
 
 @dataclass(frozen=True)
 class DataSpec(_Spec):

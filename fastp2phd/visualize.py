@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .files import atomic_write, write_text
+from .files import atomic_write, remove_leftover_temporaries, write_text
 
 
 def tensor_to_image(t: torch.Tensor) -> np.ndarray:
@@ -42,6 +42,8 @@ class HTMLPage:
         self.web_dir = Path(web_dir)
         self.image_dir = self.web_dir / "images"
         self.image_dir.mkdir(parents=True, exist_ok=True)
+        remove_leftover_temporaries(self.web_dir)  # what a killed earlier run was writing
+        remove_leftover_temporaries(self.image_dir, recursive=True)  # (images of a/s scenes are in images/a/)
         self.title = title
         self.refresh = refresh
         self.body: list[str] = []

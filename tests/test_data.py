@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +33,8 @@ from fastp2phd.data.folder import DatasetNotFoundError, item_rng
 from fastp2phd.data.synthetic import scene_seed
 from fastp2phd.data.transforms import to_image_tensor, to_instance_tensor, to_label_tensor
 from fastp2phd.specs import DataSpec, ModelSpec
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_opt(**overrides) -> DataSpec:
@@ -393,6 +399,43 @@ def test_error_label_ids_out_of_range(tmp_path):
     Image.new("RGB", (40, 24)).save(tmp_path / "train_label" / "s0_labelIds.png")
     with pytest.raises(DatasetError, match=r"s0_labelIds\.png.*mode RGB"):
         AlignedDataset(make_opt(dataroot=str(tmp_path)))[0]
+
+
+def _in_subprocess(code: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter, so that a hang fails the test instead of blocking the run."""
+    try:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+                              cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung for {timeout} s: {code}")
+
+
+def test_linked_folders_that_loop_are_walked_once(tmp_path):
+    folder = tmp_path / "test_label"
+    (folder / "a").mkdir(parents=True)
+    Image.new("L", (8, 8)).save(folder / "a" / "x.png")
+    (folder / "a" / "loop").symlink_to("..")  # back up to test_label
+    (folder / "a" / "self").symlink_to(".")
+    (tmp_path / "more").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "more" / "y.png")
+    (folder / "more").symlink_to(tmp_path / "more")  # a linked folder that is no loop is still read
+    done = _in_subprocess(f"from fastp2phd.data.folder import list_images; print(*list_images({str(folder)!r}))")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(folder / "a" / "x.png"), str(folder / "more" / "y.png")]
+
+
+def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):
+    write_dataset(tmp_path, n=2)
+    fifo = tmp_path / "train_label" / "s2_labelIds.png"
+    os.mkfifo(fifo)
+    code = (f"from fastp2phd.data.folder import DatasetError, list_images, open_image\n"
+            f"for call in (list_images, open_image):\n"
+            f"    try:\n        call({str(fifo.parent)!r} if call is list_images else {str(fifo)!r})\n"
+            f"    except DatasetError as exc:\n        print(exc)\n")
+    done = _in_subprocess(code)
+    assert done.returncode == 0, done.stderr
+    sentence = f"{fifo} is not a regular file (a FIFO): remove it from the dataset folder."
+    assert done.stdout.splitlines() == [sentence, sentence]
 
 
 # ----------------------------------------------------------------------------- synthetic scenes

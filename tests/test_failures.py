@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from fastp2phd.data import AlignedDataset, make_synthetic
 from fastp2phd.files import TEMPORARY_SUFFIX, save_torch
 from fastp2phd.inference import load_run
 from fastp2phd.models import GANLoss
+from fastp2phd.pix2pixhd import InputSizeError, Pix2PixHD
 from fastp2phd.specs import DataSpec, ModelSpec, SpecError
 
 TINY = ["--fineSize", "64", "--loadSize", "64", "--resize_or_crop", "none", "--ngf", "4", "--n_downsample_global", "2",
@@ -155,6 +157,67 @@ def test_a_new_start_removes_leftovers_of_killed_writes_and_a_resume_forgets_rep
     assert not leftover.exists() and foreign.exists()
     steps = [json.loads(line)["total_steps"] for line in (folder / "loss_log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
+
+
+def test_test_and_encode_features_remove_leftovers_of_their_killed_writes(trained, tmp_path):
+    ck, data = copy_run(trained, tmp_path)
+    web = ck.parent / "results" / "run" / "test_latest"
+    planted = {web: ".index.html.abc", web / "images": ".x.png.abc", ck / "run": ".features.npz.abc"}
+    for folder, stem in planted.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{stem}{TEMPORARY_SUFFIX}").write_bytes(b"half a file")
+        (folder / "notes.tmp").write_text("not ours")
+    # A checkpoint a running `train` may be writing now into the run folder: encode-features leaves it.
+    training = ck / "run" / f".latest_net_G.pth.x1y2z3{TEMPORARY_SUFFIX}"
+    training.write_bytes(b"being written")
+    assert main(command("test", ck, data, "--how_many", "1")) == 0
+    assert main(command("encode-features", ck, data)) == 0
+    for folder, stem in planted.items():
+        assert not (folder / f"{stem}{TEMPORARY_SUFFIX}").exists() and (folder / "notes.tmp").exists(), folder
+    assert training.exists()
+
+
+@pytest.mark.parametrize("options", [dict(n_downsample_global=2, n_blocks_global=1),
+                                     dict(n_downsample_global=2, n_blocks_global=0),
+                                     dict(n_downsample_global=4, n_blocks_global=1),
+                                     dict(netG="local", n_downsample_global=1, n_blocks_global=1),
+                                     dict(netG="local", n_downsample_global=0, n_blocks_global=1, n_local_enhancers=2)])
+def test_min_size_is_the_smallest_size_the_generator_takes(options):
+    spec = ModelSpec(label_nc=3, no_instance=True, ngf=2, n_blocks_local=1, **options)
+    net = Pix2PixHD(spec).eval()
+    smallest, multiple = spec.min_size, spec.size_multiple
+    label = torch.zeros(1, 1, smallest, smallest + multiple, dtype=torch.long)
+    assert net.generate(label)[0].shape[-2:] == label.shape[-2:]
+    if smallest > multiple:  # one multiple less: the reflection padding would fail, so check_size refuses it
+        with pytest.raises(RuntimeError, match="[Pp]adding"):
+            net.netG(net.encode_input(label[..., multiple:, :], None))
+        with pytest.raises(InputSizeError, match=f"smaller than the {smallest}x{smallest}"):
+            net.generate(label[..., multiple:, :])
+
+
+def test_scenes_too_small_for_the_generator_are_one_sentence(trained, tmp_path, capsys):
+    ck, _ = trained
+    data = tmp_path / "small"
+    for phase in ("train", "test"):  # 4x4 pixels: 1x1 at G's coarsest map, under its residual blocks' padding
+        for folder, image in (("label", Image.new("L", (4, 4), 7)), ("inst", Image.new("L", (4, 4), 7)),
+                              ("img", Image.new("RGB", (4, 4)))):
+            (data / f"{phase}_{folder}").mkdir(parents=True)
+            image.save(data / f"{phase}_{folder}" / "a.png")
+    for name in ("test", "encode-features"):
+        capsys.readouterr()
+        assert main(command(name, ck, data)) == 1, name
+        one_sentence(capsys, "a.png is 4x4 pixels", "smaller than the 8x8 this model needs", "--resize_or_crop")
+
+
+@pytest.mark.parametrize("package", ["onnxscript", "onnx"])
+def test_export_onnx_without_its_optional_packages_says_which_extra_to_install(package, trained, tmp_path, capsys,
+                                                                               monkeypatch):
+    ck, data = copy_run(trained, tmp_path)
+    monkeypatch.setitem(sys.modules, package, None)  # import fails as if not installed
+    capsys.readouterr()
+    assert main(command("export-onnx", ck, data)) == 1
+    one_sentence(capsys, f"needs the {package} package", 'pip install "fastp2phd[onnx]"')
+    assert not list(tmp_path.glob("*onnx*"))
 
 
 def test_palette_and_transparent_photos_are_converted_before_resizing(tmp_path):

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import stat
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -72,13 +73,47 @@ def item_rng(rng_seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"fastp2phd:{int(rng_seed)}:{int(epoch)}:{int(index)}")
 
 
+def _folder_key(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_regular(path: str) -> None:
+    """Refuse a FIFO, socket or device named like an image: opening one would block or read forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # a broken link: open_image says it cannot read it
+    if not stat.S_ISREG(mode):
+        kind = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
+                stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}.get(stat.S_IFMT(mode), "not a file")
+        raise DatasetError(f"{path} is not a regular file ({kind}): remove it from the dataset folder.")
+
+
 def list_images(folder: str) -> List[str]:
-    """Image files under ``folder`` (recursively), sorted by path."""
+    """Image files under ``folder`` (recursively, following linked folders), sorted by path.
+
+    Every real folder is walked once, so a link back up the tree (a loop) does not walk forever;
+    a FIFO, socket or device named like an image raises DatasetError."""
     found = []
-    for root, _dirs, files in os.walk(folder, followlinks=True):
+    seen = {_folder_key(folder)}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()  # the first of several paths to one folder is the one listed, whatever the disk's order
+        keep = []
+        for name in dirs:
+            key = _folder_key(os.path.join(root, name))
+            if key is not None and key not in seen:
+                seen.add(key)
+                keep.append(name)
+        dirs[:] = keep
         for name in files:
             if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.join(root, name))
+                path = os.path.join(root, name)
+                _check_regular(path)
+                found.append(path)
     return sorted(found)
 
 
@@ -86,6 +121,7 @@ def open_image(path: str) -> Image.Image:
     """Open and fully decode an image file, so that a truncated or corrupt file raises
     DatasetError here (PIL decodes lazily otherwise). Truncation is only detected while
     ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (PIL's default)."""
+    _check_regular(path)
     try:
         with Image.open(path) as img:
             img.load()
