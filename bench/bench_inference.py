@@ -2,7 +2,8 @@
 
 Providers: ``fp32`` (torch eager, float32), ``bf16`` (torch eager under bfloat16 autocast, as
 ``--precision bf16`` runs it), ``onnxruntime`` (the generator ``fastp2phd export-onnx`` writes, on
-onnxruntime's CPU provider), ``compile`` (``torch.compile`` of the generator); on CUDA also
+onnxruntime's CPU provider), ``compile`` (``torch.compile`` of the generator), ``optimized fp32`` and
+``optimized bf16`` (after ``fastp2phd.optimize_for_inference``, as ``test --optimize`` and the editor run); on CUDA also
 ``fp16`` and ``compile + CUDA graphs`` (``mode="reduce-overhead"``). Each row records its PSNR
 against fp32 on the same input; peak memory is the growth of the process during one call (not
 measured for onnxruntime, whose memory arena is kept from the warm-up). Networks have random (seeded) weights: speed does not depend on
@@ -11,6 +12,7 @@ them. ``demo model`` times the trained demo model on its held-out scenes when ``
 """
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from harness import compiled_or_skip, measure
 
+from fastp2phd import optimize_for_inference
 from fastp2phd.data import render_scene
 from fastp2phd.pix2pixhd import Pix2PixHD
 from fastp2phd.specs import ModelSpec
@@ -34,7 +37,8 @@ CONFIGS = {
                        n_local_enhancers=1, n_blocks_local=3),
 }
 CASES = [("1024p", 512, 1024), ("1024p", 1024, 2048), ("512p", 512, 1024)]
-PROVIDERS = ["fp32", "bf16", "onnxruntime", "compile", "fp16", "compile + CUDA graphs"]
+PROVIDERS = ["fp32", "bf16", "optimized fp32", "optimized bf16", "onnxruntime", "compile", "fp16",
+             "compile + CUDA graphs"]
 CUDA_ONLY = {"fp16", "compile + CUDA graphs"}
 
 _fp32_outputs: dict[str, torch.Tensor] = {}  # case -> fp32 output, for the PSNR of the other providers
@@ -65,6 +69,13 @@ def provider_fn(settings, provider: str, model: Pix2PixHD, x: torch.Tensor, tmp_
     device = settings.device
     if provider in CUDA_ONLY and not settings.cuda:
         pytest.skip(f"{provider}: CUDA only")
+    if provider.startswith("optimized "):
+        optimized, precision = optimize_for_inference(copy.deepcopy(model)), provider.split()[1]
+
+        def fn():
+            with torch.inference_mode(), optimized.precision_scope(device, precision):
+                return optimized.netG(x).float()
+        return fn
     if provider in ("fp32", "bf16", "fp16"):
         def fn():
             with torch.inference_mode(), model.precision_scope(device, provider):
