@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .console import progress_bar
-from .features import FeatureCollector, cluster_features, save_clusters
-from .files import remove_leftover_temporaries
+from .features import FeatureCollector, cluster_features, clusters_writer
+from .files import remove_leftover_temporaries, save_file_set
 from .inference import InferenceError
 from .pix2pixhd import Pix2PixHD
 from .specs import DataSpec
@@ -58,8 +58,11 @@ def encode_features(model: Pix2PixHD, data: DataSpec, folder: str | os.PathLike,
     path = folder / f"features_clustered_{spec.n_clusters:03d}.npz"
     # Only the leftovers of these two files: a `train` may be writing checkpoints into this folder now.
     remove_leftover_temporaries(folder, ["features.npz", path.name])
-    save_clusters(folder / "features.npz", features, {"kind": "features", "columns": "features..., relative area"})
     centers = cluster_features(features, n_clusters=spec.n_clusters, area_threshold=area_threshold, seed=seed,
                                device=device)
-    save_clusters(path, centers, {"kind": "clusters", "feat_num": spec.feat_num, "n_clusters": spec.n_clusters})
+    with save_file_set(folder, "features and clusters") as files:  # the clusters always match the features beside them
+        files.write("features.npz", clusters_writer(features, {"kind": "features",
+                                                               "columns": "features..., relative area"}))
+        files.write(path.name, clusters_writer(centers, {"kind": "clusters", "feat_num": spec.feat_num,
+                                                         "n_clusters": spec.n_clusters}))
     return path

@@ -35,7 +35,7 @@ import operator
 import os
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,7 @@ __all__ = [
     "class_features",
     "class_of",
     "cluster_features",
+    "clusters_writer",
     "feature_map_from_vectors",
     "import_official_clusters",
     "instance_features",
@@ -63,6 +64,7 @@ __all__ = [
     "sample_feature_map",
     "save_clusters",
     "save_instance_vectors",
+    "write_instance_vectors",
 ]
 
 #: The relative area of an instance is ``num_pixels / (H * W // AREA_BLOCKS)``.
@@ -405,7 +407,14 @@ def _check_widths(arrays: Mapping[int, np.ndarray], source: str) -> int | None:
 
 
 def save_clusters(path: str | os.PathLike, centers: Mapping[int, Any], meta: Mapping[str, Any] | None = None) -> None:
-    """Write cluster centres to a pickle-free ``.npz`` file, atomically.
+    """Write cluster centres to a pickle-free ``.npz`` file, atomically (see ``clusters_writer``)."""
+    write = clusters_writer(centers, meta)
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+def clusters_writer(centers: Mapping[int, Any], meta: Mapping[str, Any] | None = None) -> Callable[[Any], None]:
+    """Check cluster centres and return a function that writes them to a pickle-free ``.npz`` path.
 
     Args:
         path: destination, written exactly as given (no ``.npz`` is appended).
@@ -417,11 +426,10 @@ def save_clusters(path: str | os.PathLike, centers: Mapping[int, Any], meta: Map
 
     The file holds one array per class named ``class_%03d`` (``class_026``) and a 0-d
     string array ``__meta__`` with the JSON object ``{"format": "fastp2phd-clusters",
-    "version": 1, "feat_num": F, "n_clusters": ..., "classes": [...], **meta}``. It is
-    written through ``fastp2phd.files.atomic_path`` (a temporary file, fsync, rename), so
-    an interrupted save never leaves a half-written file.
+    "version": 1, "feat_num": F, "n_clusters": ..., "classes": [...], **meta}``.
+    ``save_clusters`` writes it through ``fastp2phd.files.atomic_path`` (a temporary file, fsync,
+    rename), ``encode_features`` together with the raw features (``save_file_set``).
     """
-    path = os.fspath(path)
     arrays: dict[int, np.ndarray] = {}
     for cls, value in centers.items():
         try:
@@ -453,9 +461,10 @@ def save_clusters(path: str | os.PathLike, centers: Mapping[int, Any], meta: Map
     payload = {f"class_{cls:03d}": arrays[cls] for cls in sorted(arrays)}
     payload[_META_KEY] = np.array(meta_json)
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
+    def write(target: str | os.PathLike) -> None:
+        with open(target, "wb") as fh:
             np.savez(fh, **payload)
+    return write
 
 
 def _sniff(path: str) -> bytes:

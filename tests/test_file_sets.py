@@ -235,3 +235,29 @@ def test_a_full_disk_while_logging_losses_is_one_sentence(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastp2phd train: could not write ") and "loss_log.txt: the disk is full" in err, err
     assert "checkpoints included, is intact" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("failing_write", range(3))  # features.npz, the clusters, the journal
+def test_encode_features_replaces_features_and_clusters_together(tmp_path, monkeypatch, capsys, failing_write):
+    data = make_synthetic(tmp_path / "data", num_train=2, num_test=1, height=32, width=64, seed=3)
+    assert train(tmp_path / "ck", data, 1) == 0
+    run = tmp_path / "ck" / "run"
+    from fastp2phd.features import save_clusters
+
+    save_clusters(run / "features.npz", {26: torch.ones(1, 4)})  # an earlier encoding's files, unlike this one's
+    save_clusters(run / "features_clustered_010.npz", {26: torch.ones(2, 3)})
+    old = {name: (run / name).read_bytes() for name in ("features.npz", "features_clustered_010.npz")}
+    calls = []
+
+    def fsync_on_a_full_disk(path):
+        calls.append(path)
+        if len(calls) == failing_write + 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_fsync_file", fsync_on_a_full_disk)
+    capsys.readouterr()
+    assert main(["encode-features", "--name", "run", "--checkpoints_dir", str(tmp_path / "ck"), "--dataroot", str(data),
+                 "--device", "cpu", "--no_progress", "--phase", "train"]) == 1
+    err = capsys.readouterr().err
+    assert "disk is full" in err and "previous features and clusters" in err, err
+    assert {name: (run / name).read_bytes() for name in old} == old and not temporaries(run)
