@@ -170,7 +170,7 @@ def run_test(
                                  "encode-features` with the same --name first, or pass --use_encoded_image")
     device = next(model.parameters()).device
     try:
-        dataset = create_dataset(data)
+        dataset = create_dataset(with_step_memory(model, data))
         count = len(dataset)
     except DatasetError as exc:
         raise InferenceError(str(exc)) from None
@@ -194,6 +194,18 @@ def run_test(
         bar.update(1)
     bar.close()
     return page.save()
+
+
+def with_step_memory(model: Pix2PixHD, data: DataSpec) -> DataSpec:
+    """``data`` refusing, before it is decoded, an image whose generation by ``model`` would not fit the memory
+    (``fastp2phd.memory``'s estimate): with resize_or_crop 'none' the files alone decide the size of the step."""
+    if data.resize_or_crop != "none":
+        return data
+    from .memory import device_memory, inference_bytes_per_pixel
+
+    device = next(model.parameters()).device
+    return data.replace(step_bytes_per_pixel=inference_bytes_per_pixel(model.spec, device.type),
+                        step_device_memory=device_memory(device))
 
 
 @torch.no_grad()

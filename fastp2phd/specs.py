@@ -186,10 +186,15 @@ class DataSpec(_Spec):
     no_instance: bool = False
     load_features: bool = False
     size_base: int = 16  # what resize_or_crop "none" rounds sizes to (the generator's size multiple)
+    # What a step of the model needs per pixel it processes (fastp2phd.memory; 0: the data's own bytes only) and
+    # the memory of its device (0: this machine's): an image the step cannot hold is refused before it is decoded.
+    step_bytes_per_pixel: int = 0
+    step_device_memory: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("resize_or_crop", self.resize_or_crop, RESIZE_OR_CROP_CHOICES)
         _check_count(self, ("loadSize", "fineSize", "size_base"), 1)
+        _check_count(self, ("step_bytes_per_pixel", "step_device_memory"), 0)
         _check_count(self, ("label_nc",), 0)
         check_bounds({"label_nc": self.label_nc, "loadSize": self.loadSize, "fineSize": self.fineSize})
         if self.max_dataset_size < 0:

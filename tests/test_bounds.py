@@ -1,16 +1,22 @@
 """Input that would exhaust the memory is refused first, in a sentence: option values out of bounds (from a run's
-opt.txt or a flag), an opt.txt that does not match its checkpoint, read before any network is built."""
+opt.txt or a flag), an opt.txt that does not match its checkpoint (both before any network is built), and images
+too large to decode or to process (from their headers, before they are decoded)."""
 from __future__ import annotations
 
 import os
+import random
+import shutil
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
+from PIL import Image
 
 from fastp2phd.cli import main
+from fastp2phd.data import DatasetError
 from fastp2phd.files import save_torch, write_text
 from fastp2phd.inference import load_run
 from fastp2phd.options import parse_command_line
@@ -141,3 +147,70 @@ def test_the_bounds_take_every_published_configuration():
     for options in published:
         ModelSpec(**options)
         check_bounds({**options, "ndf": 64, "n_layers_D": 3, "num_D": 3, "loadSize": 2048, "fineSize": 1024})
+
+
+@pytest.fixture(scope="module")
+def large_scene(tmp_path_factory):
+    """A run, and a test set of one 11000x11000 scene: label map, instance map and photo (zeros: 120 KB as PNG),
+    under PIL's decompression-bomb error, so PIL only warns."""
+    root = tmp_path_factory.mktemp("large")
+    Image.new("L", (11000, 11000)).save(root / "big.png")
+    for folder in ("test_label", "test_inst", "test_img"):
+        (root / "data" / folder).mkdir(parents=True)
+        shutil.copy(root / "big.png", root / "data" / folder / "a.png")
+    return make_run(root / "ck" / "run"), root / "data"
+
+
+def test_an_image_too_large_to_process_at_full_size_is_refused_before_it_is_decoded(large_scene):
+    """`test --resize_or_crop none` on it reached 22 GB and was killed: now its header is read, the memory model
+    estimates the step at that size, and the sentence comes in seconds with little memory."""
+    run, data = large_scene
+    argv = ["test", "--name", "run", "--checkpoints_dir", str(run.parent), "--dataroot", str(data), "--device", "cpu",
+            "--no_progress", "--results_dir", str(data.parent / "results"), "--resize_or_crop", "none"]
+    status, err, seconds, rss = run_limited(argv, memory=4 * GiB)
+    assert status == 1, err
+    one_sentence(err, f"fastp2phd test: Image file {data / 'test_label' / 'a.png'} is 11000x11000 pixels, which "
+                      "--resize_or_crop none processes at 11000x11000: that needs about ",
+                 " GiB of memory, and this machine has 4.0 GiB; use a smaller image.")
+    assert seconds < 30 and rss < GiB, (seconds, rss)
+
+
+def test_the_size_gate_says_which_load_size_fits_and_takes_large_images_it_resizes(large_scene, monkeypatch):
+    from fastp2phd.data.folder import MAX_SOURCE_PIXELS, check_image_size, open_image
+    from fastp2phd.memory import inference_bytes_per_pixel
+
+    per_pixel = inference_bytes_per_pixel(SPEC, "cpu")  # the memory model: what G needs per pixel it generates
+    assert 100 < per_pixel < 10_000
+    monkeypatch.setattr("fastp2phd.data.folder.host_memory", lambda: 8 * GiB)
+    none = DataSpec.for_model(SPEC, resize_or_crop="none", step_bytes_per_pixel=per_pixel)
+    with pytest.raises(DatasetError, match=r"x.png is 6000x5000 pixels, which --resize_or_crop none processes at "
+                                           r"6000x5000: that needs about .* GiB of memory, and this machine has 8.0 "
+                                           r"GiB; use --resize_or_crop scale_width with --loadSize (\d+) \(or less\)"
+                       ) as refused:
+        check_image_size("x.png", (6000, 5000), none)
+    load_size = int(refused.value.args[0].split("--loadSize ")[1].split()[0])
+    scaled = none.replace(resize_or_crop="scale_width", loadSize=load_size)
+    check_image_size("x.png", (6000, 5000), scaled)  # what it says to use is taken
+    check_image_size("x.png", (7680, 4320), scaled.replace(loadSize=1024))  # 8K, resized: decoded, then resized
+    check_image_size("x.png", (2048, 1024), none)  # Cityscapes at full size
+    with pytest.raises(DatasetError, match="needs about .* GiB of memory, and the GPU has 1.0 GiB"):
+        check_image_size("x.png", (4096, 2048), none.replace(step_device_memory=GiB))  # the step runs on a GPU
+    # Beyond MAX_SOURCE_PIXELS nothing is decoded, whatever the mode, nor does PIL's warning come first.
+    with pytest.raises(DatasetError, match="is 11000x11000 pixels, more than the 33.6 million fastp2phd decodes"):
+        check_image_size("x.png", (11000, 11000), scaled.replace(loadSize=1024))
+    _, data = large_scene
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(DatasetError, match="a.png is 11000x11000 pixels, more than"):
+            open_image(str(data / "test_img" / "a.png"), scaled.replace(loadSize=1024))
+    assert MAX_SOURCE_PIXELS == 16 * 2048 * 1024
+
+
+@pytest.mark.parametrize("mode", ["resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none"])
+def test_processed_size_is_the_size_transform_makes(mode):
+    from fastp2phd.data.transforms import get_params, processed_size, transform
+
+    spec = DataSpec(resize_or_crop=mode, loadSize=40, fineSize=24, size_base=8)
+    for size in ((60, 30), (30, 60), (40, 20), (20, 10), (17, 45)):
+        params = get_params(spec, size, random.Random(0))
+        assert transform(Image.new("L", size), spec, params, nearest=True).size == processed_size(spec, size), size
