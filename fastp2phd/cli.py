@@ -18,8 +18,9 @@ from pathlib import Path
 
 from .cpu_allocator import keep_freed_memory
 from .errors import Pix2PixHDError
-from .options import (build_parser, data_spec, finish_options, model_spec,  # noqa: F401  (build_parser: re-export)
-                      parse_command_line, resolve_device, train_spec)
+from .options import (build_parser, data_spec, finish_options, model_spec, parse_command_line,
+                      resolve_device, train_spec, with_run_options)
+from .specs import OPT_TXT
 
 parse = parse_command_line  # (the name earlier versions had)
 
@@ -30,8 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     # The library's warnings are sentences for the user: on the command line, without file and line.
     warnings.formatwarning = lambda message, category, *_, **__: f"{command}: warning: {message}\n"
     try:
-        args = parse_command_line(argv)
-        command = f"fastp2phd {args.command}"
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = f"fastp2phd {args.command}"  # (before opt.txt is read: its problems are the command's)
+        args = with_run_options(parser, args, argv)
         keep_freed_memory()  # large CPU tensors stop page-faulting on every call (fastp2phd.cpu_allocator)
         return _run(args)
     except (Pix2PixHDError, ValueError, FileNotFoundError, FileExistsError) as exc:
@@ -96,10 +99,12 @@ def _load_run(opt: argparse.Namespace):
     from .inference import load_run
 
     run_folder = Path(opt.checkpoints_dir) / opt.name
+    opt_txt = run_folder / OPT_TXT
     model = load_run(run_folder, opt.which_epoch, resolve_device(opt.device), model=model_spec(opt),
                      cluster_path=getattr(opt, "cluster_path", None), allow_pickle=getattr(opt, "allow_pickle", False),
                      precision=getattr(opt, "precision", "fp32"), compile=getattr(opt, "compile", "off"),
-                     optimize=_optimize(opt))
+                     optimize=_optimize(opt),
+                     source=f"{opt_txt} (with the flags given)" if opt_txt.is_file() else "the flags given")
     return model, run_folder
 
 

@@ -12,9 +12,10 @@ import torch
 from .compiling import OneSize, compile_networks
 from .console import progress_bar
 from .errors import Pix2PixHDError
+from .models import Encoder
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
 from .optimize import optimize_for_inference
-from .pix2pixhd import Pix2PixHD, autocast_dtype
+from .pix2pixhd import Pix2PixHD, autocast_dtype, encoder_options, generator_options
 from .specs import OPT_TXT, DataSpec, ModelSpec, model_spec_from_opt_txt
 from .visualize import HTMLPage, label_to_image, tensor_to_image
 
@@ -34,6 +35,7 @@ def load_run(
     precision: str = "fp32",
     compile: str = "off",
     optimize: bool = False,
+    source: str | None = None,
 ) -> Pix2PixHD:
     """A trained run, ready to generate: ``Pix2PixHD`` in eval mode on ``device`` (default the CPU).
 
@@ -47,7 +49,10 @@ def load_run(
     sentence, by the call that needs it. ``precision`` (fp32, bf16, or fp16 on CUDA) is what
     ``generate``/``inference`` run in unless told otherwise; weights stay float32. ``compile``: a
     ``fastp2phd.compiling`` mode for G and E ("off" by default). ``optimize``: run
-    ``fastp2phd.optimize_for_inference`` (channels_last, padding folded into the convolutions).
+    ``fastp2phd.optimize_for_inference`` (channels_last, padding folded into the convolutions). The
+    checkpoints' shapes are checked against the options before any network is built; ``source`` names
+    where the options came from in the sentence that says they differ (default: the opt.txt, or "the
+    model options" for ``model``).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     autocast_dtype(precision, device)  # refuses fp16 on the CPU before anything is read
@@ -65,12 +70,17 @@ def load_run(
             raise InferenceError(f"{folder} has no {OPT_TXT}: pass model=ModelSpec(...) with the options the run was "
                                  "trained with")
         model = model_spec_from_opt_txt(folder)
+        source = source or str(folder / OPT_TXT)
+    g_path, e_path = folder / f"{which_epoch}_net_G.pth", folder / f"{which_epoch}_net_E.pth"
+    g_state = read_network_file(g_path)
+    e_state = read_network_file(e_path) if model.has_encoder and e_path.is_file() else None
+    # Before building: options an edited or damaged opt.txt gives can describe networks larger than the memory.
+    check_checkpoint_options(model, g_state, g_path, e_state, e_path, source or "the model options")
     net = Pix2PixHD(model)
-    load_network_file(net.netG, folder / f"{which_epoch}_net_G.pth")
-    encoder = folder / f"{which_epoch}_net_E.pth"
+    load_network_state(net.netG, g_state, g_path)
     if net.netE is not None:
-        if encoder.is_file():
-            load_network_file(net.netE, encoder)
+        if e_state is not None:
+            load_network_state(net.netE, e_state, e_path)
         else:
             net.netE = None  # rather than an encoder with random weights
     if model.uses_features and not model.load_features:
@@ -89,14 +99,40 @@ def load_run(
     return net
 
 
-def load_network_file(net: torch.nn.Module, path: Path) -> None:
-    """Load a checkpoint strictly, saying which file is missing or which options differ."""
+def read_network_file(path: Path) -> dict[str, torch.Tensor]:
+    """A network's state_dict (weights_only), or the sentence that says the file is missing."""
     if not path.is_file():
         raise InferenceError(f"{path} does not exist: train first, or check --checkpoints_dir, --name and --which_epoch")
+    return read_state_dict(path)
+
+
+def load_network_state(net: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Load ``path``'s state_dict strictly, saying which options differ."""
     try:
-        net.load_state_dict(read_state_dict(path))
+        net.load_state_dict(state)
     except CheckpointMismatchError as exc:
         raise InferenceError(f"{path}: {exc}") from None
+
+
+def check_checkpoint_options(model: ModelSpec, g_state, g_path: Path, e_state, e_path: Path, source: str) -> None:
+    """Refuse ``model`` where the options read off the checkpoints' shapes differ from it, without building a
+    network; what cannot be read off the shapes is left to the strict load."""
+    cls, options = generator_options(model)
+    netG = "local" if any(k.startswith("model1_") for k in g_state) else "global"
+    if "model.1.weight" in g_state and netG != model.netG:  # (a generator's first conv: G1's, in both)
+        changes = [("netG", netG, model.netG)]
+    else:
+        changes = cls.option_changes(options, g_state)
+    checks = [(g_path, cls, changes)]
+    if e_state is not None:
+        checks.append((e_path, Encoder, Encoder.option_changes(encoder_options(model), e_state)))
+    for path, net, found in checks:
+        if found:
+            flags = {**net.FLAGS, "netG": "pix2pixHD flag --netG"}
+            saved = "; ".join(f"{name}={theirs!r} (not {ours!r}; {flags.get(name, name)})"
+                              for name, theirs, ours in found)
+            raise InferenceError(f"{source} does not match the checkpoint {path}, which was saved with {saved}: "
+                                 "set the options the run was trained with")
 
 
 def load_cluster_file(path: Path, allow_pickle: bool) -> dict[int, torch.Tensor]:
@@ -140,7 +176,7 @@ def run_test(
                                  "encode-features` with the same --name first, or pass --use_encoded_image")
     device = next(model.parameters()).device
     try:
-        dataset = create_dataset(data)
+        dataset = create_dataset(with_step_memory(model, data))
         count = len(dataset)
     except DatasetError as exc:
         raise InferenceError(str(exc)) from None
@@ -165,6 +201,18 @@ def run_test(
         bar.update(1)
     bar.close()
     return page.save()
+
+
+def with_step_memory(model: Pix2PixHD, data: DataSpec) -> DataSpec:
+    """``data`` refusing, before it is decoded, an image whose generation by ``model`` would not fit the memory
+    (``fastp2phd.memory``'s estimate): with resize_or_crop 'none' the files alone decide the size of the step."""
+    if data.resize_or_crop != "none":
+        return data
+    from .memory import device_memory, inference_bytes_per_pixel
+
+    device = next(model.parameters()).device
+    return data.replace(step_bytes_per_pixel=inference_bytes_per_pixel(model.spec, device.type),
+                        step_device_memory=device_memory(device))
 
 
 @torch.no_grad()

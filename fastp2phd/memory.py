@@ -20,7 +20,10 @@ workspaces, and the caching allocator's rounding and fragmentation (typically
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
+import math
+import os
 import weakref
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -281,6 +284,42 @@ def estimate_inference(model_spec: ModelSpec, size: tuple[int, int], batch: int 
             model.generate(data["label"], data["inst"], feat=feat)
     return MemoryEstimate("inference", _config(model_spec, size, batch, device_type, None, None), peak, peak_label,
                           {k: v for k, v in at_peak.items() if v > 0}, flops.get_total_flops())
+
+
+@functools.lru_cache(maxsize=16)
+def inference_bytes_per_pixel(model_spec: ModelSpec, device_type: str = "cuda") -> int:
+    """Bytes generating an image (``estimate_inference``) needs per pixel beyond the parameters: the slope
+    between two small sizes, since every activation grows with the pixels. 0 where it cannot be estimated."""
+    m = model_spec.size_multiple
+    try:  # (4m: G's 7x7 reflection padding and its residual blocks' at the bottleneck need a few pixels)
+        small, large = (estimate_inference(model_spec, (4 * m, w * m), device_type=device_type).peak_bytes
+                        for w in (4, 8))
+    except Exception:  # a safety check must not stop a run the model cannot estimate: the data's own bound stays
+        return 0
+    return math.ceil((large - small) / (16 * m * m))
+
+
+def host_memory() -> int:
+    """Bytes this process may use: the machine's memory, or less where RLIMIT_AS or a cgroup limits it."""
+    limits = []
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    with contextlib.suppress(ImportError, ValueError, OSError):
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    with contextlib.suppress(ValueError, OSError):  # cgroup v2 ("max" when unlimited)
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limits.append(int(f.read()))
+    return min(limits, default=1 << 62)
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes of a CUDA device's memory; 0 for the CPU (whose memory is ``host_memory``)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
 
 
 def check_size(model: ModelSpec, size: tuple[int, int]) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .specs import (COMPILE_CHOICES, IMAGENET_MEAN, IMAGENET_STD, OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec,
-                    read_opt_txt)
+                    check_bounds, read_opt_txt)
 
 
 def _positive_int(text: str) -> int:
@@ -445,11 +445,26 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parse, taking the model options of a trained run from its opt.txt unless given explicitly."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return with_run_options(parser, parser.parse_args(argv), argv)
+
+
+def with_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     argv: list[str] | None) -> argparse.Namespace:
+    """``args`` (``parser``'s parse of ``argv``) with the model options of the run's opt.txt where no flag gives
+    them, for the commands that load a run; refuses option values out of bounds, naming the file or the flag."""
+    saved, opt_txt = {}, None
+    sub = parser._subparsers._group_actions[0].choices[args.command]
     if args.command in ("test", "encode-features", "export-onnx", "edit") or (args.command == "evaluate" and args.name):
-        sub = parser._subparsers._group_actions[0].choices[args.command]
-        saved = saved_model_options(sub, Path(args.checkpoints_dir) / args.name)
+        opt_txt = Path(args.checkpoints_dir) / args.name / OPT_TXT
+        saved = saved_model_options(sub, opt_txt.parent)
         if saved:
             sub.set_defaults(**saved)
             args = parser.parse_args(argv)
+
+    def where(name: str) -> str:  # a value opt.txt recorded and no flag changed is the file's
+        if name in saved and saved[name] == getattr(args, name):
+            return str(opt_txt)
+        return f"--{name}" if getattr(args, name) != sub.get_default(name) else f"the default {name}"
+
+    check_bounds(vars(args), where)
     return args

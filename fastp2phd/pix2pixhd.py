@@ -44,21 +44,35 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     return PRECISIONS[precision]
 
 
+def generator_options(spec: ModelSpec) -> tuple[type[GlobalGenerator | LocalEnhancer], dict]:
+    """G's class and constructor options for ``spec``, without building it (what a checkpoint is checked against)."""
+    options = dict(input_nc=spec.generator_input_nc, output_nc=spec.output_nc, ngf=spec.ngf)
+    if spec.netG == "global":
+        return GlobalGenerator, dict(options, n_downsampling=spec.n_downsample_global, n_blocks=spec.n_blocks_global,
+                                     norm=spec.norm)
+    return LocalEnhancer, dict(options, n_downsample_global=spec.n_downsample_global,
+                               n_blocks_global=spec.n_blocks_global, n_local_enhancers=spec.n_local_enhancers,
+                               n_blocks_local=spec.n_blocks_local, norm=spec.norm)
+
+
+def encoder_options(spec: ModelSpec) -> dict | None:
+    """E's constructor options for ``spec``, or None when it has none."""
+    if not spec.has_encoder:
+        return None
+    return dict(input_nc=spec.output_nc, output_nc=spec.feat_num, ngf=spec.nef, n_downsampling=spec.n_downsample_E,
+                norm=spec.norm)
+
+
 def build_generator(spec: ModelSpec, checkpoint: bool = False) -> nn.Module:
     """G1 (``netG="global"``) or G2 (``"local"``) for ``spec``; ``checkpoint``: recompute activations in backward."""
-    if spec.netG == "global":
-        return GlobalGenerator(spec.generator_input_nc, spec.output_nc, spec.ngf, spec.n_downsample_global,
-                               spec.n_blocks_global, spec.norm, checkpoint=checkpoint)
-    return LocalEnhancer(spec.generator_input_nc, spec.output_nc, spec.ngf, spec.n_downsample_global,
-                         spec.n_blocks_global, spec.n_local_enhancers, spec.n_blocks_local, spec.norm,
-                         checkpoint=checkpoint)
+    cls, options = generator_options(spec)
+    return cls(**options, checkpoint=checkpoint)
 
 
 def build_encoder(spec: ModelSpec, checkpoint: bool = False) -> Encoder | None:
     """The feature encoder E, or None when ``spec`` has none."""
-    if not spec.has_encoder:
-        return None
-    return Encoder(spec.output_nc, spec.feat_num, spec.nef, spec.n_downsample_E, spec.norm, checkpoint=checkpoint)
+    options = encoder_options(spec)
+    return None if options is None else Encoder(**options, checkpoint=checkpoint)
 
 
 def build_discriminator(spec: TrainSpec) -> MultiscaleDiscriminator:

@@ -15,7 +15,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import Pix2PixHDError
 
@@ -41,6 +41,51 @@ def _check_count(spec: Any, names: tuple[str, ...], minimum: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             kind = "a positive" if minimum == 1 else "a non-negative"
             raise SpecError(f"{name} must be {kind} integer, got {value!r}")
+
+
+# Upper bounds of the options that size the networks and images: far above every published pix2pixHD
+# configuration (ngf 64, or 32 with netG local; n_blocks_global 9; label_nc 35 to 182; loadSize 2048), yet
+# low enough that a typo or a damaged opt.txt is a sentence rather than a network that fills the memory
+# (n_downsample_global 60 grew to 20 GB before anything was checked).
+OPTION_BOUNDS = {
+    "label_nc": (0, 1024), "input_nc": (1, 256), "output_nc": (1, 256), "feat_num": (1, 256),
+    "ngf": (1, 1024), "n_downsample_global": (0, 8), "n_blocks_global": (0, 64), "n_local_enhancers": (1, 3),
+    "n_blocks_local": (0, 64), "nef": (1, 1024), "n_downsample_E": (0, 8), "n_clusters": (1, 1024),
+    "ndf": (1, 1024), "n_layers_D": (1, 10), "num_D": (1, 8), "loadSize": (1, 16384), "fineSize": (1, 16384),
+}
+#: The widest layer G or E may have: ngf * 2^(n_downsample_global [+ n_local_enhancers]), nef * 2^n_downsample_E
+#: (1024 in the published models; a 4096-channel residual block alone holds 1.2 GB of weights).
+MAX_CHANNELS = 4096
+
+
+def check_bounds(values: Mapping[str, Any], where: Callable[[str], str] | None = None) -> None:
+    """Refuse an option in ``values`` outside ``OPTION_BOUNDS``, or G's or E's widest layer above
+    ``MAX_CHANNELS``, before anything is built. ``where(name)``: where the value came from (a file, a flag),
+    for the message. Options ``values`` lacks, or that are not integers, are left to the specs' own checks."""
+    def origin(*names: str) -> str:
+        return f" (from {' and '.join(dict.fromkeys(where(n) for n in names))})" if where else ""
+
+    def number(name: str) -> int | None:
+        value = values.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    for name, (low, high) in OPTION_BOUNDS.items():
+        value = number(name)
+        if value is not None and value > high:  # (values below the minimum: the specs' sentence)
+            raise SpecError(f"{name} must be in {low}..{high}, got {value}{origin(name)}")
+    local = values.get("netG") == "local" and number("n_local_enhancers") is not None
+    widths = [("ngf", "n_downsample_global", "n_local_enhancers" if local else None, "G")]
+    if (values.get("instance_feat") or values.get("label_feat")) and not values.get("load_features"):
+        widths.append(("nef", "n_downsample_E", None, "E"))
+    for base, down, extra, net in widths:
+        names = [n for n in (base, down, extra) if n]
+        if any(number(n) is None for n in names):
+            continue
+        widest = number(base) * 2 ** sum(number(n) for n in names[1:])
+        if widest > MAX_CHANNELS:
+            terms = " with ".join(f"{n} {number(n)}" for n in names)
+            raise SpecError(f"{terms} make {net}'s widest layer {widest} channels, more than {MAX_CHANNELS}"
+                            f"{origin(*names)}: lower {' or '.join(names)}")
 
 
 class _Spec:
@@ -85,6 +130,7 @@ class ModelSpec(_Spec):
         _check_count(self, ("input_nc", "output_nc", "feat_num", "ngf", "n_local_enhancers", "nef", "n_clusters"), 1)
         _check_count(self, ("label_nc", "n_downsample_global", "n_blocks_global", "n_blocks_local",
                             "n_downsample_E"), 0)
+        check_bounds({f.name: getattr(self, f.name) for f in fields(self)})
         if self.instance_feat and self.label_feat:
             raise SpecError("choose one of instance_feat and label_feat")
         if self.instance_feat and self.no_instance:
@@ -148,11 +194,17 @@ class DataSpec(_Spec):
     no_instance: bool = False
     load_features: bool = False
     size_base: int = 16  # what resize_or_crop "none" rounds sizes to (the generator's size multiple)
+    # What a step of the model needs per pixel it processes (fastp2phd.memory; 0: the data's own bytes only) and
+    # the memory of its device (0: this machine's): an image the step cannot hold is refused before it is decoded.
+    step_bytes_per_pixel: int = 0
+    step_device_memory: int = 0
 
     def __post_init__(self) -> None:
         _check_choice("resize_or_crop", self.resize_or_crop, RESIZE_OR_CROP_CHOICES)
         _check_count(self, ("loadSize", "fineSize", "size_base"), 1)
+        _check_count(self, ("step_bytes_per_pixel", "step_device_memory"), 0)
         _check_count(self, ("label_nc",), 0)
+        check_bounds({"label_nc": self.label_nc, "loadSize": self.loadSize, "fineSize": self.fineSize})
         if self.max_dataset_size < 0:
             raise SpecError(f"max_dataset_size must be 0 or more, got {self.max_dataset_size}")
         if self.fineSize > self.loadSize and "crop" in self.resize_or_crop:
@@ -217,6 +269,7 @@ class TrainSpec(_Spec):
         _check_count(self, ("num_D", "n_layers_D", "ndf", "batchSize", "print_freq", "display_freq",
                             "save_latest_freq", "save_epoch_freq"), 1)
         _check_count(self, ("pool_size", "niter", "niter_decay", "niter_fix_global", "nThreads"), 0)
+        check_bounds({"ndf": self.ndf, "n_layers_D": self.n_layers_D, "num_D": self.num_D})
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise SpecError(f"lr must be a finite number, 0 or more, got {self.lr}")
         if not (math.isfinite(self.lambda_l1) and self.lambda_l1 >= 0):

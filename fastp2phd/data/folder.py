@@ -33,7 +33,8 @@ workers keep the epoch they were started with).
 
 Every problem with the files raises :class:`DatasetError` (a ValueError; a missing
 folder raises :class:`DatasetNotFoundError`, also a FileNotFoundError) whose message
-names the folder or file.
+names the folder or file. An image too large to decode, or to process in the memory
+there is, is refused from its header, before it is decoded (:func:`check_image_size`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import math
 import os
 import random
 import stat
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -50,10 +52,13 @@ from torch.utils.data import Dataset
 
 from ..errors import Pix2PixHDError
 from ..files import finish_interrupted_save
+from ..memory import host_memory
 from ..specs import DataSpec
-from .transforms import get_params, to_image_tensor, to_instance_tensor, to_label_tensor, transform
+from .transforms import (get_params, processed_size, to_image_tensor, to_instance_tensor, to_label_tensor,
+                         transform)
 
-__all__ = ["AlignedDataset", "DatasetError", "DatasetNotFoundError", "IMAGE_EXTENSIONS", "build_item", "item_rng", "list_images"]
+__all__ = ["AlignedDataset", "DatasetError", "DatasetNotFoundError", "IMAGE_EXTENSIONS", "build_item",
+           "check_image_size", "item_rng", "list_images"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
@@ -117,18 +122,82 @@ def list_images(folder: str) -> List[str]:
     return sorted(found)
 
 
-def open_image(path: str) -> Image.Image:
+# The most pixels an image may have to be decoded at all: 16 Cityscapes images (2048x1024), 8K UHD fits. PIL only
+# warns below twice its MAX_IMAGE_PIXELS (11000x11000 passed, and took a run to 22 GB), and a user may lift that.
+MAX_SOURCE_PIXELS = 16 * 2048 * 1024
+# Bytes per pixel of an item's files as decoded (label and instance ids up to 4 bytes each, the photo 3 and its
+# RGB copy), and per pixel it is processed at (resized images; int64 labels, int32 instances, float32 photos).
+DECODED_BYTES_PER_PIXEL = 16
+ITEM_BYTES_PER_PIXEL = 48
+_GiB = 1024**3
+
+
+def open_image(path: str, spec: Optional[DataSpec] = None) -> Image.Image:
     """Open and fully decode an image file, so that a truncated or corrupt file raises
     DatasetError here (PIL decodes lazily otherwise). Truncation is only detected while
-    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (PIL's default)."""
+    ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (PIL's default). An image too large to
+    decode, or (with ``spec``) to process as ``spec`` says, is refused from its header first
+    (``check_image_size``)."""
     _check_regular(path)
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image_size says more
+            img = Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise DatasetError(f"Image file {path} is too large to decode ({error}); downscale it first.") from None
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
-        detail = str(error) or type(error).__name__
-        raise DatasetError(f"Cannot read image file {path} ({detail}): it is unreadable, truncated or not an image.") from error
+        raise _unreadable(path, error) from error
+    with img:
+        check_image_size(path, img.size, spec)
+        try:
+            img.load()
+        except Exception as error:
+            raise _unreadable(path, error) from error
+        return img
+
+
+def _unreadable(path: str, error: Exception) -> DatasetError:
+    detail = str(error) or type(error).__name__
+    return DatasetError(f"Cannot read image file {path} ({detail}): it is unreadable, truncated or not an image.")
+
+
+def check_image_size(path: str, size, spec: Optional[DataSpec] = None) -> None:
+    """Refuse, from the PIL size (w, h) of an image's header, one with more than ``MAX_SOURCE_PIXELS``, or one
+    whose item (and the step ``spec.step_bytes_per_pixel`` says, at the size ``spec`` processes it at) needs more
+    memory than there is."""
+    w, h = size
+    if spec is not None:
+        _check_memory(path, (w, h), spec)
+    if w * h > MAX_SOURCE_PIXELS:
+        raise DatasetError(f"Image file {path} is {w}x{h} pixels, more than the {MAX_SOURCE_PIXELS / 1e6:.1f} million "
+                           "fastp2phd decodes (16 Cityscapes images); downscale it first.")
+
+
+def _check_memory(path: str, size, spec: DataSpec) -> None:
+    w, h = size
+    pw, ph = processed_size(spec, (w, h))
+    decoded, data = w * h * DECODED_BYTES_PER_PIXEL, pw * ph * ITEM_BYTES_PER_PIXEL
+    step = pw * ph * spec.step_bytes_per_pixel
+    if spec.step_device_memory:  # the step runs on a GPU, the data stays here
+        checks = [(decoded + data, decoded, host_memory(), "this machine"),
+                  (step, 0, spec.step_device_memory, "the GPU")]
+    else:
+        checks = [(decoded + data + step, decoded, host_memory(), "this machine")]
+    for need, fixed, have, who in checks:
+        if need <= have:
+            continue
+        advice = "use a smaller image"  # (always, for one larger than MAX_SOURCE_PIXELS)
+        if spec.resize_or_crop != "none" and w * h <= MAX_SOURCE_PIXELS:
+            advice = "use a smaller --loadSize or --fineSize, or a smaller image"
+        elif w * h <= MAX_SOURCE_PIXELS:
+            # The largest --loadSize whose scale_width size fits what is left beside the decoded files.
+            fit = max(have - fixed, 0) / ((need - fixed) / (pw * ph))
+            width = int(math.sqrt(fit * w / h)) // spec.size_base * spec.size_base
+            if width >= spec.size_base:
+                advice = f"use --resize_or_crop scale_width with --loadSize {width} (or less), or a smaller image"
+        raise DatasetError(f"Image file {path} is {w}x{h} pixels, which --resize_or_crop {spec.resize_or_crop} "
+                           f"processes at {pw}x{ph}: that needs about {need / _GiB:.1f} GiB of memory, and {who} "
+                           f"has {have / _GiB:.1f} GiB; {advice}.")
 
 
 def _rgb(img: Image.Image) -> Image.Image:
@@ -264,7 +333,7 @@ class AlignedDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"AlignedDataset index {index} out of range for {len(self)} items")
         label_path = self.label_paths[index]
-        label = open_image(label_path)
+        label = open_image(label_path, self.spec)
         if self.label_nc > 0:
             check_label_ids(label, label_path, self.label_nc)
         others = {}
@@ -276,7 +345,7 @@ class AlignedDataset(Dataset):
             if paths is None:
                 others[key] = None
                 continue
-            img = open_image(paths[index])
+            img = open_image(paths[index], self.spec)
             if img.size != label.size:
                 raise DatasetError(
                     f"Files of item {index} differ in size: label map {label_path} is {label.size[0]}x{label.size[1]} "

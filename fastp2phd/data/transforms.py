@@ -22,6 +22,7 @@ from ..specs import RESIZE_OR_CROP_CHOICES, DataSpec
 __all__ = [
     "RESIZE_OR_CROP_MODES",
     "get_params",
+    "processed_size",
     "to_image_tensor",
     "to_instance_tensor",
     "to_label_tensor",
@@ -55,6 +56,22 @@ def get_params(spec: DataSpec, size: Tuple[int, int], rng: random.Random) -> Dic
     y = rng.randint(0, max(0, new_h - spec.fineSize))
     flip = rng.random() > 0.5
     return {"crop_pos": (x, y), "flip": flip}
+
+
+def processed_size(spec: DataSpec, size: Tuple[int, int]) -> Tuple[int, int]:
+    """The (w, h) :func:`transform` makes of an image of PIL size ``size``, known before it is decoded."""
+    mode = spec.resize_or_crop
+    w, h = size
+    if "resize" in mode:
+        w = h = spec.loadSize
+    elif "scale_width" in mode and w != spec.loadSize:
+        w, h = spec.loadSize, int(spec.loadSize * h / w)
+    if "crop" in mode and (w > spec.fineSize or h > spec.fineSize):
+        w = h = spec.fineSize
+    if mode == "none":
+        base = spec.size_base
+        w, h = max(base, int(round(w / base) * base)), max(base, int(round(h / base) * base))
+    return w, h
 
 
 def transform(img: Image.Image, spec: DataSpec, params: Dict[str, object], nearest: bool) -> Image.Image:

@@ -810,8 +810,9 @@ def load_editor(model, data: DataSpec, *, max_scenes: int = 32, max_objects: int
     scenes of ``data`` (unflipped), and object masks (the largest thing instances of those scenes) for
     the add-object tool."""
     from ..data import create_dataset
+    from ..inference import with_step_memory
 
-    dataset = create_dataset(data.replace(train=False, read_images=False))
+    dataset = create_dataset(with_step_memory(model, data.replace(train=False, read_images=False)))
     scenes, objects = [], []
     for i in range(min(len(dataset), max_scenes)):
         item = dataset[i]

@@ -65,17 +65,22 @@ class OfficialCheckpointMixin:
     def options_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
+    @classmethod
+    def option_changes(cls, options: Mapping[str, Any], state_dict: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+        """(option, the checkpoint's value, ``options``' value) for each constructor option ``state_dict``'s
+        shapes say otherwise; empty when they cannot be read. Needs no network: a loader checks a checkpoint
+        against the options it would build from before building anything."""
+        try:
+            theirs = cls.options_from_state_dict(state_dict)
+        except Exception:  # shapes too unlike this network to read options off
+            return []
+        return [(name, theirs[name], options[name]) for name in theirs
+                if name in options and theirs[name] is not None and theirs[name] != options[name]]
+
     def checkpoint_hint(self, state_dict: Mapping[str, Any]) -> str:
         """What to change so that ``state_dict`` fits; empty when it cannot be told."""
-        try:
-            theirs = self.options_from_state_dict(state_dict)
-        except Exception:  # shapes too unlike this network to read options off
-            return ""
-        changes = [
-            f"{name}={theirs[name]!r} (this model has {self.options[name]!r}; {self.FLAGS.get(name, name)})"
-            for name in theirs
-            if name in self.options and theirs[name] is not None and theirs[name] != self.options[name]
-        ]
+        changes = [f"{name}={theirs!r} (this model has {ours!r}; {self.FLAGS.get(name, name)})"
+                   for name, theirs, ours in self.option_changes(self.options, state_dict)]
         if not changes:
             return ""
         return " The checkpoint was saved with " + "; ".join(changes) + ": build the model with those options."
