@@ -37,8 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         args = with_run_options(parser, args, argv)
         keep_freed_memory()  # large CPU tensors stop page-faulting on every call (fastp2phd.cpu_allocator)
         return _run(args)
-    except (Pix2PixHDError, ValueError, FileNotFoundError, FileExistsError) as exc:
+    except Pix2PixHDError as exc:  # every error a user can fix; anything else is a bug, and keeps its traceback
         print(f"{command}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a file or folder the system refused (permissions, a read-only or missing place)
+        if exc.filename is None:
+            raise
+        print(f"{command}: cannot use {exc.filename}: {exc.strerror or exc}; check the path and its permissions",
+              file=sys.stderr)
         return 1
     finally:
         warnings.formatwarning = format_warning

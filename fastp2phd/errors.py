@@ -11,6 +11,14 @@ class Pix2PixHDError(Exception):
     """A failure with a one-sentence message for the user."""
 
 
+class InvalidArgumentError(Pix2PixHDError, ValueError):
+    """A value given to fastp2phd (an argument, an option, the contents of a map) that it cannot use."""
+
+
+class FileMissingError(Pix2PixHDError, FileNotFoundError):
+    """A file fastp2phd was asked to read that is not there."""
+
+
 class CheckpointReadError(Pix2PixHDError, ValueError):
     """A file that should hold tensors (a checkpoint, a train state, VGG19 weights) cannot be read as one."""
 

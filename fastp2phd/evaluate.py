@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import Pix2PixHDError
+from .errors import InvalidArgumentError, Pix2PixHDError
 from .specs import IMAGENET_MEAN, IMAGENET_STD, EvaluationSpec  # noqa: F401  (re-exported)
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -91,7 +91,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     s1, s2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     d = mu1.shape[0]
     if mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"frechet_distance: means of length D and (D, D) covariances expected, got {mu1.shape}, "
+        raise InvalidArgumentError(f"frechet_distance: means of length D and (D, D) covariances expected, got {mu1.shape}, "
                          f"{s1.shape}, {mu2.shape}, {s2.shape}")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
     w, v = np.linalg.eigh(s1)
@@ -119,7 +119,7 @@ def fid_from_features(a, b) -> float:
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
-        raise ValueError(f"fid_from_features: two (N, D) feature sets expected, got {a.shape} and {b.shape}")
+        raise InvalidArgumentError(f"fid_from_features: two (N, D) feature sets expected, got {a.shape} and {b.shape}")
     if max(len(a), len(b)) > a.shape[1]:
         return frechet_distance(*feature_statistics(a), *feature_statistics(b))
     feature_statistics(a), feature_statistics(b)  # (the checks)
@@ -138,7 +138,7 @@ def kernel_inception_distance(a, b, subsets: int = 100, subset_size: int = 1000,
     """
     x_all, y_all = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if x_all.ndim != 2 or y_all.ndim != 2 or x_all.shape[1] != y_all.shape[1]:
-        raise ValueError(f"kernel_inception_distance: two (N, D) feature sets expected, got {x_all.shape} and "
+        raise InvalidArgumentError(f"kernel_inception_distance: two (N, D) feature sets expected, got {x_all.shape} and "
                          f"{y_all.shape}")
     m = min(subset_size, len(x_all), len(y_all))
     if m < 2:

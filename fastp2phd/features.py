@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .data.labels import class_of_instance
-from .errors import Pix2PixHDError
+from .errors import FileMissingError, InvalidArgumentError, Pix2PixHDError
 from .files import atomic_path
 
 __all__ = [
@@ -103,12 +103,12 @@ def _as_id_map(inst: torch.Tensor, name: str = "inst") -> torch.Tensor:
     if not isinstance(inst, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(inst).__name__}.")
     if inst.dim() != 4 or inst.shape[1] != 1:
-        raise ValueError(f"{name} must have shape (N, 1, H, W), got {tuple(inst.shape)}.")
+        raise InvalidArgumentError(f"{name} must have shape (N, 1, H, W), got {tuple(inst.shape)}.")
     if inst.dtype == torch.bool or inst.is_complex():
         raise TypeError(f"{name} must hold integer instance ids, got dtype {inst.dtype}.")
     if inst.is_floating_point():
         if not bool(torch.all(inst == torch.round(inst))):
-            raise ValueError(f"{name} is floating point but holds non-integral instance ids.")
+            raise InvalidArgumentError(f"{name} is floating point but holds non-integral instance ids.")
     return inst[:, 0].to(torch.int64)
 
 
@@ -131,14 +131,14 @@ def instance_features(feat_map: torch.Tensor, inst: torch.Tensor) -> list[dict[i
     runs on the tensors' device; only the final dict is built in Python.
     """
     if not isinstance(feat_map, torch.Tensor) or feat_map.dim() != 4:
-        raise ValueError(f"feat_map must be a (N, F, H, W) tensor, got {getattr(feat_map, 'shape', type(feat_map))}.")
+        raise InvalidArgumentError(f"feat_map must be a (N, F, H, W) tensor, got {getattr(feat_map, 'shape', type(feat_map))}.")
     ids_map = _as_id_map(inst)
     n, f, h, w = feat_map.shape
     if ids_map.shape != (n, h, w):
-        raise ValueError(f"inst shape {tuple(inst.shape)} does not match feat_map shape {tuple(feat_map.shape)} "
+        raise InvalidArgumentError(f"inst shape {tuple(inst.shape)} does not match feat_map shape {tuple(feat_map.shape)} "
                          "(expected (N, 1, H, W) with the same N, H, W).")
     if ids_map.device != feat_map.device:
-        raise ValueError(f"feat_map is on {feat_map.device} but inst is on {inst.device}.")
+        raise InvalidArgumentError(f"feat_map is on {feat_map.device} but inst is on {inst.device}.")
     denominator = max(h * w // AREA_BLOCKS, 1)
     feat_flat = feat_map.detach().reshape(n, f, h * w)
     result = []
@@ -180,7 +180,7 @@ def class_features(per_item: list[Mapping[int, tuple[torch.Tensor, float]]]) -> 
     for cls in sorted(rows):
         widths = {r.shape[0] for r in rows[cls]}
         if len(widths) != 1:
-            raise ValueError(f"class {cls} has features of different lengths {sorted(w - 1 for w in widths)}.")
+            raise InvalidArgumentError(f"class {cls} has features of different lengths {sorted(w - 1 for w in widths)}.")
         dtype = rows[cls][0].dtype
         for r in rows[cls][1:]:
             dtype = torch.promote_types(dtype, r.dtype)
@@ -315,19 +315,19 @@ def kmeans(x: torch.Tensor, k: int, *, n_init: int = 10, max_iter: int = 300, to
         re-seeded to the point farthest from its centre, so centres are never NaN.
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
-        raise ValueError(f"kmeans expects a 2-D (n, d) tensor, got {getattr(x, 'shape', type(x))}.")
+        raise InvalidArgumentError(f"kmeans expects a 2-D (n, d) tensor, got {getattr(x, 'shape', type(x))}.")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"kmeans expects float32 or float64 points, got {x.dtype}.")
     n = x.shape[0]
     if n == 0:
-        raise ValueError("kmeans needs at least one point, got an empty (0, d) tensor.")
+        raise InvalidArgumentError("kmeans needs at least one point, got an empty (0, d) tensor.")
     k = operator.index(k)
     if k < 1:
-        raise ValueError(f"kmeans needs k >= 1, got {k}.")
+        raise InvalidArgumentError(f"kmeans needs k >= 1, got {k}.")
     if n_init < 1 or max_iter < 1 or tol < 0:
-        raise ValueError(f"kmeans needs n_init >= 1, max_iter >= 1 and tol >= 0, got {n_init}, {max_iter}, {tol}.")
+        raise InvalidArgumentError(f"kmeans needs n_init >= 1, max_iter >= 1 and tol >= 0, got {n_init}, {max_iter}, {tol}.")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError("kmeans input contains NaN or infinite values.")
+        raise InvalidArgumentError("kmeans input contains NaN or infinite values.")
     k = min(k, n)
     x = x.detach()
     x_sq = (x * x).sum(1)
@@ -335,7 +335,7 @@ def kmeans(x: torch.Tensor, k: int, *, n_init: int = 10, max_iter: int = 300, to
     if init is not None:
         init = torch.as_tensor(init).detach().to(device=x.device, dtype=x.dtype)
         if init.shape != (k, x.shape[1]):
-            raise ValueError(f"kmeans init must have shape {(k, x.shape[1])}, got {tuple(init.shape)}.")
+            raise InvalidArgumentError(f"kmeans init must have shape {(k, x.shape[1])}, got {tuple(init.shape)}.")
         return _lloyd(x, x_sq, init.clone(), max_iter, tol_abs)
     gen = torch.Generator(device=x.device)
     gen.manual_seed(seed)
@@ -366,12 +366,12 @@ def cluster_features(features: Mapping[int, torch.Tensor], n_clusters: int = 10,
     """
     n_clusters = operator.index(n_clusters)
     if n_clusters < 1:
-        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}.")
+        raise InvalidArgumentError(f"n_clusters must be >= 1, got {n_clusters}.")
     out = {}
     for cls in sorted(features, key=int):
         rows = torch.as_tensor(features[cls])
         if rows.dim() != 2 or rows.shape[1] < 2:
-            raise ValueError(f"features of class {cls} must be (n, F + 1) with F >= 1, got {tuple(rows.shape)}.")
+            raise InvalidArgumentError(f"features of class {cls} must be (n, F + 1) with F >= 1, got {tuple(rows.shape)}.")
         if rows.dtype != torch.float64:
             rows = rows.to(torch.float32)
         if device is not None:
@@ -469,7 +469,7 @@ def clusters_writer(centers: Mapping[int, Any], meta: Mapping[str, Any] | None =
 
 def _sniff(path: str) -> bytes:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Clusters file not found: {path}.")
+        raise FileMissingError(f"Clusters file not found: {path}.")
     if os.path.isdir(path):
         raise ClustersFileError(f"{path} is a folder, not a clusters file.")
     with open(path, "rb") as fh:
@@ -516,10 +516,10 @@ def load_clusters(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor], dic
     meta_arr = raw.pop(_META_KEY)
     try:
         if meta_arr.dtype.kind != "U" or meta_arr.size != 1:
-            raise ValueError("not a single string")
+            raise InvalidArgumentError("not a single string")
         meta = json.loads(str(meta_arr.reshape(()).item()))
         if not isinstance(meta, dict):
-            raise ValueError("not a JSON object")
+            raise InvalidArgumentError("not a JSON object")
     except ValueError as exc:
         raise ClustersFileError(f"{path} is not a fastp2phd clusters file (its {_META_KEY} entry is invalid: {exc}).") from None
     if meta.get("format") != CLUSTERS_FORMAT:
@@ -636,7 +636,7 @@ def sample_feature_map(inst: torch.Tensor, centers: Mapping[int, Any], feat_num:
         value = centers[cls]
         c = value.detach() if isinstance(value, torch.Tensor) else torch.as_tensor(np.asarray(value))
         if c.dim() != 2 or c.shape[1] != feat_num:
-            raise ValueError(f"centres of class {int(cls)} have shape {tuple(c.shape)}, expected (k, {feat_num}).")
+            raise InvalidArgumentError(f"centres of class {int(cls)} have shape {tuple(c.shape)}, expected (k, {feat_num}).")
         if c.shape[0] == 0:
             continue
         classes.append(int(cls))
@@ -651,12 +651,12 @@ def sample_feature_map(inst: torch.Tensor, centers: Mapping[int, Any], feat_num:
     for key, index in choices.items():
         key_i, cls = operator.index(key), class_of(operator.index(key))
         if isinstance(index, bool):
-            raise ValueError(f"choice for {key_i} must be an integer cluster index, got {index!r}.")
+            raise InvalidArgumentError(f"choice for {key_i} must be an integer cluster index, got {index!r}.")
         index = operator.index(index)
         k = num_centres.get(cls, 0)
         if not 0 <= index < k:
             what = f"class {cls} has no cluster centres" if k == 0 else f"class {cls} has {k} clusters (0..{k - 1})"
-            raise ValueError(f"choice {index} for id {key_i} is out of range: {what}.")
+            raise InvalidArgumentError(f"choice {index} for id {key_i} is out of range: {what}.")
         checked[key_i] = index
     if not classes or n == 0 or h * w == 0:
         return out

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from .errors import CheckpointReadError, CheckpointReadFileNotFound, DiskFullError
+from .errors import CheckpointReadError, CheckpointReadFileNotFound, DiskFullError, InvalidArgumentError
 
 
 TEMPORARY_SUFFIX = ".fastp2phd.tmp"
@@ -75,8 +75,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def _temporary_beside(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    except OSError as exc:  # name the file the user asked for, not our temporary
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     os.close(fd)
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets the mode open() would give it
     return Path(tmp)
@@ -205,7 +208,7 @@ class FileSet:
         """Write one file of the set (``relative`` to the root) by calling ``write(temporary_path)``."""
         path = self.root / relative
         if path in self._pending:
-            raise ValueError(f"{path} is written twice in one save")
+            raise InvalidArgumentError(f"{path} is written twice in one save")
         tmp = _temporary_beside(path)
         self._pending[path] = tmp
         with _explain_full_disk(path, tmp, needs, kept=f"none of the files of this save were replaced, so the "

@@ -32,6 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .errors import InvalidArgumentError
 from .specs import DataSpec, ModelSpec, TrainSpec
 
 GiB = 1024**3
@@ -228,7 +229,7 @@ def estimate_training_step(spec: TrainSpec, size: tuple[int, int] | None = None,
     from .train_step import TrainStep
 
     if not fake and device_type != "cpu":
-        raise ValueError("a training step on real tensors is tracked on the CPU only (device_type='cpu')")
+        raise InvalidArgumentError("a training step on real tensors is tracked on the CPU only (device_type='cpu')")
     step_class = step_class or TrainStep
     size = size or default_size(spec.data, spec.model)
     check_size(spec.model, size)
@@ -327,10 +328,10 @@ def check_size(model: ModelSpec, size: tuple[int, int]) -> None:
     multiple, smallest = model.size_multiple, model.min_size
     h, w = size
     if 0 < h < smallest or 0 < w < smallest:  # the generator's reflection padding needs more pixels
-        raise ValueError(f"size {h}x{w} is smaller than the {smallest}x{smallest} this generator needs; choose a "
+        raise InvalidArgumentError(f"size {h}x{w} is smaller than the {smallest}x{smallest} this generator needs; choose a "
                          f"--size of at least {smallest}x{smallest}")
     if h <= 0 or w <= 0 or h % multiple or w % multiple:
-        raise ValueError(f"size {h}x{w} is not a multiple of {multiple}, which this generator needs; "
+        raise InvalidArgumentError(f"size {h}x{w} is not a multiple of {multiple}, which this generator needs; "
                          f"choose a --size whose height and width are multiples of {multiple}")
 
 
@@ -338,7 +339,7 @@ def parse_size(text: str) -> tuple[int, int]:
     """'1024x2048' -> (1024, 2048)."""
     height, sep, width = text.lower().partition("x")
     if not sep or not height.strip().isdigit() or not width.strip().isdigit():
-        raise ValueError(f"--size {text!r} is not HEIGHTxWIDTH; write it like 1024x2048")
+        raise InvalidArgumentError(f"--size {text!r} is not HEIGHTxWIDTH; write it like 1024x2048")
     return int(height), int(width)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import InvalidArgumentError
 from .specs import (COMPILE_CHOICES, IMAGENET_MEAN, IMAGENET_STD, OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec,
                     check_bounds, read_opt_txt)
 
@@ -244,7 +245,7 @@ def saved_model_options(parser: argparse.ArgumentParser, folder) -> dict:
         try:
             if isinstance(action, argparse._StoreTrueAction):
                 if text not in ("True", "False"):
-                    raise ValueError(text)
+                    raise InvalidArgumentError(text)
                 value = text == "True"
             elif text == "None":
                 value = None

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import ops
 from .compiling import OneSize
-from .errors import Pix2PixHDError
+from .errors import InvalidArgumentError, Pix2PixHDError
 from .models import Encoder, GlobalGenerator, LocalEnhancer, MultiscaleDiscriminator
 from .ops._common import is_fake
 from .specs import ModelSpec, TrainSpec
@@ -34,13 +34,13 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype that ``precision`` runs inference in on ``device``, or a ValueError that says why not."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise InvalidArgumentError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
     if precision == "fp16" and device.type == "cpu":
-        raise ValueError("fp16 inference needs a CUDA device (CPUs have no fast float16 convolutions): use "
+        raise InvalidArgumentError("fp16 inference needs a CUDA device (CPUs have no fast float16 convolutions): use "
                          "--precision bf16 (or fp32) on the CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
-        raise ValueError(f"{torch.cuda.get_device_name(device)} has no native bfloat16: use --precision fp16 or fp32")
+        raise InvalidArgumentError(f"{torch.cuda.get_device_name(device)} has no native bfloat16: use --precision fp16 or fp32")
     return PRECISIONS[precision]
 
 
@@ -109,12 +109,12 @@ class Pix2PixHD(nn.Module):
         if self.spec.label_nc == 0:
             return
         if label.dim() != 4 or label.shape[1] != 1:
-            raise ValueError(f"label maps must have shape (N, 1, H, W), got {tuple(label.shape)}")
+            raise InvalidArgumentError(f"label maps must have shape (N, 1, H, W), got {tuple(label.shape)}")
         # Fake tensors (the memory model) have no values to check.
         lowest, highest = torch.stack(torch.aminmax(label)).tolist() if label.numel() and not is_fake(label) else (0, 0)
         if lowest < 0 or highest >= self.spec.label_nc:
             bad = highest if highest >= self.spec.label_nc else lowest
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"the label map holds id {bad}, outside 0..{self.spec.label_nc - 1}: check --label_nc "
                 f"(it must exceed the largest label id)"
             )
@@ -138,7 +138,7 @@ class Pix2PixHD(nn.Module):
             input_label.scatter_(1, label.long(), 1.0)
         if not spec.no_instance:
             if inst is None:
-                raise ValueError("this model takes instance maps (it was built without --no_instance)")
+                raise InvalidArgumentError("this model takes instance maps (it was built without --no_instance)")
             input_label = torch.cat([input_label, ops.boundary_map(inst, dtype=dtype)], dim=1)
         return input_label
 
@@ -176,9 +176,9 @@ class Pix2PixHD(nn.Module):
             if feat is not None:
                 feat_map = feat
             elif image is None:
-                raise ValueError("this model uses features: pass the real image to encode, or a feature map")
+                raise InvalidArgumentError("this model uses features: pass the real image to encode, or a feature map")
             elif self.netE is None:
-                raise ValueError("this model has no encoder (its run has no <which_epoch>_net_E.pth, or it reads "
+                raise InvalidArgumentError("this model has no encoder (its run has no <which_epoch>_net_E.pth, or it reads "
                                  "features from files): pass a feature map, or sample clusters")
             else:
                 feat_map = self.encode_features(image, inst, label)
@@ -229,7 +229,7 @@ class Pix2PixHD(nn.Module):
         feat = None
         if self.spec.uses_features and image is None:
             if self.clusters is None:
-                raise ValueError(
+                raise InvalidArgumentError(
                     "this model uses instance features: pass the real image (--use_encoded_image) or load clusters "
                     "(fastp2phd encode-features writes them; Pix2PixHD.clusters = load_clusters(...)[0])"
                 )

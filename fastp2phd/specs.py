@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .errors import Pix2PixHDError
+from .errors import InvalidArgumentError, Pix2PixHDError
 
 NETG_CHOICES = ("global", "local")
 NORM_CHOICES = ("instance", "batch")
@@ -337,7 +337,7 @@ def model_spec_from_opt_txt(folder: str | Path, **overrides: Any) -> ModelSpec:
 def _parse_value(text: str, kind: type) -> Any:
     if kind is bool:
         if text not in ("True", "False"):
-            raise ValueError(text)
+            raise InvalidArgumentError(text)
         return text == "True"
     return kind(text)
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from .errors import InvalidArgumentError
 from .files import load_torch, save_file_set
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
 from .train_step import TrainingError
@@ -184,7 +185,7 @@ def trained_classes(folder: str | Path) -> list[int] | None:
     try:
         pixels = json.loads(path.read_text())["pixels"]
         if not all(isinstance(n, int) for n in pixels):
-            raise ValueError("pixel counts are not integers")
+            raise InvalidArgumentError("pixel counts are not integers")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         warnings.warn(f"{path} is unreadable ({exc}); the trained classes are guessed instead", stacklevel=2)
         return None

@@ -234,7 +234,7 @@ def train(spec: TrainSpec, device: torch.device) -> dict[str, float]:
 def main_train(spec: TrainSpec, device: torch.device) -> int:
     try:
         train(spec, device)
-    except (Pix2PixHDError, ValueError) as exc:
+    except Pix2PixHDError as exc:  # anything else is a bug, and keeps its traceback
         # Data problems raised in a loader worker come back with the worker's traceback
         # in the message: keep its last line, the sentence that says what is wrong.
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__

@@ -14,6 +14,8 @@ from typing import List, Tuple, Union
 import numpy as np
 import torch
 
+from ..errors import InvalidArgumentError
+
 __all__ = [
     "CITYSCAPES_CLASSES",
     "THING_CLASSES",
@@ -85,7 +87,7 @@ def label_palette(label_nc: int) -> np.ndarray:
     else the PASCAL VOC bit-interleaved colour map (deterministic, distinct up to 2**24)."""
     label_nc = int(label_nc)
     if label_nc < 0:
-        raise ValueError(f"label_palette: label_nc must be >= 0, got {label_nc}")
+        raise InvalidArgumentError(f"label_palette: label_nc must be >= 0, got {label_nc}")
     if label_nc == len(CITYSCAPES_CLASSES):
         return _CITYSCAPES_PALETTE.copy()
     return _bit_interleaved_palette(label_nc)
@@ -104,18 +106,18 @@ def colorize_labels(labels, label_nc: int) -> np.ndarray:
     if ids.ndim == 3 and ids.shape[0] == 1:
         ids = ids[0]
     if ids.ndim != 2:
-        raise ValueError(f"colorize_labels: expected an (H, W) label map, got shape {tuple(ids.shape)}")
+        raise InvalidArgumentError(f"colorize_labels: expected an (H, W) label map, got shape {tuple(ids.shape)}")
     if ids.dtype.kind not in "iub":
         if ids.dtype.kind == "f" and np.all(np.mod(ids, 1) == 0):
             ids = ids.astype(np.int64)
         else:
-            raise ValueError(f"colorize_labels: label ids must be integers, got dtype {ids.dtype}")
+            raise InvalidArgumentError(f"colorize_labels: label ids must be integers, got dtype {ids.dtype}")
     palette = label_palette(label_nc)
     if ids.size:
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= len(palette):
             bad = low if low < 0 else high
-            raise ValueError(f"colorize_labels: label id {bad} is outside 0..{len(palette) - 1} (label_nc={label_nc})")
+            raise InvalidArgumentError(f"colorize_labels: label id {bad} is outside 0..{len(palette) - 1} (label_nc={label_nc})")
     return palette[ids]
 
 

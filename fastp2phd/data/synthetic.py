@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import InvalidArgumentError
 from ..specs import DataSpec
 from .folder import DatasetError, build_item, item_rng
 from .labels import colorize_labels
@@ -204,7 +205,7 @@ def render_scene(height: int, width: int, seed: int) -> Tuple[np.ndarray, np.nda
     """
     H, W = int(height), int(width)
     if H < 16 or W < 16:
-        raise ValueError(f"render_scene: size must be at least 16x16, got {H}x{W}")
+        raise InvalidArgumentError(f"render_scene: size must be at least 16x16, got {H}x{W}")
     rng = np.random.default_rng(int(seed) % (1 << 64))
 
     label = np.full((H, W), SKY, np.uint8)
@@ -400,12 +401,12 @@ class SyntheticDataset(torch.utils.data.Dataset):
         self.spec = spec
         self.length = int(length)
         if self.length < 0:
-            raise ValueError(f"SyntheticDataset: length must be >= 0, got {length}")
+            raise InvalidArgumentError(f"SyntheticDataset: length must be >= 0, got {length}")
         self.seed = spec.seed
         self.phase = spec.phase
         self.size = tuple(int(s) for s in (DEFAULT_SIZE if size is None else size))
         if len(self.size) != 2 or min(self.size) < 16:
-            raise ValueError(f"SyntheticDataset: size must be (height, width), each at least 16, got {size}")
+            raise InvalidArgumentError(f"SyntheticDataset: size must be (height, width), each at least 16, got {size}")
         self.label_nc = spec.label_nc
         if 0 < self.label_nc < 35:
             raise DatasetError(
@@ -474,7 +475,7 @@ def make_synthetic(
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"Folder {out} is not empty; choose an empty folder or pass overwrite=True.")
     if min(int(height), int(width)) < 16:
-        raise ValueError(f"make_synthetic: height and width must be at least 16, got {height}x{width}")
+        raise InvalidArgumentError(f"make_synthetic: height and width must be at least 16, got {height}x{width}")
     for phase, count in (("train", int(num_train)), ("test", int(num_test))):
         folders = {kind: out / f"{phase}_{kind}" for kind in ("label", "inst", "img")}
         for folder in folders.values():

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import InvalidArgumentError
 from ..specs import RESIZE_OR_CROP_CHOICES, DataSpec
 
 __all__ = [
@@ -123,7 +124,7 @@ _ID_MODES = ("1", "L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
 def _id_array(img: Image.Image, what: str) -> np.ndarray:
     if img.mode not in _ID_MODES:
-        raise ValueError(f"{what} must be a single-channel id image (PIL mode L, P, I or I;16), got mode {img.mode}")
+        raise InvalidArgumentError(f"{what} must be a single-channel id image (PIL mode L, P, I or I;16), got mode {img.mode}")
     return np.array(img)
 
 

@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from ..data import CITYSCAPES_CLASSES, THING_CLASSES, class_of_instance, label_palette
-from ..errors import Pix2PixHDError
+from ..errors import InvalidArgumentError, Pix2PixHDError
 from ..files import remove_leftover_temporaries
 from ..specs import DataSpec
 from .session import MAX_STROKE_POINTS, EditSession
@@ -134,7 +134,7 @@ class EditorApp:
                  trained_classes: Iterable[int] | None = None, save_dir: str | Path | None = None,
                  test_command: str | None = None):
         if not scenes:
-            raise ValueError("the editor needs at least one scene")
+            raise InvalidArgumentError("the editor needs at least one scene")
         self.model = model
         self.scenes = scenes
         self.objects = objects

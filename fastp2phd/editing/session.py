@@ -21,6 +21,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..errors import InvalidArgumentError
 from .. import ops
 from ..data import THING_CLASSES, colorize_labels
 from ..features import class_of, instance_vectors, write_instance_vectors
@@ -61,14 +62,14 @@ class EditSession:
         self.device = next(model.parameters()).device
         self.label_nc = self.spec.label_nc
         if self.label_nc == 0:
-            raise ValueError("editing needs a model trained on label maps (--label_nc > 0)")
+            raise InvalidArgumentError("editing needs a model trained on label maps (--label_nc > 0)")
         self.use_features = self.spec.uses_features
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.history = history
         label = torch.as_tensor(np.asarray(label)).to(self.device, torch.int64)
         inst = torch.as_tensor(np.asarray(inst)).to(self.device, torch.int32)
         if label.dim() != 2 or label.shape != inst.shape:
-            raise ValueError(f"label and instance maps must be (H, W) of one size, got {tuple(label.shape)} and "
+            raise InvalidArgumentError(f"label and instance maps must be (H, W) of one size, got {tuple(label.shape)} and "
                              f"{tuple(inst.shape)}")
         self._check_labels(label)
         model.check_size(label)
@@ -129,7 +130,7 @@ class EditSession:
 
         clusters = self.model.clusters
         if clusters is None:
-            raise ValueError("this model uses instance features: give the session an image to encode, or load "
+            raise InvalidArgumentError("this model uses instance features: give the session an image to encode, or load "
                              "clusters into model.clusters")
         return sample_feature_map(inst[None, None], clusters, self.spec.feat_num, generator=self.generator,
                                   choices=choices)[0]
@@ -161,19 +162,19 @@ class EditSession:
     # ------------------------------------------------------------------ checks and helpers
     def _check_point(self, y: int, x: int) -> tuple[int, int]:
         if not (isinstance(y, (int, np.integer)) and isinstance(x, (int, np.integer))):
-            raise ValueError(f"coordinates must be integers, got ({y!r}, {x!r})")
+            raise InvalidArgumentError(f"coordinates must be integers, got ({y!r}, {x!r})")
         if not (0 <= y < self.height and 0 <= x < self.width):
-            raise ValueError(f"({y}, {x}) is outside the {self.height}x{self.width} scene")
+            raise InvalidArgumentError(f"({y}, {x}) is outside the {self.height}x{self.width} scene")
         return int(y), int(x)
 
     def _check_label(self, label: int) -> int:
         if not isinstance(label, (int, np.integer)) or not 0 <= label < self.label_nc:
-            raise ValueError(f"label {label!r} is not a class id in 0..{self.label_nc - 1}")
+            raise InvalidArgumentError(f"label {label!r} is not a class id in 0..{self.label_nc - 1}")
         return int(label)
 
     def _check_labels(self, label: torch.Tensor) -> None:
         if label.numel() and (int(label.min()) < 0 or int(label.max()) >= self.label_nc):
-            raise ValueError(f"the label map holds ids outside 0..{self.label_nc - 1}: check the model's --label_nc")
+            raise InvalidArgumentError(f"the label map holds ids outside 0..{self.label_nc - 1}: check the model's --label_nc")
 
     def _new_instance_id(self, label: int) -> int:
         """A fresh id: class*1000+k (k unused in the scene) for thing classes, the class id for stuff."""
@@ -188,12 +189,12 @@ class EditSession:
         in the scene (painting more of a stuff class), else one sampled from its class's clusters."""
         if not self.use_features:
             if style is not None:
-                raise ValueError("this model has no instance features, so no styles")
+                raise InvalidArgumentError("this model has no instance features, so no styles")
             return None
         if style is not None:
             options = self._class_styles(class_of(inst_id))
             if not isinstance(style, (int, np.integer)) or not 0 <= style < options.shape[0]:
-                raise ValueError(f"style {style!r} is not one of the {options.shape[0]} styles of class "
+                raise InvalidArgumentError(f"style {style!r} is not one of the {options.shape[0]} styles of class "
                                  f"{class_of(inst_id)}")
             return options[int(style)].to(self.device)
         existing = self.inst == inst_id
@@ -250,12 +251,12 @@ class EditSession:
         """
         label = self._check_label(label)
         if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or not 1 <= width <= MAX_BRUSH_WIDTH:
-            raise ValueError(f"brush width must be an integer from 1 to {MAX_BRUSH_WIDTH}, got {width!r}")
+            raise InvalidArgumentError(f"brush width must be an integer from 1 to {MAX_BRUSH_WIDTH}, got {width!r}")
         if len(points) > MAX_STROKE_POINTS:
-            raise ValueError(f"a stroke has at most {MAX_STROKE_POINTS} points, this one has {len(points)}; "
+            raise InvalidArgumentError(f"a stroke has at most {MAX_STROKE_POINTS} points, this one has {len(points)}; "
                              "paint it in several strokes")
         if not points:
-            raise ValueError("a stroke needs at least one point")
+            raise InvalidArgumentError("a stroke needs at least one point")
         points = [self._check_point(*p) for p in points]
         box, inside = self._stroke_region(points, int(width))
         inst_id = self._new_instance_id(label)
@@ -278,7 +279,7 @@ class EditSession:
         size = int(math.ceil(float((lengths / pieces).max()) + 2 * radius)) + 2  # a piece's window side
         work = int(pieces.sum()) * size * size
         if work > MAX_STROKE_WORK:
-            raise ValueError(f"this stroke ({len(points)} points, {float(lengths.sum()):.0f} pixels long, width {width}) "
+            raise InvalidArgumentError(f"this stroke ({len(points)} points, {float(lengths.sum()):.0f} pixels long, width {width}) "
                              "is too much for one edit; paint it in several shorter strokes")
         segment = torch.repeat_interleave(torch.arange(len(lengths)), pieces)
         k = torch.arange(len(segment)) - torch.repeat_interleave(torch.cumsum(pieces, 0) - pieces, pieces)
@@ -315,7 +316,7 @@ class EditSession:
         label = self._check_label(label)
         mask = torch.as_tensor(np.asarray(mask)).to(self.device).bool()
         if mask.dim() != 2 or not mask.any():
-            raise ValueError(f"an object mask must be a non-empty (h, w) array, got shape {tuple(mask.shape)}")
+            raise InvalidArgumentError(f"an object mask must be a non-empty (h, w) array, got shape {tuple(mask.shape)}")
         inst_id = self._new_instance_id(label)
         vector = self._instance_features(inst_id, style)
         full = torch.zeros(self.height, self.width, dtype=torch.bool, device=self.device)
@@ -331,7 +332,7 @@ class EditSession:
         inst_id = int(self.inst[y, x])
         cls = class_of(inst_id)
         if cls not in THING_CLASSES:
-            raise ValueError(f"({y}, {x}) is not on an object but on a region of class {cls}; only objects (cars, "
+            raise InvalidArgumentError(f"({y}, {x}) is not on an object but on a region of class {cls}; only objects (cars, "
                              "persons, ...) can be removed")
         mask = self.inst == inst_id
         is_stuff = torch.ones(self.label_nc, dtype=torch.bool, device=self.device)
@@ -344,7 +345,7 @@ class EditSession:
             if ring.numel():
                 break
         else:
-            raise ValueError("the scene holds no stuff class (road, building, ...) to fill the object with")
+            raise InvalidArgumentError("the scene holds no stuff class (road, building, ...) to fill the object with")
         stuff = int(torch.bincount(ring, minlength=self.label_nc).argmax())
         self._paint_mask(mask, stuff, stuff, self._instance_features(stuff, None))
         return stuff
@@ -353,14 +354,14 @@ class EditSession:
         clusters = self.model.clusters or {}
         styles = clusters.get(label)
         if styles is None or len(styles) == 0:
-            raise ValueError(f"class {label} has no styles (no clusters were found for it)")
+            raise InvalidArgumentError(f"class {label} has no styles (no clusters were found for it)")
         return torch.as_tensor(np.asarray(styles) if not isinstance(styles, torch.Tensor) else styles).float()
 
     def style_options(self, y: int, x: int) -> torch.Tensor:
         """The (k, feat_num) style centres of the class of the instance under (y, x)."""
         y, x = self._check_point(y, x)
         if not self.use_features:
-            raise ValueError("this model has no instance features, so no styles")
+            raise InvalidArgumentError("this model has no instance features, so no styles")
         return self._class_styles(class_of(int(self.inst[y, x])))
 
     def style_of(self, y: int, x: int) -> int | None:
@@ -480,10 +481,10 @@ class EditSession:
 
         parts = name.split("/")
         if not name or any(not p or p in (".", "..") or p.startswith(".") or Path(p).name != p for p in parts):
-            raise ValueError(f"a scene name must be a plain file name, or plain names joined by '/', got {name!r}")
+            raise InvalidArgumentError(f"a scene name must be a plain file name, or plain names joined by '/', got {name!r}")
         inst = self.inst.cpu().numpy()
         if inst.min(initial=0) < 0 or inst.max(initial=0) > 65535:
-            raise ValueError("instance ids outside 0..65535 do not fit a 16-bit instance PNG")
+            raise InvalidArgumentError("instance ids outside 0..65535 do not fit a 16-bit instance PNG")
         images = {f"{phase}_label": self.label.cpu().numpy().astype(np.uint8),
                   f"{phase}_inst": inst.astype(np.uint16), f"{phase}_img": self.image()}
         with save_file_set(folder, f"save of scene {name}") as files:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from .checkpoint import OfficialCheckpointMixin, count_blocks, indexed_weights
 from .layers import NORMS, PADDINGS, check_choice, check_input, check_sizes, norm_act, padded_conv, run_stages
 
@@ -283,7 +284,7 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
         bad_shape = [k for k in own if k in g1 and tuple(g1[k].shape) != tuple(own[k].shape)]
         if extra or missing or bad_shape:
             ngf_global = self.options["ngf"] * 2**self.n_local_enhancers
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"LocalEnhancer.load_global_generator: the state_dict is not a GlobalGenerator with "
                 f"input_nc={self.options['input_nc']}, ngf={ngf_global}, n_downsampling="
                 f"{self.options['n_downsample_global']}, n_blocks={self.options['n_blocks_global']} "

@@ -10,6 +10,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from ..nn import InstanceNormAct2d
 
 NORMS = ("instance", "batch")
@@ -18,7 +19,7 @@ PADDINGS = ("reflect", "replicate", "zero")
 
 def check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{owner}: {name} must be one of {choices}, got {value!r}")
+        raise InvalidArgumentError(f"{owner}: {name} must be one of {choices}, got {value!r}")
 
 
 def check_sizes(owner: str, non_negative: tuple[str, ...] = (), **sizes: int) -> None:
@@ -27,7 +28,7 @@ def check_sizes(owner: str, non_negative: tuple[str, ...] = (), **sizes: int) ->
         minimum = 0 if name in non_negative else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             kind = "non-negative" if minimum == 0 else "positive"
-            raise ValueError(f"{owner}: {name} must be a {kind} integer, got {value!r}")
+            raise InvalidArgumentError(f"{owner}: {name} must be a {kind} integer, got {value!r}")
 
 
 def activation_layer(activation: str, negative_slope: float = 0.2) -> nn.Module:
@@ -35,7 +36,7 @@ def activation_layer(activation: str, negative_slope: float = 0.2) -> nn.Module:
         return nn.ReLU(True)
     if activation == "leaky_relu":
         return nn.LeakyReLU(negative_slope, True)
-    raise ValueError(f"unknown activation {activation!r}")
+    raise InvalidArgumentError(f"unknown activation {activation!r}")
 
 
 def norm_act(
@@ -56,7 +57,7 @@ def norm_act(
     elif norm == "batch":
         layers = [nn.BatchNorm2d(num_features)]
     else:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        raise InvalidArgumentError(f"norm must be one of {NORMS}, got {norm!r}")
     return layers + ([activation_layer(activation, negative_slope)] if activation != "none" else [])
 
 
@@ -76,19 +77,19 @@ def check_input(network: nn.Module, x, channels: int, multiple: int = 1, flag_hi
     owner = type(network).__name__
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"{owner}: expected an (N, C, H, W) tensor, got {shape}")
+        raise InvalidArgumentError(f"{owner}: expected an (N, C, H, W) tensor, got {shape}")
     weight = next(network.parameters(), None)
     if weight is not None and weight.device != x.device:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{owner}: the input is on {x.device} but the network is on {weight.device}; move one with .to(device)"
         )
     if x.shape[1] != channels:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{owner}: expected {channels} input channels, got {x.shape[1]} (input shape {tuple(x.shape)})"
             + (f"; {flag_hint}" if flag_hint else "")
         )
     if multiple > 1 and (x.shape[2] % multiple or x.shape[3] % multiple):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{owner}: height and width must be multiples of {multiple} (2^downsamplings), got "
             f"{x.shape[2]}x{x.shape[3]}; resize or crop the input to a multiple of {multiple}"
         )

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from .layers import checkpointed
 from .vgg import Vgg19
 
@@ -86,7 +87,7 @@ def l1_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     backward instead of a full-precision difference. Under autocast it runs in float32, as CUDA's
     autocast runs ``l1_loss``."""
     if x.shape != y.shape:
-        raise ValueError(f"l1_loss: x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape")
+        raise InvalidArgumentError(f"l1_loss: x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape")
     dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else torch.promote_types(x.dtype, y.dtype)
     return _SignSavingL1.apply(x, y, dtype)
 
@@ -105,9 +106,9 @@ def feature_matching_loss(
     """
     num_D = len(pred_fake)
     if num_D == 0 or len(pred_real) != num_D:
-        raise ValueError(f"feature_matching_loss: got {num_D} fake and {len(pred_real)} real discriminator outputs")
+        raise InvalidArgumentError(f"feature_matching_loss: got {num_D} fake and {len(pred_real)} real discriminator outputs")
     if len(pred_fake[0]) < 2:
-        raise ValueError(
+        raise InvalidArgumentError(
             "feature_matching_loss: the discriminator returned no intermediate features; build it with "
             "getIntermFeat=True (or train with --no_ganFeat_loss)"
         )

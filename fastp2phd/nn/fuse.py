@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _module_globals
 
+from ..errors import InvalidArgumentError
 from .. import ops
 
 __all__ = ["FusedInstanceNorm2d", "FusedSequential", "fuse_modules", "fused_instance_norm_act"]
@@ -185,7 +186,7 @@ class FusedInstanceNorm2d(_Fused, nn.InstanceNorm2d):
             self._check_input_dim(input)
             if input.size(input.dim() - 3) != self.num_features:
                 if self.affine:
-                    raise ValueError(
+                    raise InvalidArgumentError(
                         f"expected input's size at dim={input.dim() - 3} to match num_features"
                         f" ({self.num_features}), but got: {input.size(input.dim() - 3)}."
                     )

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidArgumentError
 from ..ops import instance_norm_act
 from ..ops.instance_norm_act import check_activation
 
@@ -18,7 +19,7 @@ def instance_norm_act_module(
     """What ``InstanceNormAct2d.forward`` computes. One function that torch.fx records as a single call
     (``torch.fx.wrap`` below), so symbolic tracing a model with fused modules works."""
     if x.dim() not in (3, 4):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"InstanceNormAct2d: expected input of shape (N, {num_features}, H, W) or "
             f"({num_features}, H, W), got {tuple(x.shape)}"
         )
@@ -56,9 +57,9 @@ class InstanceNormAct2d(nn.Module):
         super().__init__()
         check_activation(activation, negative_slope)
         if num_features <= 0:
-            raise ValueError(f"InstanceNormAct2d: num_features must be positive, got {num_features}")
+            raise InvalidArgumentError(f"InstanceNormAct2d: num_features must be positive, got {num_features}")
         if not (math.isfinite(eps) and eps >= 0):
-            raise ValueError(f"InstanceNormAct2d: eps must be a finite number, 0 or more, got {eps}")
+            raise InvalidArgumentError(f"InstanceNormAct2d: eps must be a finite number, 0 or more, got {eps}")
         self.num_features = num_features
         self.activation = activation
         self.negative_slope = float(negative_slope)

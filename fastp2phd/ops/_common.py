@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgumentError
+
 _ID_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 # instance_norm_act's activations (the Triton kernels number them in this order).
@@ -20,7 +22,7 @@ def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
     if not isinstance(inst, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(inst).__name__}")
     if inst.dim() != 4 or inst.shape[1] != 1:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"{op}: {name} must have shape (N, 1, H, W), got {tuple(inst.shape)}; "
             "for a single (H, W) map use inst[None, None]"
         )
@@ -35,7 +37,7 @@ def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
         ids = _unbatched(inst)
         valid = torch.isfinite(ids) & (ids == torch.trunc(ids)) & (ids >= -2.0**63) & (ids < 2.0**63)
         if not bool(torch.all(valid)):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{op}: {name} is a float tensor holding values that are not whole numbers within int64's range "
                 "(fractions, NaN, inf or beyond ±9.2e18); instance ids must be such numbers: load instance maps "
                 "with nearest-neighbour resizing, or pass an integer tensor"
@@ -54,7 +56,7 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
     devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
-        raise ValueError(f"{op}: tensors must be on one device, got {listing}; move them with .to(device)")
+        raise InvalidArgumentError(f"{op}: tensors must be on one device, got {listing}; move them with .to(device)")
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ._common import exporting
 
 IMPL_ENV = "FASTP2PHD_IMPL"
@@ -74,7 +75,7 @@ def emulate_device(device_type: str):
 def default_impl() -> str:
     value = os.environ.get(IMPL_ENV, "auto")
     if value not in _DEFAULTS:
-        raise ValueError(f"{IMPL_ENV}={value!r} is not understood; set it to 'auto' or 'reference' or unset it")
+        raise InvalidArgumentError(f"{IMPL_ENV}={value!r} is not understood; set it to 'auto' or 'reference' or unset it")
     return value
 
 
@@ -99,7 +100,7 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
         if path.device_type != device.type and not (path.interpreted and device.type == "cpu"):
             interpreter = (" (or on CPU tensors when TRITON_INTERPRET=1 is set before import)"
                            if path.kernel == "Triton" else "")
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"{op}: impl={impl!r} runs on {path.device_type} tensors{interpreter} but got a {device.type} "
                 f"tensor; move the tensor to {path.device_type} or use impl='auto'"
             )
@@ -112,7 +113,7 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
                 "reference then) or impl='reference', or pass warn_only=True to use_deterministic_algorithms")
         return path
     choices = ", ".join(repr(name) for name in ("auto", "reference", *(p.name for p in fast_paths)))
-    raise ValueError(f"{op}: unknown impl={impl!r}; choose one of {choices}")
+    raise InvalidArgumentError(f"{op}: unknown impl={impl!r}; choose one of {choices}")
 
 
 _warned: set[tuple[str, str]] = set()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InvalidArgumentError
 from ._common import (check_instance_map, check_same_device, empty_like_format, memory_format_of,
                       tangents_may_flow)
 from ._dispatch import FastPath, select, triton_missing
@@ -196,13 +197,13 @@ def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto")
     """
     if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
         shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
-        raise ValueError(f"instance_mean: feat must be an (N, C, H, W) tensor, got {shape}")
+        raise InvalidArgumentError(f"instance_mean: feat must be an (N, C, H, W) tensor, got {shape}")
     if not feat.is_floating_point():
         raise TypeError(f"instance_mean: feat must be floating point, got {feat.dtype}; convert it with .float()")
     check_same_device("instance_mean", feat=feat, inst=inst)
     check_instance_map("instance_mean", inst)
     if feat.shape[0] != inst.shape[0] or feat.shape[2:] != inst.shape[2:]:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"instance_mean: feat {tuple(feat.shape)} and inst {tuple(inst.shape)} must share batch size, "
             "height and width; resize the instance map (nearest neighbour) to the feature size"
         )

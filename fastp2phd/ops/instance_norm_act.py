@@ -31,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidArgumentError
 from ._common import ACTIVATIONS, empty_like_format, memory_format_of, stats_dtype, tangents_may_flow
 from ._dispatch import FastPath, select, triton_missing
 from ._library import LIBRARY, extension_kernel_missing, op, register_kernel
@@ -46,7 +47,7 @@ else:
 
 def check_activation(activation: str, negative_slope: float) -> None:
     if activation not in ACTIVATIONS:
-        raise ValueError(f"instance_norm_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        raise InvalidArgumentError(f"instance_norm_act: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if not isinstance(negative_slope, (int, float, torch.SymFloat)):
         raise TypeError(f"instance_norm_act: negative_slope must be a number, got {type(negative_slope).__name__}")
 
@@ -308,15 +309,15 @@ def instance_norm_act(
     """
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"instance_norm_act: x must be an (N, C, H, W) tensor, got {shape}")
+        raise InvalidArgumentError(f"instance_norm_act: x must be an (N, C, H, W) tensor, got {shape}")
     if not x.is_floating_point():
         raise TypeError(f"instance_norm_act: x must be floating point, got {x.dtype}")
     check_activation(activation, negative_slope)
     # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) these may be SymFloats.
     if not (isinstance(eps, (int, float, torch.SymFloat)) and 0 <= eps < math.inf):
-        raise ValueError(f"instance_norm_act: eps must be a finite number, 0 or more, got {eps}")
+        raise InvalidArgumentError(f"instance_norm_act: eps must be a finite number, 0 or more, got {eps}")
     if not -math.inf < negative_slope < math.inf:
-        raise ValueError(f"instance_norm_act: negative_slope must be a finite number, got {negative_slope}")
+        raise InvalidArgumentError(f"instance_norm_act: negative_slope must be a finite number, got {negative_slope}")
     if x.numel() == 0:  # nothing to normalise; clone keeps the (empty) result in x's autograd graph
         return x.clone(memory_format=memory_format_of(x))
     path = select("instance_norm_act", impl, x.device, FAST_PATHS)

@@ -1,0 +1,36 @@
+"""The command line's error contract: every error a user can fix is a Pix2PixHDError and ends in one
+sentence with exit status 1; a file the system refuses names the file; anything else is a bug and
+keeps its traceback (no ``except ValueError`` that would hide one)."""
+from __future__ import annotations
+
+import pytest
+
+from fastp2phd import cli
+from fastp2phd.errors import InvalidArgumentError, Pix2PixHDError
+from fastp2phd.features import save_clusters
+from fastp2phd.pix2pixhd import autocast_dtype
+
+
+def test_library_value_errors_are_pix2pixhd_errors_and_still_value_errors():
+    with pytest.raises(InvalidArgumentError) as caught:
+        autocast_dtype("fp8", "cpu")
+    assert isinstance(caught.value, Pix2PixHDError) and isinstance(caught.value, ValueError)
+    with pytest.raises(Pix2PixHDError, match="class ids must be integers"):
+        save_clusters("unused.npz", {"car": [[1.0, 2.0]]})
+
+
+def test_a_refused_path_is_one_sentence_naming_it(tmp_path, capsys):
+    blocker = tmp_path / "a file"
+    blocker.write_text("not a folder")
+    assert cli.main(["make-synthetic", "--out", str(blocker / "scenes"), "--num_train", "1", "--num_test", "0"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastp2phd make-synthetic: ") and "\n" not in err and str(blocker) in err, err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    def broken(args):
+        raise ValueError("a bug, not a user's mistake")
+
+    monkeypatch.setitem(cli.COMMANDS, "info", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["info"])
