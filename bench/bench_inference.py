@@ -36,7 +36,7 @@ CONFIGS = {
     "1024p": ModelSpec(label_nc=35, netG="local", ngf=32, n_downsample_global=4, n_blocks_global=9,
                        n_local_enhancers=1, n_blocks_local=3),
 }
-CASES = [("1024p", 512, 1024), ("1024p", 1024, 2048), ("512p", 512, 1024)]
+CASES = [("1024p", 256, 512), ("1024p", 512, 1024), ("1024p", 1024, 2048), ("512p", 512, 1024)]  # 1024p: a size scale
 PROVIDERS = ["fp32", "bf16", "optimized fp32", "optimized bf16", "onnxruntime", "compile", "fp16",
              "compile + CUDA graphs"]
 CUDA_ONLY = {"fp16", "compile + CUDA graphs"}

@@ -127,6 +127,39 @@ def plot_suite(rows: list[dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_scaling(rows: list[dict], title: str, path: Path) -> bool:
+    """Time against image size of the 1024p generator, one line per provider (log-log); False without 2 sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        match = re.fullmatch(r"1024p generator at (\d+)x(\d+)", row["case"])
+        if match:
+            pixels = int(match.group(1)) * int(match.group(2)) / 1e6
+            lines.setdefault(row["provider"], []).append((pixels, row["median_s"] * 1e3))
+    if not any(len(points) > 1 for points in lines.values()):
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for provider, points in sorted(lines.items()):
+        xs, ys = zip(*sorted(points))
+        ax.plot(xs, ys, marker="o", label=provider)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("image size (megapixels: 256x512, 512x1024, 1024x2048)")
+    ax.set_ylabel("median time per image (ms)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 # ----------------------------------------------------------------------------- targets
 
 
@@ -200,6 +233,11 @@ def precision_targets(check, suites) -> None:
     for case in ("1024p generator at 512x1024", "1024p generator at 1024x2048", "512p generator at 512x1024"):
         check(f"onnxruntime (CPU) vs fp32 eager, {case} (fp32 time / onnxruntime time; no target, where it stands)",
               _ratio(suites, suite, rf"^{case}$", "fp32", "onnxruntime"), lambda v: None)
+    for case in ("1024p generator at 512x1024", "1024p generator at 1024x2048"):
+        check(f"optimized fp32 vs onnxruntime (CPU), {case}: at least 1.2× (onnxruntime time / optimized time)",
+              _ratio(suites, suite, rf"^{case}$", "onnxruntime", "optimized fp32"), lambda v: v >= 1.2)
+        check(f"optimized bf16 vs onnxruntime fp32 (CPU), {case}: at least 2×",
+              _ratio(suites, suite, rf"^{case}$", "onnxruntime", "optimized bf16"), lambda v: v >= 2)
 
 
 def _ratio(suites, suite, case, slow, fast):
@@ -330,6 +368,9 @@ def write_report(results: Path = BENCH / "results", out: Path = BENCH / "REPORT.
             slug = re.sub(r"[^a-z0-9]+", "-", f"{device} {suite}".lower()).strip("-")
             plot_suite(rows, f"{suite} — {run['device_name']}", plots / f"{slug}.png")
             lines += [f"### {suite}", "", f"![{suite}](results/plots/{slug}.png)", ""]
+            if suite == "inference precision" and plot_scaling(rows, f"1024p generator by image size — "
+                                                                     f"{run['device_name']}", plots / f"{slug}-scaling.png"):
+                lines += [f"![time by image size](results/plots/{slug}-scaling.png)", ""]
             lines += (precision_table(rows) if suite == "inference precision"
                       else suite_table(rows, bandwidth if run["device"] == "cuda" else None))
             lines.append("")
