@@ -8,7 +8,7 @@ import pytest
 
 import fastp2phd
 from fastp2phd import ops
-from fastp2phd.cli import main
+from fastp2phd.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +68,10 @@ def test_every_link_of_the_benchmark_report_resolves():
     missing = [link for link in links if not (report.parent / link).is_file()]
     missing += [run for run in runs if not (ROOT / "bench" / "results" / run).is_file()]
     assert not missing, missing
+
+
+def test_the_readme_workflow_list_names_every_command():
+    readme = (ROOT / "README.md").read_text()
+    workflow = readme.split("- **The workflow**")[1].split("\n\n")[0]
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert [c for c in commands if f"`{c}`" not in workflow] == []
