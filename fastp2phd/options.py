@@ -61,6 +61,7 @@ def _add_base_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("experiment")
     g.add_argument("--name", default="label2city", help="name of the experiment: its checkpoints go to checkpoints_dir/name")
     g.add_argument("--checkpoints_dir", default="./checkpoints", help="where models, logs and web pages are saved")
+    g.add_argument("--which_epoch", default="latest", help="which checkpoint to load: 'latest' or an epoch number")
     g.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu); several GPUs: use torchrun")
     g.add_argument("--norm", default="instance", choices=["instance", "batch"], help="instance or batch normalization")
@@ -114,7 +115,6 @@ def _add_base_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n_downsample_E", type=_non_negative_int, default=4, help="downsampling layers in the encoder")
     g.add_argument("--nef", type=_positive_int, default=16, help="encoder filters in the first conv layer")
     g.add_argument("--n_clusters", type=_positive_int, default=10, help="K-means clusters per class")
-    g.add_argument("--which_epoch", default="latest", help="which checkpoint to load: 'latest' or an epoch number")
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:

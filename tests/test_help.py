@@ -75,3 +75,16 @@ def test_the_readme_workflow_list_names_every_command():
     workflow = readme.split("- **The workflow**")[1].split("\n\n")[0]
     commands = build_parser()._subparsers._group_actions[0].choices
     assert [c for c in commands if f"`{c}`" not in workflow] == []
+
+
+def sections(text: str) -> dict[str, str]:
+    """The help's sections (an argument group each), by title."""
+    parts = re.split(r"^(\S[^\n]*):\n", text, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@pytest.mark.parametrize("command", ["train", "test", "edit", "encode-features", "export-onnx"])
+def test_which_epoch_is_listed_with_the_run_not_with_the_features(command, capsys):
+    text = sections(help_text(capsys, command))
+    assert "--which_epoch" in text["experiment"]
+    assert "--which_epoch" not in text.get("instance-wise features", "")
