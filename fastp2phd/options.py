@@ -309,7 +309,13 @@ def train_spec(opt: argparse.Namespace) -> TrainSpec:
 # ----------------------------------------------------------------------------- the parser
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after every option's help, and examples kept as written."""
+    """The default after an option's help, once (none for flags, None, or a help that says its default), and
+    examples kept as written."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _port(text: str) -> int:

@@ -88,3 +88,12 @@ def test_which_epoch_is_listed_with_the_run_not_with_the_features(command, capsy
     text = sections(help_text(capsys, command))
     assert "--which_epoch" in text["experiment"]
     assert "--which_epoch" not in text.get("instance-wise features", "")
+
+
+@pytest.mark.parametrize("command", list(build_parser()._subparsers._group_actions[0].choices))
+def test_every_option_states_its_default_at_most_once(command, capsys):
+    # A help that says its default got a second "(default: None)" from argparse; flags got "(default: False)".
+    for entry in re.split(r"\n(?=  -)", help_text(capsys, command)):
+        entry = " ".join(entry.split())
+        assert entry.count("(default") <= 1, entry
+        assert "(default: None)" not in entry and "(default: False)" not in entry, entry
