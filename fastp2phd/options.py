@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -46,11 +47,22 @@ def _size(text: str) -> float:
 _EDIT_OPTIONS = ("name", "checkpoints_dir", "which_epoch", "device", "dataroot", "seed")
 
 
-def add_base_options(p: argparse.ArgumentParser, model_help: bool = True) -> None:
-    """The options every command that builds a model takes. ``model_help=False``: list only the run's
+def add_base_options(p: argparse.ArgumentParser, model_help: bool = True, from_run: bool = False) -> None:
+    """The options every command that builds a model takes. ``from_run``: the command loads a trained run, so
+    the network options (from its opt.txt) are listed as overrides. ``model_help=False``: list only the run's
     name, folder, epoch, device, data root and seed in ``-h`` (the model options come from opt.txt)."""
     first = len(p._actions)
     _add_base_options(p)
+    if from_run:
+        overrides = p.add_argument_group(
+            "overrides of the run's opt.txt", "These come from the run's opt.txt (where it has none, from `train -h`'s "
+            "defaults);\none given here replaces its value, and a checkpoint saved with another value does not load.")
+        for group in p._action_groups[:-1]:
+            moved = [action for action in group._group_actions if action.dest in NETWORK_OPTIONS]
+            for action in moved:
+                group._group_actions.remove(action)
+                action.default_from_run = True  # (the formatter shows no default)
+            overrides._group_actions.extend(moved)
     if not model_help:
         for action in p._actions[first:]:
             if action.dest not in _EDIT_OPTIONS:
@@ -229,6 +241,8 @@ MODEL_OPTIONS = (
     "nef", "n_downsample_E", "n_clusters", "netG", "ngf", "n_downsample_global", "n_blocks_global",
     "n_local_enhancers", "n_blocks_local", "norm", "dataroot", "loadSize", "fineSize", "resize_or_crop",
 )
+# Those that define the networks: given to such a command, one replaces the run's value (with a warning).
+NETWORK_OPTIONS = tuple(o for o in MODEL_OPTIONS if o not in ("dataroot", "loadSize", "fineSize", "resize_or_crop"))
 
 
 def saved_model_options(parser: argparse.ArgumentParser, folder) -> dict:
@@ -313,7 +327,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     examples kept as written."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or "(default" in (action.help or ""):
+        if (action.default is None or action.default is False or "(default" in (action.help or "")
+                or getattr(action, "default_from_run", False)):
             return action.help
         return super()._get_help_string(action)
 
@@ -350,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "Generate images for <dataroot>/<phase>_label with a trained run; the model options come from "
                      "the run's opt.txt.",
                      "  fastp2phd test --name label2city_512p --dataroot datasets/cityscapes --how_many inf")
-    add_base_options(p)
+    add_base_options(p, from_run=True)
     add_test_options(p)
 
     p = _add_command(commands, "evaluate", "score generated images: FID, KID, and mIoU with a segmentation network",
@@ -390,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "Encode every instance of <dataroot>/<phase>_img with a trained run's encoder and cluster the "
                      "features per class (K-means), for sampling styles at test time.",
                      "  fastp2phd encode-features --name label2city_512p_feat --dataroot datasets/cityscapes")
-    add_base_options(p)
+    add_base_options(p, from_run=True)
     p.add_argument("--phase", default="train", help="which folders to encode: <phase>_label, ...")
     p.add_argument("--area_threshold", type=_non_negative_float, default=0.5,
                    help="cluster only instances with more than this many pixels per H*W/32 (the original's 0.5; "
@@ -399,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(commands, "export-onnx", "export the generator to ONNX",
                      "Export a trained run's generator to ONNX (dynamic batch and size) and check it in onnxruntime.",
                      "  fastp2phd export-onnx --name label2city_512p")
-    add_base_options(p)
+    add_base_options(p, from_run=True)
     p.add_argument("--onnx", default=None, help="output file (default: checkpoints_dir/name/<which_epoch>_net_G.onnx)")
 
     p = _add_command(commands, "edit", "serve the interactive editor for a trained run on 127.0.0.1",
@@ -458,4 +473,10 @@ def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
         if saved:
             sub.set_defaults(**saved)
             args = parser.parse_args(argv)
+        for dest, value in saved.items():
+            given = getattr(args, dest)
+            if dest in NETWORK_OPTIONS and given != value:  # (a flag can only be switched on)
+                flag = f"--{dest}" if isinstance(given, bool) else f"--{dest} {given}"
+                print(f"fastp2phd {args.command}: warning: {flag} overrides the run's opt.txt ({dest} {value})",
+                      file=sys.stderr)
     return args

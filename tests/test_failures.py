@@ -95,6 +95,17 @@ def test_opt_txt_values_are_checked(trained, tmp_path, capsys):
         load_run(ck / "run")
 
 
+def test_a_network_option_that_differs_from_opt_txt_is_a_warning(trained, capsys):
+    ck, data = trained
+    capsys.readouterr()
+    assert main(command("test", ck, data, "--ngf", "8", "--n_clusters", "2")) == 1  # the checkpoint has ngf 4
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert lines[0] == "fastp2phd test: warning: --ngf 8 overrides the run's opt.txt (ngf 4)"
+    assert len(lines) == 2 and "ngf=4" in lines[1], lines  # then the mismatch, in one sentence
+    main(command("export-onnx", ck, data, "--label_feat"))
+    assert "warning: --label_feat overrides the run's opt.txt (label_feat False)\n" in capsys.readouterr().err
+
+
 def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
     ck, _ = copy_run(trained, tmp_path)
     (ck / "run" / "opt.txt").unlink()

@@ -97,3 +97,12 @@ def test_every_option_states_its_default_at_most_once(command, capsys):
         entry = " ".join(entry.split())
         assert entry.count("(default") <= 1, entry
         assert "(default: None)" not in entry and "(default: False)" not in entry, entry
+
+
+@pytest.mark.parametrize("command", ["test", "encode-features", "export-onnx"])
+def test_commands_that_load_a_run_list_its_network_options_as_overrides(command, capsys):
+    text = sections(help_text(capsys, command))
+    overrides = text.pop("overrides of the run's opt.txt")
+    for option in ("--ngf ", "--netG ", "--label_nc ", "--norm ", "--instance_feat ", "--n_clusters "):
+        assert option in overrides and not any(option in section for section in text.values()), option
+    assert "(default" not in overrides.split("\n\n", 1)[1]  # their values come from opt.txt
