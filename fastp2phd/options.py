@@ -18,29 +18,31 @@ from .specs import (COMPILE_CHOICES, IMAGENET_MEAN, IMAGENET_STD, OPT_TXT, DataS
                     read_opt_txt)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+def _number(text: str, kind, what: str, ok) -> int | float:
+    """``text`` as a ``kind`` that passes ``ok``, or argparse's error: "must be a WHAT, got 'TEXT'"."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be a {what}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, "positive integer", lambda v: v > 0)
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
+    return _number(text, int, "non-negative integer", lambda v: v >= 0)
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
-    return value
+    return _number(text, float, "finite number, 0 or more", lambda v: math.isfinite(v) and v >= 0)
 
 
 def _size(text: str) -> float:
-    return math.inf if text == "inf" else float(_non_negative_int(text))
+    return math.inf if text == "inf" else float(_number(text, int, "non-negative integer or 'inf'", lambda v: v >= 0))
 
 
 # What `edit -h` shows of the base options; the rest (model options, from opt.txt) still parse.
@@ -207,7 +209,7 @@ def _rgb(text: str) -> tuple[float, float, float]:
     except ValueError:
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"must be three comma-separated numbers (R,G,B), got {text}")
+        raise argparse.ArgumentTypeError(f"must be three comma-separated numbers (R,G,B), got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -334,10 +336,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number, 0 to 65535 (0: any free one), got {text}")
-    return value
+    return _number(text, int, "port number, 0 to 65535 (0: any free one)", lambda v: 0 <= v <= 65535)
 
 
 def _add_command(commands, name: str, help: str, description: str, examples: str = "") -> argparse.ArgumentParser:

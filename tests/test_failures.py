@@ -119,8 +119,10 @@ def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["edit", "--port", "99999"], "must be a port number, 0 to 65535"),
-    (["make-synthetic", "--out", "x", "--height", "-5"], "must be a positive integer, got -5"),
-    (["make-synthetic", "--out", "x", "--num_train", "-1"], "must be a non-negative integer, got -1"),
+    (["make-synthetic", "--out", "x", "--height", "-5"], "must be a positive integer, got '-5'"),
+    (["make-synthetic", "--out", "x", "--num_train", "-1"], "must be a non-negative integer, got '-1'"),
+    (["train", "--label_nc", "abc"], "argument --label_nc: must be a non-negative integer, got 'abc'"),
+    (["test", "--how_many", "all"], "argument --how_many: must be a non-negative integer or 'inf', got 'all'"),
     (["train", "--netG", "huge"], "invalid choice: 'huge'"),
 ])
 def test_bad_numbers_on_the_command_line(argv, message, capsys):
