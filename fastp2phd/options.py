@@ -324,6 +324,14 @@ def train_spec(opt: argparse.Namespace) -> TrainSpec:
 
 # ----------------------------------------------------------------------------- the parser
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        if message.endswith(": expected one argument"):  # also what argparse says of a value that starts with '-'
+            option = message.split(":")[0].split("/")[-1].removeprefix("argument ")
+            message += f" (a value starting with '-' must be written as {option}=VALUE)"
+        super().error(message)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """The default after an option's help, once (none for flags, None, or a help that says its default), and
     examples kept as written."""
@@ -347,8 +355,8 @@ def _add_command(commands, name: str, help: str, description: str, examples: str
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
-    parser = argparse.ArgumentParser(prog="fastp2phd", description="pix2pixHD as a fast, faithful PyTorch library.",
-                                     formatter_class=_HelpFormatter)
+    parser = _Parser(prog="fastp2phd", description="pix2pixHD as a fast, faithful PyTorch library.",
+                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fastp2phd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
 

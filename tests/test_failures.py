@@ -123,6 +123,7 @@ def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
     (["make-synthetic", "--out", "x", "--num_train", "-1"], "must be a non-negative integer, got '-1'"),
     (["train", "--label_nc", "abc"], "argument --label_nc: must be a non-negative integer, got 'abc'"),
     (["test", "--how_many", "all"], "argument --how_many: must be a non-negative integer or 'inf', got 'all'"),
+    (["memory", "--size", "-128x256"], "expected one argument (a value starting with '-' must be written as --size="),
     (["train", "--netG", "huge"], "invalid choice: 'huge'"),
 ])
 def test_bad_numbers_on_the_command_line(argv, message, capsys):
