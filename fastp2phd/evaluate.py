@@ -350,13 +350,17 @@ def _sha256(path: Path) -> str:
 # ----------------------------------------------------------------------------- segmentation
 
 
+def _check_seg_model(path: str | os.PathLike) -> Path:
+    if not Path(path).is_file():
+        raise EvaluationError(f"--seg_model {path} does not exist; pass a TorchScript file of the segmentation "
+                              "network")
+    return Path(path)
+
+
 def load_segmenter(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """A segmentation network saved with its code: TorchScript (``torch.jit.script/trace(model).save``)
     or a torch.export program (``.pt2``). A state_dict has no architecture to run, so it is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"--seg_model {path} does not exist; pass a TorchScript file of the segmentation "
-                              "network")
+    path = _check_seg_model(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript
         if path.suffix == ".pt2":
@@ -448,10 +452,17 @@ def _image_folder(results: Path) -> Path:
     return results
 
 
-def _check_dataroot(dataroot) -> None:
+def _check_folders(dataroot, phase: str, results: Path | None) -> None:
+    """The folders evaluation reads exist (checked before anything slow or the FID weights)."""
     if str(dataroot) == "synthetic":
         raise EvaluationError("--dataroot synthetic has no real images on disk to compare with; write the scenes "
                               "with `fastp2phd make-synthetic --out DIR` and pass --dataroot DIR")
+    if results is not None and not results.is_dir():
+        raise EvaluationError(f"the results folder {results} does not exist; pass the folder `fastp2phd test` "
+                              "wrote (results_dir/name/<phase>_<epoch>), or --name to generate the images first")
+    label_dir = Path(dataroot) / f"{phase}_label"
+    if not label_dir.is_dir():
+        raise EvaluationError(f"the label maps folder {label_dir} does not exist; check --dataroot and --phase")
 
 
 def pair_results(results: str | os.PathLike, dataroot: str | os.PathLike, phase: str = "test",
@@ -461,18 +472,13 @@ def pair_results(results: str | os.PathLike, dataroot: str | os.PathLike, phase:
     from .data.folder import list_images
 
     results, root = Path(results), Path(dataroot)
-    _check_dataroot(dataroot)
-    if not results.is_dir():
-        raise EvaluationError(f"the results folder {results} does not exist; pass the folder `fastp2phd test` "
-                              "wrote (results_dir/name/<phase>_<epoch>), or --name to generate the images first")
+    _check_folders(dataroot, phase, results)
     folder = _image_folder(results)
     generated = {p.name[:-len(SYNTHESIZED_SUFFIX) - 4]: p for p in folder.glob(f"*{SYNTHESIZED_SUFFIX}.png")}
     if not generated:
         raise EvaluationError(f"{folder} holds no *{SYNTHESIZED_SUFFIX}.png images; pass the folder `fastp2phd "
                               "test` wrote (it holds images/<name>_synthesized_image.png)")
     label_dir, real_dir = root / f"{phase}_label", root / f"{phase}_img"
-    if not label_dir.is_dir():
-        raise EvaluationError(f"the label maps folder {label_dir} does not exist; check --dataroot and --phase")
     labels = list_images(str(label_dir))
     if not labels:
         raise EvaluationError(f"the label maps folder {label_dir} holds no images; check --dataroot and --phase")
@@ -729,7 +735,9 @@ def generate_first(args: argparse.Namespace) -> bool:
     if args.no_fid and args.seg_model is None:
         raise EvaluationError("nothing to compute: FID is off (--no_fid) and there is no --seg_model; drop "
                               "--no_fid or pass a segmentation network")
-    _check_dataroot(args.dataroot)
+    _check_folders(args.dataroot, args.phase, Path(args.results) if args.results else None)  # the cheap checks first
+    if args.seg_model is not None:
+        _check_seg_model(args.seg_model)
     if not args.no_fid:
         find_fid_weights(args.fid_weights)  # before generating anything
     return not args.results

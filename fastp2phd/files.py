@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import threading
@@ -321,7 +322,9 @@ def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
 
 
 def _damaged(path: Path, what: str, exc: Exception) -> CheckpointReadError:
-    detail = type(exc).__name__ if isinstance(exc, pickle.UnpicklingError) else (
-        (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160])
+    # torch's first sentence (the next ones are its own advice), else the exception's name (for "", "'101'", ...)
+    sentence = re.split(r"(?<=[.!?])\s", (str(exc).strip().splitlines() or [""])[0])[0].rstrip(".")
+    plain = " " in sentence and len(sentence) <= 160 and not isinstance(exc, pickle.UnpicklingError)
+    detail = sentence if plain else type(exc).__name__
     return CheckpointReadError(f"the {what} {path} cannot be read ({detail}): it is truncated, damaged or not a "
                                "PyTorch file; restore it from a copy or write it again")

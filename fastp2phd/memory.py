@@ -327,12 +327,12 @@ def check_size(model: ModelSpec, size: tuple[int, int]) -> None:
     """The sentence ``train`` gives for a size the generator cannot take."""
     multiple, smallest = model.size_multiple, model.min_size
     h, w = size
-    if 0 < h < smallest or 0 < w < smallest:  # the generator's reflection padding needs more pixels
-        raise InvalidArgumentError(f"size {h}x{w} is smaller than the {smallest}x{smallest} this generator needs; choose a "
-                         f"--size of at least {smallest}x{smallest}")
-    if h <= 0 or w <= 0 or h % multiple or w % multiple:
+    if h < smallest or w < smallest:  # (0 too) the generator's reflection padding needs more pixels
+        raise InvalidArgumentError(f"size {h}x{w} is smaller than the {smallest}x{smallest} this generator needs; "
+                                   f"choose a --size of at least {smallest}x{smallest}")
+    if h % multiple or w % multiple:
         raise InvalidArgumentError(f"size {h}x{w} is not a multiple of {multiple}, which this generator needs; "
-                         f"choose a --size whose height and width are multiples of {multiple}")
+                                   f"choose a --size whose height and width are multiples of {multiple}")
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -18,40 +19,53 @@ from .specs import (COMPILE_CHOICES, IMAGENET_MEAN, IMAGENET_STD, OPT_TXT, DataS
                     check_bounds, read_opt_txt)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+def _number(text: str, kind, what: str, ok) -> int | float:
+    """``text`` as a ``kind`` that passes ``ok``, or argparse's error: "must be a WHAT, got 'TEXT'"."""
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be a {what}, got {text!r}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, "positive integer", lambda v: v > 0)
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text}")
-    return value
+    return _number(text, int, "non-negative integer", lambda v: v >= 0)
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number, 0 or more, got {text}")
-    return value
+    return _number(text, float, "finite number, 0 or more", lambda v: math.isfinite(v) and v >= 0)
 
 
 def _size(text: str) -> float:
-    return math.inf if text == "inf" else float(_non_negative_int(text))
+    return math.inf if text == "inf" else float(_number(text, int, "non-negative integer or 'inf'", lambda v: v >= 0))
 
 
 # What `edit -h` shows of the base options; the rest (model options, from opt.txt) still parse.
 _EDIT_OPTIONS = ("name", "checkpoints_dir", "which_epoch", "device", "dataroot", "seed")
 
 
-def add_base_options(p: argparse.ArgumentParser, model_help: bool = True) -> None:
-    """The options every command that builds a model takes. ``model_help=False``: list only the run's
+def add_base_options(p: argparse.ArgumentParser, model_help: bool = True, from_run: bool = False) -> None:
+    """The options every command that builds a model takes. ``from_run``: the command loads a trained run, so
+    the network options (from its opt.txt) are listed as overrides. ``model_help=False``: list only the run's
     name, folder, epoch, device, data root and seed in ``-h`` (the model options come from opt.txt)."""
     first = len(p._actions)
     _add_base_options(p)
+    if from_run:
+        overrides = p.add_argument_group(
+            "overrides of the run's opt.txt", "These come from the run's opt.txt (where it has none, from `train -h`'s "
+            "defaults);\none given here replaces its value, and a checkpoint saved with another value does not load.")
+        for group in p._action_groups[:-1]:
+            moved = [action for action in group._group_actions if action.dest in NETWORK_OPTIONS]
+            for action in moved:
+                group._group_actions.remove(action)
+                action.default_from_run = True  # (the formatter shows no default)
+            overrides._group_actions.extend(moved)
     if not model_help:
         for action in p._actions[first:]:
             if action.dest not in _EDIT_OPTIONS:
@@ -62,6 +76,7 @@ def _add_base_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("experiment")
     g.add_argument("--name", default="label2city", help="name of the experiment: its checkpoints go to checkpoints_dir/name")
     g.add_argument("--checkpoints_dir", default="./checkpoints", help="where models, logs and web pages are saved")
+    g.add_argument("--which_epoch", default="latest", help="which checkpoint to load: 'latest' or an epoch number")
     g.add_argument("--device", default=None,
                    help="cpu, cuda or cuda:N (default: cuda when available, else cpu); several GPUs: use torchrun")
     g.add_argument("--norm", default="instance", choices=["instance", "batch"], help="instance or batch normalization")
@@ -115,7 +130,6 @@ def _add_base_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--n_downsample_E", type=_non_negative_int, default=4, help="downsampling layers in the encoder")
     g.add_argument("--nef", type=_positive_int, default=16, help="encoder filters in the first conv layer")
     g.add_argument("--n_clusters", type=_positive_int, default=10, help="K-means clusters per class")
-    g.add_argument("--which_epoch", default="latest", help="which checkpoint to load: 'latest' or an epoch number")
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -196,7 +210,7 @@ def _rgb(text: str) -> tuple[float, float, float]:
     except ValueError:
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        raise argparse.ArgumentTypeError(f"must be three comma-separated numbers (R,G,B), got {text}")
+        raise argparse.ArgumentTypeError(f"must be three comma-separated numbers (R,G,B), got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -230,6 +244,8 @@ MODEL_OPTIONS = (
     "nef", "n_downsample_E", "n_clusters", "netG", "ngf", "n_downsample_global", "n_blocks_global",
     "n_local_enhancers", "n_blocks_local", "norm", "dataroot", "loadSize", "fineSize", "resize_or_crop",
 )
+# Those that define the networks: given to such a command, one replaces the run's value (with a warning).
+NETWORK_OPTIONS = tuple(o for o in MODEL_OPTIONS if o not in ("dataroot", "loadSize", "fineSize", "resize_or_crop"))
 
 
 def saved_model_options(parser: argparse.ArgumentParser, folder) -> dict:
@@ -309,15 +325,27 @@ def train_spec(opt: argparse.Namespace) -> TrainSpec:
 
 # ----------------------------------------------------------------------------- the parser
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        if message.endswith(": expected one argument"):  # also what argparse says of a value that starts with '-'
+            option = message.split(":")[0].split("/")[-1].removeprefix("argument ")
+            message += f" (a value starting with '-' must be written as {option}=VALUE)"
+        super().error(message)
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults after every option's help, and examples kept as written."""
+    """The default after an option's help, once (none for flags, None, or a help that says its default), and
+    examples kept as written."""
+
+    def _get_help_string(self, action):
+        if (action.default is None or action.default is False or "(default" in (action.help or "")
+                or getattr(action, "default_from_run", False)):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number, 0 to 65535 (0: any free one), got {text}")
-    return value
+    return _number(text, int, "port number, 0 to 65535 (0: any free one)", lambda v: 0 <= v <= 65535)
 
 
 def _add_command(commands, name: str, help: str, description: str, examples: str = "") -> argparse.ArgumentParser:
@@ -328,8 +356,8 @@ def _add_command(commands, name: str, help: str, description: str, examples: str
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
-    parser = argparse.ArgumentParser(prog="fastp2phd", description="pix2pixHD as a fast, faithful PyTorch library.",
-                                     formatter_class=_HelpFormatter)
+    parser = _Parser(prog="fastp2phd", description="pix2pixHD as a fast, faithful PyTorch library.",
+                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fastp2phd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="command", required=True)
 
@@ -345,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "Generate images for <dataroot>/<phase>_label with a trained run; the model options come from "
                      "the run's opt.txt.",
                      "  fastp2phd test --name label2city_512p --dataroot datasets/cityscapes --how_many inf")
-    add_base_options(p)
+    add_base_options(p, from_run=True)
     add_test_options(p)
 
     p = _add_command(commands, "evaluate", "score generated images: FID, KID, and mIoU with a segmentation network",
@@ -385,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "Encode every instance of <dataroot>/<phase>_img with a trained run's encoder and cluster the "
                      "features per class (K-means), for sampling styles at test time.",
                      "  fastp2phd encode-features --name label2city_512p_feat --dataroot datasets/cityscapes")
-    add_base_options(p)
+    add_base_options(p, from_run=True)
     p.add_argument("--phase", default="train", help="which folders to encode: <phase>_label, ...")
     p.add_argument("--area_threshold", type=_non_negative_float, default=0.5,
                    help="cluster only instances with more than this many pixels per H*W/32 (the original's 0.5; "
@@ -394,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_command(commands, "export-onnx", "export the generator to ONNX",
                      "Export a trained run's generator to ONNX (dynamic batch and size) and check it in onnxruntime.",
                      "  fastp2phd export-onnx --name label2city_512p")
-    add_base_options(p)
+    add_base_options(p, from_run=True)
     p.add_argument("--onnx", default=None, help="output file (default: checkpoints_dir/name/<which_epoch>_net_G.onnx)")
 
     p = _add_command(commands, "edit", "serve the interactive editor for a trained run on 127.0.0.1",
@@ -461,6 +489,12 @@ def with_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
         if saved:
             sub.set_defaults(**saved)
             args = parser.parse_args(argv)
+        for dest, value in saved.items():
+            given = getattr(args, dest)
+            if dest in NETWORK_OPTIONS and given != value:  # (a flag can only be switched on)
+                flag = f"--{dest}" if isinstance(given, bool) else f"--{dest} {given}"
+                print(f"fastp2phd {args.command}: warning: {flag} overrides the run's opt.txt ({dest} {value})",
+                      file=sys.stderr)
 
     def where(name: str) -> str:  # a value opt.txt recorded and no flag changed is the file's
         if name in saved and saved[name] == getattr(args, name):

@@ -118,7 +118,9 @@ def test_an_opt_txt_that_does_not_match_its_checkpoint_is_refused_before_buildin
     edit_opt_txt(folder, netG="global", ngf=16)
     capsys.readouterr()
     assert main(["test", *argv, "--ngf", "8", "--results_dir", str(tmp_path / "results")]) == 1
-    one_sentence(capsys.readouterr().err.strip(), "fastp2phd test: Folder", "test_label")
+    warning, error = capsys.readouterr().err.strip().split("\n")
+    assert warning == "fastp2phd test: warning: --ngf 8 overrides the run's opt.txt (ngf 16)"
+    one_sentence(error, "fastp2phd test: Folder", "test_label")
 
 
 def test_a_flag_out_of_bounds_is_named_and_train_checks_too():

@@ -311,6 +311,24 @@ def test_missing_fid_weights_say_where_to_put_them(scenes, tmp_path, monkeypatch
         capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("missing, words", [("results", "the results folder"), ("labels", "the label maps folder"),
+                                            ("seg_model", "--seg_model"), ("run's labels", "the label maps folder")])
+def test_a_missing_folder_is_reported_before_the_missing_fid_weights(missing, words, scenes, tmp_path, capsys):
+    root, results = scenes  # and no FID weights anywhere
+    argv = ["--results", results, "--dataroot", root, "--fid_weights", tmp_path / "nope.pth"]
+    if missing == "results":
+        argv[1] = tmp_path / "nowhere"
+    elif missing == "labels":
+        argv[3] = tmp_path / "nowhere"
+    elif missing == "seg_model":
+        argv += ["--seg_model", tmp_path / "nope.pt"]
+    else:  # --name: before generating anything
+        argv[:2] = ["--name", "run", "--checkpoints_dir", tmp_path / "ck", "--phase", "val"]
+    assert evaluate(*argv) == 1
+    err = capsys.readouterr().err
+    assert words in err and "does not exist" in err and "nope.pth" not in err and err.count("\n") == 1, err
+
+
 def test_wrong_fid_weights_are_one_sentence(scenes, tmp_path, capsys):
     root, results = scenes
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "w.pth")

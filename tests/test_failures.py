@@ -78,7 +78,11 @@ def test_an_unreadable_checkpoint_is_one_sentence_naming_it(name, damage, traine
     capsys.readouterr()
     assert main(command(name, ck, data)) == 1
     expected = ("holds Python objects besides tensors",) if damage == "unsafe" else ("truncated, damaged",)
-    one_sentence(capsys, "latest_net_G.pth", *expected)
+    err = one_sentence(capsys, "latest_net_G.pth", *expected)
+    if damage == "truncated":  # torch's first sentence, whole, without the advice it adds
+        with pytest.raises(RuntimeError) as torch_error:
+            torch.load(g, weights_only=True)
+        assert f"({str(torch_error.value).split('. ')[0]}):" in err and "miniz" not in err, err
 
 
 def test_opt_txt_values_are_checked(trained, tmp_path, capsys):
@@ -95,6 +99,17 @@ def test_opt_txt_values_are_checked(trained, tmp_path, capsys):
         load_run(ck / "run")
 
 
+def test_a_network_option_that_differs_from_opt_txt_is_a_warning(trained, capsys):
+    ck, data = trained
+    capsys.readouterr()
+    assert main(command("test", ck, data, "--ngf", "8", "--n_clusters", "2")) == 1  # the checkpoint has ngf 4
+    lines = capsys.readouterr().err.strip().split("\n")
+    assert lines[0] == "fastp2phd test: warning: --ngf 8 overrides the run's opt.txt (ngf 4)"
+    assert len(lines) == 2 and "ngf=4" in lines[1], lines  # then the mismatch, in one sentence
+    main(command("export-onnx", ck, data, "--label_feat"))
+    assert "warning: --label_feat overrides the run's opt.txt (label_feat False)\n" in capsys.readouterr().err
+
+
 def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
     ck, _ = copy_run(trained, tmp_path)
     (ck / "run" / "opt.txt").unlink()
@@ -108,8 +123,11 @@ def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["edit", "--port", "99999"], "must be a port number, 0 to 65535"),
-    (["make-synthetic", "--out", "x", "--height", "-5"], "must be a positive integer, got -5"),
-    (["make-synthetic", "--out", "x", "--num_train", "-1"], "must be a non-negative integer, got -1"),
+    (["make-synthetic", "--out", "x", "--height", "-5"], "must be a positive integer, got '-5'"),
+    (["make-synthetic", "--out", "x", "--num_train", "-1"], "must be a non-negative integer, got '-1'"),
+    (["train", "--label_nc", "abc"], "argument --label_nc: must be a non-negative integer, got 'abc'"),
+    (["test", "--how_many", "all"], "argument --how_many: must be a non-negative integer or 'inf', got 'all'"),
+    (["memory", "--size", "-128x256"], "expected one argument (a value starting with '-' must be written as --size="),
     (["train", "--netG", "huge"], "invalid choice: 'huge'"),
 ])
 def test_bad_numbers_on_the_command_line(argv, message, capsys):

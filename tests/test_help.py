@@ -8,7 +8,7 @@ import pytest
 
 import fastp2phd
 from fastp2phd import ops
-from fastp2phd.cli import main
+from fastp2phd.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,3 +68,41 @@ def test_every_link_of_the_benchmark_report_resolves():
     missing = [link for link in links if not (report.parent / link).is_file()]
     missing += [run for run in runs if not (ROOT / "bench" / "results" / run).is_file()]
     assert not missing, missing
+
+
+def test_the_readme_workflow_list_names_every_command():
+    readme = (ROOT / "README.md").read_text()
+    workflow = readme.split("- **The workflow**")[1].split("\n\n")[0]
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert [c for c in commands if f"`{c}`" not in workflow] == []
+
+
+def sections(text: str) -> dict[str, str]:
+    """The help's sections (an argument group each), by title."""
+    parts = re.split(r"^(\S[^\n]*):\n", text, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+@pytest.mark.parametrize("command", ["train", "test", "edit", "encode-features", "export-onnx"])
+def test_which_epoch_is_listed_with_the_run_not_with_the_features(command, capsys):
+    text = sections(help_text(capsys, command))
+    assert "--which_epoch" in text["experiment"]
+    assert "--which_epoch" not in text.get("instance-wise features", "")
+
+
+@pytest.mark.parametrize("command", list(build_parser()._subparsers._group_actions[0].choices))
+def test_every_option_states_its_default_at_most_once(command, capsys):
+    # A help that says its default got a second "(default: None)" from argparse; flags got "(default: False)".
+    for entry in re.split(r"\n(?=  -)", help_text(capsys, command)):
+        entry = " ".join(entry.split())
+        assert entry.count("(default") <= 1, entry
+        assert "(default: None)" not in entry and "(default: False)" not in entry, entry
+
+
+@pytest.mark.parametrize("command", ["test", "encode-features", "export-onnx"])
+def test_commands_that_load_a_run_list_its_network_options_as_overrides(command, capsys):
+    text = sections(help_text(capsys, command))
+    overrides = text.pop("overrides of the run's opt.txt")
+    for option in ("--ngf ", "--netG ", "--label_nc ", "--norm ", "--instance_feat ", "--n_clusters "):
+        assert option in overrides and not any(option in section for section in text.values()), option
+    assert "(default" not in overrides.split("\n\n", 1)[1]  # their values come from opt.txt

@@ -140,6 +140,8 @@ def test_measure_without_cuda_says_so_and_still_prints_the_estimate(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--size", "62x128"], "size 62x128 is not a multiple of 4, which this generator needs"),
     (["--size", "4x128"], "size 4x128 is smaller than the 8x8 this generator needs"),
+    (["--size", "0x128"], "size 0x128 is smaller than the 8x8 this generator needs"),  # not "not a multiple of 4"
+    (["--size=-8x128"], "is not HEIGHTxWIDTH"),
     (["--niter_fix_global", "2"], "niter_fix_global trains only the local enhancer: it needs netG local"),
     (["--size", "big"], "is not HEIGHTxWIDTH"),
 ])

@@ -52,4 +52,5 @@ def test_readme_python_examples_run_as_written(demo_folder, monkeypatch):
         except Exception as exc:  # say which block failed
             raise AssertionError(f"README python block {number} failed: {type(exc).__name__}: {exc}\n{block}") from exc
     assert namespace["image"].shape == (64, 128, 3)  # the editing example's last image
+    assert torch.equal(namespace["same"], namespace["again"])  # a seeded generator: the same styles
     assert (demo_folder / "edited" / "test_label" / "my_scene.png").is_file()

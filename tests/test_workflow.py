@@ -265,6 +265,9 @@ def test_bad_input_gives_one_sentence(case, tmp_path, dataroot, capsys, monkeypa
     capsys.readouterr()
     assert run(*argv) == 1
     err = capsys.readouterr().err.strip()
+    if case == "mismatch":  # after the warning that --ngf 8 overrides opt.txt
+        warning, err = err.split("\n", 1)
+        assert warning.endswith("warning: --ngf 8 overrides the run's opt.txt (ngf 4)")
     assert "Traceback" not in err and err.count("\n") == 0, err
     for text in expected:
         assert text in err, err
