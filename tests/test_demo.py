@@ -77,6 +77,9 @@ def test_the_whole_demo_runs_and_prints_baseline_untrained_and_trained(tmp_path,
     printed = capsys.readouterr()
     assert "[demo] epoch 1/1 done" in printed.out  # progress
     lines = printed.out.splitlines()
+    # What it is doing, from the first second: no silence until the first epoch ends.
+    assert lines[0].startswith("[demo] writing 4 training and 2 test scenes")
+    assert lines[1:3] == ["[demo] building the model", "[demo] training 1 epochs on cpu: epoch 1 started"]
     header = next(i for i, line in enumerate(lines) if "class-mean colours |" in line)
     assert [c.strip() for c in lines[header].removeprefix("[demo]").split("|")] == [
         "class-mean colours", "untrained model", "trained model"]
