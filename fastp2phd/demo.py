@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .console import TimeLeft
 from .specs import DataSpec, ModelSpec, TrainSpec
 from .training import Trainer
 from .visualize import HTMLPage, label_to_image, tensor_to_image
@@ -68,6 +69,7 @@ class _DemoTrainer(Trainer):
 
     def run(self) -> dict[str, float]:
         self.started = time.time()
+        self.time_left = TimeLeft(self.spec.niter + self.spec.niter_decay)
         _say(f"training {self.spec.niter + self.spec.niter_decay} epochs on {self.device}: epoch 1 started")
         return super().run()
 
@@ -77,8 +79,8 @@ class _DemoTrainer(Trainer):
             last = self.spec.niter + self.spec.niter_decay
             elapsed = time.time() - self.started
             losses = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if k != "G_VGG" or not self.spec.no_vgg_loss)
-            _say(f"epoch {self.epoch}/{last} done, {_clock(elapsed)} so far, about "
-                 f"{_clock(elapsed / self.epoch * (last - self.epoch))} to go ({losses})")
+            self.time_left.step()
+            _say(f"epoch {self.epoch}/{last} done, {_clock(elapsed)} so far, {self.time_left} ({losses})")
         return values, fake
 
 
