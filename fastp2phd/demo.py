@@ -64,23 +64,36 @@ def _say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
+PROGRESS_EVERY = 20.0  # seconds between lines within an epoch: under load one takes over a minute
+
+
 class _DemoTrainer(Trainer):
-    """The demo's training, printing a line per epoch: how far it is, the time left and the losses."""
+    """The demo's training, printing a line per epoch (how far it is, the time left and the losses) and, unless
+    ``progress`` is off, the scenes done every PROGRESS_EVERY seconds within an epoch (plain lines: tqdm is an
+    optional extra and its bar garbles a piped log)."""
+
+    def __init__(self, spec: TrainSpec, device: torch.device, progress: bool = True, clock=time.monotonic):
+        super().__init__(spec, device)
+        self.progress, self.clock = progress, clock
 
     def run(self) -> dict[str, float]:
-        self.started = time.time()
-        self.time_left = TimeLeft(self.spec.niter + self.spec.niter_decay)
+        self.started = self.said = self.clock()
+        self.time_left = TimeLeft(self.spec.niter + self.spec.niter_decay, clock=self.clock)
         _say(f"training {self.spec.niter + self.spec.niter_decay} epochs on {self.device}: epoch 1 started")
         return super().run()
 
     def step(self, batch: dict) -> tuple[dict[str, float], torch.Tensor]:
         values, fake = super().step(batch)
-        if self.epoch_iter + len(batch["path"]) >= len(self.dataset):  # the epoch's last batch
-            last = self.spec.niter + self.spec.niter_decay
-            elapsed = time.time() - self.started
+        last = self.spec.niter + self.spec.niter_decay
+        done, now = self.epoch_iter + len(batch["path"]), self.clock()
+        if done >= len(self.dataset):  # the epoch's last batch
             losses = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if k != "G_VGG" or not self.spec.no_vgg_loss)
             self.time_left.step()
-            _say(f"epoch {self.epoch}/{last} done, {_clock(elapsed)} so far, {self.time_left} ({losses})")
+            _say(f"epoch {self.epoch}/{last} done, {_clock(now - self.started)} so far, {self.time_left} ({losses})")
+            self.said = now
+        elif self.progress and now - self.said >= PROGRESS_EVERY:
+            _say(f"epoch {self.epoch}/{last}: {done}/{len(self.dataset)} scenes, {_clock(now - self.started)} so far")
+            self.said = now
         return values, fake
 
 
@@ -145,7 +158,7 @@ def _prepare(out: Path, overwrite: bool) -> str | None:
     return None
 
 
-def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = False) -> int:
+def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = False, progress: bool = True) -> int:
     from .data import create_dataset, make_synthetic
     from .encode_features import encode_features
     from .features import load_clusters
@@ -162,7 +175,7 @@ def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = F
 
     spec = demo_training(out, seed)
     _say("building the model")
-    _DemoTrainer(spec, device).run()
+    _DemoTrainer(spec, device, progress).run()
 
     _say("encoding and clustering instance features")
     run_folder = out / "checkpoints" / "demo"

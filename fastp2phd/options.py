@@ -436,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an earlier demo in --out (without it, a folder that holds one is refused)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scenes and the model")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no lines within an epoch (the line at the end of each epoch stays)")
 
     _add_command(commands, "info", "print versions, devices and which fast paths are available",
                  "Print versions, devices, and which fast paths run here and why not.")
