@@ -42,8 +42,8 @@ test: $(TEST_STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/interpreter $(PYTEST_ARGS)
 
-# Trains a small pix2pixHD with instance features on built-in synthetic scenes (about 3
-# minutes on 2 CPU cores), clusters styles, and writes demo_output/web/index.html.
+# Trains a small pix2pixHD with instance features on built-in synthetic scenes (measured: 10 to
+# 27 minutes on 2 busy CPU cores, see the README), clusters styles, and writes demo_output/web/index.html.
 # An earlier demo_output is kept: `make demo DEMO_ARGS=--overwrite` replaces it.
 DEMO_ARGS ?=
 demo: $(STAMP)

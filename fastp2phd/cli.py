@@ -73,7 +73,8 @@ def _make_synthetic(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(Path(args.out), resolve_device(args.device), seed=args.seed, overwrite=args.overwrite)
+    return run_demo(Path(args.out), resolve_device(args.device), seed=args.seed, overwrite=args.overwrite,
+                    progress=not args.no_progress)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .console import TimeLeft
 from .specs import DataSpec, ModelSpec, TrainSpec
 from .training import Trainer
 from .visualize import HTMLPage, label_to_image, tensor_to_image
@@ -58,21 +59,41 @@ def _clock(seconds: float) -> str:
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
+def _say(text: str) -> None:
+    # Flushed: piped (make demo | tee), stdout is block-buffered and nothing showed until the first epoch ended.
+    print(f"[demo] {text}", flush=True)
+
+
+PROGRESS_EVERY = 20.0  # seconds between lines within an epoch: under load one takes over a minute
+
+
 class _DemoTrainer(Trainer):
-    """The demo's training, printing a line per epoch: how far it is, the time left and the losses."""
+    """The demo's training, printing a line per epoch (how far it is, the time left and the losses) and, unless
+    ``progress`` is off, the scenes done every PROGRESS_EVERY seconds within an epoch (plain lines: tqdm is an
+    optional extra and its bar garbles a piped log)."""
+
+    def __init__(self, spec: TrainSpec, device: torch.device, progress: bool = True, clock=time.monotonic):
+        super().__init__(spec, device)
+        self.progress, self.clock = progress, clock
 
     def run(self) -> dict[str, float]:
-        self.started = time.time()
+        self.started = self.said = self.clock()
+        self.time_left = TimeLeft(self.spec.niter + self.spec.niter_decay, clock=self.clock)
+        _say(f"training {self.spec.niter + self.spec.niter_decay} epochs on {self.device}: epoch 1 started")
         return super().run()
 
     def step(self, batch: dict) -> tuple[dict[str, float], torch.Tensor]:
         values, fake = super().step(batch)
-        if self.epoch_iter + len(batch["path"]) >= len(self.dataset):  # the epoch's last batch
-            last = self.spec.niter + self.spec.niter_decay
-            elapsed = time.time() - self.started
+        last = self.spec.niter + self.spec.niter_decay
+        done, now = self.epoch_iter + len(batch["path"]), self.clock()
+        if done >= len(self.dataset):  # the epoch's last batch
             losses = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if k != "G_VGG" or not self.spec.no_vgg_loss)
-            print(f"[demo] epoch {self.epoch}/{last} done, {_clock(elapsed)} so far, about "
-                  f"{_clock(elapsed / self.epoch * (last - self.epoch))} to go ({losses})", flush=True)
+            self.time_left.step()
+            _say(f"epoch {self.epoch}/{last} done, {_clock(now - self.started)} so far, {self.time_left} ({losses})")
+            self.said = now
+        elif self.progress and now - self.said >= PROGRESS_EVERY:
+            _say(f"epoch {self.epoch}/{last}: {done}/{len(self.dataset)} scenes, {_clock(now - self.started)} so far")
+            self.said = now
         return values, fake
 
 
@@ -112,6 +133,7 @@ def _fid(trained, out: Path, device: torch.device, seed: int) -> str:
                 f"{Path(torch.hub.get_dir()) / 'checkpoints'}/ (no other setup), then score the held-out scenes "
                 f"with `fastp2phd evaluate --name demo --checkpoints_dir {out / 'checkpoints'} --dataroot "
                 f"{out / 'data'} --resize_or_crop none --results_dir {out / 'results'}` (or run the demo again)")
+    _say("scoring the held-out scenes with FID and KID")
     results = out / "results"
     run_test(trained, demo_data(out, "test", seed, read_images=False), results, seed=seed, progress=False)
     report = evaluate(pair_results(results, out / "data"), EvaluationSpec(seed=seed), device, progress=False)
@@ -136,7 +158,7 @@ def _prepare(out: Path, overwrite: bool) -> str | None:
     return None
 
 
-def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = False) -> int:
+def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = False, progress: bool = True) -> int:
     from .data import create_dataset, make_synthetic
     from .encode_features import encode_features
     from .features import load_clusters
@@ -148,14 +170,14 @@ def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = F
     if problem:
         print(f"fastp2phd demo: {problem}", file=sys.stderr)
         return 1
-    print(f"[demo] writing {NUM_TRAIN} training and {NUM_TEST} test scenes of {SCENE[0]}x{SCENE[1]} to {out / 'data'}")
+    _say(f"writing {NUM_TRAIN} training and {NUM_TEST} test scenes of {SCENE[0]}x{SCENE[1]} to {out / 'data'}")
     make_synthetic(out / "data", num_train=NUM_TRAIN, num_test=NUM_TEST, height=SCENE[0], width=SCENE[1], seed=seed)
 
     spec = demo_training(out, seed)
-    print(f"[demo] training {spec.niter + spec.niter_decay} epochs on {device} (a few minutes on 2 CPU cores)")
-    _DemoTrainer(spec, device).run()
+    _say("building the model")
+    _DemoTrainer(spec, device, progress).run()
 
-    print("[demo] encoding and clustering instance features")
+    _say("encoding and clustering instance features")
     run_folder = out / "checkpoints" / "demo"
     trained = load_run(run_folder, device=device)
     clusters_path = encode_features(trained, demo_data(out, "train", seed), run_folder, batch_size=4, seed=seed,
@@ -175,6 +197,7 @@ def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = F
                + ". The baseline paints each class in its mean colour over the training images; the models' "
                "instance features are encoded from the real image, as pix2pixHD tests with real images.")
 
+    _say("generating the held-out scenes and the web page")
     page = HTMLPage(out / "web", "fastp2phd demo: pix2pixHD on synthetic street scenes")
     page.add_text(f"Trained {spec.niter + spec.niter_decay} epochs on {NUM_TRAIN} scenes ({device}). {summary}")
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -202,15 +225,15 @@ def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = F
             label, inst, generator=torch.Generator(device=device).manual_seed(seed), choices={car: k})[0])
             for k in range(styles.shape[0])}, prefix="styles", width=256)
     index = page.save()
-    print(f"[demo] done in {_clock(time.time() - started)}: {index.resolve()}")
-    print(f"[demo] mean L1 to the {NUM_TEST} real held-out images (images in [-1, 1], lower is better):")
-    print("[demo]   " + " | ".join(f"{k:>18}" for k in l1))
-    print("[demo]   " + " | ".join(f"{v:>18.3f}" for v in l1.values()))
-    print("[demo] the baseline paints each class in its mean colour over the training images; the models' instance "
-          "features are encoded from the real image (as pix2pixHD tests with real images)")
-    print(f"[demo] {_fid(trained, out, device, seed)}")
-    print(f"[demo] edit the test scenes with this model: {sys.executable} -m fastp2phd edit --name demo "
-          f"--checkpoints_dir {out / 'checkpoints'}")
+    _say(f"done in {_clock(time.time() - started)}: {index.resolve()}")
+    _say(f"mean L1 to the {NUM_TEST} real held-out images (images in [-1, 1], lower is better):")
+    _say("  " + " | ".join(f"{k:>18}" for k in l1))
+    _say("  " + " | ".join(f"{v:>18.3f}" for v in l1.values()))
+    _say("the baseline paints each class in its mean colour over the training images; the models' instance "
+         "features are encoded from the real image (as pix2pixHD tests with real images)")
+    _say(_fid(trained, out, device, seed))
+    _say(f"edit the test scenes with this model: {sys.executable} -m fastp2phd edit --name demo "
+         f"--checkpoints_dir {out / 'checkpoints'}")
     if l1["trained model"] >= l1["class-mean colours"]:
         print("[demo] the trained model did not beat the class-mean colours: it learned no more than class colours",
               file=sys.stderr)

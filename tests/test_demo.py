@@ -77,6 +77,9 @@ def test_the_whole_demo_runs_and_prints_baseline_untrained_and_trained(tmp_path,
     printed = capsys.readouterr()
     assert "[demo] epoch 1/1 done" in printed.out  # progress
     lines = printed.out.splitlines()
+    # What it is doing, from the first second: no silence until the first epoch ends.
+    assert lines[0].startswith("[demo] writing 4 training and 2 test scenes")
+    assert lines[1:3] == ["[demo] building the model", "[demo] training 1 epochs on cpu: epoch 1 started"]
     header = next(i for i, line in enumerate(lines) if "class-mean colours |" in line)
     assert [c.strip() for c in lines[header].removeprefix("[demo]").split("|")] == [
         "class-mean colours", "untrained model", "trained model"]
@@ -101,3 +104,28 @@ def test_the_whole_demo_runs_and_prints_baseline_untrained_and_trained(tmp_path,
         assert fid_line.startswith("[demo] FID: not computed, its Inception weights are missing: download https://")
         assert str(tmp_path / "torch_home" / "hub" / "checkpoints") in fid_line
         assert not (out / "results").exists()
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_a_line_every_few_seconds_within_an_epoch_unless_no_progress(tmp_path, monkeypatch, capsys, progress):
+    monkeypatch.setattr(demo, "NUM_TRAIN", 12)  # three batches of four
+    make_synthetic(tmp_path / "data", num_train=12, num_test=0, height=32, width=64, seed=0)
+    now = [0.0]
+
+    def clock():  # a fake clock: every look at it is 30 s later, more than PROGRESS_EVERY
+        now[0] += 30.0
+        return now[0]
+
+    demo._DemoTrainer(demo.demo_training(tmp_path, 0, 1, 0), torch.device("cpu"), progress, clock).run()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[demo] epoch 1/1")]
+    within = [line.split(" scenes, ")[0] for line in lines[:-1]]
+    assert within == (["[demo] epoch 1/1: 4/12", "[demo] epoch 1/1: 8/12"] if progress else [])
+    assert all(line.endswith(" so far") for line in lines[:-1])
+    assert lines[-1].startswith("[demo] epoch 1/1 done, ") and "about 0:00 to go (" in lines[-1]
+
+
+def test_demo_no_progress_reaches_the_demo(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda out, device, **kwargs: seen.update(kwargs) or 0)
+    assert main(["demo", "--out", "unused", "--device", "cpu", "--no_progress"]) == 0
+    assert seen["progress"] is False
