@@ -49,7 +49,7 @@ def load_run(
     sentence, by the call that needs it. ``precision`` (fp32, bf16, or fp16 on CUDA) is what
     ``generate``/``inference`` run in unless told otherwise; weights stay float32. ``compile``: a
     ``fastp2phd.compiling`` mode for G and E ("off" by default). ``optimize``: run
-    ``fastp2phd.optimize_for_inference`` (channels_last, padding folded into the convolutions). The
+    ``fastp2phd.optimize_for_inference`` (channels_last: faster on the CPU, the same images). The
     checkpoints' shapes are checked against the options before any network is built; ``source`` names
     where the options came from in the sentence that says they differ (default: the opt.txt, or "the
     model options" for ``model``).

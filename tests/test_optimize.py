@@ -10,7 +10,6 @@ from torch import nn
 
 from fastp2phd import optimize_for_inference
 from fastp2phd.data import render_scene
-from fastp2phd.optimize import fold_padding
 from fastp2phd.pix2pixhd import Pix2PixHD
 from fastp2phd.specs import ModelSpec
 
@@ -18,7 +17,7 @@ SPECS = {
     "global": ModelSpec(ngf=8, n_downsample_global=2, n_blocks_global=2),
     "local with features": ModelSpec(ngf=4, netG="local", n_downsample_global=2, n_blocks_global=1, n_blocks_local=1,
                                      instance_feat=True, nef=4, n_downsample_E=2),
-    "replicate padding, no instances": ModelSpec(ngf=8, n_downsample_global=2, n_blocks_global=1, no_instance=True),
+    "no instances": ModelSpec(ngf=8, n_downsample_global=2, n_blocks_global=1, no_instance=True),
 }
 
 
@@ -33,26 +32,19 @@ def scene(height=64, width=128):
 def test_optimized_model_generates_the_same_images_with_the_same_state_dict(name):
     torch.manual_seed(0)
     model = Pix2PixHD(SPECS[name]).eval()
-    if name.startswith("replicate"):  # the residual blocks' padding type of the original's --padding replicate
-        for m in model.modules():
-            if isinstance(m, nn.Sequential):
-                for key, child in m._modules.items():
-                    if type(child) is nn.ReflectionPad2d and child.padding == (1, 1, 1, 1):
-                        m._modules[key] = nn.ReplicationPad2d(1)
     label, inst, image = scene()
     expected = model.generate(label, inst, image)[0]
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     assert optimize_for_inference(model) is model
-    folded = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros"]
-    assert folded and not any(isinstance(m, (nn.ReflectionPad2d, nn.ReplicationPad2d)) for m in model.modules())
-    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in folded)
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
     actual = model.generate(label, inst, image)[0]
     assert actual.is_contiguous() and actual.shape == expected.shape
-    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=3e-5)
     state = model.state_dict()
     assert state.keys() == keys.keys() and all(torch.equal(state[k], keys[k]) for k in keys)
     model.load_state_dict(keys)  # a checkpoint of the model as built loads into the optimized one
-    assert optimize_for_inference(model) is model and fold_padding(model) == 0  # idempotent
+    assert optimize_for_inference(model) is model  # idempotent
     torch.testing.assert_close(model.generate(label, inst, image)[0], actual, rtol=0, atol=0)
 
 
@@ -73,8 +65,7 @@ def test_a_model_in_training_mode_is_returned_unchanged_with_a_warning():
     before = copy.deepcopy(model)
     with pytest.warns(UserWarning, match=r"training mode; call model.eval\(\) first \(the model is returned unchanged\)"):
         assert optimize_for_inference(model) is model
-    assert str(model) == str(before)
-    assert any(isinstance(m, nn.ReflectionPad2d) for m in model.modules())
+    assert all(a.stride() == b.stride() for a, b in zip(model.parameters(), before.parameters()))
 
 
 def test_load_run_and_the_commands_optimize(tmp_path):
@@ -86,10 +77,10 @@ def test_load_run_and_the_commands_optimize(tmp_path):
     spec = SPECS["global"]
     torch.save(Pix2PixHD(spec).netG.state_dict(), tmp_path / "latest_net_G.pth")
     plain, optimized = (load_run(tmp_path, model=spec, optimize=flag) for flag in (False, True))
-    assert any(isinstance(m, nn.ReflectionPad2d) for m in plain.modules())
-    assert not any(isinstance(m, nn.ReflectionPad2d) for m in optimized.modules())
+    layouts = [net.netG.model[1].weight.is_contiguous(memory_format=torch.channels_last) for net in (plain, optimized)]
+    assert layouts == [False, True]
     label, inst, _ = scene()
-    torch.testing.assert_close(optimized.inference(label, inst), plain.inference(label, inst), rtol=0, atol=1e-5)
+    torch.testing.assert_close(optimized.inference(label, inst), plain.inference(label, inst), rtol=0, atol=3e-5)
     parser = build_parser()
     for argv, expected in ((["test"], False), (["test", "--optimize"], True), (["evaluate", "--optimize"], True),
                            (["edit"], True), (["edit", "--no_optimize"], False), (["encode-features"], False)):
