@@ -8,6 +8,10 @@ input and output. On a 2-core AMD EPYC (AVX512-BF16), one run, batch 1:
 |---|---:|---:|---:|---:|
 | 1024p at 512x1024 | 2925 ms | 2351 ms (1.24x) | 1488 ms | 1239 ms (1.20x) |
 | 512p at 256x512 | 1551 ms | 1482 ms (1.05x) | 737 ms | 703 ms (1.05x) |
+| 512p at 512x1024 (bench run) | 5844 ms | 6228 ms (**0.94x**) | 3121 ms | 2974 ms (1.05x) |
+
+It is not a win everywhere: the 512p generator's 1024-channel residual blocks ran slower NHWC in fp32
+at 512x1024 (bench/REPORT.md, "inference precision", has every row beside onnxruntime's).
 
 Folding each ``ReflectionPad2d`` into the convolution after it (``padding_mode="reflect"``) was
 measured too and left out: it changed nothing on top of channels_last (2352 vs 2351 ms), since
