@@ -109,10 +109,17 @@ def _load_run(opt: argparse.Namespace):
     opt_txt = run_folder / OPT_TXT
     model = load_run(run_folder, opt.which_epoch, resolve_device(opt.device), model=model_spec(opt),
                      cluster_path=getattr(opt, "cluster_path", None), allow_pickle=getattr(opt, "allow_pickle", False),
-                     precision=getattr(opt, "precision", "fp32"), compile=getattr(opt, "compile", "off"),
+                     precision=_precision(opt), compile=getattr(opt, "compile", "off"),
                      optimize=_optimize(opt),
                      source=f"{opt_txt} (with the flags given)" if opt_txt.is_file() else "the flags given")
     return model, run_folder
+
+
+def _precision(opt: argparse.Namespace) -> str:
+    from .pix2pixhd import fastest_precision
+
+    precision = getattr(opt, "precision", "fp32")
+    return fastest_precision(resolve_device(opt.device)) if precision == "auto" else precision
 
 
 def _optimize(opt: argparse.Namespace) -> bool:

@@ -198,10 +198,11 @@ def add_compile_option(g, what: str) -> None:
                         "size per run) or max-autotune; --compile alone means default; checkpoints are unchanged")
 
 
-def add_precision_option(g) -> None:
-    g.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+def add_precision_option(g, default: str = "fp32") -> None:
+    g.add_argument("--precision", default=default, choices=["auto", "fp32", "bf16", "fp16"],
                    help="inference precision: fp32, bf16 (autocast; fast on CPUs with AVX512-BF16 or AMX, see "
-                        "`fastp2phd info`, and on GPUs), or fp16 (autocast, CUDA only)")
+                        "`fastp2phd info`, and on GPUs), fp16 (autocast, CUDA only), or auto: bf16 where the device "
+                        f"has native bfloat16, else fp32 (default: {default})")
 
 
 def _rgb(text: str) -> tuple[float, float, float]:
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_scenes", type=_positive_int, default=32, help="scenes offered in the scene picker")
     g.add_argument("--cluster_path", default=None, help="clusters file (default features_clustered_<n_clusters>.npz)")
     g.add_argument("--allow_pickle", action="store_true", help="allow an original pickled clusters .npy")
-    add_precision_option(g)
+    add_precision_option(g, default="auto")  # an editor's latency is what its user feels
     g.add_argument("--no_optimize", action="store_true",
                    help="run the generator as built, without what `test --optimize` does (the editor does it by default)")
 

@@ -31,6 +31,17 @@ class InputSizeError(Pix2PixHDError, ValueError):
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def fastest_precision(device: torch.device | str) -> str:
+    """What ``--precision auto`` runs: bf16 where ``device`` has native bfloat16 (a CPU with AVX512-BF16 or AMX,
+    a GPU with bf16 units), else fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    from .diagnostics import cpu_bf16
+
+    return "bf16" if device.type == "cpu" and cpu_bf16() is not None else "fp32"
+
+
 def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype that ``precision`` runs inference in on ``device``, or a ValueError that says why not."""
     if precision not in PRECISIONS:

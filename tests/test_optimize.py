@@ -85,3 +85,18 @@ def test_load_run_and_the_commands_optimize(tmp_path):
     for argv, expected in ((["test"], False), (["test", "--optimize"], True), (["evaluate", "--optimize"], True),
                            (["edit"], True), (["edit", "--no_optimize"], False), (["encode-features"], False)):
         assert _optimize(parser.parse_args([*argv, "--name", "x"])) is expected, argv
+
+
+def test_the_editor_runs_in_bf16_where_the_cpu_has_it_and_test_stays_fp32(monkeypatch):
+    """--precision auto (the editor's default): bf16 on a CPU with native bfloat16, else fp32."""
+    import fastp2phd.diagnostics as diagnostics
+    from fastp2phd.cli import _precision
+    from fastp2phd.options import build_parser
+    from fastp2phd.pix2pixhd import fastest_precision
+
+    parser = build_parser()
+    edit, test = (parser.parse_args([command, "--name", "x", "--device", "cpu"]) for command in ("edit", "test"))
+    assert (edit.precision, test.precision) == ("auto", "fp32")
+    for native, expected in (("AVX512-BF16", "bf16"), (None, "fp32")):
+        monkeypatch.setattr(diagnostics, "cpu_bf16", lambda native=native: native)
+        assert fastest_precision("cpu") == expected and _precision(edit) == expected and _precision(test) == "fp32"

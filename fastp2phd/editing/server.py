@@ -856,7 +856,7 @@ def main_edit(model, data: DataSpec, *, name: str, run_folder: Path, host: str, 
     bound_host, bound_port = server.server_address[:2]
     device = next(model.parameters()).device
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    print(f"editing {len(app.scenes)} scenes of {name} on {device}: open http://{shown}:{bound_port}/ "
+    print(f"editing {len(app.scenes)} scenes of {name} on {device} in {model.precision}: open http://{shown}:{bound_port}/ "
           f"(Ctrl+C to stop); saved scenes go to {save_dir}")
     with server:
         try:
