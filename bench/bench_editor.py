@@ -7,7 +7,9 @@
 * ``style previews``: rendering every style (6) of a car, on a crop around it (``fastp2phd``)
   against rendering the whole scene once per style (``full scene``, what the editor did before).
 
-The weights are untrained (timing does not depend on them) and the clusters random.
+The weights are untrained (timing does not depend on them) and the clusters random. The model runs as
+``fastp2phd edit`` runs it by default: ``optimize_for_inference`` and ``--precision auto`` (bf16 where the
+device has native bfloat16).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ from fastp2phd.data import render_scene
 from fastp2phd.demo import DEMO_MODEL
 from fastp2phd.editing import EditSession
 from fastp2phd.editing.server import EditorApp, Scene, serve
-from fastp2phd.pix2pixhd import Pix2PixHD
+from fastp2phd import optimize_for_inference
+from fastp2phd.pix2pixhd import Pix2PixHD, fastest_precision
 from fastp2phd.visualize import tensor_to_image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -34,7 +37,8 @@ def demo_model(settings) -> Pix2PixHD:
     generator = torch.Generator().manual_seed(1)
     model.clusters = {c: torch.randn(DEMO_MODEL.n_clusters, DEMO_MODEL.feat_num, generator=generator)
                       for c in (7, 8, 11, 17, 20, 21, 22, 23, 24, 26)}
-    return model
+    model.precision = fastest_precision(settings.device)  # as `fastp2phd edit` runs it by default
+    return optimize_for_inference(model)
 
 
 def scene_size(settings) -> tuple[int, int]:
