@@ -20,7 +20,7 @@ from .cpu_allocator import keep_freed_memory
 from .errors import Pix2PixHDError
 from .options import (build_parser, data_spec, finish_options, model_spec, parse_command_line,
                       resolve_device, train_spec, with_run_options)
-from .specs import OPT_TXT
+from .specs import OPT_TXT, EvaluationSpec
 
 parse = parse_command_line  # (the name earlier versions had)
 
@@ -78,11 +78,28 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import generate_first, main_evaluate
+    from .evaluate import EvaluationError, check_evaluation, evaluate_folder, markdown_report
 
-    if generate_first(args):  # --name: generate with the code `test` runs, then score what it wrote
+    if bool(args.results) == bool(args.name):
+        raise EvaluationError("pass either --results (a folder of generated images) or --name (a run to generate "
+                              "them with first), not both" if args.results else "nothing to evaluate: pass --results "
+                              "DIR (a folder `fastp2phd test` wrote) or --name RUN (to generate the images first)")
+    spec = EvaluationSpec(fid=not args.no_fid, fid_weights=args.fid_weights,
+                          seg_model=Path(args.seg_model) if args.seg_model else None, seg_mean=args.seg_mean,
+                          seg_std=args.seg_std, batch_size=args.fid_batch_size, kid_subsets=args.kid_subsets,
+                          kid_subset_size=max(2, args.kid_subset_size), seed=args.seed)
+    check_evaluation(spec, args.dataroot, args.phase, Path(args.results) if args.results else None)
+    if args.results:
+        results = Path(args.results)
+    else:  # --name: generate with the code `test` runs, then score what it wrote
         _test(argparse.Namespace(**vars(args)))
-    return main_evaluate(args)
+        results = Path(args.results_dir) / args.name / f"{args.phase}_{args.which_epoch}"
+    report, json_path, md_path = evaluate_folder(results, args.dataroot, args.phase, spec,
+                                                 resolve_device(args.device), how_many=args.how_many, out=args.out,
+                                                 progress=not args.no_progress)
+    print(markdown_report(report, title=f"Evaluation of {results}"), end="")
+    print(f"wrote {json_path} and {md_path}")
+    return 0
 
 
 def _memory(args: argparse.Namespace) -> int:  # models a device; needs none

@@ -25,7 +25,6 @@ never downloaded here; see :func:`find_fid_weights`.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -715,47 +714,28 @@ def write_report(report: dict[str, Any], out: str | os.PathLike, title: str = "E
     return out / "evaluation.json", out / "evaluation.md"
 
 
-# ----------------------------------------------------------------------------- the command
+# ----------------------------------------------------------------------------- the command's steps
 
 
-def results_folder(args: argparse.Namespace) -> Path:
-    """The folder ``fastp2phd evaluate`` scores: --results, or the one `test` writes for --name."""
-    return Path(args.results) if args.results else (
-        Path(args.results_dir) / args.name / f"{args.phase}_{args.which_epoch}")
-
-
-def generate_first(args: argparse.Namespace) -> bool:
-    """Check the options; True when ``fastp2phd test`` must run first (--name instead of --results)."""
-    if args.results and args.name:
-        raise EvaluationError("pass either --results (a folder of generated images) or --name (a run to generate "
-                              "them with first), not both")
-    if not args.results and not args.name:
-        raise EvaluationError("nothing to evaluate: pass --results DIR (a folder `fastp2phd test` wrote) or --name "
-                              "RUN (to generate the images first)")
-    if args.no_fid and args.seg_model is None:
+def check_evaluation(spec: EvaluationSpec, dataroot: str | os.PathLike, phase: str, results: Path | None) -> None:
+    """Everything ``fastp2phd evaluate`` can check before generating or scoring, cheapest first: the folders
+    (``results`` None: they are generated first), the segmenter, then the FID weights."""
+    if not spec.fid and spec.seg_model is None:
         raise EvaluationError("nothing to compute: FID is off (--no_fid) and there is no --seg_model; drop "
                               "--no_fid or pass a segmentation network")
-    _check_folders(args.dataroot, args.phase, Path(args.results) if args.results else None)  # the cheap checks first
-    if args.seg_model is not None:
-        _check_seg_model(args.seg_model)
-    if not args.no_fid:
-        find_fid_weights(args.fid_weights)  # before generating anything
-    return not args.results
+    _check_folders(dataroot, phase, results)
+    if spec.seg_model is not None:
+        _check_seg_model(spec.seg_model)
+    if spec.fid:
+        find_fid_weights(spec.fid_weights)
 
 
-def main_evaluate(args: argparse.Namespace) -> int:
-    from .options import resolve_device
-
-    generate_first(args)  # (checks the options again when called on its own)
-    results = results_folder(args)
-    spec = EvaluationSpec(fid=not args.no_fid, fid_weights=args.fid_weights,
-                          seg_model=Path(args.seg_model) if args.seg_model else None, seg_mean=args.seg_mean,
-                          seg_std=args.seg_std, batch_size=args.fid_batch_size,
-                          kid_subsets=args.kid_subsets, kid_subset_size=max(2, args.kid_subset_size),
-                          seed=args.seed)
-    pairs = pair_results(results, args.dataroot, args.phase, args.how_many, need_real=spec.fid)
-    report = evaluate(pairs, spec, resolve_device(args.device), progress=not args.no_progress)
-    json_path, md_path = write_report(report, args.out or results, title=f"Evaluation of {results}")
-    print(markdown_report(report, title=f"Evaluation of {results}"), end="")
-    print(f"wrote {json_path} and {md_path}")
-    return 0
+def evaluate_folder(results: Path, dataroot: str | os.PathLike, phase: str, spec: EvaluationSpec,
+                    device: torch.device, *, how_many: float = math.inf, out: str | os.PathLike | None = None,
+                    progress: bool = True) -> tuple[dict[str, Any], Path, Path]:
+    """Score the images in ``results`` against ``dataroot``'s ``phase``; writes the report into ``out``
+    (default ``results``) and returns (report, its JSON path, its Markdown path)."""
+    pairs = pair_results(results, dataroot, phase, how_many, need_real=spec.fid)
+    report = evaluate(pairs, spec, device, progress=progress)
+    json_path, md_path = write_report(report, out or results, title=f"Evaluation of {results}")
+    return report, json_path, md_path
