@@ -300,6 +300,20 @@ def inference_bytes_per_pixel(model_spec: ModelSpec, device_type: str = "cuda") 
     return math.ceil((large - small) / (16 * m * m))
 
 
+@functools.lru_cache(maxsize=16)
+def training_bytes_per_pixel(spec: TrainSpec, device_type: str = "cuda") -> int:
+    """Bytes a training step (``estimate_training_step``, the whole batch) needs per pixel of its images,
+    beyond the parameters and optimizer states: the slope between two small sizes. 0 where it cannot be
+    estimated."""
+    m = spec.model.size_multiple
+    try:
+        small, large = (estimate_training_step(spec, (4 * m, w * m), device_type=device_type).peak_bytes
+                        for w in (4, 8))
+    except Exception:  # a safety check must not stop a run the model cannot estimate: the data's own bound stays
+        return 0
+    return math.ceil((large - small) / (16 * m * m))
+
+
 def host_memory() -> int:
     """Bytes this process may use: the machine's memory, or less where RLIMIT_AS or a cgroup limits it."""
     limits = []

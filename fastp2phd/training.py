@@ -96,9 +96,15 @@ class Trainer(TrainStep):
             remove_leftover_temporaries(self.run_folder)
             write_text(self.run_folder / "opt.txt", recorded_options(spec.options()))
 
-        torch.manual_seed(spec.seed)
+        data = spec.data
+        if data.resize_or_crop == "none":  # the files alone decide the step's size: refuse one that cannot fit
+            from .memory import device_memory, training_bytes_per_pixel
+
+            data = data.replace(step_bytes_per_pixel=training_bytes_per_pixel(spec, device.type),
+                                step_device_memory=device_memory(device))
+        torch.manual_seed(spec.seed)  # (after the estimate, which builds networks)
         try:
-            self.dataset = create_dataset(spec.data)
+            self.dataset = create_dataset(data)
             len(self.dataset)
         except DatasetError as exc:
             raise TrainingError(str(exc)) from None

@@ -216,3 +216,23 @@ def test_processed_size_is_the_size_transform_makes(mode):
     for size in ((60, 30), (30, 60), (40, 20), (20, 10), (17, 45)):
         params = get_params(spec, size, random.Random(0))
         assert transform(Image.new("L", size), spec, params, nearest=True).size == processed_size(spec, size), size
+
+
+def test_train_refuses_an_image_whose_step_would_not_fit_before_training(tmp_path, monkeypatch, capsys):
+    """With --resize_or_crop none the files decide a training step's size: train checks each image against the
+    memory model's bytes per pixel of its step, as test does for generation."""
+    import fastp2phd.data.folder as folder
+    from fastp2phd.data import make_synthetic
+
+    data = make_synthetic(tmp_path / "data", num_train=2, num_test=0, height=64, width=128, seed=1)
+    argv = ["train", "--name", "run", "--checkpoints_dir", str(tmp_path / "ck"), "--dataroot", str(data),
+            "--resize_or_crop", "none", "--ngf", "4", "--n_downsample_global", "2", "--n_blocks_global", "1",
+            "--ndf", "4", "--n_layers_D", "2", "--no_vgg_loss", "--nThreads", "0", "--device", "cpu",
+            "--no_progress", "--niter", "1", "--niter_decay", "0"]
+    # The data alone (decoded files and item tensors: 64 B/px, 0.5 MiB here) fits; with the step it does not.
+    monkeypatch.setattr(folder, "host_memory", lambda: 1 << 20)
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fastp2phd train: Image file ") and "128x64 pixels" in err and "GiB of memory" in err, err
+    assert "--resize_or_crop scale_width with --loadSize" in err and "\n" not in err
+    assert not (tmp_path / "ck" / "run" / "latest_net_G.pth").exists()
