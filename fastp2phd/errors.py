@@ -29,3 +29,7 @@ class CheckpointReadFileNotFound(CheckpointReadError, FileNotFoundError):
 
 class DiskFullError(Pix2PixHDError, OSError):
     """A save that did not fit the disk (or the file-size limit); what was saved before is intact."""
+
+
+class EvaluationError(Pix2PixHDError, ValueError):
+    """Evaluation cannot run (missing or unpaired files, missing weights, a wrong segmentation model)."""

@@ -445,3 +445,21 @@ def test_fewer_images_are_scored_with_how_many(scenes, tmp_path, random_weights,
     assert "or score the first ones with --how_many N" in capsys.readouterr().err
     assert evaluate("--results", results, "--dataroot", root, "--no_fid", "--seg_model", seg, "--how_many", "1") == 0
     assert scores(results)["images"] == 1
+
+
+def test_scenes_in_subfolders_pair_with_the_images_test_wrote_under_their_path(tmp_path):
+    """test_label/a/s.png and test_label/b/s.png: `test` writes images/a/s_... and images/b/s_..., and each
+    pairs with its own label map and photo (they used to overwrite one another)."""
+    from PIL import Image
+
+    from fastp2phd.evaluate import pair_results
+
+    for sub in "ab":
+        for folder, mode in (("test_label", "L"), ("test_img", "RGB")):
+            (tmp_path / "data" / folder / sub).mkdir(parents=True, exist_ok=True)
+            Image.new(mode, (8, 4)).save(tmp_path / "data" / folder / sub / "s.png")
+        (tmp_path / "results" / "images" / sub).mkdir(parents=True)
+        Image.new("RGB", (8, 4)).save(tmp_path / "results" / "images" / sub / "s_synthesized_image.png")
+    pairs = pair_results(tmp_path / "results", tmp_path / "data", "test")
+    assert [(p.name, p.generated.parent.name, p.label.parent.name, p.real.parent.name) for p in pairs] == [
+        ("a/s", "a", "a", "a"), ("b/s", "b", "b", "b")]
