@@ -32,20 +32,12 @@ CLASSES_FILE = "classes.json"
 
 
 def _state(trainer: Trainer, pools: list[dict], class_pixels: torch.Tensor | None) -> dict:
-    state = {
-        "version": STATE_VERSION,
-        "epoch": trainer.epoch, "epoch_iter": trainer.epoch_iter, "total_steps": trainer.total_steps,
-        "fixed_global": trainer.fixed_global,
-        "netG": trainer.model.netG.state_dict(), "netD": trainer.netD.state_dict(),
-        "optimizer_G": trainer.optimizer_G.state_dict(), "optimizer_D": trainer.optimizer_D.state_dict(),
-        "scaler": trainer.scaler.state_dict(), "pools": pools,
+    return {
+        "version": STATE_VERSION, **trainer.state_dict(), "pools": pools,
         "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "world": trainer.world, "class_pixels": class_pixels,
     }
-    if trainer.model.netE is not None:
-        state["netE"] = trainer.model.netE.state_dict()
-    return state
 
 
 def save(trainer: Trainer, label: str) -> None:
@@ -97,19 +89,10 @@ def _resume_state(trainer: Trainer, path: Path) -> None:
     if state["version"] not in (1, STATE_VERSION):
         raise TrainingError(f"{path} was written by another version of fastp2phd's trainer (state version "
                             f"{state['version']}, this one reads 1 and {STATE_VERSION}); continue it with that version")
+    if trainer.model.netE is not None and "netE" not in state:
+        raise TrainingError(f"{path} has no encoder: it was trained without --instance_feat/--label_feat")
     try:
-        trainer.model.netG.load_state_dict(state["netG"])
-        trainer.netD.load_state_dict(state["netD"])
-        if trainer.model.netE is not None:
-            if "netE" not in state:
-                raise TrainingError(f"{path} has no encoder: it was trained without --instance_feat/--label_feat")
-            trainer.model.netE.load_state_dict(state["netE"])
-        trainer.epoch, trainer.epoch_iter = state["epoch"], state["epoch_iter"]
-        trainer.total_steps = state["total_steps"]
-        trainer.optimizer_G = trainer.make_optimizer_G(fix_global=state["fixed_global"])
-        trainer.optimizer_G.load_state_dict(state["optimizer_G"])
-        trainer.optimizer_D.load_state_dict(state["optimizer_D"])
-        trainer.scaler.load_state_dict(state["scaler"])
+        trainer.load_state_dict(state)
         pools = state["pools"] if state["version"] >= 2 else [state["pool"]]
         counted = state.get("class_pixels")  # the run's total: the main process carries it on
         if trainer.is_main and counted is not None and trainer.class_pixels is not None:

@@ -172,6 +172,32 @@ class TrainStep:
         self.fixed_global = fix_global
         return torch.optim.Adam(params, lr=learning_rate(spec, self.epoch), betas=(spec.beta1, 0.999))
 
+    def state_dict(self) -> dict:
+        """The networks, the optimisers, the grad scaler and the position: what resumes the step bit for bit.
+        (The image pool and the random state are each process's own: the trainer saves those.)"""
+        state = {
+            "epoch": self.epoch, "epoch_iter": self.epoch_iter, "total_steps": self.total_steps,
+            "fixed_global": self.fixed_global,
+            "netG": self.model.netG.state_dict(), "netD": self.netD.state_dict(),
+            "optimizer_G": self.optimizer_G.state_dict(), "optimizer_D": self.optimizer_D.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+        if self.model.netE is not None:
+            state["netE"] = self.model.netE.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s output (a KeyError names what a damaged one lacks)."""
+        self.model.netG.load_state_dict(state["netG"])
+        self.netD.load_state_dict(state["netD"])
+        if self.model.netE is not None:
+            self.model.netE.load_state_dict(state["netE"])
+        self.epoch, self.epoch_iter, self.total_steps = state["epoch"], state["epoch_iter"], state["total_steps"]
+        self.optimizer_G = self.make_optimizer_G(fix_global=state["fixed_global"])  # (its parameters depend on it)
+        self.optimizer_G.load_state_dict(state["optimizer_G"])
+        self.optimizer_D.load_state_dict(state["optimizer_D"])
+        self.scaler.load_state_dict(state["scaler"])
+
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 

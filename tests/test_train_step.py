@@ -66,9 +66,13 @@ def test_step_with_the_fused_kernels_matches_the_original_step():
     for a, b in zip(losses_a, losses_b):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
     # Conv and linear weights. (The bias of a conv before an instance norm has an exact gradient of 0: its
-    # rounding noise differs between the paths, and Adam turns any noise into a step of about lr.)
+    # rounding noise differs between the paths, and Adam turns any noise into a step of about lr.) The same
+    # holds for a weight whose gradient happens to be near 0: on an AMD EPYC 2 of 349592 elements moved 3e-5
+    # apart. So: every element within Adam's bound of 2 steps of lr, and all but 1 in 10^4 to rounding.
     pairs = [(x, y) for x, y in zip(weights_a, weights_b) if x.dim() > 1]
-    assert len(pairs) > 10 and all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in pairs)
+    assert len(pairs) > 10 and all(torch.allclose(x, y, rtol=0, atol=2 * 2 * 2e-4) for x, y in pairs)
+    outside = sum((~torch.isclose(x, y, rtol=1e-4, atol=1e-5)).sum().item() for x, y in pairs)
+    assert outside <= sum(x.numel() for x, _ in pairs) // 10_000, outside
 
 
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
@@ -153,3 +157,34 @@ def test_channels_last_trains_like_nchw_with_no_layout_round_trip(config):
     with NCHWOutputs() as outputs:
         step.step(data)
     assert outputs.ops <= encoding, outputs.ops - encoding
+
+
+def test_a_step_resumes_bit_for_bit_through_its_state_dict(tmp_path):
+    """TrainStep.state_dict holds everything a step needs to continue: two steps in one go equal a step, a
+    state_dict through a file into a fresh TrainStep, and the second step there."""
+    import copy
+
+    from fastp2phd.files import load_torch, save_torch
+    from fastp2phd.specs import DataSpec, ModelSpec, TrainSpec
+    from fastp2phd.train_step import TrainStep
+
+    spec = TrainSpec(model=ModelSpec(ngf=4, n_downsample_global=2, n_blocks_global=1, instance_feat=True, nef=4,
+                                     n_downsample_E=2),
+                     data=DataSpec(dataroot="synthetic"), ndf=4, n_layers_D=2, no_vgg_loss=True, pool_size=0)
+    torch.manual_seed(0)
+    batches = [{"label": torch.randint(0, 35, (1, 1, 32, 64)), "inst": torch.randint(0, 3, (1, 1, 32, 64)),
+                "image": torch.rand(1, 3, 32, 64) * 2 - 1, "feat": torch.zeros(1, 1, 32, 64)} for _ in range(2)]
+    straight = TrainStep(spec, torch.device("cpu"))
+    resumed = copy.deepcopy(straight)
+    for batch in batches:
+        straight.step(batch)
+    resumed.step(batches[0])
+    save_torch(resumed.state_dict(), tmp_path / "state.pth")
+    torch.manual_seed(1)  # the fresh step's own initial weights differ
+    fresh = TrainStep(spec, torch.device("cpu"))
+    fresh.load_state_dict(load_torch(tmp_path / "state.pth"))
+    fresh.step(batches[1])
+    a, b = straight.state_dict(), fresh.state_dict()
+    for key in ("netG", "netD", "netE"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert (a["epoch"], a["epoch_iter"], a["total_steps"]) == (b["epoch"], b["epoch_iter"], b["total_steps"])
