@@ -113,3 +113,22 @@ def psnr_floor(model, unit_roundoff: float = 2.0 ** -9) -> float:
     """
     convs = sum(isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d) for m in model.modules())
     return 20 * math.log10(2 / (3 * unit_roundoff * convs))
+
+
+def fill_disk_at_write(monkeypatch, failing: int) -> list:
+    """Make the ``failing``-th (from 0) completed write of fastp2phd.files fail as on a full disk (its fsync
+    raises ENOSPC); the others go through. Returns the list of written paths, which grows as they happen."""
+    import errno
+
+    import fastp2phd.files as files
+
+    real_fsync, calls = files._fsync_file, []
+
+    def fsync(path):
+        calls.append(path)
+        if len(calls) == failing + 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(path)
+
+    monkeypatch.setattr(files, "_fsync_file", fsync)
+    return calls

@@ -356,9 +356,7 @@ def test_two_scenes_whose_names_save_alike_refuse_to_overwrite_each_other(tmp_pa
 
 @pytest.mark.parametrize("failing_write", range(5))  # label, instances, image, features, then the commit
 def test_a_full_disk_midway_through_a_save_keeps_the_scene_s_previous_save_whole(tmp_path, monkeypatch, failing_write):
-    import errno
-
-    import fastp2phd.files as files
+    from support import fill_disk_at_write
 
     scenes = [Scene("scene", *render_scene(H, W, seed=1)[:2])]
     app = EditorApp(tiny_model(), scenes, [], save_dir=tmp_path / "edits", trained_classes=[7, 11, 21, 23, 26])
@@ -367,14 +365,7 @@ def test_a_full_disk_midway_through_a_save_keeps_the_scene_s_previous_save_whole
     before = [p.read_bytes() for p in saved]
     assert len(saved) == 4
     call(app, "POST", "/api/edit", {"op": "paint", "points": [[1, 1], [20, 40]], "label": 21, "width": 5})
-    calls = []
-
-    def fsync_on_a_full_disk(path):
-        calls.append(path)
-        if len(calls) == failing_write + 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(files, "_fsync_file", fsync_on_a_full_disk)
+    fill_disk_at_write(monkeypatch, failing_write)
     status, result = call(app, "POST", "/api/save", {})
     assert status == 500 and "disk is full" in result["error"] and "intact" in result["error"]
     assert sorted(p for p in (tmp_path / "edits").rglob("*") if p.is_file()) == saved  # no temporaries left

@@ -23,6 +23,7 @@ import fastp2phd.files as files
 from fastp2phd.cli import main
 from fastp2phd.data import make_synthetic
 from fastp2phd.errors import CheckpointReadError, DiskFullError
+from support import fill_disk_at_write
 from fastp2phd.files import (SAVE_JOURNAL, TEMPORARY_SUFFIX, finish_interrupted_save, load_torch,
                              remove_leftover_temporaries, save_file_set)
 
@@ -63,14 +64,7 @@ def test_a_set_replaces_all_its_files_or_none(tmp_path):
 def test_a_full_disk_at_any_write_keeps_the_previous_set_and_says_so(tmp_path, monkeypatch, failing_sync):
     save_version(tmp_path, 1)
     before = {name: (tmp_path / name).read_bytes() for name in NAMES}
-    calls = []
-
-    def fsync_on_a_full_disk(path):
-        calls.append(path)
-        if len(calls) == failing_sync + 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(files, "_fsync_file", fsync_on_a_full_disk)
+    fill_disk_at_write(monkeypatch, failing_sync)
     with pytest.raises(DiskFullError, match=r"disk is full.*previous test set .*intact") as caught:
         save_version(tmp_path, 2)
     assert str(tmp_path) in str(caught.value) and "\n" not in str(caught.value)
@@ -196,15 +190,7 @@ def test_a_full_disk_at_every_write_of_a_checkpoint_keeps_the_last_one_and_the_r
     for failing in range(writes):
         run = tmp_path / f"full{failing}"
         shutil.copytree(tmp_path / "first", run)
-        calls = []
-
-        def fsync_until_the_disk_is_full(path):
-            calls.append(path)
-            if len(calls) == failing + 1:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            real_fsync(path)
-
-        monkeypatch.setattr(files, "_fsync_file", fsync_until_the_disk_is_full)
+        calls = fill_disk_at_write(monkeypatch, failing)
         capsys.readouterr()
         assert train(run, data, 2, "--continue_train") == 1
         err = capsys.readouterr().err.strip()
@@ -247,14 +233,7 @@ def test_encode_features_replaces_features_and_clusters_together(tmp_path, monke
     save_clusters(run / "features.npz", {26: torch.ones(1, 4)})  # an earlier encoding's files, unlike this one's
     save_clusters(run / "features_clustered_010.npz", {26: torch.ones(2, 3)})
     old = {name: (run / name).read_bytes() for name in ("features.npz", "features_clustered_010.npz")}
-    calls = []
-
-    def fsync_on_a_full_disk(path):
-        calls.append(path)
-        if len(calls) == failing_write + 1:
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(files, "_fsync_file", fsync_on_a_full_disk)
+    fill_disk_at_write(monkeypatch, failing_write)
     capsys.readouterr()
     assert main(["encode-features", "--name", "run", "--checkpoints_dir", str(tmp_path / "ck"), "--dataroot", str(data),
                  "--device", "cpu", "--no_progress", "--phase", "train"]) == 1
