@@ -3,7 +3,9 @@
 Providers: ``fp32`` (torch eager, float32), ``bf16`` (torch eager under bfloat16 autocast, as
 ``--precision bf16`` runs it), ``onnxruntime`` (the generator ``fastp2phd export-onnx`` writes, on
 onnxruntime's CPU provider), ``compile`` (``torch.compile`` of the generator), ``optimized fp32`` and
-``optimized bf16`` (after ``fastp2phd.optimize_for_inference``, as ``test --optimize`` and the editor run); on CUDA also
+``optimized bf16`` (after ``fastp2phd.optimize_for_inference``, as ``test --optimize`` and the editor run),
+``optimized + compile fp32`` and ``bf16`` (also compiled with the weights frozen in, as ``test --optimize
+--compile`` runs; its compile time is not counted); on CUDA also
 ``fp16`` and ``compile + CUDA graphs`` (``mode="reduce-overhead"``). Each row records its PSNR
 against fp32 on the same input; peak memory is the growth of the process during one call (not
 measured for onnxruntime, whose memory arena is kept from the warm-up). Networks have random (seeded) weights: speed does not depend on
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from harness import compiled_or_skip, measure
 
 from fastp2phd import optimize_for_inference
+from fastp2phd.compiling import compile_networks
 from fastp2phd.data import render_scene
 from fastp2phd.pix2pixhd import Pix2PixHD
 from fastp2phd.specs import ModelSpec
@@ -37,8 +40,8 @@ CONFIGS = {
                        n_local_enhancers=1, n_blocks_local=3),
 }
 CASES = [("1024p", 256, 512), ("1024p", 512, 1024), ("1024p", 1024, 2048), ("512p", 512, 1024)]  # 1024p: a size scale
-PROVIDERS = ["fp32", "bf16", "optimized fp32", "optimized bf16", "onnxruntime", "compile", "fp16",
-             "compile + CUDA graphs"]
+PROVIDERS = ["fp32", "bf16", "optimized fp32", "optimized bf16", "optimized + compile fp32",
+             "optimized + compile bf16", "onnxruntime", "compile", "fp16", "compile + CUDA graphs"]
 CUDA_ONLY = {"fp16", "compile + CUDA graphs"}
 
 _fp32_outputs: dict[str, torch.Tensor] = {}  # case -> fp32 output, for the PSNR of the other providers
@@ -70,7 +73,10 @@ def provider_fn(settings, provider: str, model: Pix2PixHD, x: torch.Tensor, tmp_
     if provider in CUDA_ONLY and not settings.cuda:
         pytest.skip(f"{provider}: CUDA only")
     if provider.startswith("optimized "):
-        optimized, precision = optimize_for_inference(copy.deepcopy(model)), provider.split()[1]
+        optimized, precision = optimize_for_inference(copy.deepcopy(model)), provider.split()[-1]
+        if "compile" in provider and not compile_networks([optimized.netG], "default", device, what="inference",
+                                                          freeze=True):
+            pytest.skip("torch.compile does not work here")
 
         def fn():
             with torch.inference_mode(), optimized.precision_scope(device, precision):

@@ -9,11 +9,19 @@ networks compile without graph breaks (tests/test_compiling.py checks it with to
 Modes: ``default`` (Inductor), ``reduce-overhead`` (Inductor + CUDA graphs; on the CPU the same as
 ``default``), ``max-autotune`` (also tunes kernels; slow to compile). Modules are compiled in place
 (``nn.Module.compile``), so their state_dict keys, and the checkpoints, are the same as without it.
+
+For inference (``freeze=True``: ``load_run``, ``test --compile``), calls without autograd compile with
+Inductor's *freezing*: the weights become constants of the compiled code, so convolutions run on
+oneDNN-prepacked weights and constant work folds away. Measured on a 2-core AMD EPYC (AVX512-BF16),
+1024p generator at 512x1024, channels_last, one run: fp32 2679 ms eager, 2282 ms frozen; bf16 1352 ms
+eager, 957 ms frozen. Frozen code would silently keep (part of) the old weights after an in-place change
+(``load_state_dict``, an optimizer step under ``no_grad``), so each call compares the weights' version
+counters with those it froze, and compiles afresh when they changed.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -41,9 +49,10 @@ def compiler_problem(device: torch.device, mode: str) -> str | None:
 
 
 def compile_networks(modules: Iterable[nn.Module | None], mode: str, device: torch.device, *,
-                     what: str = "training") -> bool:
+                     what: str = "training", freeze: bool = False) -> bool:
     """Compile each module in place for ``mode`` (``COMPILE_MODES``; "off" does nothing). Returns whether it did:
-    where torch.compile cannot work here, one warning says why and the modules stay eager."""
+    where torch.compile cannot work here, one warning says why and the modules stay eager. ``freeze``: calls
+    without autograd compile with the weights frozen in (inference; see the module's docstring)."""
     if mode not in COMPILE_MODES:
         raise CompileError(f"--compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     if mode == "off":
@@ -56,7 +65,34 @@ def compile_networks(modules: Iterable[nn.Module | None], mode: str, device: tor
     for module in modules:
         if module is not None:
             module.compile(mode=mode, fullgraph=True, dynamic=False)
+            if freeze:
+                module._compiled_call_impl = FrozenCall(module, module._compiled_call_impl)
     return True
+
+
+class FrozenCall:
+    """A compiled module's call that, without autograd, compiles with Inductor's freezing (``config.freezing``
+    is read at compile time: ``torch.compile(options={"freezing": True})`` does not freeze). It remembers
+    the weights' version counters and storage it froze, and when they changed, drops the compiled code
+    (``torch._dynamo.reset()``: every compiled function recompiles on its next call) so the next call freezes
+    the new weights instead of mixing old and new."""
+
+    def __init__(self, module: nn.Module, compiled):
+        self.module, self.compiled = module, compiled
+        self.frozen: tuple | None = None
+
+    def _weights(self) -> tuple:
+        return tuple((t._version, t.data_ptr()) for t in (*self.module.parameters(), *self.module.buffers()))
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        if torch.is_grad_enabled():  # (training, or a gradient through the network: nothing frozen)
+            return self.compiled(*args, **kwargs)
+        weights = self._weights()
+        if self.frozen is not None and weights != self.frozen:
+            torch._dynamo.reset()
+        self.frozen = weights
+        with torch._inductor.config.patch(freezing=True):
+            return self.compiled(*args, **kwargs)
 
 
 class OneSize:

@@ -95,7 +95,8 @@ def load_run(
     net = net.to(device).eval()
     if optimize:
         optimize_for_inference(net)
-    net.one_size = OneSize(compile, device, compile_networks([net.netG, net.netE], compile, device, what="inference"))
+    net.one_size = OneSize(compile, device, compile_networks([net.netG, net.netE], compile, device, what="inference",
+                                                                 freeze=True))
     return net
 
 

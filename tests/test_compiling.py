@@ -2,6 +2,7 @@
 what cannot be compiled (no working compiler, a new size under CUDA graphs) says so in one sentence."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -92,6 +93,37 @@ def test_without_a_working_compiler_it_warns_once_and_stays_eager(monkeypatch):
                                          r"compiler found\); training runs eagerly"):
         assert compile_networks([net, None], "default", torch.device("cpu")) is False
     assert net._compiled_call_impl is None
+
+
+def test_inference_compiles_with_the_weights_frozen_in_and_follows_a_change_of_weights():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    net = GlobalGenerator(8, 3, ngf=4, n_downsampling=2, n_blocks=1).eval()
+    eager = copy.deepcopy(net)
+    x = torch.randn(1, 8, 32, 64)
+    assert compile_networks([net], "default", torch.device("cpu"), what="inference", freeze=True)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), eager(x))
+    if torch.backends.mkldnn.is_available():  # frozen: the convolutions' weights were prepacked as constants
+        assert counters["inductor"]["mkldnn_conv_weight_pack_matcher_count"] > 0
+    # Frozen code must not keep the old weights (without the check it returns a mix of old and new).
+    halved = {k: v * 0.5 for k, v in eager.state_dict().items()}
+    net.load_state_dict(halved)
+    eager.load_state_dict(halved)
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), eager(x))
+    with torch.no_grad():
+        for p in (*net.parameters(), *eager.parameters()):
+            p.add_(0.01)
+        torch.testing.assert_close(net(x), eager(x))
+    # With autograd nothing is frozen: the gradient reaches the weights.
+    net(x).square().mean().backward()
+    eager(x).square().mean().backward()
+    for p, q in zip(net.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_off_compiles_nothing_and_a_bad_mode_is_refused():
