@@ -11,6 +11,7 @@ with one sentence each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import sys
@@ -168,16 +169,11 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kid_subset_size", type=_positive_int, default=1000, help="images per KID subset (at most all)")
 
 
-# Options that define the networks and their inputs: `test`, `encode-features`, `export-onnx` and
-# `edit` take them from the run's opt.txt (written by `train`, and by the original code) unless
-# given on the command line.
-MODEL_OPTIONS = (
-    "label_nc", "input_nc", "output_nc", "no_instance", "instance_feat", "label_feat", "feat_num", "load_features",
-    "nef", "n_downsample_E", "n_clusters", "netG", "ngf", "n_downsample_global", "n_blocks_global",
-    "n_local_enhancers", "n_blocks_local", "norm", "dataroot", "loadSize", "fineSize", "resize_or_crop",
-)
-# Those that define the networks: given to such a command, one replaces the run's value (with a warning).
-NETWORK_OPTIONS = tuple(o for o in MODEL_OPTIONS if o not in ("dataroot", "loadSize", "fineSize", "resize_or_crop"))
+# The options that define the networks (ModelSpec's): given to `test`, `encode-features`, `export-onnx` or `edit`,
+# one replaces the value of the run's opt.txt (written by `train`, and by the original code), with a warning.
+NETWORK_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelSpec))
+# Those commands take these and the run's data options from its opt.txt unless given on the command line.
+MODEL_OPTIONS = (*NETWORK_OPTIONS, "dataroot", "loadSize", "fineSize", "resize_or_crop")
 
 
 def saved_model_options(parser: argparse.ArgumentParser, folder) -> dict:
