@@ -1,13 +1,18 @@
 """Command-line options, with the original pix2pixHD names, defaults and meanings.
 
-``add_base_options``, ``add_train_options`` and ``add_test_options`` fill an
-argparse parser; ``finish_options`` derives what the rest of the code needs
-(``isTrain``, the device, ``--debug`` settings) and rejects impossible
-combinations with one sentence each.
+Every option a spec holds is declared once, as its field (``fastp2phd.specs``, made with ``option``:
+default, help, section, choices, parser); ``add_spec_option`` builds its flag from that field, and
+``add_base_options``, ``add_train_options`` and ``add_test_options`` fill an argparse parser's sections
+with them. Declared here are only the flags of the command line alone (--device, --verbose, --how_many,
+...) and what one command changes on purpose (test's --phase test). ``finish_options`` derives what the
+rest of the code needs (``isTrain``, ``--debug`` settings); the specs reject impossible combinations
+with one sentence each.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import math
 import sys
 from pathlib import Path
@@ -15,35 +20,61 @@ from pathlib import Path
 import torch
 
 from .errors import InvalidArgumentError
-from .specs import (COMPILE_CHOICES, IMAGENET_MEAN, IMAGENET_STD, OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec,
-                    check_bounds, read_opt_txt)
+from .option_fields import (DATA_LOADING, EXPERIMENT, FEATURES, GENERATOR, LOGGING, SIZES, TRAINING, dataset_size,
+                            non_negative_float, non_negative_int, port, positive_int)
+from .specs import (COMPILE_HELP, IMAGENET_MEAN, IMAGENET_STD, OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec,
+                    check_bounds, declared_options, read_opt_txt)
 
 
-def _number(text: str, kind, what: str, ok) -> int | float:
-    """``text`` as a ``kind`` that passes ``ok``, or argparse's error: "must be a WHAT, got 'TEXT'"."""
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not ok(value):
-        raise argparse.ArgumentTypeError(f"must be a {what}, got {text!r}")
-    return value
+def _cli_type(parse):
+    """A spec option's parser as argparse's ``type``: its ValueError becomes argparse's one line
+    "argument --NAME: must be ..." (int and float keep argparse's own "invalid int value: ...")."""
+    if parse in (None, int, float):
+        return parse
+    if parse not in _CLI_TYPES:
+        @functools.wraps(parse)
+        def read(text: str):
+            try:
+                return parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        _CLI_TYPES[parse] = read
+    return _CLI_TYPES[parse]
 
 
-def _positive_int(text: str) -> int:
-    return _number(text, int, "positive integer", lambda v: v > 0)
+_CLI_TYPES: dict = {}
+_positive_int, _non_negative_int = _cli_type(positive_int), _cli_type(non_negative_int)
+_non_negative_float, _size, _port = _cli_type(non_negative_float), _cli_type(dataset_size), _cli_type(port)
+
+# The options the specs declare (fastp2phd.specs, fields made with ``option``), by name.
+SPEC_OPTIONS = declared_options()
 
 
-def _non_negative_int(text: str) -> int:
-    return _number(text, int, "non-negative integer", lambda v: v >= 0)
+def add_spec_option(g, name: str, **changes) -> argparse.Action:
+    """--NAME as its spec field declares it: default, help, choices, parser (a bool: a switch). ``changes``:
+    what one command changes on purpose (test's phase 'test', a help that names what the command does)."""
+    f = SPEC_OPTIONS[name]
+    declared = f.metadata["option"]
+    if isinstance(f.default, bool):
+        kwargs = dict(action="store_true", help=declared.help)
+    else:
+        kwargs = dict(default=f.default, type=_cli_type(declared.parse), choices=declared.choices, help=declared.help)
+        if declared.bare is not None:
+            kwargs.update(nargs="?", const=declared.bare)
+    action = g.add_argument(f"--{name}", **{**kwargs, **changes})
+    action.spec_field = f  # (tests/test_options_match_specs.py: the flag comes from the declaration)
+    return action
 
 
-def _non_negative_float(text: str) -> float:
-    return _number(text, float, "finite number, 0 or more", lambda v: math.isfinite(v) and v >= 0)
-
-
-def _size(text: str) -> float:
-    return math.inf if text == "inf" else float(_number(text, int, "non-negative integer or 'inf'", lambda v: v >= 0))
+def _add_spec_groups(p: argparse.ArgumentParser, titles: tuple[str, ...], after=None) -> None:
+    """A section of ``-h`` per title, holding the spec options declared in it, in their order;
+    ``after[name](group)`` adds command-line-only flags after --name."""
+    for title in titles:
+        group = p.add_argument_group(title)
+        for name in (name for name, f in SPEC_OPTIONS.items() if f.metadata["option"].group == title):
+            add_spec_option(group, name)
+            if after and name in after:
+                after[name](group)
 
 
 # What `edit -h` shows of the base options; the rest (model options, from opt.txt) still parse.
@@ -55,7 +86,10 @@ def add_base_options(p: argparse.ArgumentParser, model_help: bool = True, from_r
     the network options (from its opt.txt) are listed as overrides. ``model_help=False``: list only the run's
     name, folder, epoch, device, data root and seed in ``-h`` (the model options come from opt.txt)."""
     first = len(p._actions)
-    _add_base_options(p)
+    _add_spec_groups(p, (EXPERIMENT, SIZES, DATA_LOADING, GENERATOR, FEATURES), after={
+        "which_epoch": lambda g: g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda "
+                                                "when available, else cpu); several GPUs: use torchrun"),
+        "seed": lambda g: g.add_argument("--verbose", action="store_true", help="print the networks")})
     if from_run:
         overrides = p.add_argument_group(
             "overrides of the run's opt.txt", "These come from the run's opt.txt (where it has none, from `train -h`'s "
@@ -72,110 +106,14 @@ def add_base_options(p: argparse.ArgumentParser, model_help: bool = True, from_r
                 action.help = argparse.SUPPRESS
 
 
-def _add_base_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("experiment")
-    g.add_argument("--name", default="label2city", help="name of the experiment: its checkpoints go to checkpoints_dir/name")
-    g.add_argument("--checkpoints_dir", default="./checkpoints", help="where models, logs and web pages are saved")
-    g.add_argument("--which_epoch", default="latest", help="which checkpoint to load: 'latest' or an epoch number")
-    g.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when available, else cpu); several GPUs: use torchrun")
-    g.add_argument("--norm", default="instance", choices=["instance", "batch"], help="instance or batch normalization")
-    g.add_argument("--fp16", action="store_true",
-                   help="mixed precision with torch.amp: bfloat16 where the device supports it, else float16 with a grad scaler")
-    g.add_argument("--amp_dtype", default="auto", choices=["auto", "bf16", "fp16"],
-                   help="with --fp16: the low-precision type (auto: bf16 where supported)")
-    g.add_argument("--seed", type=int, default=0, help="seed for weights, data order, crops and sampling")
-    g.add_argument("--verbose", action="store_true", help="print the networks")
-    g.add_argument("--no_progress", action="store_true", help="no progress bars")
-
-    g = p.add_argument_group("input/output sizes")
-    g.add_argument("--batchSize", type=_positive_int, default=1, help="input batch size (per process)")
-    g.add_argument("--loadSize", type=_positive_int, default=1024, help="scale images to this size")
-    g.add_argument("--fineSize", type=_positive_int, default=512, help="then crop to this size")
-    g.add_argument("--label_nc", type=_non_negative_int, default=35,
-                   help="number of input label classes (0: the input is an RGB image, folders _A/_B)")
-    g.add_argument("--input_nc", type=_positive_int, default=3, help="input image channels when --label_nc 0")
-    g.add_argument("--output_nc", type=_positive_int, default=3, help="output image channels")
-
-    g = p.add_argument_group("data loading")
-    g.add_argument("--dataroot", default="./datasets/cityscapes/",
-                   help="folder with <phase>_label, <phase>_inst, <phase>_img (or 'synthetic' for the built-in scenes)")
-    g.add_argument("--resize_or_crop", default="scale_width",
-                   choices=["resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none"],
-                   help="scaling and cropping of images at load time (none: round sizes to what the generator takes)")
-    g.add_argument("--serial_batches", action="store_true", help="take images in order instead of shuffled")
-    g.add_argument("--no_flip", action="store_true", help="do not flip images for data augmentation")
-    g.add_argument("--nThreads", type=_non_negative_int, default=2, help="data loading worker processes")
-    g.add_argument("--max_dataset_size", type=_size, default=math.inf,
-                   help="use at most this many images of the dataset ('inf' for all)")
-    g.add_argument("--synthetic_size", type=_positive_int, default=None,
-                   help="with --dataroot synthetic: number of generated scenes (default 64 train, 16 test)")
-
-    g = p.add_argument_group("generator")
-    g.add_argument("--netG", default="global", choices=["global", "local"], help="global (G1) or local (G2: G1 + local enhancers)")
-    g.add_argument("--ngf", type=_positive_int, default=64, help="generator filters in the first conv layer")
-    g.add_argument("--n_downsample_global", type=_non_negative_int, default=4, help="downsampling layers in G1")
-    g.add_argument("--n_blocks_global", type=_non_negative_int, default=9, help="residual blocks in G1")
-    g.add_argument("--n_blocks_local", type=_non_negative_int, default=3, help="residual blocks in each local enhancer")
-    g.add_argument("--n_local_enhancers", type=_positive_int, default=1, help="local enhancers with --netG local")
-    g.add_argument("--niter_fix_global", type=_non_negative_int, default=0,
-                   help="epochs that train only the outermost local enhancer before fine-tuning all of G")
-
-    g = p.add_argument_group("instance-wise features")
-    g.add_argument("--no_instance", action="store_true", help="no instance maps as input (no boundary map)")
-    g.add_argument("--instance_feat", action="store_true", help="add encoded instance features to the input")
-    g.add_argument("--label_feat", action="store_true", help="add encoded label features to the input")
-    g.add_argument("--feat_num", type=_positive_int, default=3, help="vector length of the encoded features")
-    g.add_argument("--load_features", action="store_true", help="read precomputed feature maps from <phase>_feat")
-    g.add_argument("--n_downsample_E", type=_non_negative_int, default=4, help="downsampling layers in the encoder")
-    g.add_argument("--nef", type=_positive_int, default=16, help="encoder filters in the first conv layer")
-    g.add_argument("--n_clusters", type=_positive_int, default=10, help="K-means clusters per class")
-
-
 def add_train_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("training")
-    g.add_argument("--phase", default="train", help="which folders to read: <phase>_label, ...")
-    g.add_argument("--niter", type=_non_negative_int, default=100, help="epochs at the starting learning rate")
-    g.add_argument("--niter_decay", type=_non_negative_int, default=100, help="epochs of linear decay to zero")
-    g.add_argument("--lr", type=float, default=0.0002, help="initial learning rate for Adam")
-    g.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
-    g.add_argument("--num_D", type=_positive_int, default=2, help="number of discriminators (scales)")
-    g.add_argument("--n_layers_D", type=_positive_int, default=3, help="layers of each discriminator")
-    g.add_argument("--ndf", type=_positive_int, default=64, help="discriminator filters in the first conv layer")
-    g.add_argument("--lambda_feat", type=float, default=10.0, help="weight of the feature matching and VGG losses")
-    g.add_argument("--no_ganFeat_loss", action="store_true", help="no discriminator feature matching loss")
-    g.add_argument("--no_vgg_loss", action="store_true", help="no VGG perceptual loss")
-    g.add_argument("--vgg_weights", default=None,
-                   help="path to torchvision's vgg19-dcbb9e9d.pth (default: $FASTP2PHD_VGG19_WEIGHTS or torch's hub cache)")
-    g.add_argument("--lambda_l1", type=_non_negative_float, default=0.0,
-                   help="weight of an L1 loss between generated and real images; not in the original pix2pixHD, "
-                        "off (0) by default (the demo uses it to learn in minutes)")
-    g.add_argument("--no_lsgan", action="store_true", help="vanilla GAN loss (binary cross entropy) instead of least squares")
-    g.add_argument("--pool_size", type=_non_negative_int, default=0, help="size of the pool of generated images shown to D")
-    g.add_argument("--checkpoint_activations", action="store_true",
-                   help="recompute the full- and half-resolution activations of G, E and the VGG loss in backward "
-                        "instead of keeping them: the same training in far less memory, for about a quarter more time")
-    add_compile_option(g, "G, E, D and the VGG loss")
-    g.add_argument("--channels_last", action="store_true",
-                   help="keep every network and image in channels_last (NHWC) layout, end to end: the layout of "
-                        "GPU tensor cores (with --fp16); checkpoints are unchanged")
-    g.add_argument("--continue_train", action="store_true", help="resume from the checkpoint --which_epoch")
-    g.add_argument("--load_pretrain", default="",
-                   help="folder of a trained G1 (global generator) to start --netG local from (coarse-to-fine)")
-
-    g = p.add_argument_group("logging and saving")
-    g.add_argument("--display_freq", type=_positive_int, default=100, help="save results to the web page every N images")
-    g.add_argument("--print_freq", type=_positive_int, default=100, help="print and log losses every N images")
-    g.add_argument("--save_latest_freq", type=_positive_int, default=1000, help="save the latest checkpoint every N images")
-    g.add_argument("--save_epoch_freq", type=_positive_int, default=10, help="save a checkpoint every N epochs")
-    g.add_argument("--no_html", action="store_true", help="do not write the HTML page of results")
-    g.add_argument("--tf_log", action="store_true", help="log to TensorBoard (needs the tensorboard package)")
-    g.add_argument("--debug", action="store_true", help="one epoch of at most 10 images, showing and printing every step")
+    _add_spec_groups(p, (TRAINING, LOGGING), after={"tf_log": lambda g: g.add_argument(
+        "--debug", action="store_true", help="one epoch of at most 10 images, showing and printing every step")})
 
 
 def add_test_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("testing")
-    g.add_argument("--phase", default="test", help="which folders to read: <phase>_label, ...")
+    add_spec_option(g, "phase", default="test")
     g.add_argument("--results_dir", default="./results/", help="where generated images and the web page go")
     g.add_argument("--how_many", type=_size, default=50, help="how many test images to run ('inf' for all)")
     g.add_argument("--use_encoded_image", action="store_true",
@@ -186,16 +124,10 @@ def add_test_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow_pickle", action="store_true",
                    help="allow reading an original pickled features_clustered_*.npy (a pickle can run code: only for files you trust)")
     add_precision_option(g)
-    add_compile_option(g, "G and E")
+    add_spec_option(g, "compile", help=COMPILE_HELP.format(what="G and E"))
     g.add_argument("--optimize", action="store_true",
                    help="run G and E channels_last: the same images (to about 2e-5), up to 1.24x faster on the "
                         "CPU (see fastp2phd.optimize_for_inference)")
-
-
-def add_compile_option(g, what: str) -> None:
-    g.add_argument("--compile", nargs="?", const="default", default="off", choices=COMPILE_CHOICES,
-                   help=f"run {what} through torch.compile: default, reduce-overhead (also CUDA graphs: one image "
-                        "size per run) or max-autotune; --compile alone means default; checkpoints are unchanged")
 
 
 def add_precision_option(g, default: str = "fp32") -> None:
@@ -237,16 +169,11 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kid_subset_size", type=_positive_int, default=1000, help="images per KID subset (at most all)")
 
 
-# Options that define the networks and their inputs: `test`, `encode-features`, `export-onnx` and
-# `edit` take them from the run's opt.txt (written by `train`, and by the original code) unless
-# given on the command line.
-MODEL_OPTIONS = (
-    "label_nc", "input_nc", "output_nc", "no_instance", "instance_feat", "label_feat", "feat_num", "load_features",
-    "nef", "n_downsample_E", "n_clusters", "netG", "ngf", "n_downsample_global", "n_blocks_global",
-    "n_local_enhancers", "n_blocks_local", "norm", "dataroot", "loadSize", "fineSize", "resize_or_crop",
-)
-# Those that define the networks: given to such a command, one replaces the run's value (with a warning).
-NETWORK_OPTIONS = tuple(o for o in MODEL_OPTIONS if o not in ("dataroot", "loadSize", "fineSize", "resize_or_crop"))
+# The options that define the networks (ModelSpec's): given to `test`, `encode-features`, `export-onnx` or `edit`,
+# one replaces the value of the run's opt.txt (written by `train`, and by the original code), with a warning.
+NETWORK_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelSpec))
+# Those commands take these and the run's data options from its opt.txt unless given on the command line.
+MODEL_OPTIONS = (*NETWORK_OPTIONS, "dataroot", "loadSize", "fineSize", "resize_or_crop")
 
 
 def saved_model_options(parser: argparse.ArgumentParser, folder) -> dict:
@@ -345,10 +272,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         return super()._get_help_string(action)
 
 
-def _port(text: str) -> int:
-    return _number(text, int, "port number, 0 to 65535 (0: any free one)", lambda v: 0 <= v <= 65535)
-
-
 def _add_command(commands, name: str, help: str, description: str, examples: str = "") -> argparse.ArgumentParser:
     return commands.add_parser(name, help=help, description=description, formatter_class=_HelpFormatter,
                                epilog=f"examples:\n{examples}" if examples else None)
@@ -415,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "features per class (K-means), for sampling styles at test time.",
                      "  fastp2phd encode-features --name label2city_512p_feat --dataroot datasets/cityscapes")
     add_base_options(p, from_run=True)
-    p.add_argument("--phase", default="train", help="which folders to encode: <phase>_label, ...")
+    add_spec_option(p, "phase", help="which folders to encode: <phase>_label, ...")
     p.add_argument("--area_threshold", type=_non_negative_float, default=0.5,
                    help="cluster only instances with more than this many pixels per H*W/32 (the original's 0.5; "
                         "lower it for small images, where people and poles are small)")
@@ -432,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "  fastp2phd edit --name demo --checkpoints_dir demo_output/checkpoints")
     add_base_options(p, model_help=False)
     g = p.add_argument_group("editor")
-    g.add_argument("--phase", default="test", help="which scenes to edit: <phase>_label, <phase>_inst")
+    add_spec_option(g, "phase", default="test", help="which scenes to edit: <phase>_label, <phase>_inst")
     g.add_argument("--port", type=_port, default=8765, help="port of the editor")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to listen on; anything but 127.0.0.1 exposes the editor to your network")
@@ -452,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_test", type=_non_negative_int, default=16, help="test scenes")
     p.add_argument("--height", type=_positive_int, default=256, help="scene height in pixels (at least 16)")
     p.add_argument("--width", type=_positive_int, default=512, help="scene width in pixels (at least 16)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scenes")
+    add_spec_option(p, "seed", help="seed of the scenes")
 
     p = _add_command(commands, "demo", "train a small model on synthetic scenes, cluster styles, and write a web page",
                      "The whole workflow on built-in synthetic scenes: train for a fixed number of epochs (measured: "
@@ -465,9 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="replace an earlier demo in --out (without it, a folder that holds one is refused)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scenes and the model")
-    p.add_argument("--no_progress", action="store_true",
-                   help="no lines within an epoch (the line at the end of each epoch stays)")
+    add_spec_option(p, "seed", help="seed of the scenes and the model")
+    add_spec_option(p, "no_progress", help="no lines within an epoch (the line at the end of each epoch stays)")
 
     _add_command(commands, "info", "print versions, devices and which fast paths are available",
                  "Print versions, devices, and which fast paths run here and why not.")

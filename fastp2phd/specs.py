@@ -3,7 +3,9 @@
 The command line (``fastp2phd.options``) parses the original pix2pixHD options and
 turns them into these frozen dataclasses; everything below it takes a spec or explicit
 arguments, never the parsed options. Field names are the original option names, so a
-spec reads like a command line and a run's ``opt.txt`` maps onto it one to one.
+spec reads like a command line and a run's ``opt.txt`` maps onto it one to one. Each option is declared
+once, here: a field made with ``option`` (``fastp2phd.option_fields``) holds its default, help, choices and
+parser, and the command line's flags are built from those fields.
 From Python, build them directly::
 
     model = ModelSpec(netG="local", ngf=32, instance_feat=True)
@@ -18,16 +20,46 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import InvalidArgumentError, Pix2PixHDError
+from .option_fields import (DATA_LOADING, EXPERIMENT, FEATURES, GENERATOR, LOGGING, SIZES, TRAINING, dataset_size,
+                            non_negative_float, non_negative_int, option, positive_int)
 
 NETG_CHOICES = ("global", "local")
 NORM_CHOICES = ("instance", "batch")
 RESIZE_OR_CROP_CHOICES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
 AMP_DTYPE_CHOICES = ("auto", "bf16", "fp16")
 COMPILE_CHOICES = ("off", "default", "reduce-overhead", "max-autotune")  # fastp2phd.compiling
+COMPILE_HELP = ("run {what} through torch.compile: default, reduce-overhead (also CUDA graphs: one image size per "
+                "run) or max-autotune; --compile alone means default; checkpoints are unchanged")
 
 
 class SpecError(Pix2PixHDError, ValueError):
     """Options that cannot make a model, a dataset or a run; the message names the option."""
+
+
+def declared_options() -> dict[str, dataclasses.Field]:
+    """Every spec field that is an option, by name, in declaration order (TrainSpec's fields with its data's
+    and model's in their place); a field a spec repeats (DataSpec's label_nc, ...) is declared once."""
+    def walk(spec: type) -> Any:
+        for f in fields(spec):
+            if f.name in _PARTS:
+                yield from walk(_PARTS[f.name])
+            elif "option" in f.metadata:
+                yield f
+    return {f.name: f for f in walk(TrainSpec)}
+
+
+def _check_options(spec: Any) -> None:
+    """The values of ``spec``'s option fields are ones the option takes: a choice, a count of the right sign."""
+    for f in fields(spec):
+        declared = f.metadata.get("option")
+        value = getattr(spec, f.name)
+        if declared is None or (value is None and f.default is None):
+            continue
+        if declared.choices:
+            _check_choice(f.name, value, declared.choices)
+        minimum = {positive_int: 1, non_negative_int: 0}.get(declared.parse)
+        if minimum is not None:
+            _check_count(spec, (f.name,), minimum)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -105,31 +137,28 @@ class _Spec:
 class ModelSpec(_Spec):
     """pix2pixHD's generator (and encoder) and the input they are built for."""
 
-    label_nc: int = 35  # label classes; 0: the input is an image of input_nc channels
-    input_nc: int = 3
-    output_nc: int = 3
-    no_instance: bool = False  # no instance maps, so no boundary map
-    instance_feat: bool = False  # instance-wise features from an encoder (or clusters)
-    label_feat: bool = False  # label-wise features instead
-    feat_num: int = 3
-    load_features: bool = False  # precomputed feature maps instead of an encoder
-    netG: str = "global"
-    ngf: int = 64
-    n_downsample_global: int = 4
-    n_blocks_global: int = 9
-    n_local_enhancers: int = 1
-    n_blocks_local: int = 3
-    norm: str = "instance"
-    nef: int = 16
-    n_downsample_E: int = 4
-    n_clusters: int = 10
+    label_nc: int = option(35, "number of input label classes (0: the input is an RGB image, folders _A/_B)", SIZES,
+                           parse=non_negative_int)
+    input_nc: int = option(3, "input image channels when --label_nc 0", SIZES, parse=positive_int)
+    output_nc: int = option(3, "output image channels", SIZES, parse=positive_int)
+    no_instance: bool = option(False, "no instance maps as input (no boundary map)", FEATURES)
+    instance_feat: bool = option(False, "add encoded instance features to the input", FEATURES)
+    label_feat: bool = option(False, "add encoded label features to the input", FEATURES)
+    feat_num: int = option(3, "vector length of the encoded features", FEATURES, parse=positive_int)
+    load_features: bool = option(False, "read precomputed feature maps from <phase>_feat", FEATURES)
+    netG: str = option("global", "global (G1) or local (G2: G1 + local enhancers)", GENERATOR, choices=NETG_CHOICES)
+    ngf: int = option(64, "generator filters in the first conv layer", GENERATOR, parse=positive_int)
+    n_downsample_global: int = option(4, "downsampling layers in G1", GENERATOR, parse=non_negative_int)
+    n_blocks_global: int = option(9, "residual blocks in G1", GENERATOR, parse=non_negative_int)
+    n_blocks_local: int = option(3, "residual blocks in each local enhancer", GENERATOR, parse=non_negative_int)
+    n_local_enhancers: int = option(1, "local enhancers with --netG local", GENERATOR, parse=positive_int)
+    norm: str = option("instance", "instance or batch normalization", EXPERIMENT, choices=NORM_CHOICES)
+    n_downsample_E: int = option(4, "downsampling layers in the encoder", FEATURES, parse=non_negative_int)
+    nef: int = option(16, "encoder filters in the first conv layer", FEATURES, parse=positive_int)
+    n_clusters: int = option(10, "K-means clusters per class", FEATURES, parse=positive_int)
 
     def __post_init__(self) -> None:
-        _check_choice("netG", self.netG, NETG_CHOICES)
-        _check_choice("norm", self.norm, NORM_CHOICES)
-        _check_count(self, ("input_nc", "output_nc", "feat_num", "ngf", "n_local_enhancers", "nef", "n_clusters"), 1)
-        _check_count(self, ("label_nc", "n_downsample_global", "n_blocks_global", "n_blocks_local",
-                            "n_downsample_E"), 0)
+        _check_options(self)
         check_bounds({f.name: getattr(self, f.name) for f in fields(self)})
         if self.instance_feat and self.label_feat:
             raise SpecError("choose one of instance_feat and label_feat")
@@ -179,31 +208,36 @@ class ModelSpec(_Spec):
 class DataSpec(_Spec):
     """A dataset: where it is, how its images are resized, cropped and flipped, and what it holds."""
 
-    dataroot: str = "./datasets/cityscapes/"  # a Cityscapes-style folder, or "synthetic"
-    phase: str = "train"
-    resize_or_crop: str = "scale_width"
-    loadSize: int = 1024
-    fineSize: int = 512
-    no_flip: bool = False
+    dataroot: str = option("./datasets/cityscapes/", "folder with <phase>_label, <phase>_inst, <phase>_img (or "
+                           "'synthetic' for the built-in scenes)", DATA_LOADING)
+    phase: str = option("train", "which folders to read: <phase>_label, ...", TRAINING)
+    resize_or_crop: str = option("scale_width", "scaling and cropping of images at load time (none: round sizes to "
+                                 "what the generator takes)", DATA_LOADING, choices=RESIZE_OR_CROP_CHOICES)
+    loadSize: int = option(1024, "scale images to this size", SIZES, parse=positive_int)
+    fineSize: int = option(512, "then crop to this size", SIZES, parse=positive_int)
+    no_flip: bool = option(False, "do not flip images for data augmentation", DATA_LOADING)
+    max_dataset_size: float = option(math.inf, "use at most this many images of the dataset ('inf' for all)",
+                                     DATA_LOADING, parse=dataset_size)
+    synthetic_size: int | None = option(None, "with --dataroot synthetic: number of generated scenes (default 64 "
+                                        "train, 16 test)", DATA_LOADING, parse=positive_int)
     train: bool = False  # a training set: random flips (unless no_flip)
     read_images: bool = False  # read the photos (<phase>_img): training, or encoding real images
-    max_dataset_size: float = math.inf
-    synthetic_size: int | None = None  # scenes of the synthetic dataset (default 64 train, 16 test)
     seed: int = 0  # crops, flips and synthetic scenes
+    # The model's (DataSpec.for_model): its label classes, instance maps, features, and size multiple (what
+    # resize_or_crop "none" rounds sizes to).
     label_nc: int = 35
     no_instance: bool = False
     load_features: bool = False
-    size_base: int = 16  # what resize_or_crop "none" rounds sizes to (the generator's size multiple)
+    size_base: int = 16
     # What a step of the model needs per pixel it processes (fastp2phd.memory; 0: the data's own bytes only) and
     # the memory of its device (0: this machine's): an image the step cannot hold is refused before it is decoded.
     step_bytes_per_pixel: int = 0
     step_device_memory: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("resize_or_crop", self.resize_or_crop, RESIZE_OR_CROP_CHOICES)
-        _check_count(self, ("loadSize", "fineSize", "size_base"), 1)
-        _check_count(self, ("step_bytes_per_pixel", "step_device_memory"), 0)
-        _check_count(self, ("label_nc",), 0)
+        _check_options(self)
+        _check_count(self, ("size_base",), 1)
+        _check_count(self, ("label_nc", "step_bytes_per_pixel", "step_device_memory"), 0)
         check_bounds({"label_nc": self.label_nc, "loadSize": self.loadSize, "fineSize": self.fineSize})
         if self.max_dataset_size < 0:
             raise SpecError(f"max_dataset_size must be 0 or more, got {self.max_dataset_size}")
@@ -221,54 +255,60 @@ class DataSpec(_Spec):
 class TrainSpec(_Spec):
     """A training run: the model, its data, the discriminators and losses, the schedule, and the outputs."""
 
-    model: ModelSpec = field(default_factory=ModelSpec)
+    name: str = option("label2city", "name of the experiment: its checkpoints go to checkpoints_dir/name", EXPERIMENT)
+    checkpoints_dir: str = option("./checkpoints", "where models, logs and web pages are saved", EXPERIMENT)
+    which_epoch: str = option("latest", "which checkpoint to load: 'latest' or an epoch number", EXPERIMENT)
+    batchSize: int = option(1, "input batch size (per process)", SIZES, parse=positive_int)
     data: DataSpec = field(default_factory=lambda: DataSpec(train=True, read_images=True))
-    name: str = "label2city"
-    checkpoints_dir: str = "./checkpoints"
-    which_epoch: str = "latest"
-    continue_train: bool = False
-    load_pretrain: str = ""
-    # discriminators and losses
-    num_D: int = 2
-    n_layers_D: int = 3
-    ndf: int = 64
-    no_ganFeat_loss: bool = False
-    no_lsgan: bool = False
-    lambda_feat: float = 10.0
-    no_vgg_loss: bool = False
-    vgg_weights: str | None = None
-    lambda_l1: float = 0.0  # not in the original: weight of an L1 loss between generated and real images
-    pool_size: int = 0
-    # optimisation
-    lr: float = 0.0002
-    beta1: float = 0.5
-    niter: int = 100
-    niter_decay: int = 100
-    niter_fix_global: int = 0
-    fp16: bool = False
-    amp_dtype: str = "auto"
-    checkpoint_activations: bool = False
-    compile: str = "off"  # not in the original: torch.compile mode of G, E, D and the VGG loss (fastp2phd.compiling)
-    channels_last: bool = False  # not in the original: every network and image in channels_last (NHWC) layout
-    batchSize: int = 1
-    nThreads: int = 2
-    serial_batches: bool = False
-    seed: int = 0
+    model: ModelSpec = field(default_factory=ModelSpec)
+    fp16: bool = option(False, "mixed precision with torch.amp: bfloat16 where the device supports it, else float16 "
+                        "with a grad scaler", EXPERIMENT)
+    amp_dtype: str = option("auto", "with --fp16: the low-precision type (auto: bf16 where supported)", EXPERIMENT,
+                            choices=AMP_DTYPE_CHOICES)
+    seed: int = option(0, "seed for weights, data order, crops and sampling", EXPERIMENT)
+    no_progress: bool = option(False, "no progress bars", EXPERIMENT)
+    serial_batches: bool = option(False, "take images in order instead of shuffled", DATA_LOADING)
+    nThreads: int = option(2, "data loading worker processes", DATA_LOADING, parse=non_negative_int)
+    niter_fix_global: int = option(0, "epochs that train only the outermost local enhancer before fine-tuning all "
+                                   "of G", GENERATOR, parse=non_negative_int)
+    # the schedule, the discriminators and the losses
+    niter: int = option(100, "epochs at the starting learning rate", TRAINING, parse=non_negative_int)
+    niter_decay: int = option(100, "epochs of linear decay to zero", TRAINING, parse=non_negative_int)
+    lr: float = option(0.0002, "initial learning rate for Adam", TRAINING)
+    beta1: float = option(0.5, "Adam beta1", TRAINING)
+    num_D: int = option(2, "number of discriminators (scales)", TRAINING, parse=positive_int)
+    n_layers_D: int = option(3, "layers of each discriminator", TRAINING, parse=positive_int)
+    ndf: int = option(64, "discriminator filters in the first conv layer", TRAINING, parse=positive_int)
+    lambda_feat: float = option(10.0, "weight of the feature matching and VGG losses", TRAINING)
+    no_ganFeat_loss: bool = option(False, "no discriminator feature matching loss", TRAINING)
+    no_vgg_loss: bool = option(False, "no VGG perceptual loss", TRAINING)
+    vgg_weights: str | None = option(None, "path to torchvision's vgg19-dcbb9e9d.pth (default: "
+                                     "$FASTP2PHD_VGG19_WEIGHTS or torch's hub cache)", TRAINING)
+    lambda_l1: float = option(0.0, "weight of an L1 loss between generated and real images; not in the original "
+                              "pix2pixHD, off (0) by default (the demo uses it to learn in minutes)", TRAINING,
+                              parse=non_negative_float)
+    no_lsgan: bool = option(False, "vanilla GAN loss (binary cross entropy) instead of least squares", TRAINING)
+    pool_size: int = option(0, "size of the pool of generated images shown to D", TRAINING, parse=non_negative_int)
+    checkpoint_activations: bool = option(False, "recompute the full- and half-resolution activations of G, E and "
+                                          "the VGG loss in backward instead of keeping them: the same training in "
+                                          "far less memory, for about a quarter more time", TRAINING)
+    compile: str = option("off", COMPILE_HELP.format(what="G, E, D and the VGG loss"), TRAINING,
+                          choices=COMPILE_CHOICES, bare="default")  # (fastp2phd.compiling)
+    channels_last: bool = option(False, "keep every network and image in channels_last (NHWC) layout, end to end: "
+                                 "the layout of GPU tensor cores (with --fp16); checkpoints are unchanged", TRAINING)
+    continue_train: bool = option(False, "resume from the checkpoint --which_epoch", TRAINING)
+    load_pretrain: str = option("", "folder of a trained G1 (global generator) to start --netG local from "
+                                "(coarse-to-fine)", TRAINING)
     # outputs
-    print_freq: int = 100
-    display_freq: int = 100
-    save_latest_freq: int = 1000
-    save_epoch_freq: int = 10
-    no_html: bool = False
-    tf_log: bool = False
-    no_progress: bool = False
+    display_freq: int = option(100, "save results to the web page every N images", LOGGING, parse=positive_int)
+    print_freq: int = option(100, "print and log losses every N images", LOGGING, parse=positive_int)
+    save_latest_freq: int = option(1000, "save the latest checkpoint every N images", LOGGING, parse=positive_int)
+    save_epoch_freq: int = option(10, "save a checkpoint every N epochs", LOGGING, parse=positive_int)
+    no_html: bool = option(False, "do not write the HTML page of results", LOGGING)
+    tf_log: bool = option(False, "log to TensorBoard (needs the tensorboard package)", LOGGING)
 
     def __post_init__(self) -> None:
-        _check_choice("amp_dtype", self.amp_dtype, AMP_DTYPE_CHOICES)
-        _check_choice("compile", self.compile, COMPILE_CHOICES)
-        _check_count(self, ("num_D", "n_layers_D", "ndf", "batchSize", "print_freq", "display_freq",
-                            "save_latest_freq", "save_epoch_freq"), 1)
-        _check_count(self, ("pool_size", "niter", "niter_decay", "niter_fix_global", "nThreads"), 0)
+        _check_options(self)
         check_bounds({"ndf": self.ndf, "n_layers_D": self.n_layers_D, "num_D": self.num_D})
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise SpecError(f"lr must be a finite number, 0 or more, got {self.lr}")
@@ -289,6 +329,9 @@ class TrainSpec(_Spec):
                            if f.name not in ("train", "read_images", "size_base", "seed")})
         values["isTrain"] = True
         return dict(sorted(values.items()))
+
+
+_PARTS = {"data": DataSpec, "model": ModelSpec}  # (declared_options walks them)
 
 
 # ----------------------------------------------------------------------------- opt.txt
