@@ -12,7 +12,7 @@ import pytest
 from support import tiny_model
 
 from fastp2phd.data import render_scene
-from fastp2phd.editing import server as editor_server
+from fastp2phd.editing.http_handler import allowed_hosts, host_ok
 from fastp2phd.editing.server import EditorApp, ObjectMask, Scene, serve
 
 H, W = 32, 64
@@ -131,6 +131,6 @@ def test_cancelled_requests_print_no_traceback(editor, capfd):
     ("0.0.0.0", ["192.168.1.7:8765", "[fe80::1]:8765", "localhost:8765"], ["rebind.example:8765", "192.168.1.7:80"]),
 ])
 def test_allowed_hosts(listen, good, bad):
-    allowed = editor_server.allowed_hosts(listen, 8765)
-    assert all(editor_server._host_ok(h, allowed, 8765) for h in good)
-    assert not any(editor_server._host_ok(h, allowed, 8765) for h in bad)
+    allowed = allowed_hosts(listen, 8765)
+    assert all(host_ok(h, allowed, 8765) for h in good)
+    assert not any(host_ok(h, allowed, 8765) for h in bad)

@@ -1,4 +1,4 @@
-"""The web editor's HTTP side: a single page served on 127.0.0.1 over ``EditorApp`` (``app.py``).
+"""The web editor's HTTP server: a single page served on 127.0.0.1 over ``EditorApp`` (``app.py``).
 
 ``fastp2phd edit --name NAME`` loads the run's generator (and clusters), the test
 scenes of its dataset and a few object masks, and serves the page and a small JSON
@@ -7,22 +7,22 @@ instead of interleaving.
 
 Three layers keep it safe on a machine whose browser visits other sites:
 
-* the server (``EditorServer``) reads each request whole in one thread before a worker
-  answers it, so slow, idle or flooding clients get 408 or 503 within seconds and
+* the server (``EditorServer``, here) reads each request whole in one thread before a
+  worker answers it, so slow, idle or flooding clients get 408 or 503 within seconds and
   never lock out the others (see its docstring and the limits below);
-* the HTTP handler (``make_handler``, http.server's request parsing) answers only
-  requests whose ``Host`` is the address the editor listens on (DNS rebinding gets
+* the HTTP handler (``http_handler.make_handler``, http.server's request parsing) answers
+  only requests whose ``Host`` is the address the editor listens on (DNS rebinding gets
   403), refuses state-changing requests from another ``Origin`` (403), takes JSON
   bodies only as ``application/json`` (415: so no plain form of another page can post
   one) with a valid ``Content-Length`` (400, or 413 over ``MAX_BODY``);
 * ``EditorApp.handle`` validates every request: bad JSON, unknown operations,
   coordinates, labels or strokes out of range answer 400 with a sentence saying why,
   and the scene is left unchanged.
+
+The editor's names of ``app.py`` and ``http_handler.py`` are re-exported here.
 """
 from __future__ import annotations
 
-import io
-import ipaddress
 import json
 import queue
 import re
@@ -35,20 +35,21 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from urllib.parse import urlparse
-
 
 from ..errors import Pix2PixHDError
 from ..specs import DataSpec
-from .app import EditorApp, ObjectMask, RequestError, Scene, _short, load_editor  # noqa: F401  (re-exported)
+from .app import EditorApp, ObjectMask, RequestError, Scene, load_editor
+from .http_handler import MAX_BODY, SEND_DEADLINE, allowed_hosts, make_handler
 
-MAX_BODY = 1 << 20  # bytes: a stroke of MAX_STROKE_POINTS points fits easily
+__all__ = ["ANSWER_WITHIN", "BUSY_RESPONSE", "Connection", "EditorApp", "EditorServer", "MAX_BODY", "ObjectMask",
+           "REQUEST_DEADLINE", "RequestError", "SEND_DEADLINE", "Scene", "allowed_hosts", "http_error",
+           "load_editor", "main_edit", "make_handler", "request_size", "serve"]
+
 # What one client, or many, can hold (EditorServer): beyond the limits a client gets 503 at once.
+# (MAX_BODY and SEND_DEADLINE, the handler's limits, are in http_handler.py.)
 REQUEST_DEADLINE = 10.0  # seconds from connecting to the end of the request (not per read: a trickle counts too)
 ANSWER_WITHIN = 4.0  # seconds a whole request may wait for a worker and the generator before it gets 503
-SEND_DEADLINE = 30.0  # seconds a client may take to read its answer
 LINGER = 2.0  # seconds the server reads (and drops) what a client still sends after its answer
 MAX_WORKERS = 16  # requests answered at once (threads)
 MAX_CONNECTIONS = 512  # connections open at once (being read or answered); with the lingering ones well
@@ -57,142 +58,6 @@ MAX_PER_CLIENT = 384  # of them from one address (on 127.0.0.1 every local clien
 MAX_HEAD = 64 << 10  # bytes of request line and headers
 MAX_BUFFERED = 64 << 20  # bytes of requests held at once, all connections together
 BACKLOG = 1024  # connections the kernel queues before the server accepts them (capped by net.core.somaxconn)
-
-
-# ---------------------------------------------------------------------------- HTTP
-def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
-    """The ``Host`` header values a request to the editor at host:port may carry; None means any IP
-    literal, ``localhost`` or this machine's name (when it listens on every address)."""
-    if host in ("", "0.0.0.0", "::"):
-        return None
-    names = {"localhost"} if host in ("127.0.0.1", "::1", "localhost") else set()
-    names.add(f"[{host}]" if ":" in host else host)
-    if host == "localhost":
-        names.add("127.0.0.1")
-    values = {f"{name}:{port}" for name in names}
-    if port == 80:
-        values |= names
-    return frozenset(values)
-
-
-def _host_ok(value: str, allowed: frozenset[str] | None, port: int) -> bool:
-    value = value.strip().lower()
-    if allowed is not None:
-        return value in allowed
-    match = re.fullmatch(r"(\[[0-9a-f:.]+\]|[^:\[\]]+)(?::(\d{1,5}))?", value)
-    if match is None or int(match.group(2) or 80) != port:
-        return False
-    name = match.group(1).strip("[]")
-    if name in ("localhost", socket.gethostname().lower(), socket.getfqdn().lower()):
-        return True
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        return False
-
-
-def make_handler(app: EditorApp, listen_host: str, port: int):
-    hosts = allowed_hosts(listen_host, port)
-
-    class Handler(BaseHTTPRequestHandler):
-        """Answers one request that ``EditorServer`` has already read whole (``self.request`` is its
-        ``Connection``): the parsing and its errors (400, 414, 431, 501, 505) are http.server's."""
-
-        server_version = "fastp2phd-editor"
-        default_request_version = "HTTP/1.0"  # so even an error about a mangled request line has a status line
-
-        def setup(self):
-            self.connection = self.request.sock
-            self.rfile = io.BytesIO(self.request.data)
-            self.wfile = _DeadlineWriter(self.connection, time.monotonic() + SEND_DEADLINE)
-
-        def finish(self):  # EditorServer closes the connection
-            pass
-
-        def _check(self, method: str) -> bytes:
-            """The body of a request that passes the HTTP layer's checks; raises RequestError otherwise."""
-            host = self.headers.get("Host")
-            if host is None or not _host_ok(host, hosts, port):
-                raise RequestError(f"this editor answers requests to {listen_host}:{port} only, not to host "
-                                   f"{_short(host)}", 403)
-            length = self.headers.get("Content-Length")
-            if self.headers.get("Transfer-Encoding"):
-                raise RequestError("chunked request bodies are not accepted; send a Content-Length")
-            if len(self.headers.get_all("Content-Length", ())) > 1:
-                raise RequestError("send one Content-Length header, not several")
-            if method == "GET":
-                if length not in (None, "0"):
-                    raise RequestError("GET requests take no body")
-                return b""
-            origin = self.headers.get("Origin")
-            if origin is not None and origin.strip().lower() != f"http://{host.strip().lower()}":
-                raise RequestError(f"requests from {_short(origin)} may not change this editor; open it at "
-                                   f"http://{host.strip()}/", 403)
-            if self.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-                raise RequestError("requests from other sites may not change this editor", 403)
-            kind = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-            if kind != "application/json":
-                raise RequestError(f"send the request body as JSON with Content-Type: application/json, not "
-                                   f"{_short(kind or 'none')}", 415)
-            if length is None or not re.fullmatch(r"\d{1,12}", length.strip()):
-                raise RequestError(f"a POST needs a Content-Length of 0 or more bytes, got {_short(length)}")
-            if int(length) > MAX_BODY:
-                raise RequestError(f"the request body is {int(length)} bytes, more than the {MAX_BODY} allowed", 413)
-            body = self.rfile.read(int(length))
-            if len(body) < int(length):
-                raise RequestError("the request body ended before its Content-Length")
-            return body
-
-        def _respond(self, method: str) -> None:
-            try:
-                body = self._check(method)
-            except RequestError as refused:
-                status, kind, payload = refused.status, "application/json", json.dumps({"error": str(refused)}).encode()
-            else:
-                wait = self.request.arrived + ANSWER_WITHIN - time.monotonic()
-                status, kind, payload = app.handle(method, self.path, body, wait=max(wait, 0.0))
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("X-Frame-Options", "DENY")
-            if status == 200 and urlparse(self.path).path.startswith("/api/download/"):
-                name = urlparse(self.path).path[len("/api/download/"):-len(".png")]
-                self.send_header("Content-Disposition", f'attachment; filename="{app.download_name(name)}"')
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def do_GET(self):  # noqa: N802 (http.server's naming)
-            self._respond("GET")
-
-        def do_POST(self):  # noqa: N802
-            self._respond("POST")
-
-        def log_message(self, format, *args):  # quiet: the page shows what happened
-            pass
-
-    return Handler
-
-
-class _DeadlineWriter:
-    """The handler's ``wfile``: sends everything by ``deadline`` or raises TimeoutError, so a client
-    that reads its answer a byte at a time cannot hold a worker."""
-
-    def __init__(self, sock: socket.socket, deadline: float):
-        self.sock, self.deadline = sock, deadline
-
-    def write(self, data: bytes) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the client did not read its answer in time")
-        self.sock.settimeout(left)
-        self.sock.sendall(data)  # (the timeout bounds the whole sendall)
-        return len(data)
-
-    def flush(self):
-        pass
 
 
 @dataclass(eq=False)
@@ -204,7 +69,7 @@ class Connection:
     deadline: float  # when the server gives up on it: the whole request must have arrived by then
     data: bytearray = field(default_factory=bytearray)
     size: int | None = None  # of the whole request, once its head has arrived
-    arrived: float = 0.0  # when the whole request had arrived
+    answer_by: float = 0.0  # once the whole request has arrived: when it must have its answer (else 503)
     lingering: bool = False
 
     @property
@@ -382,7 +247,7 @@ class EditorServer:
     def _ready(self, conn: Connection) -> None:
         self.selector.unregister(conn.sock)
         self.reading.discard(conn)
-        conn.arrived = time.monotonic()
+        conn.answer_by = time.monotonic() + ANSWER_WITHIN
         self.waiting.append(conn)
 
     def _dispatch(self) -> None:
@@ -409,7 +274,7 @@ class EditorServer:
         for conn in [c for c in self.reading if c.deadline <= now]:
             self._stop_reading(conn)
             self._refuse(conn, http_error(408, f"the whole request must arrive within {REQUEST_DEADLINE:g} seconds"))
-        while self.waiting and self.waiting[0].arrived + ANSWER_WITHIN <= now:
+        while self.waiting and self.waiting[0].answer_by <= now:
             conn = self.waiting.popleft()
             self._release(conn)
             self._refuse(conn, BUSY_RESPONSE)

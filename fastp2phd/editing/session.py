@@ -8,13 +8,14 @@ input only there (the boundary map over the box grown by one pixel, through
 the exact previous state, and marks the image for regeneration (without an
 autograd graph). A bad coordinate, label, mask or style raises ``ValueError``
 before anything changes. Every edit, ``reset`` included, can be undone.
+
+The session ties together jobs that live in modules of their own: the history
+(``history``), the input building (``scene_input``), brush strokes (``strokes``),
+styles and their previews (``styles``) and saving the scene (``scene_files``).
 """
 from __future__ import annotations
 
-import itertools
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -24,26 +25,15 @@ import torch
 from ..errors import InvalidArgumentError
 from .. import ops
 from ..data import THING_CLASSES, colorize_labels
-from ..features import class_of, instance_vectors, write_instance_vectors
+from ..features import class_of
 from ..visualize import tensor_to_image
+from .history import Change, EditHistory
+from .scene_files import save_scene
+from .scene_input import feature_channel, new_input, refresh_input
+from .strokes import MAX_BRUSH_WIDTH, MAX_STROKE_POINTS, MAX_STROKE_WORK, stroke_region
+from .styles import class_styles, preview_boxes, styled_crops
 
-# Bounds on one stroke: its cost grows with its points, length and width (see _stroke_region).
-MAX_STROKE_POINTS = 10_000
-MAX_BRUSH_WIDTH = 128
-MAX_STROKE_WORK = 64 << 20  # pixel tests: about a second on one CPU core
-
-
-@dataclass
-class _Change:
-    """The maps inside a box before and after an edit (what undo and redo swap in)."""
-
-    box: tuple[int, int, int, int]  # y0, y1, x0, x1
-    before: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-    after: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-    revision: int  # names the state this change leads to
-
-
-_revisions = itertools.count(1)
+__all__ = ["EditSession", "MAX_BRUSH_WIDTH", "MAX_STROKE_POINTS", "MAX_STROKE_WORK"]
 
 
 class EditSession:
@@ -65,7 +55,7 @@ class EditSession:
             raise InvalidArgumentError("editing needs a model trained on label maps (--label_nc > 0)")
         self.use_features = self.spec.uses_features
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.history = history
+        self.edits = EditHistory(history)
         label = torch.as_tensor(np.asarray(label)).to(self.device, torch.int64)
         inst = torch.as_tensor(np.asarray(inst)).to(self.device, torch.int32)
         if label.dim() != 2 or label.shape != inst.shape:
@@ -84,46 +74,45 @@ class EditSession:
                 feat = self._sample_features(inst)
         self._initial = (label.clone(), inst.clone(), None if feat is None else feat.clone())
         self.label, self.inst, self.feat = label, inst, feat
-        channels = self.label_nc + (0 if self.spec.no_instance else 1) + (self.spec.feat_num if self.use_features else 0)
-        self.input = torch.zeros(1, channels, self.height, self.width, device=self.device)
+        self.input = new_input(self.spec, self.height, self.width, self.device)
         self._refresh((0, self.height, 0, self.width))
-        self.undo_stack: list[_Change] = []
-        self.redo_stack: list[_Change] = []
-        self._base_revision = 0  # the state before the oldest change still in the history
-        self.saved_revision = 0  # the scene as loaded counts as saved: nothing of the user's is in it
         self._image: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ state
     @property
+    def history(self) -> int:
+        """How many edits ``undo`` can revert at most."""
+        return self.edits.limit
+
+    @history.setter
+    def history(self, limit: int) -> None:
+        self.edits.limit = limit
+
+    @property
+    def undo_stack(self) -> list[Change]:
+        return self.edits.undo_stack
+
+    @property
+    def redo_stack(self) -> list[Change]:
+        return self.edits.redo_stack
+
+    @property
     def revision(self) -> int:
         """Names the current state: 0 as loaded; equal revisions mean equal maps."""
-        return self.undo_stack[-1].revision if self.undo_stack else self._base_revision
+        return self.edits.revision
+
+    @property
+    def saved_revision(self) -> int:
+        return self.edits.saved_revision
 
     @property
     def unsaved(self) -> bool:
         """The maps differ from the last ``save`` (or, before one, from the scene as loaded)."""
-        return self.revision != self.saved_revision
+        return self.edits.unsaved
 
     def _refresh(self, box) -> None:
-        """Rebuild the input inside ``box``: one-hot labels and features there, edges on the box grown by 1."""
-        y0, y1, x0, x1 = box
-        nc = self.label_nc
-        region = self.input[0, :nc, y0:y1, x0:x1]
-        region.zero_()
-        region.scatter_(0, self.label[y0:y1, x0:x1][None], 1.0)
-        channel = nc
-        if not self.spec.no_instance:
-            # A pixel's edge depends on its neighbours: recompute the box grown by one pixel,
-            # from a window grown by two so the band's own neighbours are present.
-            gy0, gy1, gx0, gx1 = max(0, y0 - 1), min(self.height, y1 + 1), max(0, x0 - 1), min(self.width, x1 + 1)
-            wy0, wy1, wx0, wx1 = max(0, y0 - 2), min(self.height, y1 + 2), max(0, x0 - 2), min(self.width, x1 + 2)
-            edges = ops.boundary_map(self.inst[None, None, wy0:wy1, wx0:wx1])[0, 0]
-            self.input[0, nc, gy0:gy1, gx0:gx1] = edges[gy0 - wy0:gy1 - wy0, gx0 - wx0:gx1 - wx0]
-            # Window borders are not image borders: a pixel on the window's edge may have a
-            # neighbour outside it. Those pixels lie outside the grown box, so they are never copied.
-            channel += 1
-        if self.use_features:
-            self.input[0, channel:, y0:y1, x0:x1] = self.feat[:, y0:y1, x0:x1]
+        """Rebuild the input inside ``box`` (``scene_input.refresh_input``)."""
+        refresh_input(self.input, self.spec, box, self.label, self.inst, self.feat)
 
     def _sample_features(self, inst: torch.Tensor, choices: Mapping[int, int] | None = None) -> torch.Tensor:
         from ..features import sample_feature_map
@@ -142,12 +131,7 @@ class EditSession:
                   None if self.feat is None else self.feat[:, y0:y1, x0:x1].clone())
         after = (label_patch, inst_patch, feat_patch)
         self._write(box, after)
-        self.undo_stack.append(_Change(box, before, after, next(_revisions)))
-        if len(self.undo_stack) > self.history:
-            dropped = self.undo_stack[:-self.history]
-            self._base_revision = dropped[-1].revision
-            del self.undo_stack[:-self.history]
-        self.redo_stack.clear()
+        self.edits.record(box, before, after)
 
     def _write(self, box, patches) -> None:
         y0, y1, x0, x1 = box
@@ -192,7 +176,7 @@ class EditSession:
                 raise InvalidArgumentError("this model has no instance features, so no styles")
             return None
         if style is not None:
-            options = self._class_styles(class_of(inst_id))
+            options = class_styles(self.model.clusters, class_of(inst_id))
             if not isinstance(style, (int, np.integer)) or not 0 <= style < options.shape[0]:
                 raise InvalidArgumentError(f"style {style!r} is not one of the {options.shape[0]} styles of class "
                                  f"{class_of(inst_id)}")
@@ -263,49 +247,9 @@ class EditSession:
         self._paint_region(box, inside, label, inst_id, self._instance_features(inst_id, None))
 
     def _stroke_region(self, points: list[tuple[int, int]], width: int) -> tuple[tuple[int, int, int, int], torch.Tensor]:
-        """(box, mask over the box) of the pixels within width/2 of the polyline.
-
-        Every segment is cut into pieces no longer than the brush radius, and each piece is
-        tested only on the pixels of its own small window: the work grows with the stroke's
-        points, length and width (the pixels it touches), not with the scene's size.
-        """
-        radius = width / 2.0
-        pts = torch.tensor(points, dtype=torch.float32)
-        if len(pts) > 1:  # repeated points add nothing but work
-            pts = pts[torch.cat([torch.ones(1, dtype=torch.bool), (pts[1:] != pts[:-1]).any(dim=1)])]
-        starts, ends = (pts[:-1], pts[1:]) if len(pts) > 1 else (pts, pts)
-        lengths = (ends - starts).norm(dim=1)
-        pieces = torch.ceil(lengths / max(1.0, radius)).clamp_min(1).long()
-        size = int(math.ceil(float((lengths / pieces).max()) + 2 * radius)) + 2  # a piece's window side
-        work = int(pieces.sum()) * size * size
-        if work > MAX_STROKE_WORK:
-            raise InvalidArgumentError(f"this stroke ({len(points)} points, {float(lengths.sum()):.0f} pixels long, width {width}) "
-                             "is too much for one edit; paint it in several shorter strokes")
-        segment = torch.repeat_interleave(torch.arange(len(lengths)), pieces)
-        k = torch.arange(len(segment)) - torch.repeat_interleave(torch.cumsum(pieces, 0) - pieces, pieces)
-        direction = (ends - starts)[segment]
-        a = starts[segment] + direction * (k / pieces[segment])[:, None]
-        b = starts[segment] + direction * ((k + 1) / pieces[segment])[:, None]
-        origin = torch.floor(torch.minimum(a, b) - radius)
-        offsets = torch.arange(size, dtype=torch.float32)
-        hits = []
-        chunk = max(1, (1 << 22) // (size * size))  # bounds the temporaries to a few MiB
-        for i in range(0, len(a), chunk):
-            ca, cb, co = a[i:i + chunk], b[i:i + chunk], origin[i:i + chunk]
-            ys = co[:, 0, None, None] + offsets[None, :, None]  # (pieces, size, 1)
-            xs = co[:, 1, None, None] + offsets[None, None, :]  # (pieces, 1, size)
-            ay, ax = ca[:, 0, None, None], ca[:, 1, None, None]
-            dy, dx = (cb - ca)[:, 0, None, None], (cb - ca)[:, 1, None, None]
-            length2 = dy * dy + dx * dx
-            t = (((ys - ay) * dy + (xs - ax) * dx) / torch.where(length2 > 0, length2, 1.0)).clamp(0, 1)
-            near = (ys - (ay + t * dy)) ** 2 + (xs - (ax + t * dx)) ** 2 <= radius * radius
-            near &= (ys >= 0) & (ys < self.height) & (xs >= 0) & (xs < self.width)
-            hits.append(torch.stack([ys.expand_as(near)[near], xs.expand_as(near)[near]], 1).long())
-        hit = torch.cat(hits)
-        (y0, x0), (y1, x1) = hit.min(0).values.tolist(), (hit.max(0).values + 1).tolist()
-        inside = torch.zeros(y1 - y0, x1 - x0, dtype=torch.bool)
-        inside[hit[:, 0] - y0, hit[:, 1] - x0] = True
-        return (y0, y1, x0, x1), inside.to(self.device)
+        """(box, mask over the box) of the pixels within width/2 of the polyline (``strokes.stroke_region``)."""
+        box, inside = stroke_region(points, width, self.height, self.width)
+        return box, inside.to(self.device)
 
     def add_object(self, mask, y: int, x: int, label: int, style: int | None = None) -> int:
         """Paste an object ``mask`` (h, w) with its top-left corner at (y, x) as a new instance of ``label``.
@@ -350,19 +294,12 @@ class EditSession:
         self._paint_mask(mask, stuff, stuff, self._instance_features(stuff, None))
         return stuff
 
-    def _class_styles(self, label: int) -> torch.Tensor:
-        clusters = self.model.clusters or {}
-        styles = clusters.get(label)
-        if styles is None or len(styles) == 0:
-            raise InvalidArgumentError(f"class {label} has no styles (no clusters were found for it)")
-        return torch.as_tensor(np.asarray(styles) if not isinstance(styles, torch.Tensor) else styles).float()
-
     def style_options(self, y: int, x: int) -> torch.Tensor:
         """The (k, feat_num) style centres of the class of the instance under (y, x)."""
         y, x = self._check_point(y, x)
         if not self.use_features:
             raise InvalidArgumentError("this model has no instance features, so no styles")
-        return self._class_styles(class_of(int(self.inst[y, x])))
+        return class_styles(self.model.clusters, class_of(int(self.inst[y, x])))
 
     def style_of(self, y: int, x: int) -> int | None:
         """Which style (cluster index) the instance under (y, x) has; None when its features are no cluster centre."""
@@ -370,7 +307,7 @@ class EditSession:
         if not self.use_features:
             return None
         try:
-            styles = self._class_styles(class_of(int(self.inst[y, x]))).to(self.device)
+            styles = class_styles(self.model.clusters, class_of(int(self.inst[y, x]))).to(self.device)
         except ValueError:
             return None
         matches = torch.nonzero((styles == self.feat[:, y, x][None]).all(dim=1))
@@ -394,17 +331,11 @@ class EditSession:
         """
         styles = self.style_options(y, x)
         inst_id = int(self.inst[y, x])
-        box = self._box(self.inst == inst_id)
-        view = _grow(box, margin, self.height, self.width)
-        multiple = self.spec.size_multiple
-        context = max(2 * margin, box[1] - box[0], box[3] - box[2])
-        crop = _align(_grow(view, context, self.height, self.width), multiple, self.height, self.width)
+        view, crop = preview_boxes(self._box(self.inst == inst_id), margin, self.spec.size_multiple,
+                                   self.height, self.width)
         cy0, cy1, cx0, cx1 = crop
-        batch = self.input[:, :, cy0:cy1, cx0:cx1].repeat(styles.shape[0], 1, 1, 1)
-        channel = self.label_nc + (0 if self.spec.no_instance else 1)
         where = self.inst[cy0:cy1, cx0:cx1] == inst_id
-        for k in range(styles.shape[0]):
-            batch[k, channel:, where] = styles[k].to(self.device)[:, None]
+        batch = styled_crops(self.input, crop, feature_channel(self.spec), where, styles)
         with torch.inference_mode():
             with self.model.precision_scope(batch.device):
                 images = self.model.netG(batch).float()
@@ -414,19 +345,17 @@ class EditSession:
     # ------------------------------------------------------------------ history
     def undo(self) -> bool:
         """Revert the last edit; False when there is nothing to undo."""
-        if not self.undo_stack:
+        change = self.edits.undo()
+        if change is None:
             return False
-        change = self.undo_stack.pop()
         self._write(change.box, change.before)
-        self.redo_stack.append(change)
         return True
 
     def redo(self) -> bool:
-        if not self.redo_stack:
+        change = self.edits.redo()
+        if change is None:
             return False
-        change = self.redo_stack.pop()
         self._write(change.box, change.after)
-        self.undo_stack.append(change)
         return True
 
     def reset(self) -> bool:
@@ -475,25 +404,8 @@ class EditSession:
         of disk space midway, the folder holds the scene's previous save or this one, never a mix.
         Several scenes can share a folder; saving a scene again replaces its files.
         """
-        from PIL import Image
-
-        from ..files import save_file_set
-
-        parts = name.split("/")
-        if not name or any(not p or p in (".", "..") or p.startswith(".") or Path(p).name != p for p in parts):
-            raise InvalidArgumentError(f"a scene name must be a plain file name, or plain names joined by '/', got {name!r}")
-        inst = self.inst.cpu().numpy()
-        if inst.min(initial=0) < 0 or inst.max(initial=0) > 65535:
-            raise InvalidArgumentError("instance ids outside 0..65535 do not fit a 16-bit instance PNG")
-        images = {f"{phase}_label": self.label.cpu().numpy().astype(np.uint8),
-                  f"{phase}_inst": inst.astype(np.uint16), f"{phase}_img": self.image()}
-        with save_file_set(folder, f"save of scene {name}") as files:
-            for subfolder, array in images.items():
-                files.write(f"{subfolder}/{name}.png", lambda tmp, a=array: Image.fromarray(a).save(tmp, format="PNG"))
-            if self.feat is not None:
-                ids, vectors = instance_vectors(self.feat, self.inst)
-                files.write(f"{phase}_features/{name}.npz", lambda tmp: write_instance_vectors(tmp, ids, vectors))
-        self.saved_revision = self.revision
+        save_scene(folder, name, phase, self.label, self.inst, self.feat, self.image)
+        self.edits.mark_saved()
         return Path(folder)
 
     def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -509,20 +421,3 @@ class EditSession:
                 y0, y1, x0, x1 = self._box(mask)
                 yield int(value), mask[y0:y1, x0:x1].cpu().numpy()
 
-
-def _grow(box, by: int, height: int, width: int) -> tuple[int, int, int, int]:
-    y0, y1, x0, x1 = box
-    return max(0, y0 - by), min(height, y1 + by), max(0, x0 - by), min(width, x1 + by)
-
-
-def _align(box, multiple: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """The box grown to sides that are multiples of ``multiple``, shifted to stay inside the scene
-    (whose sides are multiples already)."""
-    def side(lo, hi, limit):
-        size = min(limit, -(-(hi - lo) // multiple) * multiple)
-        lo = min(lo - (size - (hi - lo)) // 2, limit - size)
-        return max(0, lo), max(0, lo) + size
-
-    y0, y1 = side(box[0], box[1], height)
-    x0, x1 = side(box[2], box[3], width)
-    return y0, y1, x0, x1

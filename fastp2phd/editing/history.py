@@ -1,0 +1,73 @@
+"""An edit session's history: what every edit replaced, for undo and redo, and revision
+numbers that name the states (equal revisions mean equal maps), so that "unsaved" is honest
+even after undoing past a save or dropping the oldest edits."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Change", "EditHistory"]
+
+
+@dataclass
+class Change:
+    """The maps inside a box before and after an edit (what undo and redo swap in)."""
+
+    box: tuple[int, int, int, int]  # y0, y1, x0, x1
+    before: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+    after: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+    revision: int  # names the state this change leads to
+
+
+_revisions = itertools.count(1)
+
+
+class EditHistory:
+    """Undo and redo stacks of at most ``limit`` changes each (the oldest dropped first)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.undo_stack: list[Change] = []
+        self.redo_stack: list[Change] = []
+        self._base_revision = 0  # the state before the oldest change still in the history
+        self.saved_revision = 0  # the scene as loaded counts as saved: nothing of the user's is in it
+
+    @property
+    def revision(self) -> int:
+        """Names the current state: 0 as loaded; equal revisions mean equal maps."""
+        return self.undo_stack[-1].revision if self.undo_stack else self._base_revision
+
+    @property
+    def unsaved(self) -> bool:
+        """The maps differ from the last save (or, before one, from the scene as loaded)."""
+        return self.revision != self.saved_revision
+
+    def mark_saved(self) -> None:
+        self.saved_revision = self.revision
+
+    def record(self, box, before, after) -> None:
+        """A new edit: push it (a fresh revision), drop the oldest beyond the limit, forget what was undone."""
+        self.undo_stack.append(Change(box, before, after, next(_revisions)))
+        if len(self.undo_stack) > self.limit:
+            dropped = self.undo_stack[:-self.limit]
+            self._base_revision = dropped[-1].revision
+            del self.undo_stack[:-self.limit]
+        self.redo_stack.clear()
+
+    def undo(self) -> Change | None:
+        """The change to revert (moved to the redo stack), or None."""
+        if not self.undo_stack:
+            return None
+        change = self.undo_stack.pop()
+        self.redo_stack.append(change)
+        return change
+
+    def redo(self) -> Change | None:
+        """The change to apply again (moved back to the undo stack), or None."""
+        if not self.redo_stack:
+            return None
+        change = self.redo_stack.pop()
+        self.undo_stack.append(change)
+        return change
