@@ -127,8 +127,8 @@ def add_test_options(p: argparse.ArgumentParser) -> None:
     add_spec_option(g, "compile", help=COMPILE_HELP.format(what="G and E"))
     g.add_argument("--optimize", action="store_true",
                    help="run G and E channels_last: the same images (to about 2e-5), up to 1.24x faster on the "
-                        "CPU (see fastp2phd.optimize_for_inference); add --compile for the fastest (compiled with the weights "
-                        "frozen in: 1.4x more in bf16 on a 2-core EPYC)")
+                        "CPU (see fastp2phd.optimize_for_inference); add --compile for the fastest (compiled with "
+                        "the weights frozen in: 1.4x more in bf16 on a 2-core EPYC)")
 
 
 def add_precision_option(g, default: str = "fp32") -> None:
