@@ -228,9 +228,9 @@ class Trainer:
             start = time.time()
             for batch in self.loader:
                 before = at.total_steps
-                if self.class_pixels is not None:
-                    self.class_pixels += torch.bincount(batch["label"].reshape(-1), minlength=spec.model.label_nc)
                 values, fake = self.update(batch)
+                if self.class_pixels is not None:  # (once the step has trained on them)
+                    self.class_pixels += torch.bincount(batch["label"].reshape(-1), minlength=spec.model.label_nc)
                 done = len(batch["path"]) * self.world
                 at.epoch_iter = min(at.epoch_iter + done, dataset_size)
                 at.total_steps += done
