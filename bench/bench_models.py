@@ -125,40 +125,40 @@ def test_training_step(benchmark, settings, index, provider, monkeypatch):
     opt = training_options(settings, features, size, extra)
     torch.manual_seed(0)
     trainer = Trainer(opt, settings.device)
+    step = trainer.step
     if provider == "official":
-        _make_official(trainer)
+        _make_official(step)
     elif provider == "reference":
         monkeypatch.setenv("FASTP2PHD_IMPL", "reference")
     # The VGG loss with random weights: the same work as the real one, no download needed.
-    trainer.vgg_loss = VGGLoss(vgg=Vgg19(pretrained=False)).to(settings.device,
-                                                                memory_format=trainer.memory_format)
+    step.vgg_loss = VGGLoss(vgg=Vgg19(pretrained=False)).to(settings.device, memory_format=step.memory_format)
     batch = next(iter(trainer.loader))
     case = f"{name} at {size[0]}x{size[1]}" + (" + E" if features and index < 2 else "")
     if settings.smoke:
         case = "smoke " + ("+ E" if features else "")
     measure(benchmark, settings, suite="training step", case=case, provider=provider,
-            fn=lambda: trainer.step(batch), images=opt.batchSize, slow=not settings.cuda)
+            fn=lambda: step.step(batch), images=opt.batchSize, slow=not settings.cuda)
 
 
-def _make_official(trainer) -> None:
-    """Swap the trainer's networks for plain-module copies with the same weights (and loop pooling)."""
-    model = trainer.model
-    netG = type(model.netG)(**model.netG.options, fused=False).to(trainer.device)
+def _make_official(step) -> None:
+    """Swap a TrainStep's networks for plain-module copies with the same weights (and loop pooling)."""
+    model = step.model
+    netG = type(model.netG)(**model.netG.options, fused=False).to(step.device)
     netG.load_state_dict(model.netG.state_dict())
     model.netG = netG
     if model.netE is not None:
-        netE = OfficialEncoder(**model.netE.options, fused=False).to(trainer.device)
+        netE = OfficialEncoder(**model.netE.options, fused=False).to(step.device)
         netE.load_state_dict(model.netE.state_dict())
         model.netE = netE
-    o = trainer.netD.options
-    netD = type(trainer.netD)(o["input_nc"], o["ndf"], o["n_layers"], o["norm"], num_D=o["num_D"],
-                              getIntermFeat=o["getIntermFeat"], fused=False).to(trainer.device)
-    netD.load_state_dict(trainer.netD.state_dict())
-    trainer.netD = trainer.disc = netD
-    trainer.gen = model
-    trainer.optimizer_G = torch.optim.Adam(list(netG.parameters()) + (list(model.netE.parameters()) if model.netE
-                                           is not None else []), lr=trainer.spec.lr, betas=(trainer.spec.beta1, 0.999))
-    trainer.optimizer_D = torch.optim.Adam(netD.parameters(), lr=trainer.spec.lr, betas=(trainer.spec.beta1, 0.999))
+    o = step.netD.options
+    netD = type(step.netD)(o["input_nc"], o["ndf"], o["n_layers"], o["norm"], num_D=o["num_D"],
+                              getIntermFeat=o["getIntermFeat"], fused=False).to(step.device)
+    netD.load_state_dict(step.netD.state_dict())
+    step.netD = step.disc = netD
+    step.gen = model
+    step.optimizer_G = torch.optim.Adam(list(netG.parameters()) + (list(model.netE.parameters()) if model.netE
+                                           is not None else []), lr=step.spec.lr, betas=(step.spec.beta1, 0.999))
+    step.optimizer_D = torch.optim.Adam(netD.parameters(), lr=step.spec.lr, betas=(step.spec.beta1, 0.999))
 
 
 @pytest.mark.parametrize("provider", ["fastp2phd", "official"])

@@ -82,17 +82,17 @@ class _DemoTrainer(Trainer):
         _say(f"training {self.spec.niter + self.spec.niter_decay} epochs on {self.device}: epoch 1 started")
         return super().run()
 
-    def step(self, batch: dict) -> tuple[dict[str, float], torch.Tensor]:
-        values, fake = super().step(batch)
-        last = self.spec.niter + self.spec.niter_decay
-        done, now = self.epoch_iter + len(batch["path"]), self.clock()
+    def update(self, batch: dict) -> tuple[dict[str, float], torch.Tensor]:
+        values, fake = super().update(batch)
+        last, epoch = self.spec.niter + self.spec.niter_decay, self.position.epoch
+        done, now = self.position.epoch_iter + len(batch["path"]), self.clock()
         if done >= len(self.dataset):  # the epoch's last batch
             losses = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if k != "G_VGG" or not self.spec.no_vgg_loss)
             self.time_left.step()
-            _say(f"epoch {self.epoch}/{last} done, {_clock(now - self.started)} so far, {self.time_left} ({losses})")
+            _say(f"epoch {epoch}/{last} done, {_clock(now - self.started)} so far, {self.time_left} ({losses})")
             self.said = now
         elif self.progress and now - self.said >= PROGRESS_EVERY:
-            _say(f"epoch {self.epoch}/{last}: {done}/{len(self.dataset)} scenes, {_clock(now - self.started)} so far")
+            _say(f"epoch {epoch}/{last}: {done}/{len(self.dataset)} scenes, {_clock(now - self.started)} so far")
             self.said = now
         return values, fake
 

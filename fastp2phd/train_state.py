@@ -2,10 +2,11 @@
 exactly, and starting from an earlier run (coarse-to-fine).
 
 ``save`` writes ``<label>_net_G.pth`` (``_net_D``, ``_net_E``): plain state_dicts the original code
-loads; and ``<label>_train_state.pth``: the weights again, the optimisers, the grad scaler, the
-position, the random state and every process's image pool, so that ``resume`` continues bit for
-bit. A checkpoint's files are saved as one unit (``fastp2phd.files.save_file_set``). ``resume`` also
-takes a folder of the original code's checkpoints (networks and ``iter.txt``, no optimiser state).
+loads; and ``<label>_train_state.pth``: the trainer's ``state_dict()`` (the weights again, the optimisers,
+the grad scaler, the position, the random state and every process's image pool) and its version, so that
+``resume`` continues bit for bit through ``load_state_dict()``. A checkpoint's files are saved as one
+unit (``fastp2phd.files.save_file_set``). ``resume`` also takes a folder of the original code's
+checkpoints (networks and ``iter.txt``, no optimiser state).
 ``classes.json`` records how many pixels of each class the run has trained on, so that the editor
 can tell the classes the model knows from those it never saw (``trained_classes``).
 """
@@ -16,7 +17,6 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 import torch.distributed as dist
 
 from .errors import InvalidArgumentError
@@ -31,44 +31,27 @@ STATE_VERSION = 2  # 2: one image pool per process (1: the main process's pool o
 CLASSES_FILE = "classes.json"
 
 
-def _state(trainer: Trainer, pools: list[dict], class_pixels: torch.Tensor | None) -> dict:
-    return {
-        "version": STATE_VERSION, **trainer.state_dict(), "pools": pools,
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "world": trainer.world, "class_pixels": class_pixels,
-    }
-
-
 def save(trainer: Trainer, label: str) -> None:
     """Write the networks and the train state under ``label`` ("latest" or an epoch). Every process
-    calls it (their image pools are gathered); the main one writes."""
-    pools = [trainer.pool.state_dict()]
-    class_pixels = trainer.class_pixels
-    if trainer.distributed:
-        pools = [None] * trainer.world
-        dist.all_gather_object(pools, trainer.pool.state_dict())
-        if class_pixels is not None:  # each process counted its own batches
-            class_pixels = class_pixels.to(trainer.device if trainer.device.type == "cuda" else "cpu")
-            dist.all_reduce(class_pixels)
-            class_pixels = class_pixels.cpu()
+    calls it (the trainer's state gathers their image pools); the main one writes."""
+    state = {"version": STATE_VERSION, **trainer.state_dict()}
     if trainer.is_main:
-        _write(trainer, label, pools, class_pixels)
+        _write(trainer.run_folder, label, state)
     if trainer.distributed:
         dist.barrier()  # nobody runs ahead (or exits) while the main process writes
 
 
-def _write(trainer: Trainer, label: str, pools: list[dict], class_pixels: torch.Tensor | None) -> None:
+def _write(folder: Path, label: str, state: dict) -> None:
     """All of a checkpoint's files as one unit: a resume never mixes two saves."""
-    with save_file_set(trainer.run_folder, "checkpoint") as files:
+    with save_file_set(folder, "checkpoint") as files:
+        class_pixels = state["class_pixels"]
         if class_pixels is not None:
             files.write_text(CLASSES_FILE, json.dumps({"label_nc": len(class_pixels), "pixels": class_pixels.tolist()}))
-        files.save_torch(trainer.model.netG.state_dict(), f"{label}_net_G.pth")
-        files.save_torch(trainer.netD.state_dict(), f"{label}_net_D.pth")
-        if trainer.model.netE is not None:
-            files.save_torch(trainer.model.netE.state_dict(), f"{label}_net_E.pth")
-        files.save_torch(_state(trainer, pools, class_pixels), f"{label}_train_state.pth")
-        files.write_text("iter.txt", f"{trainer.epoch},{trainer.epoch_iter}\n")
+        for key in ("G", "D", "E"):
+            if f"net{key}" in state:
+                files.save_torch(state[f"net{key}"], f"{label}_net_{key}.pth")
+        files.save_torch(state, f"{label}_train_state.pth")
+        files.write_text("iter.txt", f"{state['epoch']},{state['epoch_iter']}\n")
 
 
 def resume(trainer: Trainer) -> None:
@@ -89,26 +72,16 @@ def _resume_state(trainer: Trainer, path: Path) -> None:
     if state["version"] not in (1, STATE_VERSION):
         raise TrainingError(f"{path} was written by another version of fastp2phd's trainer (state version "
                             f"{state['version']}, this one reads 1 and {STATE_VERSION}); continue it with that version")
-    if trainer.model.netE is not None and "netE" not in state:
+    if "E" in trainer.step.networks() and "netE" not in state:
         raise TrainingError(f"{path} has no encoder: it was trained without --instance_feat/--label_feat")
     try:
+        if state["version"] < 2:  # the main process's pool alone
+            state = {**state, "pools": [state["pool"]]}
         trainer.load_state_dict(state)
-        pools = state["pools"] if state["version"] >= 2 else [state["pool"]]
-        counted = state.get("class_pixels")  # the run's total: the main process carries it on
-        if trainer.is_main and counted is not None and trainer.class_pixels is not None:
-            trainer.class_pixels = counted.clone()
     except KeyError as exc:
         raise TrainingError(f"{path} lacks {exc} of a train state: it is damaged; remove it to continue from "
                             "the networks") from None
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    if state.get("world", 1) != trainer.world or len(pools) != trainer.world:
-        trainer.say(f"note: resuming a run of {state['world']} processes with {trainer.world}: the data order of the "
-                    "current epoch changes, and the image pools start empty")
-    else:
-        trainer.pool.load_state_dict(pools[trainer.rank], trainer.device)
-    trainer.say(f"resuming from {path} at epoch {trainer.epoch}, iteration {trainer.epoch_iter}")
+    trainer.say(f"resuming from {path} at epoch {state['epoch']}, iteration {state['epoch_iter']}")
 
 
 def _resume_networks(trainer: Trainer, label: str) -> None:
@@ -120,11 +93,13 @@ def _resume_networks(trainer: Trainer, label: str) -> None:
             f"--continue_train found nothing to continue in {folder} (no {label}_train_state.pth or "
             f"{label}_net_G.pth); drop --continue_train to start a new run, or check --name and --which_epoch"
         )
-    trainer.model.netG.load_state_dict(read_state_dict(g_path))
-    for net, key in ((trainer.netD, "D"), (trainer.model.netE, "E")):
+    nets = trainer.step.networks()
+    nets["G"].load_state_dict(read_state_dict(g_path))
+    for key in ("D", "E"):
         net_path = folder / f"{label}_net_{key}.pth"
-        if net is not None and net_path.is_file():
-            net.load_state_dict(read_state_dict(net_path))
+        if key in nets and net_path.is_file():
+            nets[key].load_state_dict(read_state_dict(net_path))
+    epoch, epoch_iter = 1, 0
     iter_path = folder / "iter.txt"
     if iter_path.is_file():
         text = iter_path.read_text(errors="replace")
@@ -133,10 +108,9 @@ def _resume_networks(trainer: Trainer, label: str) -> None:
         except ValueError:
             raise TrainingError(f"{iter_path} holds {text.strip()[:40]!r}, not 'epoch,iteration'; fix it, or remove "
                                 "it to start counting from epoch 1") from None
-        trainer.epoch, trainer.epoch_iter = epoch, epoch_iter
-    trainer.optimizer_G = trainer.make_optimizer_G(fix_global=trainer.epoch <= trainer.spec.niter_fix_global)
-    trainer.say(f"resuming from the networks in {folder} (no optimiser state) at epoch {trainer.epoch}, "
-                f"iteration {trainer.epoch_iter}")
+    trainer.start_at(epoch, epoch_iter)
+    trainer.say(f"resuming from the networks in {folder} (no optimiser state) at epoch {epoch}, "
+                f"iteration {epoch_iter}")
 
 
 def start_from(trainer: Trainer, folder: Path) -> None:
@@ -146,15 +120,16 @@ def start_from(trainer: Trainer, folder: Path) -> None:
     if not g_path.is_file():
         raise TrainingError(f"--load_pretrain {folder}: {g_path.name} is not there")
     state = read_state_dict(g_path)
+    nets = trainer.step.networks()
     if trainer.spec.model.netG == "local" and not any(k.startswith("model1_") for k in state):
-        trainer.model.netG.load_global_generator(state)
+        nets["G"].load_global_generator(state)
     else:
-        trainer.model.netG.load_state_dict(state)
-    for net, key in ((trainer.netD, "D"), (trainer.model.netE, "E")):
+        nets["G"].load_state_dict(state)
+    for key in ("D", "E"):
         path = folder / f"{label}_net_{key}.pth"
-        if net is not None and path.is_file():
+        if key in nets and path.is_file():
             try:
-                net.load_state_dict(read_state_dict(path))
+                nets[key].load_state_dict(read_state_dict(path))
             except CheckpointMismatchError as exc:  # e.g. another --num_D: D starts afresh, as in the original
                 trainer.say(f"not starting {key} from {path.name}: {exc}")
     trainer.say(f"started from the networks in {folder}")

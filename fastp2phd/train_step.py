@@ -1,8 +1,9 @@
 """One pix2pixHD training step: the networks, losses and optimisers of a run, and how a batch updates them.
 
 ``TrainStep`` holds G (and E), D, the losses, the image pool, the optimisers and
-the grad scaler; ``Trainer`` (``fastp2phd.training``) adds data, checkpoints and
-the loop, and ``fastp2phd.memory`` runs the same step on fake tensors.
+the grad scaler; ``Trainer`` (``fastp2phd.training``) holds one and adds data, the
+run's ``Position``, checkpoints and the loop, and ``fastp2phd.memory`` runs the same
+step on fake tensors.
 
 The step, as in the paper: G (and E) produce a fake image; the discriminators
 score (label, pooled fake) and (label, real) pairs for the D loss, and (label,
@@ -35,6 +36,19 @@ LOSS_NAMES = ("G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake")
 
 class TrainingError(Pix2PixHDError, RuntimeError):
     """Training cannot go on (bad data, a diverged loss, nothing to resume); the message says why."""
+
+
+class Position:
+    """Where a run is: its epoch (from 1), the images of it done, and the images done in all."""
+
+    def __init__(self, epoch: int = 1, epoch_iter: int = 0, total_steps: int = 0):
+        self.epoch, self.epoch_iter, self.total_steps = epoch, epoch_iter, total_steps
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "epoch_iter": self.epoch_iter, "total_steps": self.total_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.epoch_iter, self.total_steps = state["epoch"], state["epoch_iter"], state["total_steps"]
 
 
 class ImagePool:
@@ -122,13 +136,17 @@ class TrainStep:
     """The networks, losses and optimisers of a training run, and ``step(batch)``.
 
     ``vgg``: the VGG19 of the perceptual loss (default: pretrained weights, looked up
-    as ``fastp2phd.models.vgg`` says). ``on_phase``: called with the name of each
+    as ``fastp2phd.models.vgg`` says). ``position``: the run's (its trainer's), which the
+    step only reads: the epoch's learning rate for a new optimiser, and where a loss diverged
+    (default: a position of its own at the start). ``on_phase``: called with the name of each
     part of the step as it starts (the memory model attributes bytes with it).
     """
 
-    def __init__(self, spec: TrainSpec, device: torch.device, *, vgg: Vgg19 | None = None):
+    def __init__(self, spec: TrainSpec, device: torch.device, *, vgg: Vgg19 | None = None,
+                 position: Position | None = None):
         self.spec = spec
         self.device = device
+        self.position = Position() if position is None else position
         self.on_phase = lambda name: None
         self.model = moved(Pix2PixHD(spec.model, checkpoint=spec.checkpoint_activations), device)
         self.netD = moved(build_discriminator(spec), device)
@@ -141,7 +159,6 @@ class TrainStep:
         self.pool = ImagePool(spec.pool_size, spec.seed)
         self.amp_dtype = amp_dtype(spec, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        self.epoch, self.epoch_iter, self.total_steps = 1, 0, 0
         self.optimizer_D = torch.optim.Adam(self.netD.parameters(), lr=spec.lr, betas=(spec.beta1, 0.999))
         self.fixed_global = False
         self.optimizer_G = self.make_optimizer_G(fix_global=spec.niter_fix_global > 0)
@@ -151,6 +168,7 @@ class TrainStep:
                 if net is not None:
                     net.to(memory_format=torch.channels_last)
         self.gen, self.disc = self.model, self.netD  # DistributedDataParallel wrappers when several processes train
+        self.distributed = False
         compiled = compile_networks([self.model.netG, self.model.netE, self.netD, self.vgg_loss], spec.compile,
                                     device) if not is_fake(next(self.netD.parameters())) else False
         self.one_size = OneSize(spec.compile, device, compiled)
@@ -170,13 +188,44 @@ class TrainStep:
         if self.model.netE is not None:
             params += list(self.model.netE.parameters())
         self.fixed_global = fix_global
-        return torch.optim.Adam(params, lr=learning_rate(spec, self.epoch), betas=(spec.beta1, 0.999))
+        return torch.optim.Adam(params, lr=learning_rate(spec, self.position.epoch), betas=(spec.beta1, 0.999))
+
+    def train_whole_generator(self) -> None:
+        """End --niter_fix_global: from now on G's optimiser updates all of G (its Adam state starts afresh,
+        as in the original)."""
+        self.optimizer_G = self.make_optimizer_G(fix_global=False)
+        if self.distributed:  # DistributedDataParallel takes the parameters that need gradients when it is built
+            self.distribute()
+
+    def set_learning_rate(self, lr: float) -> None:
+        for optimizer in (self.optimizer_G, self.optimizer_D):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def networks(self) -> dict[str, nn.Module]:
+        """The networks under the original checkpoints' names: G, D and (with features) E."""
+        nets = {"G": self.model.netG, "D": self.netD}
+        if self.model.netE is not None:
+            nets["E"] = self.model.netE
+        return nets
+
+    def restart_optimizer_G(self, fix_global: bool) -> None:
+        """A fresh optimiser for G (and E): the networks came from files without optimiser state."""
+        self.optimizer_G = self.make_optimizer_G(fix_global=fix_global)
+
+    def distribute(self) -> None:
+        """DistributedDataParallel around G(+E) and D: the step then runs in one of several processes."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self.gen = DistributedDataParallel(self.model, device_ids=ids)
+        self.disc = DistributedDataParallel(self.netD, device_ids=ids)
+        self.distributed = True
 
     def state_dict(self) -> dict:
-        """The networks, the optimisers, the grad scaler and the position: what resumes the step bit for bit.
-        (The image pool and the random state are each process's own: the trainer saves those.)"""
+        """The networks, the optimisers and the grad scaler: what resumes the step bit for bit. (The position
+        is the trainer's; the image pool and the random state are each process's own: the trainer saves those.)"""
         state = {
-            "epoch": self.epoch, "epoch_iter": self.epoch_iter, "total_steps": self.total_steps,
             "fixed_global": self.fixed_global,
             "netG": self.model.netG.state_dict(), "netD": self.netD.state_dict(),
             "optimizer_G": self.optimizer_G.state_dict(), "optimizer_D": self.optimizer_D.state_dict(),
@@ -192,7 +241,6 @@ class TrainStep:
         self.netD.load_state_dict(state["netD"])
         if self.model.netE is not None:
             self.model.netE.load_state_dict(state["netE"])
-        self.epoch, self.epoch_iter, self.total_steps = state["epoch"], state["epoch_iter"], state["total_steps"]
         self.optimizer_G = self.make_optimizer_G(fix_global=state["fixed_global"])  # (its parameters depend on it)
         self.optimizer_G.load_state_dict(state["optimizer_G"])
         self.optimizer_D.load_state_dict(state["optimizer_D"])
@@ -215,7 +263,8 @@ class TrainStep:
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             raise TrainingError(
-                f"the loss {', '.join(bad)} is {values[bad[0]]} at epoch {self.epoch}, iteration {self.epoch_iter}: "
+                f"the loss {', '.join(bad)} is {values[bad[0]]} at epoch {self.position.epoch}, iteration "
+                f"{self.position.epoch_iter}: "
                 "training diverged; lower --lr, or try without --fp16"
             )
         return values

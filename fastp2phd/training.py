@@ -1,6 +1,7 @@
-"""Training pix2pixHD: the run (data, processes, the loop), built on ``TrainStep`` (one step:
-networks, losses, optimisers, mixed precision), ``train_state`` (checkpoints, exact resume,
-coarse-to-fine) and ``train_report`` (logs, TensorBoard, the web page).
+"""Training pix2pixHD: the run (data, processes, the loop). A ``Trainer`` holds a ``TrainStep`` (one step:
+networks, losses, optimisers, mixed precision) and the run's ``Position``; its ``state_dict`` is what
+``train_state`` saves and resumes (checkpoints, exact resume, coarse-to-fine); ``train_report`` writes
+the logs, TensorBoard and the web page.
 
 Several processes (``torchrun --nproc_per_node N -m fastp2phd train ...``) each take
 a shard of every epoch; G+E and D are wrapped in DistributedDataParallel
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 
 from . import train_state
@@ -28,7 +28,8 @@ from .errors import Pix2PixHDError
 from .files import remove_leftover_temporaries, write_text
 from .specs import TrainSpec, recorded_options
 from .train_report import TrainingReport
-from .train_step import LOSS_NAMES, TrainingError, TrainStep, learning_rate  # noqa: F401  (LOSS_NAMES: re-export)
+from .train_step import LOSS_NAMES  # noqa: F401  (a re-export)
+from .train_step import Position, TrainingError, TrainStep, learning_rate
 
 
 class EpochSampler(Sampler[int]):
@@ -70,8 +71,13 @@ def collate(items: list[dict]) -> dict:
     return batch
 
 
-class Trainer(TrainStep):
-    """Everything one training run needs; ``run()`` trains to the last epoch."""
+class Trainer:
+    """Everything one training run needs; ``run()`` trains to the last epoch.
+
+    Its resumable parts: ``step`` (the networks, optimisers and grad scaler: a ``TrainStep``, whose image
+    pool is this process's own), ``position`` (epoch and iterations; the sampler starts each epoch from it),
+    the random state and the count of pixels per class. ``state_dict()`` / ``load_state_dict()`` take and
+    restore all of them: what ``train_state`` saves and resumes."""
 
     def __init__(self, spec: TrainSpec, device: torch.device):
         from .data import DatasetError, create_dataset
@@ -90,6 +96,7 @@ class Trainer(TrainStep):
             raise TrainingError("--norm batch is not supported with several processes: its statistics would mix "
                                 "real and generated images; use --norm instance")
         self.is_main = self.rank == 0
+        self.spec, self.device = spec, device
         self.run_folder = spec.run_folder
         if self.is_main:
             _make_folder(self.run_folder)
@@ -117,26 +124,68 @@ class Trainer(TrainStep):
                                  num_workers=spec.nThreads, collate_fn=collate, drop_last=drop_last,
                                  pin_memory=device.type == "cuda", persistent_workers=False)
 
-        super().__init__(spec, device)
+        self.position = Position()
+        self.step = TrainStep(spec, device, position=self.position)
         # Pixels of each class this process has trained on (train_state writes the run's total).
         self.class_pixels = torch.zeros(spec.model.label_nc, dtype=torch.int64) if spec.model.label_nc else None
         self.report = TrainingReport(self.run_folder, spec.name, write=self.is_main, html=not spec.no_html,
                                      tensorboard=spec.tf_log, label_nc=spec.model.label_nc)
         if spec.continue_train:
             train_state.resume(self)
-            self.report.forget_after(self.total_steps)
+            self.report.forget_after(self.position.total_steps)
         elif spec.load_pretrain:
             train_state.start_from(self, Path(spec.load_pretrain))
-        self._wrap()
+        if self.distributed:
+            self.step.distribute()
 
-    def _wrap(self) -> None:
-        """DistributedDataParallel around G(+E) and D when several processes train."""
-        if not self.distributed:
-            self.gen, self.disc = self.model, self.netD
-            return
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        self.gen = DistributedDataParallel(self.model, device_ids=ids)
-        self.disc = DistributedDataParallel(self.netD, device_ids=ids)
+    def state_dict(self) -> dict:
+        """The run's resumable state, as ``<label>_train_state.pth`` holds it (less its version): the position,
+        the step's state, every process's image pool, the random state, the processes and the pixels of each
+        class trained on. With several processes every one calls it: it gathers their pools and counts."""
+        pools = [self.step.pool.state_dict()]
+        class_pixels = self.class_pixels
+        if self.distributed:
+            pools = [None] * self.world
+            dist.all_gather_object(pools, self.step.pool.state_dict())
+            if class_pixels is not None:  # each process counted its own batches
+                class_pixels = class_pixels.to(self.device if self.device.type == "cuda" else "cpu")
+                dist.all_reduce(class_pixels)
+                class_pixels = class_pixels.cpu()
+        return {
+            **self.position.state_dict(), **self.step.state_dict(), "pools": pools,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "world": self.world, "class_pixels": class_pixels,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s output (a KeyError names what a damaged one lacks). A state of
+        another number of processes keeps its networks and position; the pools start empty."""
+        self.position.load_state_dict(state)
+        self.step.load_state_dict(state)
+        pools = state["pools"]
+        counted = state.get("class_pixels")  # the run's total: the main process carries it on
+        if self.is_main and counted is not None and self.class_pixels is not None:
+            self.class_pixels = counted.clone()
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if state.get("world", 1) != self.world or len(pools) != self.world:
+            self.say(f"note: resuming a run of {state['world']} processes with {self.world}: the data order of the "
+                     "current epoch changes, and the image pools start empty")
+        else:
+            self.step.pool.load_state_dict(pools[self.rank], self.device)
+
+    def start_at(self, epoch: int, epoch_iter: int) -> None:
+        """Continue networks saved without the rest of a state (the original code's checkpoints) at
+        ``epoch``, ``epoch_iter``: G's optimiser starts afresh."""
+        self.position.load_state_dict({"epoch": epoch, "epoch_iter": epoch_iter,
+                                       "total_steps": self.position.total_steps})
+        self.step.restart_optimizer_G(fix_global=epoch <= self.spec.niter_fix_global)
+
+    def update(self, batch: dict) -> tuple[dict[str, float], torch.Tensor]:
+        """One step on ``batch``: the loss values and the generated images (the demo reports progress here)."""
+        return self.step.step(batch)
 
     def say(self, message: str) -> None:
         if self.is_main:
@@ -154,61 +203,57 @@ class Trainer(TrainStep):
         return dict(zip(values, (total / self.world).tolist()))
 
     def _crossed(self, before: int, freq: int) -> bool:
-        return before // freq != self.total_steps // freq
+        return before // freq != self.position.total_steps // freq
 
     def run(self) -> dict[str, float]:
         """Train to epoch niter + niter_decay; returns the last logged losses (mean over the processes)."""
-        spec = self.spec
+        spec, step, at = self.spec, self.step, self.position
         last_epoch = spec.niter + spec.niter_decay
         values: dict[str, float] = {}
         dataset_size = len(self.dataset)
-        if self.epoch_iter >= dataset_size:  # a checkpoint taken at the very end of an epoch
-            self.epoch, self.epoch_iter = self.epoch + 1, 0
-        self.say(f"training {spec.name}: {dataset_size} images, epochs {self.epoch}..{last_epoch}, "
+        if at.epoch_iter >= dataset_size:  # a checkpoint taken at the very end of an epoch
+            at.epoch, at.epoch_iter = at.epoch + 1, 0
+        self.say(f"training {spec.name}: {dataset_size} images, epochs {at.epoch}..{last_epoch}, "
                  f"{self.world} process(es) on {self.device}")
-        while self.epoch <= last_epoch:
-            if self.fixed_global and self.epoch > spec.niter_fix_global:
-                self.optimizer_G = self.make_optimizer_G(fix_global=False)  # now fine-tune all of G
-                self._wrap()
-                self.say(f"epoch {self.epoch}: training the whole generator")
-            lr = learning_rate(spec, self.epoch)
-            for optimizer in (self.optimizer_G, self.optimizer_D):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+        while at.epoch <= last_epoch:
+            if step.fixed_global and at.epoch > spec.niter_fix_global:
+                step.train_whole_generator()
+                self.say(f"epoch {at.epoch}: training the whole generator")
+            step.set_learning_rate(learning_rate(spec, at.epoch))
             if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(self.epoch)
-            self.sampler.set_epoch(self.epoch, skip=math.ceil(self.epoch_iter / self.world))
-            progress = progress_bar(dataset_size, f"epoch {self.epoch}", self.is_main and not spec.no_progress)
-            progress.update(self.epoch_iter)
+                self.dataset.set_epoch(at.epoch)
+            self.sampler.set_epoch(at.epoch, skip=math.ceil(at.epoch_iter / self.world))
+            progress = progress_bar(dataset_size, f"epoch {at.epoch}", self.is_main and not spec.no_progress)
+            progress.update(at.epoch_iter)
             start = time.time()
             for batch in self.loader:
-                before = self.total_steps
-                if self.class_pixels is not None:
+                before = at.total_steps
+                values, fake = self.update(batch)
+                if self.class_pixels is not None:  # (once the step has trained on them)
                     self.class_pixels += torch.bincount(batch["label"].reshape(-1), minlength=spec.model.label_nc)
-                values, fake = self.step(batch)
                 done = len(batch["path"]) * self.world
-                self.epoch_iter = min(self.epoch_iter + done, dataset_size)
-                self.total_steps += done
+                at.epoch_iter = min(at.epoch_iter + done, dataset_size)
+                at.total_steps += done
                 progress.update(done)
                 progress.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
                 if self._crossed(before, spec.print_freq):
                     values = self._mean_over_processes(values)
-                    self.report.log(values, self.epoch, self.epoch_iter, self.total_steps,
+                    self.report.log(values, at.epoch, at.epoch_iter, at.total_steps,
                                     (time.time() - start) / max(1, done))
                 if self._crossed(before, spec.display_freq):
-                    self.report.display(batch, fake, self.epoch, self.epoch_iter, self.total_steps)
+                    self.report.display(batch, fake, at.epoch, at.epoch_iter, at.total_steps)
                 if self._crossed(before, spec.save_latest_freq):
-                    self.say(f"saving the latest model (epoch {self.epoch}, total steps {self.total_steps})")
+                    self.say(f"saving the latest model (epoch {at.epoch}, total steps {at.total_steps})")
                     self.save("latest")
                 start = time.time()
             progress.close()
-            self.epoch_iter = dataset_size
-            if self.epoch % spec.save_epoch_freq == 0 or self.epoch == last_epoch:
-                self.say(f"saving the model at the end of epoch {self.epoch}")
+            at.epoch_iter = dataset_size
+            if at.epoch % spec.save_epoch_freq == 0 or at.epoch == last_epoch:
+                self.say(f"saving the model at the end of epoch {at.epoch}")
                 self.save("latest")
-                if self.epoch % spec.save_epoch_freq == 0:
-                    self.save(str(self.epoch))
-            self.epoch, self.epoch_iter = self.epoch + 1, 0
+                if at.epoch % spec.save_epoch_freq == 0:
+                    self.save(str(at.epoch))
+            at.epoch, at.epoch_iter = at.epoch + 1, 0
         self.report.close()
         return values
 
