@@ -109,6 +109,7 @@ sys.path.insert(0, {tests!r})
 from test_file_sets import save_version
 root = Path({root!r})
 version = 2
+print("saving", flush=True)
 while True:
     save_version(root, version)
     version += 1
@@ -123,10 +124,12 @@ def test_kill_9_at_random_moments_leaves_exactly_one_complete_set(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     for _ in range(12):
         code = textwrap.dedent(KILLED_WRITER).format(tests=str(ROOT / "tests"), root=str(root))
-        writer = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT)
-        time.sleep(1.0 + rng.random())  # the import takes most of a second; then it saves in a loop
+        writer = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE)
+        assert writer.stdout.readline() == b"saving\n"  # imported (seconds on a busy machine); now it saves in a loop
+        time.sleep(0.05 + 0.5 * rng.random())
         writer.send_signal(signal.SIGKILL)
         writer.wait()
+        writer.stdout.close()
         remove_leftover_temporaries(root, recursive=True)  # what the next command does first
         found = versions(root)
         assert len(found) == 1, found
