@@ -35,11 +35,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 
 if wants tests; then
 step "GPU tests"
-timeout 240 "$py" -m pytest tests/test_cuda.py tests/test_triton_compile.py tests/test_compiling.py \
-    tests/test_instance_mean_graph_safe.py -q -p no:cacheprovider >"$out/tests.log" 2>&1 || status=1
+timeout 240 "$py" -m pytest tests/ops/test_cuda.py tests/ops/*/test_cuda*.py tests/ops/test_triton_compile.py \
+    tests/test_compiling.py -q -p no:cacheprovider >"$out/tests.log" 2>&1 || status=1
 tail -3 "$out/tests.log"
 # The hard-input accuracy suite on the Triton kernels, compiled this time (the interpreter runs it everywhere).
-timeout 120 "$py" -m pytest tests/test_hard_inputs.py -q -p no:cacheprovider -k "cuda" \
+timeout 120 "$py" -m pytest tests/ops/instance_norm_act/test_hard_inputs.py -q -p no:cacheprovider -k "cuda" \
     >"$out/hard-inputs.log" 2>&1 || status=1
 tail -3 "$out/hard-inputs.log"
 fi
@@ -51,7 +51,7 @@ step "memcheck"
 # allocation, so an access past a tensor's end is outside any allocation and is reported.
 if command -v compute-sanitizer >/dev/null 2>&1; then
     if PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck --error-exitcode 99 \
-        "$py" -m pytest tests/test_cuda.py -q -x -p no:cacheprovider -k "views and -0]" >"$out/memcheck.log" 2>&1; then
+        "$py" -m pytest tests/ops/*/test_cuda.py -q -x -p no:cacheprovider -k "views and -0]" >"$out/memcheck.log" 2>&1; then
         echo "memcheck: no errors"
     else
         status=1; echo "memcheck: FAILED"; grep -m5 -E "Invalid|ERROR SUMMARY|failed|Error" "$out/memcheck.log"

@@ -13,7 +13,7 @@ promises (``memory_format_of`` of the input) and never alias an input.
 The drivers (``check_instance_norm_act``, ``check_instance_mean``,
 ``check_boundary_map``) take the impl and device, so the C++ paths (main
 suite), the Triton kernels (interpreter suite) and the CUDA paths
-(``test_cuda.py``) run the same sweep.
+(``tests/ops/<op>/test_cuda.py``) run the same sweep.
 """
 from __future__ import annotations
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from support import rel_err
-from test_nn import count_op_calls
 from torch import nn
 
 from fastp2phd import fuse_modules
 from fastp2phd.nn.fuse import FusedInstanceNorm2d, FusedSequential
+
+from .test_nn import count_op_calls
 
 IMPLS = ["reference", "auto"]
 

@@ -1,6 +1,6 @@
 """instance_mean's Triton path on a GPU never waits for the device: CUDA's sync debug mode finds no
 synchronisation, and a CUDA graph holds forward and backward and replays them on other ids.
-(Without a GPU, tests/interpreter/test_instance_mean_triton.py checks the same launcher for syncs.)"""
+(Without a GPU, tests/interpreter/instance_mean/test_no_host_sync.py checks the same launcher for syncs.)"""
 from __future__ import annotations
 
 import pytest
