@@ -10,8 +10,9 @@ float64 on each, in every dtype, forward and backward, by the rule the op's docs
                        2 * the dtype's unit roundoff)
 
 and the fast paths in float64 within 1e-10. The last term is the floor where the others are exactly 0 (a constant
-plane): one rounding of the output is always allowed. tests/test_hard_inputs.py runs it for the
-reference and the CPU kernel, tests/interpreter/test_hard_inputs_triton.py for the Triton kernels.
+plane): one rounding of the output is always allowed. tests/ops/instance_norm_act/test_hard_inputs.py
+runs it for the reference, the CPU kernel and (on a GPU) the Triton kernels;
+tests/interpreter/instance_norm_act/test_hard_inputs.py for the Triton kernels in the interpreter.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""instance_norm_act's Triton kernels in the interpreter, one file per concern (tests/README.md has the map)."""
