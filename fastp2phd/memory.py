@@ -225,7 +225,7 @@ def estimate_training_step(spec: TrainSpec, size: tuple[int, int] | None = None,
     from torch.utils.flop_counter import FlopCounterMode
 
     from .models.vgg import Vgg19
-    from .ops._dispatch import emulate_device
+    from .ops._dispatch import memory_model_device
     from .train_step import TrainStep
 
     if not fake and device_type != "cpu":
@@ -235,7 +235,7 @@ def estimate_training_step(spec: TrainSpec, size: tuple[int, int] | None = None,
     check_size(spec.model, size)
     tracker = LiveBytes()
     flops = FlopCounterMode(display=False)
-    with FakeTensorMode() if fake else contextlib.nullcontext(), tracker, emulate_device(device_type):
+    with FakeTensorMode() if fake else contextlib.nullcontext(), tracker, memory_model_device(device_type):
         tracker.label = "parameters and buffers"
         step = step_class(spec, torch.device("cpu"), vgg=None if spec.no_vgg_loss else Vgg19(pretrained=False))
         tracker.label = "batch"
@@ -264,13 +264,13 @@ def estimate_inference(model_spec: ModelSpec, size: tuple[int, int], batch: int 
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .ops._dispatch import emulate_device
+    from .ops._dispatch import memory_model_device
     from .pix2pixhd import Pix2PixHD
 
     check_size(model_spec, size)
     tracker = LiveBytes()
     flops = FlopCounterMode(display=False)
-    with FakeTensorMode(), tracker, emulate_device(device_type), torch.no_grad():
+    with FakeTensorMode(), tracker, memory_model_device(device_type), torch.no_grad():
         tracker.label = "parameters and buffers"
         model = Pix2PixHD(model_spec).eval()
         tracker.label = "batch"

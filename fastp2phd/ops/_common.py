@@ -112,7 +112,9 @@ def exporting() -> bool:
 
 
 def is_fake(t) -> bool:
-    """Whether ``t`` is a fake tensor (shapes and dtypes, no values), as the memory model runs the step on."""
+    """Whether ``t`` is a fake tensor: shape, dtype and device, no values. The memory model (fastp2phd/memory.py)
+    runs whole training steps on such tensors, so production code asks this where it would read values (a data
+    check, a host read of the losses) or compile networks, and skips that work: there is nothing to read."""
     from torch._subclasses.fake_tensor import is_fake as _is_fake
 
     return isinstance(t, torch.Tensor) and _is_fake(t)

@@ -56,20 +56,25 @@ class FastPath:
         return self.device_type
 
 
-_emulated_device: Optional[str] = None
+_memory_model_device: Optional[str] = None
 
 
 @contextlib.contextmanager
-def emulate_device(device_type: str):
-    """Inside, ``"auto"`` picks the fast paths of ``device_type`` whatever the tensors' device, including
-    paths that cannot run here but whose op is registered. Only for fake tensors, where nothing but fake
-    kernels runs: the memory model estimates a CUDA step on a machine without one this way."""
-    global _emulated_device
-    previous, _emulated_device = _emulated_device, device_type
+def memory_model_device(device_type: str):
+    """The memory model's one seam in op dispatch (fastp2phd/memory.py): inside, ``"auto"`` picks the fast
+    paths of ``device_type`` whatever device the tensors are on, and takes a path that cannot run here when
+    its op is registered (its fake kernel is all that runs on fake tensors).
+
+    Production code has it because ``fastp2phd memory`` and the image-size checks of training and
+    inference estimate a CUDA step on fake tensors, on any machine: without it, those tensors' CPU device
+    would select the CPU paths, whose memory is not the GPU's. Only the memory model enters it: around steps
+    on fake tensors, and (``device_type="cpu"``) around the real CPU step its tests compare the estimate with."""
+    global _memory_model_device
+    previous, _memory_model_device = _memory_model_device, device_type
     try:
         yield
     finally:
-        _emulated_device = previous
+        _memory_model_device = previous
 
 
 def default_impl() -> str:
@@ -86,9 +91,9 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
     if impl == "auto":
         if default_impl() == "reference":
             return None
-        device_type = _emulated_device or device.type
+        device_type = _memory_model_device or device.type
         for path in fast_paths:
-            usable = path.unavailable is None or (_emulated_device is not None and path.registered_anywhere)
+            usable = path.unavailable is None or (_memory_model_device is not None and path.registered_anywhere)
             if path.device_type == device_type and usable:
                 return path if _allowed_by_deterministic_mode(op, path, asked_by_name=False) else None
         return None
