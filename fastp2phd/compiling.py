@@ -13,8 +13,8 @@ Modes: ``default`` (Inductor), ``reduce-overhead`` (Inductor + CUDA graphs; on t
 For inference (``freeze=True``: ``load_run``, ``test --compile``), calls without autograd compile with
 Inductor's *freezing*: the weights become constants of the compiled code, so convolutions run on
 oneDNN-prepacked weights and constant work folds away. Measured on a 2-core AMD EPYC (AVX512-BF16),
-1024p generator at 512x1024, channels_last, one run: fp32 2679 ms eager, 2282 ms frozen; bf16 1352 ms
-eager, 957 ms frozen. Frozen code would silently keep (part of) the old weights after an in-place change
+1024p generator at 512x1024, channels_last, one bench run: fp32 2440 ms eager, 2259 ms frozen; bf16
+1271 ms eager, 1041 ms frozen (bench/REPORT.md, "inference precision"). Frozen code would silently keep (part of) the old weights after an in-place change
 (``load_state_dict``, an optimizer step under ``no_grad``), so each call compares the weights' version
 counters with those it froze, and compiles afresh when they changed.
 """
