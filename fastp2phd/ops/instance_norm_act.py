@@ -299,7 +299,8 @@ def instance_norm_act(
     Accuracy: on every path the error against float64 is at most twice that of
     ``nn.InstanceNorm2d`` + the activation in x's dtype, and at most twice the reference path's
     (float64: within 1e-10). The fast paths keep float64 statistics and never accumulate in x's
-    16-bit type.
+    16-bit type (the CPU kernel sums 16-bit input in float32 blocks of 2048 values, merged in
+    float64: about 1e-6 relative, far below y's rounding).
 
     Differentiable in every mode (backward, double backward, forward-mode AD, vmap); the output
     may be modified in place before backward.

@@ -87,9 +87,15 @@ def test_python_kernels_of_the_operator_match_the_compiled_ones(case, dtype):
     assert (dx.double() - expected_dx).abs().max() <= bound * (expected_rstd.max() * dy.abs().max()).item()
     if hasattr(torch.ops.fastp2phd.instance_norm_act.default, "_op"):  # the compiled kernel, where there is one
         y_c, mean_c, rstd_c = torch.ops.fastp2phd.instance_norm_act(x, "leaky_relu", 0.01, 1e-5)
-        # (float64 statistics: equal to summation order; float32 rstd: a rounding of each)
-        assert rel_err(mean, mean_c) <= 1e-12
-        assert rel_err(rstd, rstd_c) <= (1e-12 if rstd.dtype == torch.float64 else 4 * hard_inputs_roundoff(rstd.dtype))
+        if x.element_size() >= 4:  # float64 sums on both sides: equal to summation order; float32 rstd: a rounding
+            assert rel_err(mean, mean_c) <= 1e-12
+            assert rel_err(rstd, rstd_c) <= (1e-12 if rstd.dtype == torch.float64 else
+                                             4 * hard_inputs_roundoff(rstd.dtype))
+        else:  # the C++ kernel sums a 2048-value block of 16-bit input in float32 (16 lanes of 128 additions)
+            block_sums = 256 * hard_inputs_roundoff(torch.float32)  # 1.5e-5: 1/256 of bfloat16's rounding of y
+            spread = (x.double() - x.flatten(2)[:, :, :1, None].double()).abs().amax(dim=(2, 3)).flatten()
+            assert ((mean - mean_c).abs() <= block_sums * spread).all()
+            assert rel_err(rstd, rstd_c) <= block_sums
 
 
 def hard_inputs_roundoff(dtype):
