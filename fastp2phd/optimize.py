@@ -10,8 +10,12 @@ input and output. On a 2-core AMD EPYC (AVX512-BF16), one run, batch 1:
 | 512p at 256x512 | 1551 ms | 1482 ms (1.05x) | 737 ms | 703 ms (1.05x) |
 | 512p at 512x1024 (bench run) | 5844 ms | 6228 ms (**0.94x**) | 3121 ms | 2974 ms (1.05x) |
 
-It is not a win everywhere: the 512p generator's 1024-channel residual blocks ran slower NHWC in fp32
-at 512x1024 (bench/REPORT.md, "inference precision", has every row beside onnxruntime's).
+It is not a win everywhere: oneDNN's NHWC 3x3 convolution of a wide, small plane is slower than its NCHW
+one (1024 channels at 32x64, fp32: 217 ms NHWC, 188 ms NCHW), so the residual blocks of 512 channels or
+more (the global generator's) stay NCHW, behind a pre-hook that makes their input contiguous. With that,
+the 1024p generator at 1024x2048 in fp32 took 7.7 s instead of 8.7-10.0 s (onnxruntime 8.8-9.0 s in the
+same run), and nothing changed at 512x1024 or in bf16 (one ad-hoc run, same machine, freed memory kept;
+bench/REPORT.md, "inference precision", has the bench's rows beside onnxruntime's).
 
 Folding each ``ReflectionPad2d`` into the convolution after it (``padding_mode="reflect"``) was
 measured too and left out: it changed nothing on top of channels_last (2352 vs 2351 ms), since
@@ -25,9 +29,13 @@ import warnings
 import torch
 from torch import nn
 
+from .models.generator import ResnetBlock
+
+WIDE_BLOCK_CHANNELS = 512  # residual blocks this wide stay NCHW (measured at 1024, the published models' width)
+
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:
-    """Switch ``model`` to channels_last, in place; returns it. Weights, state_dict keys and results
+    """Switch ``model`` to channels_last (its wide residual blocks to NCHW), in place; returns it. Weights, state_dict keys and results
     (to about 2e-5) stay as they were, and checkpoints load into it as before.
 
     For a model in eval mode (``load_run`` returns one; ``load_run(optimize=True)``, ``fastp2phd test
@@ -38,4 +46,19 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
         warnings.warn("optimize_for_inference: the model is in training mode; call model.eval() first "
                       "(the model is returned unchanged)", stacklevel=2)
         return model
-    return model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)
+    for block in model.modules():
+        if isinstance(block, ResnetBlock) and _width(block) >= WIDE_BLOCK_CHANNELS:
+            block.to(memory_format=torch.contiguous_format)
+            if not getattr(block, "_takes_nchw", False):  # once, so optimizing again adds no second hook
+                block.register_forward_pre_hook(_nchw_input)
+                block._takes_nchw = True
+    return model
+
+
+def _width(block: ResnetBlock) -> int:
+    return next(m for m in block.conv_block if isinstance(m, nn.Conv2d)).in_channels
+
+
+def _nchw_input(block: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])

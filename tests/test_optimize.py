@@ -37,7 +37,7 @@ def test_optimized_model_generates_the_same_images_with_the_same_state_dict(name
     keys = {k: v.clone() for k, v in model.state_dict().items()}
     assert optimize_for_inference(model) is model
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)  # narrow blocks
     actual = model.generate(label, inst, image)[0]
     assert actual.is_contiguous() and actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=0, atol=3e-5)
@@ -100,3 +100,28 @@ def test_the_editor_runs_in_bf16_where_the_cpu_has_it_and_test_stays_fp32(monkey
     for native, expected in (("AVX512-BF16", "bf16"), (None, "fp32")):
         monkeypatch.setattr(diagnostics, "cpu_bf16", lambda native=native: native)
         assert fastest_precision("cpu") == expected and _precision(edit) == expected and _precision(test) == "fp32"
+
+
+def test_wide_residual_blocks_stay_nchw_and_the_rest_channels_last():
+    """oneDNN's NCHW 3x3 conv is the faster one on wide small planes: blocks of >= 512 channels stay NCHW."""
+    from fastp2phd.models.generator import ResnetBlock
+    from fastp2phd.optimize import WIDE_BLOCK_CHANNELS
+
+    torch.manual_seed(0)
+    model = Pix2PixHD(ModelSpec(ngf=8, n_downsample_global=WIDE_BLOCK_CHANNELS.bit_length() - 4,
+                                n_blocks_global=2)).eval()
+    label, inst, _ = scene(128, 256)  # planes of 2x4 in the blocks
+    expected = model.generate(label, inst)[0]
+    blocks = [m for m in model.modules() if isinstance(m, ResnetBlock)]
+    optimize_for_inference(model)
+    optimize_for_inference(model)  # a second call adds no second hook
+    layouts = []
+    for block in blocks:
+        block.register_forward_hook(lambda m, args, out: layouts.append((args[0].is_contiguous(), out.is_contiguous())))
+    for module in model.netG.modules():
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            wide = any(module is c for b in blocks for c in b.modules())
+            assert module.weight.is_contiguous(memory_format=torch.contiguous_format if wide else torch.channels_last)
+    actual = model.generate(label, inst)[0]
+    assert layouts == [(True, True)] * len(blocks) and all(len(b._forward_pre_hooks) == 1 for b in blocks)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=3e-5)
