@@ -35,8 +35,9 @@ WIDE_BLOCK_CHANNELS = 512  # residual blocks this wide stay NCHW (measured at 10
 
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:
-    """Switch ``model`` to channels_last (its wide residual blocks to NCHW), in place; returns it. Weights, state_dict keys and results
-    (to about 2e-5) stay as they were, and checkpoints load into it as before.
+    """Switch ``model`` to channels_last (its wide residual blocks to NCHW), in place; returns it.
+    Weights, state_dict keys and results (to about 2e-5) stay as they were, and checkpoints load into
+    it as before.
 
     For a model in eval mode (``load_run`` returns one; ``load_run(optimize=True)``, ``fastp2phd test
     --optimize`` and the editor call this). A model in training mode is returned unchanged, with a
@@ -50,9 +51,8 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     for block in model.modules():
         if isinstance(block, ResnetBlock) and _width(block) >= WIDE_BLOCK_CHANNELS:
             block.to(memory_format=torch.contiguous_format)
-            if not getattr(block, "_takes_nchw", False):  # once, so optimizing again adds no second hook
+            if _nchw_input not in block._forward_pre_hooks.values():  # optimizing again adds no second hook
                 block.register_forward_pre_hook(_nchw_input)
-                block._takes_nchw = True
     return model
 
 
