@@ -27,6 +27,14 @@ sys.path.insert(0, str(BENCH))
 
 from harness import Settings  # noqa: E402
 
+from fastp2phd.cpu_allocator import keep_freed_memory  # noqa: E402
+
+
+def pytest_configure(config):
+    # Every torch row runs as the fastp2phd commands run it: with freed CPU memory kept for reuse
+    # (fastp2phd.cpu_allocator), not paying page faults on each large allocation.
+    keep_freed_memory()
+
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastp2phd benchmarks")

@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from fastp2phd.cpu_allocator import release_freed_memory
 from fastp2phd.data import cityscapes_like_instances
 
 
@@ -107,6 +108,9 @@ def peak_memory_mb(fn: Callable[[], object], settings: Settings) -> float | None
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     if not os.path.exists("/proc/self/statm"):
         return None
+    # The session keeps freed memory (conftest.py), so without this the call would reuse pages already
+    # resident and its growth would read 0; released, they fault in again and count.
+    release_freed_memory()
     with _PeakRSS() as rss:
         fn()
     return rss.megabytes

@@ -9,7 +9,8 @@ at 1x64x512x1024 took 19 ms instead of 44.
 
 The cost is that the process keeps its peak memory until it exits, which suits the ``fastp2phd``
 commands (they call ``keep_freed_memory`` first) but is a choice for a library user to make: call it
-at the start of a program that runs pix2pixHD on the CPU.
+at the start of a program that runs pix2pixHD on the CPU, and ``release_freed_memory`` to hand what was
+kept back to the system at a quiet moment.
 """
 from __future__ import annotations
 
@@ -21,19 +22,34 @@ _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt
 _LARGEST = 2**31 - 1  # mallopt takes an int
 
 
+def _glibc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Make glibc keep freed blocks of any size for reuse instead of returning them to the system.
 
     Returns whether it took effect: only on Linux with glibc (elsewhere, nothing changes).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
-    return all(libc.mallopt(param, value) == 1 for param, value in (
+    libc = _glibc()
+    return libc is not None and all(libc.mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, _LARGEST),  # large blocks come from the heap, so free() keeps them there
         (_M_TRIM_THRESHOLD, _LARGEST),  # and the heap's top is not handed back either
         (_M_TOP_PAD, 64 << 20),  # grow the heap in steps of 64 MiB rather than page by page
     ))
+
+
+def release_freed_memory() -> bool:
+    """Hand the freed memory that ``keep_freed_memory`` keeps back to the system now (glibc's malloc_trim).
+
+    The live tensors stay where they are; the next large allocation faults its pages in again. The
+    benchmarks call it before they measure one call's peak resident memory, which would otherwise read
+    as 0 for every call after the first. Returns whether anything was released (False without glibc).
+    """
+    libc = _glibc()
+    return libc is not None and libc.malloc_trim(0) == 1

@@ -1,5 +1,6 @@
 """keep_freed_memory: a large CPU tensor allocated again after a free reuses its pages (no page faults),
-and the fastp2phd command line turns it on while importing the library does not."""
+release_freed_memory hands those pages back, and the fastp2phd command line turns keeping on while
+importing the library does not."""
 from __future__ import annotations
 
 import os
@@ -16,10 +17,12 @@ GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 # right after the first block, the second comes fresh from the heap's top (and faults) once.
 PROBE = """
 import resource, sys, torch
-from fastp2phd.cpu_allocator import keep_freed_memory
+from fastp2phd.cpu_allocator import keep_freed_memory, release_freed_memory
 
-def last_allocation_faults():
+def last_allocation_faults(release=False):
     for round in range(4):
+        if release:
+            assert release_freed_memory()
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         x = torch.empty(32 << 20)
         x.fill_(1)
@@ -27,12 +30,11 @@ def last_allocation_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 {setup}
-print(last_allocation_faults())
 """
 
 
-def faults_after(setup: str) -> int:
-    code = textwrap.dedent(PROBE).format(setup=textwrap.dedent(setup))
+def faults_after(setup: str, probe: str = "print(last_allocation_faults())") -> int:
+    code = textwrap.dedent(PROBE).format(setup=textwrap.dedent(setup)) + probe
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return int(out.stdout.split()[-1])
@@ -43,6 +45,12 @@ def test_freed_blocks_are_reused_once_kept_and_not_before():
     pages = (128 << 20) // os.sysconf("SC_PAGE_SIZE")
     assert faults_after("") > pages // 2  # glibc's default: every page faults again
     assert faults_after("assert keep_freed_memory()") < pages // 100
+
+
+@pytest.mark.skipif(not GLIBC, reason="needs Linux with glibc")
+def test_released_blocks_fault_in_again_while_kept():
+    pages = (128 << 20) // os.sysconf("SC_PAGE_SIZE")
+    assert faults_after("assert keep_freed_memory()", "print(last_allocation_faults(release=True))") > pages // 2
 
 
 @pytest.mark.skipif(not GLIBC, reason="needs Linux with glibc")
