@@ -125,3 +125,64 @@ def test_wide_residual_blocks_stay_nchw_and_the_rest_channels_last():
     actual = model.generate(label, inst)[0]
     assert layouts == [(True, True)] * len(blocks) and all(len(b._forward_pre_hooks) == 1 for b in blocks)
     torch.testing.assert_close(actual, expected, rtol=0, atol=3e-5)
+
+
+def row_split(conv: nn.Conv2d) -> nn.Conv2d:
+    from fastp2phd.optimize import RowSplitConv2d
+
+    split = copy.deepcopy(conv)
+    split.__class__ = RowSplitConv2d
+    return split
+
+
+@pytest.mark.parametrize("in_channels, out_channels, kernel, bias", [
+    (32, 3, (7, 7), True), (5, 1, (3, 3), False), (4, 4, (5, 3), True), (3, 2, (2, 6), True)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided view"])
+def test_row_split_convolution_equals_the_convolution_with_its_gradients(in_channels, out_channels, kernel, bias,
+                                                                         layout):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, bias=bias).double()
+    split = row_split(conv)
+    base = torch.full((2, in_channels + 3, 23, 40), float("nan"), dtype=torch.float64)  # sentinels around the view
+    base[:, 1:in_channels + 1, 2:21, 3:37] = torch.randn(2, in_channels, 19, 34, dtype=torch.float64)
+    x = base[:, 1:in_channels + 1, 2:21, 3:37]
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided view":
+        x = x[..., ::2]
+    x.requires_grad_(True)
+    expected, actual = conv(x), split(x)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+    grad = torch.randn_like(expected)
+    want = torch.autograd.grad(expected, [x, *conv.parameters()], grad)
+    got = torch.autograd.grad(actual, [x, *split.parameters()], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16])
+def test_row_split_convolution_is_no_less_accurate_than_the_convolution(autocast):
+    """Against float64, on a hard input (a large mean with a small spread), in float32 and under bf16 autocast
+    (where it also keeps the convolution's output dtype)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 3, 7)
+    split = row_split(conv)
+    x = (50 + 0.01 * torch.randn(1, 32, 70, 90)).contiguous(memory_format=torch.channels_last)
+    exact = conv.double()(x.double())
+    conv.float()
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=autocast is not None):
+        expected, actual = conv(x), split(x)
+    assert actual.dtype == expected.dtype == (autocast or torch.float32)
+    assert (actual.double() - exact).abs().max() <= (expected.double() - exact).abs().max()
+
+
+def test_only_the_generators_few_output_convolution_is_split():
+    from fastp2phd.optimize import RowSplitConv2d
+
+    model = Pix2PixHD(SPECS["global"]).eval()
+    optimize_for_inference(model)
+    split = [m for m in model.modules() if isinstance(m, RowSplitConv2d)]
+    assert split == [model.netG.model[-2]]  # the 7x7 convolution to 3 image channels, before the tanh
+    for conv in (nn.Conv2d(8, 3, 7, padding=3), nn.Conv2d(8, 3, 7, stride=2), nn.Conv2d(8, 4, 3, groups=2),
+                 nn.Conv2d(8, 8, 7), nn.Conv2d(8, 3, 1), nn.Conv2d(8, 3, 3, dilation=2)):
+        assert not RowSplitConv2d.suits(conv), conv
