@@ -186,3 +186,13 @@ def test_only_the_generators_few_output_convolution_is_split():
     for conv in (nn.Conv2d(8, 3, 7, padding=3), nn.Conv2d(8, 3, 7, stride=2), nn.Conv2d(8, 4, 3, groups=2),
                  nn.Conv2d(8, 8, 7), nn.Conv2d(8, 3, 1), nn.Conv2d(8, 3, 3, dilation=2)):
         assert not RowSplitConv2d.suits(conv), conv
+
+
+def test_the_generators_first_convolutions_skip_the_label_maps_zeros():
+    from fastp2phd.optimize import SparseInputConv2d
+
+    model = Pix2PixHD(SPECS["local with features"]).eval()
+    optimize_for_inference(model)
+    sparse = [m for m in model.modules() if isinstance(m, SparseInputConv2d)]
+    assert sparse == [model.netG.model[1], model.netG.model1_1[1]]  # the global and the local branch's 7x7
+    assert not any(isinstance(m, SparseInputConv2d) for m in model.netE.modules())  # E reads a photo

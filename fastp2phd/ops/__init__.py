@@ -7,6 +7,7 @@ from ._dispatch import IMPL_ENV, default_impl
 from .boundary_map import boundary_map, boundary_map_reference
 from .instance_mean import instance_mean, instance_mean_reference
 from .instance_norm_act import ACTIVATIONS, instance_norm_act, instance_norm_act_reference
+from .sparse_input_conv2d import sparse_input_conv2d, sparse_input_conv2d_reference
 
 
 def fast_paths() -> dict:
@@ -14,7 +15,7 @@ def fast_paths() -> dict:
     import importlib
 
     return {op: importlib.import_module(f"{__name__}.{op}").FAST_PATHS
-            for op in ("boundary_map", "instance_mean", "instance_norm_act")}
+            for op in ("boundary_map", "instance_mean", "instance_norm_act", "sparse_input_conv2d")}
 
 __all__ = [
     "ACTIVATIONS",
@@ -27,4 +28,6 @@ __all__ = [
     "instance_mean_reference",
     "instance_norm_act",
     "instance_norm_act_reference",
+    "sparse_input_conv2d",
+    "sparse_input_conv2d_reference",
 ]

@@ -10,6 +10,7 @@ op                   CPU                                             CUDA
 boundary_map         C++ (``csrc/``), else the PyTorch reference     CUDA C++, else the reference
 instance_mean        C++, else the reference                         Triton (``kernels/``), else the reference
 instance_norm_act    C++, else the reference                         Triton, else the reference
+sparse_input_conv2d  C++, else the reference                         the reference (``F.conv2d``)
 ==================== =============================================== =====================================
 
 The C++ extension registers its kernels (``TORCH_LIBRARY_IMPL``) when it is imported,
@@ -44,6 +45,8 @@ SCHEMAS = {
     "instance_norm_act_input_grad": "instance_norm_act_input_grad(Tensor? grad_y, Tensor? grad_mean, "
                                     "Tensor? grad_rstd, Tensor x, Tensor mean, Tensor rstd, str activation, "
                                     "float negative_slope) -> Tensor",
+    # F.conv2d(x, weight, bias), stride 1, no padding, for x with few nonzero channels per pixel.
+    "sparse_input_conv2d": "sparse_input_conv2d(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
 }
 
 LIBRARY = torch.library.Library(NAMESPACE, "DEF")

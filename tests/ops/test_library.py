@@ -10,13 +10,14 @@ from fastp2phd.ops import _library
 
 def test_every_schema_is_defined_once_in_python():
     assert set(_library.SCHEMAS) == {"boundary_map", "instance_mean", "instance_norm_act",
-                                     "instance_norm_act_backward", "instance_norm_act_input_grad"}
+                                     "instance_norm_act_backward", "instance_norm_act_input_grad", "sparse_input_conv2d"}
     for name, schema in _library.SCHEMAS.items():
         assert str(_library.op(name)._schema) == f"fastp2phd::{schema}"
     assert {name for name in dir(torch.ops.fastp2phd) if not name.startswith("_")} >= set(_library.SCHEMAS)
 
 
-@pytest.mark.parametrize("name", ["boundary_map", "instance_mean", "instance_norm_act", "instance_norm_act_backward"])
+@pytest.mark.parametrize("name", ["boundary_map", "instance_mean", "instance_norm_act", "instance_norm_act_backward",
+                                  "sparse_input_conv2d"])
 def test_every_operator_has_cpu_and_cuda_kernels(name):
     for key in ("CPU", "CUDA"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastp2phd::{name}", key), (name, key)
@@ -49,6 +50,10 @@ CALLS = {
     "backward, float32 mean": (lambda: torch.ops.fastp2phd.instance_norm_act_backward(
         torch.empty(1, 3, 4, 4), torch.empty(1, 3, 4, 4), torch.empty(3), torch.empty(3), "relu", 0.0),
         r"mean must be \(3,\) torch.float64"),
+    "sparse_input_conv2d, channels": (lambda: torch.ops.fastp2phd.sparse_input_conv2d(
+        torch.empty(1, 3, 8, 8), torch.empty(2, 4, 3, 3), None), "do not match"),
+    "sparse_input_conv2d, small input": (lambda: torch.ops.fastp2phd.sparse_input_conv2d(
+        torch.empty(1, 3, 2, 8), torch.empty(2, 3, 3, 3), None), "smaller than the kernel"),
 }
 
 

@@ -1,0 +1,130 @@
+"""sparse_input_conv2d equals F.conv2d (stride 1, no padding): on label-like inputs in every layout, on inputs
+that leave the sparse path (dense, non-finite weights, 16-bit), under autograd, forward AD and autocast, and
+it is at least as accurate against float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fastp2phd import ops
+from fastp2phd.errors import InvalidArgumentError
+from tests.support import requires_extension
+
+pytestmark = requires_extension
+
+
+def label_like(n, c, h, w, *, extra=0, seed=0, dtype=torch.float64):
+    """A one-hot map of blocky labels over c - 1 channels, a boundary-like last channel, and ``extra`` more
+    nonzero values at a few pixels (beyond the two the kernel keeps beside each pixel's mask)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, c - 1, (n, 1, (h + 3) // 4, (w + 3) // 4), generator=g)
+    labels = labels.repeat_interleave(4, 2).repeat_interleave(4, 3)[..., :h, :w]
+    x = torch.zeros(n, c, h, w, dtype=dtype).scatter_(1, labels, 1.0)
+    x[:, -1] = (torch.rand(n, h, w, generator=g) < 0.2).to(dtype) * 0.5
+    for k in range(extra):
+        x[:, k, ::5, ::3] = torch.randn(n, (h + 4) // 5, (w + 2) // 3, generator=g, dtype=dtype)
+    return x
+
+
+def view_in_sentinels(x, layout):
+    """x as a view into a NaN-filled buffer (so reading outside it shows), in ``layout``."""
+    n, c, h, w = x.shape
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    base = torch.full((n, c + 2, h + 3, 2 * w + 4), float("nan"), dtype=x.dtype)
+    if layout == "strided view":
+        base[:, 1:c + 1, 2:h + 2, 3:2 * w + 3:2] = x
+        return base[:, 1:c + 1, 2:h + 2, 3:2 * w + 3:2]
+    base[:, 1:c + 1, 2:h + 2, 3:w + 3] = x
+    return base[:, 1:c + 1, 2:h + 2, 3:w + 3]
+
+
+@pytest.mark.parametrize("channels, outputs, kernel", [
+    (36, 32, (7, 7)), (36, 64, (7, 7)), (5, 3, (3, 5)), (70, 16, (3, 3)), (130, 70, (1, 1)), (9, 1, (2, 4))])
+@pytest.mark.parametrize("layout", ["nchw view", "channels_last", "strided view"])
+@pytest.mark.parametrize("extra", [0, 4])
+def test_equals_the_convolution_on_label_maps(channels, outputs, kernel, layout, extra):
+    torch.manual_seed(0)
+    x = view_in_sentinels(label_like(2, channels, 13, 21, extra=min(extra, channels - 1)), layout)
+    weight = torch.randn(outputs, channels, *kernel, dtype=torch.float64)
+    bias = torch.randn(outputs, dtype=torch.float64) if outputs % 2 == 0 else None
+    expected = F.conv2d(x, weight, bias)
+    actual = ops.sparse_input_conv2d(x, weight, bias, impl="cpu")
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        assert actual.is_contiguous(memory_format=layout) == expected.is_contiguous(memory_format=layout)
+    actual32 = ops.sparse_input_conv2d(x.float(), weight.float(), None if bias is None else bias.float())
+    assert actual32.dtype == torch.float32
+    torch.testing.assert_close(actual32.double(), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["dense input", "infinite weight", "nan input", "bfloat16", "all zeros"])
+def test_inputs_off_the_sparse_path_still_equal_the_convolution(case):
+    torch.manual_seed(0)
+    x, weight = label_like(1, 12, 10, 14, dtype=torch.float32), torch.randn(4, 12, 3, 3)
+    if case == "dense input":
+        x = torch.randn(1, 12, 10, 14)
+    elif case == "infinite weight":
+        weight[1, 3, 0, 0] = float("inf")  # 0 * inf is NaN in the convolution: it must stay so
+    elif case == "nan input":
+        x[0, 2, 4, 5] = float("nan")
+    elif case == "bfloat16":
+        x, weight = x.bfloat16(), weight.bfloat16()
+    elif case == "all zeros":
+        x.zero_()
+    expected = F.conv2d(x, weight)
+    actual = ops.sparse_input_conv2d(x, weight, impl="cpu")
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5, equal_nan=True)
+    assert torch.equal(actual.isnan(), expected.isnan())
+
+
+def test_no_less_accurate_than_the_convolution():
+    """float32 against float64: the kernel sums in float64, the convolution in float32 blocks."""
+    torch.manual_seed(0)
+    x = label_like(1, 36, 40, 60, dtype=torch.float32)
+    weight, bias = torch.randn(32, 36, 7, 7) * 0.05, 100 + torch.randn(32)  # a large bias: large outputs
+    exact = F.conv2d(x.double(), weight.double(), bias.double())
+    sparse_error = (ops.sparse_input_conv2d(x, weight, bias).double() - exact).abs().max()
+    dense_error = (F.conv2d(x, weight, bias).double() - exact).abs().max()
+    assert sparse_error <= dense_error
+
+
+def test_gradients_forward_ad_and_autocast_behave_as_the_convolution():
+    torch.manual_seed(0)
+    x = label_like(1, 6, 9, 11).requires_grad_(True)
+    weight = torch.randn(4, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(1, 4, 7, 9, dtype=torch.float64)
+    got = torch.autograd.grad(ops.sparse_input_conv2d(x, weight, bias), (x, weight, bias), grad)
+    want = torch.autograd.grad(F.conv2d(x, weight, bias), (x, weight, bias), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        primal = fwAD.make_dual(x.detach(), tangent)
+        jvp = fwAD.unpack_dual(ops.sparse_input_conv2d(primal, weight.detach())).tangent
+    torch.testing.assert_close(jvp, F.conv2d(tangent, weight.detach()), rtol=0, atol=1e-12)
+    x32, w32 = x.detach().float(), weight.detach().float()
+    with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16):
+        actual, expected = ops.sparse_input_conv2d(x32, w32), F.conv2d(x32, w32)
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), F.conv2d(x32, w32), rtol=0.01, atol=0.02)
+
+
+def test_the_fake_kernel_gives_the_output_shape_and_layout():
+    x = label_like(2, 8, 12, 16, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(5, 8, 3, 7)
+    real = torch.ops.fastp2phd.sparse_input_conv2d(x, weight, None)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.fastp2phd.sparse_input_conv2d(mode.from_tensor(x), mode.from_tensor(weight), None)
+    assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype)
+
+
+def test_mismatched_channels_are_refused_in_one_sentence():
+    with pytest.raises(InvalidArgumentError, match=r"x \(N, C, H, W\) \(1, 3, 8, 8\) and weight .* the same C"):
+        ops.sparse_input_conv2d(torch.zeros(1, 3, 8, 8), torch.zeros(2, 4, 3, 3))
