@@ -33,39 +33,40 @@ constexpr int64_t kDensestSparse = 4;  // at most 1 value in 4 nonzero (one-hot 
 constexpr int64_t kOutBlock = 64;      // output channels accumulated together (in L1)
 constexpr int64_t kInline = 2;         // nonzero values per pixel kept beside its mask (the rest: read from x)
 
-// Bit c of masks[pixel * words + c / 64] says whether channel c of that pixel is nonzero, and
-// values[pixel * kInline + k] holds its k-th nonzero value: the 7 input rows an output row reads then
-// take 16 bytes a pixel (in cache) instead of x's C values. Returns the number of nonzero values.
+// One row of W pixels: bit c of mask[w * words + c / 64] says whether channel c of pixel w is nonzero (NaN
+// counts as nonzero), and value[w * kInline + k] holds its k-th nonzero value, so that the 7 input rows an
+// output row reads take 24 bytes a pixel (in cache) instead of C values. Returns the row's nonzero count.
+template <typename T>
+FASTP2PHD_SIMD_CLONES int64_t mask_row(const T* __restrict px, int64_t W, int64_t C, int64_t sC, int64_t sW,
+                                       int64_t words, uint64_t* __restrict mask, T* __restrict value) {
+  int64_t count = 0;
+  for (int64_t w = 0; w < W; ++w, px += sW, mask += words, value += kInline) {
+    int64_t k = 0;
+    for (int64_t word = 0; word < words; ++word) {
+      const T* channels = px + word * 64 * sC;
+      const int64_t n = std::min<int64_t>(64, C - word * 64);
+      uint64_t bits = 0;
+#pragma omp simd reduction(| : bits)
+      for (int64_t c = 0; c < n; ++c) bits |= static_cast<uint64_t>(channels[c * sC] != T(0)) << c;
+      mask[word] = bits;
+      count += __builtin_popcountll(bits);
+      for (; bits && k < kInline; bits &= bits - 1) value[k++] = channels[__builtin_ctzll(bits) * sC];
+    }
+  }
+  return count;
+}
+
+// Masks and values of every pixel (see mask_row); returns the number of nonzero values.
 template <typename T>
 int64_t nonzero_masks(const at::Tensor& x, std::vector<uint64_t>& masks, T* values, int64_t words) {
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const int64_t H = x.size(2), W = x.size(3);
   const T* data = x.const_data_ptr<T>();
   std::atomic<int64_t> nonzero{0};
-  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, x.size(0) * H, 1, [&](int64_t begin, int64_t end) {
     int64_t count = 0;
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t n = row / H, h = row % H;
-      for (int64_t w = 0; w < W; ++w) {
-        const T* px = data + n * sN + h * sH + w * sW;
-        uint64_t* mask = masks.data() + (row * W + w) * words;
-        for (int64_t word = 0; word < words; ++word) {
-          uint64_t bits = 0;
-          const int64_t c_end = std::min<int64_t>(C, (word + 1) * 64);
-          for (int64_t c = word * 64; c < c_end; ++c) {
-            bits |= static_cast<uint64_t>(px[c * sC] != T(0)) << (c - word * 64);  // NaN counts as nonzero
-          }
-          mask[word] = bits;
-          count += __builtin_popcountll(bits);
-        }
-        T* value = values + (row * W + w) * kInline;
-        int64_t k = 0;
-        for (int64_t word = 0; word < words && k < kInline; ++word) {
-          for (uint64_t bits = mask[word]; bits && k < kInline; bits &= bits - 1) {
-            value[k++] = px[(word * 64 + __builtin_ctzll(bits)) * sC];
-          }
-        }
-      }
+      count += mask_row(data + row / H * x.stride(0) + row % H * x.stride(2), W, x.size(1), x.stride(1), x.stride(3),
+                        words, masks.data() + row * W * words, values + row * W * kInline);
     }
     nonzero += count;
   });
@@ -78,43 +79,55 @@ struct Geometry {
   int64_t KH, KW, C, words;
 };
 
+// acc[0:block] += the weight rows of one input pixel's nonzero channels, each times its value.
+template <typename T, int64_t kOut>
+inline void add_pixel(double* __restrict acc, const uint64_t* mask, const T* value, const T* px, const T* tap,
+                      const Geometry& g, int64_t block) {
+  int64_t k = 0;
+  for (int64_t word = 0; word < g.words; ++word) {
+    for (uint64_t bits = mask[word]; bits; bits &= bits - 1, ++k) {
+      const int64_t c = word * 64 + __builtin_ctzll(bits);
+      const double v = k < kInline ? value[k] : px[c * g.sC];
+      const T* w = tap + c * g.O;
+#pragma omp simd
+      for (int64_t o = 0; o < (kOut ? kOut : block); ++o) acc[o] += v * static_cast<double>(w[o]);
+    }
+  }
+}
+
 // Output rows [begin, end) (row = n * Ho + ho), each pixel's outputs in blocks of kOut (0: of up to kOutBlock,
 // a number known at run time; a fixed kOut keeps the sums in registers). Sums are float64: each output adds
 // its terms in sequence, so this keeps it at least as accurate as the dense convolution's blocked sums.
-// taps: weights as (kh, kw, C, O). Compiled whole for each instruction set, so the inner loop inlines.
+// Columns are taken kTile at a time, so the input rows under a tile stay in cache from one row to the next.
+// taps: weights as (kh, kw, C, O). Compiled whole for each instruction set, so the inner loops inline.
 template <typename T, int64_t kOut>
 FASTP2PHD_SIMD_CLONES void sparse_rows(const T* __restrict data, const uint64_t* __restrict masks,
-                                       const T* __restrict values, const T* __restrict taps, const T* __restrict bias, T* __restrict out,
-                                       const Geometry g, int64_t begin, int64_t end) {
+                                       const T* __restrict values, const T* __restrict taps,
+                                       const T* __restrict bias, T* __restrict out, const Geometry g,
+                                       int64_t begin, int64_t end) {
+  constexpr int64_t kTile = 256;
   double acc[kOut ? kOut : kOutBlock];
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t n = row / g.Ho, ho = row % g.Ho;
-    for (int64_t wo = 0; wo < g.Wo; ++wo) {
-      T* y = out + (row * g.Wo + wo) * g.O;
-      for (int64_t o0 = 0; o0 < g.O; o0 += kOut ? kOut : kOutBlock) {
-        const int64_t block = kOut ? kOut : std::min(kOutBlock, g.O - o0);
-        for (int64_t o = 0; o < block; ++o) acc[o] = bias ? bias[o0 + o] : T(0);
-        for (int64_t i = 0; i < g.KH; ++i) {
-          const int64_t h = ho + i;
-          const int64_t pixel = (n * g.H + h) * g.W + wo;
-          const uint64_t* mask = masks + pixel * g.words;
-          const T* value = values + pixel * kInline;
-          const T* px = data + n * g.sN + h * g.sH + wo * g.sW;
-          const T* tap = taps + i * g.KW * g.C * g.O + o0;
-          for (int64_t j = 0; j < g.KW; ++j, mask += g.words, value += kInline, px += g.sW, tap += g.C * g.O) {
-            int64_t k = 0;
-            for (int64_t word = 0; word < g.words; ++word) {
-              for (uint64_t bits = mask[word]; bits; bits &= bits - 1, ++k) {
-                const int64_t c = word * 64 + __builtin_ctzll(bits);
-                const double v = k < kInline ? value[k] : px[c * g.sC];
-                const T* w = tap + c * g.O;
-#pragma omp simd
-                for (int64_t o = 0; o < block; ++o) acc[o] += v * static_cast<double>(w[o]);
-              }
+  for (int64_t wo0 = 0; wo0 < g.Wo; wo0 += kTile) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / g.Ho, ho = row % g.Ho;
+      for (int64_t wo = wo0; wo < std::min(g.Wo, wo0 + kTile); ++wo) {
+        T* y = out + (row * g.Wo + wo) * g.O;
+        for (int64_t o0 = 0; o0 < g.O; o0 += kOut ? kOut : kOutBlock) {
+          const int64_t block = kOut ? kOut : std::min(kOutBlock, g.O - o0);
+          for (int64_t o = 0; o < block; ++o) acc[o] = bias ? bias[o0 + o] : T(0);
+          for (int64_t i = 0; i < g.KH; ++i) {
+            const int64_t pixel = (n * g.H + ho + i) * g.W + wo;
+            const uint64_t* mask = masks + pixel * g.words;
+            const T* value = values + pixel * kInline;
+            const T* px = data + n * g.sN + (ho + i) * g.sH + wo * g.sW;
+            const T* tap = taps + i * g.KW * g.C * g.O + o0;
+            const int64_t step = g.C * g.O;
+            for (int64_t j = 0; j < g.KW; ++j, mask += g.words, value += kInline, px += g.sW, tap += step) {
+              add_pixel<T, kOut>(acc, mask, value, px, tap, g, block);
             }
           }
+          for (int64_t o = 0; o < block; ++o) y[o0 + o] = static_cast<T>(acc[o]);
         }
-        for (int64_t o = 0; o < block; ++o) y[o0 + o] = static_cast<T>(acc[o]);
       }
     }
   }
@@ -173,8 +186,10 @@ at::Tensor sparse_input_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight
                           bias ? bias_values.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(),
                           g, out.size(0) * g.Ho);
   });
-  // The layout at::conv2d gives: channels_last for a channels_last input, else contiguous.
-  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? out : out.contiguous();
+  // The layout oneDNN's convolution gives: channels_last when the input or the weight is, else contiguous.
+  const bool channels_last = x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                             weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  return channels_last ? out : out.contiguous();
 }
 
 }  // namespace

@@ -43,7 +43,9 @@ def _sparse_input_conv2d_fake(x, weight, bias):
                  lambda: f"sparse_input_conv2d: x {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape)}")
     n, _, height, width = x.shape
     shape = (n, weight.shape[0], height - weight.shape[2] + 1, width - weight.shape[3] + 1)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+    channels_last = torch.channels_last in (memory_format_of(x), memory_format_of(weight))
+    return torch.empty(shape, dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 FAST_PATHS = (

@@ -116,10 +116,15 @@ def test_gradients_forward_ad_and_autocast_behave_as_the_convolution():
     torch.testing.assert_close(actual.float(), F.conv2d(x32, w32), rtol=0.01, atol=0.02)
 
 
-def test_the_fake_kernel_gives_the_output_shape_and_layout():
-    x = label_like(2, 8, 12, 16, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-    weight = torch.randn(5, 8, 3, 7)
-    real = torch.ops.fastp2phd.sparse_input_conv2d(x, weight, None)
+@pytest.mark.parametrize("x_layout, weight_layout", [(torch.contiguous_format, torch.contiguous_format),
+                                                     (torch.channels_last, torch.contiguous_format),
+                                                     (torch.contiguous_format, torch.channels_last)])
+def test_the_output_layout_and_the_fake_kernel_follow_the_convolution(x_layout, weight_layout):
+    """channels_last when the input or the weight is (as an optimized model's weights are), as oneDNN's is."""
+    x = label_like(2, 8, 12, 16, dtype=torch.float32).contiguous(memory_format=x_layout)
+    weight = torch.randn(5, 8, 3, 7).contiguous(memory_format=weight_layout)
+    real, expected = torch.ops.fastp2phd.sparse_input_conv2d(x, weight, None), F.conv2d(x, weight)
+    assert real.stride() == expected.stride()
     with FakeTensorMode() as mode:
         fake = torch.ops.fastp2phd.sparse_input_conv2d(mode.from_tensor(x), mode.from_tensor(weight), None)
     assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype)
