@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fastp2phd.cpu_allocator import release_freed_memory
+from fastp2phd.cpu_allocator import heap_bytes_in_use
 from fastp2phd.data import cityscapes_like_instances
 
 
@@ -63,20 +63,25 @@ def instance_maps(settings: Settings, batch: int, height: int, width: int, seed:
     return cityscapes_like_instances(batch, height, width, seed=seed).to(settings.device)
 
 
-class _PeakRSS:
-    """Peak resident memory of this process above its level at start, sampled every millisecond."""
+class _PeakMemory:
+    """Peak memory of this process above its level at start, sampled every millisecond: the bytes malloc has
+    handed out where glibc says (the session keeps freed memory, so resident memory would not grow on a call
+    that reuses it), else resident memory."""
 
     def __init__(self):
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self.peak = 0
         self.running = False
+        self.heap = heap_bytes_in_use() is not None
 
-    def _rss(self) -> int:
+    def _bytes(self) -> int:
+        if self.heap:
+            return heap_bytes_in_use()
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * self.page
 
     def __enter__(self):
-        self.base = self.peak = self._rss()
+        self.base = self.peak = self._bytes()
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -84,13 +89,13 @@ class _PeakRSS:
 
     def _sample(self):
         while self.running:
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self._bytes())
             time.sleep(0.001)
 
     def __exit__(self, *exc):
         self.running = False
         self.thread.join()
-        self.peak = max(self.peak, self._rss())
+        self.peak = max(self.peak, self._bytes())
 
     @property
     def megabytes(self) -> float:
@@ -98,7 +103,8 @@ class _PeakRSS:
 
 
 def peak_memory_mb(fn: Callable[[], object], settings: Settings) -> float | None:
-    """Peak memory one call allocates: CUDA max_memory_allocated, or peak RSS growth on the CPU."""
+    """Peak memory one call allocates: CUDA max_memory_allocated; on the CPU, the peak growth of malloc's bytes in
+    use (glibc), else of resident memory."""
     if settings.cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -106,12 +112,9 @@ def peak_memory_mb(fn: Callable[[], object], settings: Settings) -> float | None
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    if not os.path.exists("/proc/self/statm"):
+    if heap_bytes_in_use() is None and not os.path.exists("/proc/self/statm"):
         return None
-    # The session keeps freed memory (conftest.py), so without this the call would reuse pages already
-    # resident and its growth would read 0; released, they fault in again and count.
-    release_freed_memory()
-    with _PeakRSS() as rss:
+    with _PeakMemory() as rss:
         fn()
     return rss.megabytes
 

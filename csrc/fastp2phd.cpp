@@ -2,7 +2,7 @@
 //
 // The operators' schemas are defined in Python, in one place (fastp2phd/ops/_library.py),
 // which imports this module afterwards. Its kernels live beside their op
-// (boundary_map_cpu.cpp, boundary_map_cuda.cu, instance_mean_cpu.cpp) and register
+// (boundary_map_cpu.cpp, boundary_map_cuda.cu, instance_mean_cpu.cpp, sparse_input_conv2d_cpu.cpp) and register
 // themselves with TORCH_LIBRARY_IMPL when the library loads; fake kernels and
 // autograd formulas are registered from Python in fastp2phd/ops/, next to each
 // op's reference, except instance_norm_act's autograd (instance_norm_act_autograd.cpp),

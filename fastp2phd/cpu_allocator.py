@@ -9,8 +9,7 @@ at 1x64x512x1024 took 19 ms instead of 44.
 
 The cost is that the process keeps its peak memory until it exits, which suits the ``fastp2phd``
 commands (they call ``keep_freed_memory`` first) but is a choice for a library user to make: call it
-at the start of a program that runs pix2pixHD on the CPU, and ``release_freed_memory`` to hand what was
-kept back to the system at a quiet moment.
+at the start of a program that runs pix2pixHD on the CPU.
 """
 from __future__ import annotations
 
@@ -44,12 +43,18 @@ def keep_freed_memory() -> bool:
     ))
 
 
-def release_freed_memory() -> bool:
-    """Hand the freed memory that ``keep_freed_memory`` keeps back to the system now (glibc's malloc_trim).
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-    The live tensors stay where they are; the next large allocation faults its pages in again. The
-    benchmarks call it before they measure one call's peak resident memory, which would otherwise read
-    as 0 for every call after the first. Returns whether anything was released (False without glibc).
-    """
+
+def heap_bytes_in_use() -> int | None:
+    """Bytes that malloc has handed out and not yet been given back (glibc's mallinfo2, all arenas), or None
+    without glibc 2.33+. Unlike resident memory it is the same whether freed memory is kept or not, so it
+    measures what a call allocates (CPU tensors come from malloc) while ``keep_freed_memory`` is on."""
     libc = _glibc()
-    return libc is not None and libc.malloc_trim(0) == 1
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd  # in use from the heaps + in blocks mmapped on their own

@@ -133,3 +133,22 @@ def test_the_output_layout_and_the_fake_kernel_follow_the_convolution(x_layout, 
 def test_mismatched_channels_are_refused_in_one_sentence():
     with pytest.raises(InvalidArgumentError, match=r"x \(N, C, H, W\) \(1, 3, 8, 8\) and weight .* the same C"):
         ops.sparse_input_conv2d(torch.zeros(1, 3, 8, 8), torch.zeros(2, 4, 3, 3))
+
+
+def test_compiles_whole_and_vmaps_as_the_convolution():
+    """torch.compile(fullgraph=True) traces the operator through its fake kernel and runs the C++ kernel;
+    vmap (a torch.func transform) takes the reference."""
+    torch.manual_seed(0)
+    x = label_like(3, 10, 12, 16, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(8, 10, 3, 3), torch.randn(8)
+    compiled = torch.compile(lambda t: ops.sparse_input_conv2d(t, weight, bias) * 2, fullgraph=True, backend="aot_eager")
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), 2 * F.conv2d(x, weight, bias), rtol=0, atol=1e-5)
+    batched = torch.func.vmap(lambda t: ops.sparse_input_conv2d(t[None], weight, bias)[0])(x)
+    torch.testing.assert_close(batched, F.conv2d(x, weight, bias), rtol=0, atol=1e-5)
+
+
+def test_opcheck():
+    x = label_like(2, 6, 9, 11, dtype=torch.float32)
+    for args in ((x, torch.randn(4, 6, 3, 3), torch.randn(4)), (x.double(), torch.randn(2, 6, 1, 5).double(), None)):
+        torch.library.opcheck(torch.ops.fastp2phd.sparse_input_conv2d.default, args)
