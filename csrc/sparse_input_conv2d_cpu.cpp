@@ -134,8 +134,8 @@ FASTP2PHD_SIMD_CLONES void sparse_rows(const T* __restrict data, const uint64_t*
 }
 
 template <typename T>
-void sparse_conv(const T* data, const uint64_t* masks, const T* values, const T* taps, const T* bias, T* out, const Geometry& g,
-                 int64_t rows) {
+void sparse_conv(const T* data, const uint64_t* masks, const T* values, const T* taps, const T* bias, T* out,
+                 const Geometry& g, int64_t rows) {
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     switch (g.O % 64 == 0 ? 64 : g.O == 32 ? 32 : g.O == 16 ? 16 : 0) {  // the generators' widths
       case 64: return sparse_rows<T, 64>(data, masks, values, taps, bias, out, g, begin, end);
@@ -146,7 +146,8 @@ void sparse_conv(const T* data, const uint64_t* masks, const T* values, const T*
   });
 }
 
-at::Tensor sparse_input_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+at::Tensor sparse_input_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                   const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 4 && weight.dim() == 4 && x.size(1) == weight.size(1), "sparse_input_conv2d: x (N, C, H, W) ",
               x.sizes(), " and weight (O, C, kh, kw) ", weight.sizes(), " do not match");
   TORCH_CHECK(x.size(2) >= weight.size(2) && x.size(3) >= weight.size(3), "sparse_input_conv2d: x ", x.sizes(),

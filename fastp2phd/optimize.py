@@ -66,9 +66,11 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     model.to(memory_format=torch.channels_last)
     for generator in model.modules():
         if isinstance(generator, (GlobalGenerator, LocalEnhancer)):
-            for conv in generator.modules():
-                if type(conv) is nn.Conv2d and SparseInputConv2d.suits(conv, generator.options["input_nc"]):
-                    conv.__class__ = SparseInputConv2d
+            for branch in generator.children():  # model, model1_1, ...: pad, conv, ... on the generator's input
+                if (isinstance(branch, nn.Sequential) and len(branch) > 1 and isinstance(branch[0], nn.ReflectionPad2d)
+                        and type(branch[1]) is nn.Conv2d and branch[1].in_channels == generator.options["input_nc"]
+                        and _plain(branch[1])):
+                    branch[1].__class__ = SparseInputConv2d
     for module in model.modules():
         if isinstance(module, ResnetBlock) and _width(module) >= WIDE_BLOCK_CHANNELS:
             module.to(memory_format=torch.contiguous_format)
@@ -81,6 +83,12 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
 
 def _width(block: ResnetBlock) -> int:
     return next(m for m in block.conv_block if isinstance(m, nn.Conv2d)).in_channels
+
+
+def _plain(conv: nn.Conv2d) -> bool:
+    """Stride 1, no padding, dilation or groups: what the re-expressed convolutions below compute."""
+    return (conv.groups == 1 and conv.padding_mode == "zeros" and tuple(conv.padding) == (0, 0)
+            and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1))
 
 
 def _nchw_input(block: nn.Module, args: tuple) -> tuple:
@@ -103,9 +111,7 @@ class RowSplitConv2d(nn.Conv2d):
     @classmethod
     def suits(cls, conv: nn.Conv2d) -> bool:
         out_channels, _, rows, _ = conv.weight.shape
-        return (rows > 1 and out_channels * rows <= cls.MAX_SPLIT_OUTPUTS and conv.groups == 1
-                and conv.padding_mode == "zeros" and tuple(conv.padding) == (0, 0)
-                and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1))
+        return rows > 1 and out_channels * rows <= cls.MAX_SPLIT_OUTPUTS and _plain(conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_channels, in_channels, rows, cols = self.weight.shape
@@ -127,11 +133,6 @@ class SparseInputConv2d(nn.Conv2d):
     (average-pooled for the global generator of a 1024p model), so 1 value in about 30 is nonzero.
     ``fastp2phd.ops.sparse_input_conv2d`` adds the weights of the nonzero values only; the same function
     as the convolution, which it runs itself where the input turns out dense."""
-
-    @staticmethod
-    def suits(conv: nn.Conv2d, input_channels: int) -> bool:
-        return (conv.in_channels == input_channels and conv.groups == 1 and conv.padding_mode == "zeros"
-                and tuple(conv.padding) == (0, 0) and tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return sparse_input_conv2d(x, self.weight, self.bias)

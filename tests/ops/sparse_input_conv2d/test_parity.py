@@ -141,7 +141,8 @@ def test_compiles_whole_and_vmaps_as_the_convolution():
     torch.manual_seed(0)
     x = label_like(3, 10, 12, 16, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
     weight, bias = torch.randn(8, 10, 3, 3), torch.randn(8)
-    compiled = torch.compile(lambda t: ops.sparse_input_conv2d(t, weight, bias) * 2, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda t: ops.sparse_input_conv2d(t, weight, bias) * 2, fullgraph=True,
+                             backend="aot_eager")
     with torch.inference_mode():
         torch.testing.assert_close(compiled(x), 2 * F.conv2d(x, weight, bias), rtol=0, atol=1e-5)
     batched = torch.func.vmap(lambda t: ops.sparse_input_conv2d(t[None], weight, bias)[0])(x)
