@@ -86,5 +86,7 @@ def test_instance_norm_act(benchmark, settings, index, provider, mode):
         fn = lambda: op(x)  # noqa: E731
         moved = 3 * tensor_bytes(x)  # read x twice (statistics, normalisation), write y
     dtype_name = str(dtype).replace("torch.", "")
+    # Three times the usual rounds: calls of a few ms, whose 5-round medians swung by 20-30% between runs.
     measure(benchmark, settings, suite=f"instance_norm_act {mode}",
-            case=f"{name} {'x'.join(map(str, shape))} {dtype_name}", provider=provider, fn=fn, bytes_moved=moved)
+            case=f"{name} {'x'.join(map(str, shape))} {dtype_name}", provider=provider, fn=fn, bytes_moved=moved,
+            rounds=3 * settings.rounds())
