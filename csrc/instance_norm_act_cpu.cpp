@@ -24,6 +24,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "simd_clones.h"
+
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -32,13 +34,6 @@
 
 namespace fastp2phd {
 namespace {
-
-// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTP2PHD_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTP2PHD_SIMD_CLONES
-#endif
 
 constexpr int64_t kBlock = 2048;       // values per two-pass block (8 KiB of float32: stays in L1)
 constexpr int64_t kChunk = 1 << 15;    // values per unit of parallel work

@@ -16,6 +16,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
+#include "simd_clones.h"
+
 #include <atomic>
 #include <cstdint>
 #include <vector>
@@ -23,18 +25,12 @@
 namespace fastp2phd {
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTP2PHD_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTP2PHD_SIMD_CLONES
-#endif
-
 constexpr int64_t kDensestSparse = 4;  // at most 1 value in 4 nonzero (one-hot maps: 1 in 36)
 constexpr int64_t kOutBlock = 64;      // output channels accumulated together (in L1)
 constexpr int64_t kInline = 2;         // nonzero values per pixel kept beside its mask (the rest: read from x)
 
 // One row of W pixels: bit c of mask[w * words + c / 64] says whether channel c of pixel w is nonzero (NaN
-// counts as nonzero), and value[w * kInline + k] holds its k-th nonzero value, so that the 7 input rows an
+// counts as nonzero), and value[w * kInline + k] holds its k-th nonzero value, so that the kh input rows an
 // output row reads take 24 bytes a pixel (in cache) instead of C values. Returns the row's nonzero count.
 template <typename T>
 FASTP2PHD_SIMD_CLONES int64_t mask_row(const T* __restrict px, int64_t W, int64_t C, int64_t sC, int64_t sW,

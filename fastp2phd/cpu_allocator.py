@@ -15,19 +15,30 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import platform
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
 _LARGEST = 2**31 - 1  # mallopt takes an int
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+@functools.cache
 def _glibc():
+    """The C library when it is glibc, else None (looked up once: heap_bytes_in_use is sampled every ms)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     except OSError:
         return None
+    if hasattr(libc, "mallinfo2"):  # glibc 2.33+
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
 
 
 def keep_freed_memory() -> bool:
@@ -43,11 +54,6 @@ def keep_freed_memory() -> bool:
     ))
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
 def heap_bytes_in_use() -> int | None:
     """Bytes that malloc has handed out and not yet been given back (glibc's mallinfo2, all arenas), or None
     without glibc 2.33+. Unlike resident memory it is the same whether freed memory is kept or not, so it
@@ -55,6 +61,5 @@ def heap_bytes_in_use() -> int | None:
     libc = _glibc()
     if libc is None or not hasattr(libc, "mallinfo2"):
         return None
-    libc.mallinfo2.restype = _MallInfo2
     info = libc.mallinfo2()
     return info.uordblks + info.hblkhd  # in use from the heaps + in blocks mmapped on their own
