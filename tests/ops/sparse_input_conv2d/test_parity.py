@@ -92,6 +92,41 @@ def test_no_less_accurate_than_the_convolution():
     assert sparse_error <= dense_error
 
 
+HARD = {
+    # a scene of one label: every pixel's one nonzero in the same channel
+    "constant one-hot plane": lambda g: torch.zeros(1, 8, 40, 60).index_fill_(1, torch.tensor([0]), 1.0),
+    # label-like, its nonzero values far from 0 with a small spread
+    "large mean, small spread": lambda g: (lambda x: x * (1000 + 0.01 * torch.randn(x.shape, generator=g)))(
+        label_like(1, 8, 40, 60, dtype=torch.float32)),
+    "huge plane": lambda g: label_like(1, 8, 2048, 2048, dtype=torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", HARD)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_hard_inputs_in_every_dtype(case, dtype):
+    """float32 (the sparse kernel) is at least as accurate as the convolution in float32, up to the one rounding of
+    its float64 sums; float64 stays within a float64 sum's error bound of the convolution; 16-bit inputs run the
+    convolution itself, so they equal it."""
+    g = torch.Generator().manual_seed(0)
+    x = HARD[case](g).to(dtype)
+    weight = (torch.randn(4, 8, 3, 3, generator=g) * 0.1).to(dtype)
+    bias = (100 + torch.randn(4, generator=g)).to(dtype)
+    expected, actual = F.conv2d(x, weight, bias), ops.sparse_input_conv2d(x, weight, bias, impl="cpu")
+    assert actual.dtype == dtype and actual.shape == expected.shape
+    if dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(actual, expected)
+        return
+    if dtype == torch.float64:  # no wider reference here: within the error bound of a float64 sum of its terms
+        terms = weight[0].numel() + 1
+        bound = terms * torch.finfo(dtype).eps * F.conv2d(x.abs(), weight.abs(), bias.abs()).max()
+        assert (actual - expected).abs().max() <= bound
+        return
+    exact = F.conv2d(x.double(), weight.double(), bias.double())
+    one_rounding = torch.finfo(dtype).eps * exact.abs().max()
+    assert (actual.double() - exact).abs().max() <= max((expected.double() - exact).abs().max(), one_rounding)
+
+
 def test_gradients_forward_ad_and_autocast_behave_as_the_convolution():
     torch.manual_seed(0)
     x = label_like(1, 6, 9, 11).requires_grad_(True)
