@@ -74,6 +74,15 @@ def with_value(value: float, shape=(2, 3, 9, 11)):
     return make
 
 
+def outlier_first(value: float, shape=(2, 3, 96, 160)):
+    """1 + 0.001 randn with the plane's first pixel (the kernels' shift) far out: many blocks sum about it."""
+    def make():
+        x = offset(1.0, 1e-3, shape)()
+        x[:, :, 0, 0] = value
+        return x
+    return make
+
+
 CASES = {
     "constant -2.3": constant(-2.3),
     "constant 1000": constant(1000.0),
@@ -89,6 +98,7 @@ CASES = {
     "regions": regions(),
     "one pixel": offset(5.0, 2.0, (2, 3, 1, 1)),
     "one row": offset(5.0, 2.0, (2, 3, 1, 37)),
+    "first pixel 1e4": outlier_first(1e4),
     "NaN": with_value(math.nan),
     "inf": with_value(math.inf),
     "-inf": with_value(-math.inf),
@@ -97,7 +107,7 @@ CASES = {
 # interpreter (tens of seconds per call) only the dtype and activation named here.
 HUGE = {"constant bf16 1024x1024": ("bfloat16", "relu"), "1e4 + randn huge": ("float32", "relu"),
         "label-like": ("bfloat16", "leaky_relu"), "3 + 0.01 randn": ("float32", "leaky_relu")}
-CHANNELS_LAST = {"label-like", "label-like small", "regions", "1000 + randn", "constant -2.3", "NaN"}
+CHANNELS_LAST = {"label-like", "label-like small", "regions", "1000 + randn", "constant -2.3", "first pixel 1e4", "NaN"}
 
 
 def parameters(interpreted: bool = False):
