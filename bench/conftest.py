@@ -53,15 +53,19 @@ def settings(request) -> Settings:
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's with the vector ISA PyTorch uses on it (the same model name is lent with and
+    without AVX-512)."""
     if device == "cuda":
         return torch.cuda.get_device_name()
+    name = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+                name = line.split(":", 1)[1].strip()
+                break
     except OSError:
         pass
-    return platform.processor() or "cpu"
+    return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
 
 
 def run_metadata(device: str) -> dict:

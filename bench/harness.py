@@ -115,7 +115,8 @@ def peak_memory_mb(fn: Callable[[], object], settings: Settings) -> float | None
     if heap_bytes_in_use() is None and not os.path.exists("/proc/self/statm"):
         return None
     with _PeakMemory() as rss:
-        fn()
+        result = fn()  # held until the last sample: a call shorter than the sampling period still counts its output
+    del result
     return rss.megabytes
 
 

@@ -278,6 +278,18 @@ def targets(device: str, suites: dict) -> list[tuple[str, str, bool | None]]:
                   _ratio(suites, suite, case, "index_add", "fastp2phd"), lambda v: v >= 2)
         check("encoder forward 1x3x512x1024 with pooling: faster than the original formulation",
               _ratio(suites, "encoder forward", r"512x1024", "official", "fastp2phd"), lambda v: v > 1)
+        for suite in ("instance_norm_act fwd", "instance_norm_act bwd"):
+            for case in sorted({r["case"] for r in suites[suite][1]}) if suite in suites else []:
+                if suite.endswith("fwd"):
+                    check(f"{suite} {case}: ≥ 1.3× faster than nn.InstanceNorm2d + activation",
+                          _ratio(suites, suite, re.escape(case), "official", "fastp2phd"), lambda v: v >= 1.3)
+                    row = _row(suites, suite, re.escape(case), "fastp2phd")
+                    output_mb = row["bytes"] / 3 / 2**20 if row and row.get("bytes") else None  # (x read twice, y written)
+                    check(f"{suite} {case}: peak memory the output alone (peak / output)",
+                          row["peak_mb"] / output_mb if output_mb and row.get("peak_mb") is not None else None,
+                          lambda v: v <= 1.01)
+                check(f"{suite} {case}: not slower than torch.compile",
+                      _ratio(suites, suite, re.escape(case), "compile", "fastp2phd"), lambda v: v >= 1)
         for suite in ("generator forward", "training step"):
             if suite in suites:
                 for case in sorted({r["case"] for r in suites[suite][1]}):
