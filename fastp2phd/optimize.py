@@ -64,6 +64,8 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
                       "(the model is returned unchanged)", stacklevel=2)
         return model
     model.to(memory_format=torch.channels_last)
+    spec = getattr(model, "spec", None)  # a Pix2PixHD's: its generators' inputs end with its instance features
+    features = spec.feat_num if spec is not None and spec.uses_features else 0
     for generator in model.modules():
         if isinstance(generator, (GlobalGenerator, LocalEnhancer)):
             for branch in generator.children():  # model, model1_1, ...: pad, conv, ... on the generator's input
@@ -71,6 +73,7 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
                         and type(branch[1]) is nn.Conv2d and branch[1].in_channels == generator.options["input_nc"]
                         and _plain(branch[1])):
                     branch[1].__class__ = SparseInputConv2d
+                    branch[1].dense_channels = features
     for module in model.modules():
         if isinstance(module, ResnetBlock) and _width(module) >= WIDE_BLOCK_CHANNELS:
             module.to(memory_format=torch.contiguous_format)
@@ -132,7 +135,17 @@ class SparseInputConv2d(nn.Conv2d):
     """The generators' first convolutions, whose input is the label map: one-hot channels and a boundary map
     (average-pooled for the global generator of a 1024p model), so 1 value in about 30 is nonzero.
     ``fastp2phd.ops.sparse_input_conv2d`` adds the weights of the nonzero values only; the same function
-    as the convolution, which it runs itself where the input turns out dense."""
+    as the convolution, which it runs itself where the input turns out dense.
+
+    ``dense_channels``: how many of the last input channels are dense (a model's instance features, nonzero
+    everywhere), convolved by oneDNN and added: the demo model's 7x7 layer (39 -> 16 channels, 3 of them
+    features) at 256x512 took 28 ms instead of 41 (2-core EPYC, AVX2)."""
+
+    dense_channels = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_input_conv2d(x, self.weight, self.bias)
+        k = self.dense_channels
+        if k == 0:
+            return sparse_input_conv2d(x, self.weight, self.bias)
+        y = sparse_input_conv2d(x[:, :-k], self.weight[:, :-k], self.bias)
+        return y + F.conv2d(x[:, -k:], self.weight[:, -k:])

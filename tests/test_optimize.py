@@ -196,3 +196,24 @@ def test_the_generators_first_convolutions_skip_the_label_maps_zeros():
     sparse = [m for m in model.modules() if isinstance(m, SparseInputConv2d)]
     assert sparse == [model.netG.model[1], model.netG.model1_1[1]]  # the global and the local branch's 7x7
     assert not any(isinstance(m, SparseInputConv2d) for m in model.netE.modules())  # E reads a photo
+    assert [m.dense_channels for m in sparse] == [model.spec.feat_num] * 2  # the features are dense
+    plain = Pix2PixHD(SPECS["global"]).eval()
+    assert optimize_for_inference(plain).netG.model[1].dense_channels == 0
+
+
+def test_a_first_convolution_with_dense_feature_channels_equals_the_convolution():
+    from fastp2phd.optimize import SparseInputConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 8, 7)
+    x = torch.zeros(2, 12, 30, 41)
+    x[:, :9].scatter_(1, torch.randint(0, 9, (2, 1, 30, 41)), 1.0)  # one-hot labels
+    x[:, 9:] = torch.randn(2, 3, 30, 41)  # instance features, nonzero everywhere
+    expected = conv(x)
+    conv.__class__ = SparseInputConv2d
+    conv.dense_channels = 3
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+    view = torch.cat([x, torch.full_like(x, 7.0)], dim=3)[:, :, :, :41]  # a view into a larger buffer
+    torch.testing.assert_close(conv(view.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(conv(view), expected, rtol=1e-5, atol=1e-5)
