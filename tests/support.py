@@ -78,15 +78,21 @@ def pytorch_errors(x, grad, activation, slope):
     return rel_err(y, expected), grad_err(xp.grad, x64.grad, x, grad)
 
 
-def tiny_model(features: bool = True):
+def tiny_model(features: bool = True, norm: str = "instance"):
     """An untrained, seeded Pix2PixHD small enough for tests (35 labels, instance maps, optional
-    instance features with random clusters for the classes of the synthetic scenes)."""
+    instance features with random clusters for the classes of the synthetic scenes). ``norm="batch"``: a local
+    generator, as the demo model's (its running statistics made up, so that they matter)."""
     from fastp2phd.pix2pixhd import Pix2PixHD
     from fastp2phd.specs import ModelSpec
 
-    spec = ModelSpec(ngf=4, n_downsample_global=2, n_blocks_global=1, nef=4, n_downsample_E=2, instance_feat=features)
+    spec = ModelSpec(ngf=4, n_downsample_global=2, n_blocks_global=1, nef=4, n_downsample_E=2, instance_feat=features,
+                     norm=norm)
     torch.manual_seed(0)
     model = Pix2PixHD(spec).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2)
     if features:
         g = torch.Generator().manual_seed(1)
         model.clusters = {c: torch.randn(3, 3, generator=g) for c in (7, 8, 11, 17, 21, 23, 24, 26)}

@@ -17,6 +17,7 @@ from fastp2phd.data import THING_CLASSES, render_scene
 from fastp2phd.editing import EditSession
 from fastp2phd.editing.server import EditorApp, ObjectMask, Scene
 from fastp2phd.options import finish_options
+from fastp2phd.visualize import tensor_to_image
 
 H, W = 32, 64
 
@@ -566,3 +567,44 @@ def test_concurrent_requests_queue_instead_of_interleaving(app):
     assert results == [200] * 12
     assert len(app.session.undo_stack) == 12
     assert_consistent(app.session)
+
+
+def test_local_radius_covers_what_an_output_pixel_sees_and_refuses_global_generators():
+    from fastp2phd.models.generator import local_radius
+
+    netG = tiny_model(norm="batch").netG
+    radius = local_radius(netG)
+    assert radius is not None and radius > 0
+    x = torch.randn(1, netG.options["input_nc"], 96, 96, dtype=torch.float64)
+    probe = x.clone().requires_grad_(True)
+    netG.double()(probe)[0, :, 50, 45].sum().backward()  # which inputs this output pixel sees
+    ys, xs = torch.nonzero(probe.grad.abs().sum(dim=(0, 1)), as_tuple=True)
+    reach = max(int((ys - 50).abs().max()), int((xs - 45).abs().max()))
+    assert 0 < reach <= radius
+    assert local_radius(tiny_model().netG) is None  # instance norm: every output sees the whole image
+    assert local_radius(tiny_model(norm="batch").netG.train()) is None  # batch statistics
+
+
+def test_a_local_generator_regenerates_only_what_an_edit_reaches_and_matches_a_full_regeneration():
+    label, inst, _ = render_scene(128, 256, seed=4)
+    s = EditSession(tiny_model(norm="batch"), label, inst, seed=0)
+    sizes = []
+    s.model.netG.register_forward_pre_hook(lambda module, args: sizes.append(tuple(args[0].shape[2:])))
+    s.image()
+    car, y, x = a_car(s)
+    edits = [lambda: s.paint([(20, 30), (24, 60)], 8, 6), lambda: s.change_label(y, x, 28),
+             lambda: s.paint([(0, 0), (2, 255)], 11, 4), lambda: s.undo(), lambda: s.redo(), lambda: s.reset(),
+             lambda: s.paint([(127, 255)], 7, 3), lambda: s.paint([(60, 100)], 8, 4) or s.paint([(70, 200)], 8, 4)]
+    for edit in edits:
+        sizes.clear()
+        edit()
+        image = s.image()
+        assert len(sizes) == 1  # one pass of G, on a crop or the whole image
+        with torch.inference_mode():
+            full = s.model.netG(s.input)[0]
+        torch.testing.assert_close(s._image, full, rtol=0, atol=1e-5)
+        assert np.abs(image.astype(int) - tensor_to_image(full).astype(int)).max() <= 1
+    sizes.clear()
+    s.paint([(20, 30), (24, 60)], 7, 6)
+    s.image()
+    assert sizes[0][0] * sizes[0][1] < 128 * 256 / 2  # a short stroke: a crop of under half the image

@@ -6,7 +6,8 @@ generated image. Every edit changes the maps inside a bounding box, rebuilds the
 input only there (the boundary map over the box grown by one pixel, through
 ``ops.boundary_map``), records what it replaced so that ``undo``/``redo`` restore
 the exact previous state, and marks the image for regeneration (without an
-autograd graph). A bad coordinate, label, mask or style raises ``ValueError``
+autograd graph): of the whole image, or with a local generator only of the part the
+edits can reach (``image``). A bad coordinate, label, mask or style raises ``ValueError``
 before anything changes. Every edit, ``reset`` included, can be undone.
 
 The session ties together jobs that live in modules of their own: the history
@@ -26,12 +27,13 @@ from ..errors import InvalidArgumentError
 from .. import ops
 from ..data import THING_CLASSES, colorize_labels
 from ..features import class_of
+from ..models.generator import local_radius
 from ..visualize import tensor_to_image
 from .history import Change, EditHistory
 from .scene_files import save_scene
 from .scene_input import feature_channel, new_input, refresh_input
 from .strokes import MAX_BRUSH_WIDTH, MAX_STROKE_POINTS, MAX_STROKE_WORK, stroke_region
-from .styles import class_styles, preview_boxes, styled_crops
+from .styles import class_styles, grow_box, preview_boxes, styled_crops
 
 __all__ = ["EditSession", "MAX_BRUSH_WIDTH", "MAX_STROKE_POINTS", "MAX_STROKE_WORK"]
 
@@ -75,8 +77,10 @@ class EditSession:
         self._initial = (label.clone(), inst.clone(), None if feat is None else feat.clone())
         self.label, self.inst, self.feat = label, inst, feat
         self.input = new_input(self.spec, self.height, self.width, self.device)
+        self._image: torch.Tensor | None = None  # (3, H, W) float32, as of the last image()
+        self._changed: tuple[int, int, int, int] | None = None  # the box of input changed since
+        self._radius = local_radius(self.model.netG)  # None: every change regenerates the whole image
         self._refresh((0, self.height, 0, self.width))
-        self._image: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -111,8 +115,13 @@ class EditSession:
         return self.edits.unsaved
 
     def _refresh(self, box) -> None:
-        """Rebuild the input inside ``box`` (``scene_input.refresh_input``)."""
+        """Rebuild the input inside ``box`` (``scene_input.refresh_input``; its boundary map changes one
+        pixel beyond) and mark it for regeneration."""
         refresh_input(self.input, self.spec, box, self.label, self.inst, self.feat)
+        changed = grow_box(box, 1, self.height, self.width)
+        if self._changed is not None:
+            changed = tuple(f(a, b) for f, a, b in zip((min, max, min, max), self._changed, changed))
+        self._changed = changed
 
     def _sample_features(self, inst: torch.Tensor, choices: Mapping[int, int] | None = None) -> torch.Tensor:
         from ..features import sample_feature_map
@@ -141,7 +150,6 @@ class EditSession:
         if self.feat is not None:
             self.feat[:, y0:y1, x0:x1] = feat_patch
         self._refresh(box)
-        self._image = None
 
     # ------------------------------------------------------------------ checks and helpers
     def _check_point(self, y: int, x: int) -> tuple[int, int]:
@@ -375,12 +383,38 @@ class EditSession:
 
     # ------------------------------------------------------------------ outputs
     def image(self) -> np.ndarray:
-        """The generated image (H, W, 3) uint8, regenerated only after an edit."""
-        if self._image is None:
-            with torch.inference_mode():
-                with self.model.precision_scope(self.input.device):
+        """The generated image (H, W, 3) uint8, regenerated only after an edit, and then only as far as the edits
+        reach where the generator is local (``_regeneration_boxes``)."""
+        if self._changed is not None:
+            crop, paste = self._regeneration_boxes()
+            with torch.inference_mode(), self.model.precision_scope(self.input.device):
+                if crop is None:
                     self._image = self.model.netG(self.input)[0].float()
+                else:
+                    cy0, cy1, cx0, cx1 = crop
+                    part = self.model.netG(self.input[:, :, cy0:cy1, cx0:cx1])[0]
+                    py0, py1, px0, px1 = paste
+                    self._image[:, py0:py1, px0:px1] = part[:, py0 - cy0:py1 - cy0, px0 - cx0:px1 - cx0]
+            self._changed = None
         return tensor_to_image(self._image)
+
+    def _regeneration_boxes(self):
+        """(crop, paste) for regenerating the image after the input changed in ``_changed``, or (None, None) to
+        regenerate it whole. With a local generator (``models.generator.local_radius``: an eval-mode
+        GlobalGenerator without instance norm, such as the demo model's) of radius r, the change reaches the
+        image only within r of it (paste), and those pixels see the input only within r of them (crop, its
+        edges on multiples of the generator's downsampling, so its grid is the image's). A paint stroke on the
+        demo model at 256x512 regenerates about a fifth of the image."""
+        if self._image is None or self._radius is None:
+            return None, None
+        r, multiple = self._radius, self.spec.generator_size_multiple
+        paste = grow_box(self._changed, r, self.height, self.width)
+        y0, y1, x0, x1 = grow_box(paste, r, self.height, self.width)
+        y0, x0 = y0 // multiple * multiple, x0 // multiple * multiple
+        y1, x1 = min(self.height, -(-y1 // multiple) * multiple), min(self.width, -(-x1 // multiple) * multiple)
+        if (y1 - y0) * (x1 - x0) > self.height * self.width // 2 or min(y1 - y0, x1 - x0) < 4 * multiple:
+            return None, None  # (past half the image a crop saves little; G's deepest pads need a few pixels)
+        return (y0, y1, x0, x1), paste
 
     def label_image(self) -> np.ndarray:
         """The label map in the dataset's colours (H, W, 3) uint8: a picture, not ids."""
@@ -420,4 +454,3 @@ class EditSession:
                 mask = self.inst == value
                 y0, y1, x0, x1 = self._box(mask)
                 yield int(value), mask[y0:y1, x0:x1].cpu().numpy()
-

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["class_styles", "preview_boxes", "styled_crops"]
+__all__ = ["class_styles", "grow_box", "preview_boxes", "styled_crops"]
 
 
 def class_styles(clusters: Mapping[int, Any] | None, label: int) -> torch.Tensor:
@@ -25,9 +25,9 @@ def preview_boxes(box, margin: int, multiple: int, height: int,
     """(view, crop) for previewing the instance in ``box``: the view is the box with ``margin``
     pixels around it; the crop, what goes through the generator, is the view with as much
     context again on every side, its sides whole multiples of ``multiple``, inside the scene."""
-    view = _grow(box, margin, height, width)
+    view = grow_box(box, margin, height, width)
     context = max(2 * margin, box[1] - box[0], box[3] - box[2])
-    crop = _align(_grow(view, context, height, width), multiple, height, width)
+    crop = _align(grow_box(view, context, height, width), multiple, height, width)
     return view, crop
 
 
@@ -41,7 +41,8 @@ def styled_crops(input: torch.Tensor, crop, channel: int, where: torch.Tensor, s
     return batch
 
 
-def _grow(box, by: int, height: int, width: int) -> tuple[int, int, int, int]:
+def grow_box(box, by: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(y0, y1, x0, x1) grown by ``by`` pixels on every side, inside the scene."""
     y0, y1, x0, x1 = box
     return max(0, y0 - by), min(height, y1 + by), max(0, x0 - by), min(width, x1 + by)
 

@@ -7,6 +7,7 @@ ReLU); ``fused=False`` builds the plain modules.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import torch
@@ -315,3 +316,49 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
             return (" It holds a global generator (no model1_* keys): build a GlobalGenerator (pix2pixHD flag "
                     "--netG global), or start coarse-to-fine training with LocalEnhancer.load_global_generator.")
         return super().checkpoint_hint(state_dict)
+
+
+# Layers that compute each output pixel from the same pixel of their input, or pad it.
+_PIXELWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Identity, nn.Dropout, nn.ReflectionPad2d, nn.ReplicationPad2d,
+              nn.ZeroPad2d)
+
+
+def local_radius(generator: nn.Module) -> int | None:
+    """How far an output pixel of ``generator`` sees: a radius r in input pixels such that each output pixel depends
+    only on the input within r of it (and, near a crop's edge, a crop's output is exact farther than r inside it).
+    None where some output depends on the whole image, or where this cannot tell: instance norm (every
+    pix2pixHD generator by default), batch norm without running statistics, a generator in training mode, a
+    LocalEnhancer, or a layer it does not know. An eval-mode GlobalGenerator with batch norm or none is local.
+
+    Each centred convolution adds half its kernel extent, in input pixels at its depth, and each resampling one
+    more step of its stride (where the crop's grid lands), so r errs on the large side."""
+    if type(generator) is not GlobalGenerator or generator.training:
+        return None
+    walked = _walk(generator.model, 0.0, 1.0)
+    return None if walked is None or walked[1] != 1.0 else math.ceil(walked[0])
+
+
+def _walk(module: nn.Module, radius: float, scale: float) -> tuple[float, float] | None:
+    """(radius, scale) after ``module``: the radius so far, in input pixels, and the input pixels per pixel."""
+    if isinstance(module, nn.Sequential):
+        for layer in module:
+            walked = _walk(layer, radius, scale)
+            if walked is None:
+                return None
+            radius, scale = walked
+        return radius, scale
+    if type(module) is ResnetBlock:  # x + conv_block(x): the block's reach, at the scale it keeps
+        walked = _walk(module.conv_block, radius, scale)
+        return walked if walked is not None and walked[1] == scale else None
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.padding_mode != "circular":
+        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
+        if sh != sw:
+            return None
+        half = max(dh * (kh - 1), dw * (kw - 1)) / 2
+        radius += (math.ceil(half) + sh - 1) * scale
+        return radius, scale / sh if isinstance(module, nn.ConvTranspose2d) else scale * sh
+    if isinstance(module, nn.BatchNorm2d):  # a per-channel affine map in eval mode, from running statistics
+        return (radius, scale) if module.running_mean is not None and not module.training else None
+    if isinstance(module, _PIXELWISE) and not module.training:
+        return radius, scale
+    return None
