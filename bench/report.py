@@ -218,7 +218,8 @@ def editor_targets(check, suites) -> None:
 
     for op in ("paint stroke", "change label"):
         check(f"editor page, {op} on a 256x512 scene with the demo model: median from the edit to the new image "
-              "loaded under 150 ms", ms("editor page", rf"^{op}, 256x512"), lambda v: v < 150, unit=" ms")
+              "loaded at most 50 ms (half the 99 ms first measured, AVX-512 EPYC)", ms("editor page", rf"^{op}, 256x512"),
+              lambda v: v <= 50, unit=" ms")
     check("style previews, 6 styles of a car on a 256x512 scene: under 500 ms",
           ms("style previews", r"256x512"), lambda v: v < 500, unit=" ms")
 

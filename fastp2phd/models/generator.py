@@ -318,47 +318,52 @@ class LocalEnhancer(OfficialCheckpointMixin, nn.Module):
         return super().checkpoint_hint(state_dict)
 
 
-# Layers that compute each output pixel from the same pixel of their input, or pad it.
-_PIXELWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Identity, nn.Dropout, nn.ReflectionPad2d, nn.ReplicationPad2d,
-              nn.ZeroPad2d)
+# Layers that compute each output pixel from the same pixel of their input.
+_PIXELWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Identity, nn.Dropout)
+_PADS = (nn.ReflectionPad2d, nn.ReplicationPad2d, nn.ZeroPad2d)
 
 
 def local_radius(generator: nn.Module) -> int | None:
-    """How far an output pixel of ``generator`` sees: a radius r in input pixels such that each output pixel depends
-    only on the input within r of it (and, near a crop's edge, a crop's output is exact farther than r inside it).
-    None where some output depends on the whole image, or where this cannot tell: instance norm (every
-    pix2pixHD generator by default), batch norm without running statistics, a generator in training mode, a
-    LocalEnhancer, or a layer it does not know. An eval-mode GlobalGenerator with batch norm or none is local.
-
-    Each centred convolution adds half its kernel extent, in input pixels at its depth, and each resampling one
-    more step of its stride (where the crop's grid lands), so r errs on the large side."""
+    """How far an output pixel of ``generator`` sees: the radius r in input pixels such that each output pixel
+    depends only on the input within r of it (so a crop's output is exact farther than r inside its edges, when
+    the crop's corner lies on the generator's downsampling grid). None where some output depends on the whole
+    image, or where this cannot tell: instance norm (every pix2pixHD generator by default), batch norm without
+    running statistics, a generator in training mode, a LocalEnhancer, or a layer it does not know. An
+    eval-mode GlobalGenerator with batch norm or none is local: the demo model's radius is 20."""
     if type(generator) is not GlobalGenerator or generator.training:
         return None
-    walked = _walk(generator.model, 0.0, 1.0)
-    return None if walked is None or walked[1] != 1.0 else math.ceil(walked[0])
+    walked = _walk(generator.model, (0.0, 1.0, (0, 0)))
+    return None if walked is None or walked[1] != 1.0 or walked[2] != (0, 0) else math.ceil(walked[0])
 
 
-def _walk(module: nn.Module, radius: float, scale: float) -> tuple[float, float] | None:
-    """(radius, scale) after ``module``: the radius so far, in input pixels, and the input pixels per pixel."""
+def _walk(module: nn.Module, state):
+    """The state after ``module``: (radius so far in input pixels, input pixels per pixel here, padding waiting
+    for the next convolution at the top and left), or None."""
+    radius, scale, (pad_top, pad_left) = state
     if isinstance(module, nn.Sequential):
         for layer in module:
-            walked = _walk(layer, radius, scale)
-            if walked is None:
+            state = _walk(layer, state)
+            if state is None:
                 return None
-            radius, scale = walked
-        return radius, scale
+        return state
     if type(module) is ResnetBlock:  # x + conv_block(x): the block's reach, at the scale it keeps
-        walked = _walk(module.conv_block, radius, scale)
-        return walked if walked is not None and walked[1] == scale else None
+        walked = _walk(module.conv_block, state)
+        return walked if walked is not None and walked[1:] == (scale, (0, 0)) else None
+    if isinstance(module, _PADS):  # shifts where the next convolution's window starts
+        left, _, top, _ = module.padding
+        return radius, scale, (pad_top + top, pad_left + left)
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.padding_mode != "circular":
-        (kh, kw), (dh, dw), (sh, sw) = module.kernel_size, module.dilation, module.stride
-        if sh != sw:
+        (kh, kw), (dh, dw), (sh, sw), (ph, pw) = module.kernel_size, module.dilation, module.stride, module.padding
+        if sh != sw or isinstance(module.padding, str):
             return None
-        half = max(dh * (kh - 1), dw * (kw - 1)) / 2
-        radius += (math.ceil(half) + sh - 1) * scale
-        return radius, scale / sh if isinstance(module, nn.ConvTranspose2d) else scale * sh
+        # Output j reads input j * stride + t * dilation - padding for t < kernel (a transposed convolution: output
+        # j * stride + t * dilation - padding from input j), so it sees max(padding, extent - padding) around.
+        reach = max(max(p, d * (k - 1) - p) for k, d, p in ((kh, dh, pad_top + ph), (kw, dw, pad_left + pw)))
+        if isinstance(module, nn.ConvTranspose2d):
+            return (radius + reach * scale / sh, scale / sh, (0, 0)) if (pad_top, pad_left) == (0, 0) else None
+        return radius + reach * scale, scale * sh, (0, 0)
     if isinstance(module, nn.BatchNorm2d):  # a per-channel affine map in eval mode, from running statistics
-        return (radius, scale) if module.running_mean is not None and not module.training else None
+        return state if module.running_mean is not None and not module.training else None
     if isinstance(module, _PIXELWISE) and not module.training:
-        return radius, scale
+        return state
     return None
