@@ -27,7 +27,7 @@ from harness import compiled_or_skip, measure
 from fastp2phd import optimize_for_inference
 from fastp2phd.compiling import compile_networks
 from fastp2phd.data import render_scene
-from fastp2phd.pix2pixhd import Pix2PixHD
+from fastp2phd.pix2pixhd import Pix2PixHD, fastest_precision
 from fastp2phd.specs import ModelSpec
 
 SUITE = "inference precision"
@@ -72,6 +72,9 @@ def provider_fn(settings, provider: str, model: Pix2PixHD, x: torch.Tensor, tmp_
     device = settings.device
     if provider in CUDA_ONLY and not settings.cuda:
         pytest.skip(f"{provider}: CUDA only")
+    if provider.endswith("bf16") and fastest_precision(device) != "bf16":
+        pytest.skip(f"{provider}: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so bf16 is emulated at minutes "
+                    "per image; --precision auto runs fp32 here")
     if provider.startswith("optimized "):
         optimized, precision = optimize_for_inference(copy.deepcopy(model)), provider.split()[-1]
         if "compile" in provider and not compile_networks([optimized.netG], "default", device, what="inference",

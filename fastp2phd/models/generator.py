@@ -352,9 +352,10 @@ def _walk(module: nn.Module, state):
     if isinstance(module, _PADS):  # shifts where the next convolution's window starts
         left, _, top, _ = module.padding
         return radius, scale, (pad_top + top, pad_left + left)
-    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.padding_mode != "circular":
+    if (isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)) and module.padding_mode != "circular"
+            and not isinstance(module.padding, str)):
         (kh, kw), (dh, dw), (sh, sw), (ph, pw) = module.kernel_size, module.dilation, module.stride, module.padding
-        if sh != sw or isinstance(module.padding, str):
+        if sh != sw:
             return None
         # Output j reads input j * stride + t * dilation - padding for t < kernel (a transposed convolution: output
         # j * stride + t * dilation - padding from input j), so it sees max(padding, extent - padding) around.
