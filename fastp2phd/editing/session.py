@@ -12,7 +12,8 @@ before anything changes. Every edit, ``reset`` included, can be undone.
 
 The session ties together jobs that live in modules of their own: the history
 (``history``), the input building (``scene_input``), brush strokes (``strokes``),
-styles and their previews (``styles``) and saving the scene (``scene_files``).
+styles and their previews (``styles``), what to regenerate (``regeneration``) and saving
+the scene (``scene_files``).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from ..features import class_of
 from ..models.generator import local_radius
 from ..visualize import tensor_to_image
 from .history import Change, EditHistory
+from .regeneration import regeneration_boxes
 from .scene_files import save_scene
 from .scene_input import feature_channel, new_input, refresh_input
 from .strokes import MAX_BRUSH_WIDTH, MAX_STROKE_POINTS, MAX_STROKE_WORK, stroke_region
@@ -384,9 +386,10 @@ class EditSession:
     # ------------------------------------------------------------------ outputs
     def image(self) -> np.ndarray:
         """The generated image (H, W, 3) uint8, regenerated only after an edit, and then only as far as the edits
-        reach where the generator is local (``_regeneration_boxes``)."""
+        reach where the generator is local (``regeneration.regeneration_boxes``)."""
         if self._changed is not None:
-            crop, paste = self._regeneration_boxes()
+            crop, paste = (None, None) if self._image is None else regeneration_boxes(
+                self._changed, self._radius, self.spec.generator_size_multiple, self.height, self.width)
             with torch.inference_mode(), self.model.precision_scope(self.input.device):
                 if crop is None:
                     self._image = self.model.netG(self.input)[0].float()
@@ -397,24 +400,6 @@ class EditSession:
                     self._image[:, py0:py1, px0:px1] = part[:, py0 - cy0:py1 - cy0, px0 - cx0:px1 - cx0]
             self._changed = None
         return tensor_to_image(self._image)
-
-    def _regeneration_boxes(self):
-        """(crop, paste) for regenerating the image after the input changed in ``_changed``, or (None, None) to
-        regenerate it whole. With a local generator (``models.generator.local_radius``: an eval-mode
-        GlobalGenerator without instance norm, such as the demo model's) of radius r, the change reaches the
-        image only within r of it (paste), and those pixels see the input only within r of them (crop, its
-        edges on multiples of the generator's downsampling, so its grid is the image's). A paint stroke on the
-        demo model at 256x512 regenerates about a fifth of the image."""
-        if self._image is None or self._radius is None:
-            return None, None
-        r, multiple = self._radius, self.spec.generator_size_multiple
-        paste = grow_box(self._changed, r, self.height, self.width)
-        y0, y1, x0, x1 = grow_box(paste, r, self.height, self.width)
-        y0, x0 = y0 // multiple * multiple, x0 // multiple * multiple
-        y1, x1 = min(self.height, -(-y1 // multiple) * multiple), min(self.width, -(-x1 // multiple) * multiple)
-        if (y1 - y0) * (x1 - x0) > self.height * self.width // 2 or min(y1 - y0, x1 - x0) < 4 * multiple:
-            return None, None  # (past half the image a crop saves little; G's deepest pads need a few pixels)
-        return (y0, y1, x0, x1), paste
 
     def label_image(self) -> np.ndarray:
         """The label map in the dataset's colours (H, W, 3) uint8: a picture, not ids."""
