@@ -83,6 +83,12 @@ class EditorPage:
         self.page.wait_for_function(f"() => document.getElementById('status').textContent.startsWith({text!r})")
         return self.page.text_content("#status")
 
+    def select_scene(self, index: int) -> str:
+        """Picks a scene and waits for it (the status is cleared first: the last load's line starts alike)."""
+        self.page.evaluate("document.getElementById('status').textContent = ''")
+        self.page.select_option("#scene", str(index))
+        return self.wait_status("scene loaded")
+
     def click(self, selector: str, then: str) -> str:
         self.page.click(selector)
         return self.wait_status(then)
@@ -128,11 +134,9 @@ def test_editing_history_scenes_and_save(editor, browser, tmp_path):
     styled = page.image()
 
     # Another scene and back: the history is still there, and the scene list marks unsaved scenes.
-    page.page.select_option("#scene", "1")
-    page.wait_status("scene loaded")
+    page.select_scene(1)
     assert page.page.is_disabled("#undo")
-    page.page.select_option("#scene", "0")
-    page.wait_status("scene loaded")
+    page.select_scene(0)
     assert not page.page.is_disabled("#undo") and np.array_equal(page.image(), styled)
     assert page.page.locator("#scene option").first.text_content().endswith("*")
 
