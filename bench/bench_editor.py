@@ -2,7 +2,8 @@
 
 * ``editor page``: from the page's own edit call to the new image loaded in headless Chromium
   (the latency the status line reports), for a brush stroke and a label change. The page runs the
-  same ``edit()`` a click runs; the time includes Playwright's round trip (a millisecond or two).
+  same ``edit()`` a click runs; the time includes Playwright's round trip (5-8 ms on 2 cores, where the
+  server, Playwright's driver and Chromium share them), so it overstates what the page's status line reports.
   Skipped without Playwright and Chromium.
 * ``style previews``: rendering every style (6) of a car, on a crop around it (``fastp2phd``)
   against rendering the whole scene once per style (``full scene``, what the editor did before).

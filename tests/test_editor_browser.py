@@ -9,6 +9,7 @@ try to drive the editor and change nothing. Skipped when Playwright or Chromium 
 """
 from __future__ import annotations
 
+import base64
 import io
 import shutil
 import threading
@@ -61,35 +62,44 @@ def a_car(inst: np.ndarray) -> tuple[int, int]:
 class EditorPage:
     """The editor page, driven as a user would."""
 
-    def __init__(self, page, url: str):
-        self.page = page
+    def __init__(self, page, url: str, app: EditorApp):
+        self.page, self.app = page, app
         page.goto(url)
         page.wait_for_selector("body[data-ready='1']", timeout=30000)
         self.box = page.locator("#label-canvas").bounding_box()
-        self.scale = page.evaluate("() => document.getElementById('label-canvas').width") / page.evaluate(
-            "() => document.getElementById('image').naturalWidth")
+        self.scale = page.evaluate("() => document.getElementById('label-canvas').width / document.getElementById('image').width")
 
     def at(self, y: int, x: int) -> tuple[float, float]:
         return self.box["x"] + (x + 0.5) * self.scale, self.box["y"] + (y + 0.5) * self.scale
 
     def image(self) -> np.ndarray:
-        """The generated image the page shows, as the server sent it (fetched by the page)."""
-        self.page.wait_for_function(
-            "() => { const i = document.getElementById('image'); return i.complete && i.naturalWidth > 0; }")
-        src = self.page.evaluate("() => document.getElementById('image').src")
-        return np.array(Image.open(io.BytesIO(self.page.request.get(src).body())))
+        """The generated image the page shows (its canvas's pixels). Its label colours and outlines, and the image,
+        must equal the server's whole views: edits draw patches over them, and a misplaced one would show here."""
+        urls = self.page.evaluate(
+            "() => ['image', 'label-canvas', 'outlines'].map((id) => document.getElementById(id).toDataURL())")
+        image, label, outlines = (np.array(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+                                  for url in urls)
+        s, session = int(self.scale), self.app.session
+        assert np.array_equal(label[::s, ::s, :3], session.label_image())
+        assert np.array_equal(outlines[::s, ::s], session.instance_outlines())
+        assert np.array_equal(image[..., :3], session.image()) and (image[..., 3] == 255).all()
+        return image[..., :3]
 
     def wait_status(self, text: str) -> str:
         self.page.wait_for_function(f"() => document.getElementById('status').textContent.startsWith({text!r})")
         return self.page.text_content("#status")
 
-    def select_scene(self, index: int) -> str:
-        """Picks a scene and waits for it (the status is cleared first: the last load's line starts alike)."""
+    def clear_status(self) -> None:
+        """Before an action whose status line starts as the last one's did (two undos), so the wait sees the new one."""
         self.page.evaluate("document.getElementById('status').textContent = ''")
+
+    def select_scene(self, index: int) -> str:
+        self.clear_status()
         self.page.select_option("#scene", str(index))
         return self.wait_status("scene loaded")
 
     def click(self, selector: str, then: str) -> str:
+        self.clear_status()
         self.page.click(selector)
         return self.wait_status(then)
 
@@ -99,7 +109,7 @@ def test_editing_history_scenes_and_save(editor, browser, tmp_path):
     from fastp2phd.specs import DataSpec
 
     app, port = editor
-    page = EditorPage(browser.new_page(viewport={"width": 1400, "height": 1000}), f"http://127.0.0.1:{port}/")
+    page = EditorPage(browser.new_page(viewport={"width": 1400, "height": 1000}), f"http://127.0.0.1:{port}/", app)
     initial = page.image()
     car = a_car(app.scenes[0].inst)
 
@@ -121,6 +131,7 @@ def test_editing_history_scenes_and_save(editor, browser, tmp_path):
     page.page.mouse.click(*page.at(*car))
     page.wait_status("change_label:")
     page.page.click("#palette button[data-label='26']")
+    page.clear_status()
     page.page.mouse.click(*page.at(*car))
     page.wait_status("change_label:")
 

@@ -2,6 +2,8 @@
 status and a sentence, changes nothing, and prints no traceback; what the page sends works."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import socket
 import struct
@@ -9,11 +11,14 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 from support import tiny_model
 
 from fastp2phd.data import render_scene
 from fastp2phd.editing.http_handler import allowed_hosts, host_ok
 from fastp2phd.editing.server import EditorApp, ObjectMask, Scene, serve
+from fastp2phd.editing.strokes import stroke_region
+from fastp2phd.editing.styles import grow_box
 
 H, W = 32, 64
 PAINT = json.dumps({"op": "paint", "points": [[1, 1], [1, 9]], "label": 21, "width": 3}).encode()
@@ -134,3 +139,46 @@ def test_allowed_hosts(listen, good, bad):
     allowed = allowed_hosts(listen, 8765)
     assert all(host_ok(h, allowed, 8765) for h in good)
     assert not any(host_ok(h, allowed, 8765) for h in bad)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])  # a global generator, and a local one (regenerates crops)
+def test_an_edit_answers_with_the_patches_that_bring_the_page_up_to_date(norm):
+    scenes = [Scene(f"s{seed}", *render_scene(128, 256, seed=seed)[:2]) for seed in (4, 5)]
+    app = EditorApp(tiny_model(norm=norm), scenes, [])
+    names = ("image", "label_colours", "outlines")
+
+    def get(name: str) -> np.ndarray:
+        status, kind, payload = app.handle("GET", f"/api/{name}.png", b"")
+        assert (status, kind) == (200, "image/png")
+        return np.array(Image.open(io.BytesIO(payload)))
+
+    def post(path: str, body: dict) -> dict:
+        status, _, payload = app.handle("POST", path, json.dumps(body).encode())
+        assert status == 200, payload
+        return json.loads(payload)
+
+    shown, view = {name: get(name) for name in names}, app.info()["view"]  # what the page holds after loading
+    ys, xs = np.nonzero((scenes[0].inst >= 26000) & (scenes[0].inst < 27000))
+    car = [int(ys[len(ys) // 2]), int(xs[len(xs) // 2])]
+    edits = [{"op": "paint", "points": [[20, 30], [24, 60]], "label": 8, "width": 6},
+             {"op": "change_label", "y": car[0], "x": car[1], "label": 28}, {"op": "undo"}, {"op": "redo"},
+             {"op": "change_label", "y": car[0], "x": car[1], "label": 28},  # already a bus: nothing changes
+             {"op": "paint", "points": [[127, 255]], "label": 7, "width": 3}, {"op": "reset"}]
+    for body in edits:
+        update = post("/api/edit", body)["view"]
+        assert update["from"] == view and update["to"] == view + 1
+        view = update["to"]
+        for patch in update["patches"]:
+            y0, y1, x0, x1 = patch["box"]
+            picture = np.array(Image.open(io.BytesIO(base64.b64decode(patch["url"].split(",", 1)[1]))))
+            assert picture.shape[:2] == (y1 - y0, x1 - x0)
+            shown[patch["view"]][y0:y1, x0:x1] = picture
+        for name in names:
+            assert np.array_equal(shown[name], get(name)), (body, name)
+        if body["op"] == "paint" and body["width"] == 6:
+            boxes = {patch["view"]: patch["box"] for patch in update["patches"]}
+            assert (boxes["image"] == [0, 128, 0, 256]) == (norm == "instance")  # a local generator: the reach only
+            stroke_box = stroke_region([(20, 30), (24, 60)], 6, 128, 256)[0]
+            assert boxes["label_colours"] == list(grow_box(stroke_box, 1, 128, 256))  # the stroke and its outlines
+        assert (not update["patches"]) == (body is edits[4])  # only the no-op sends nothing
+    assert post("/api/scene", {"index": 1})["view"] == view + 1  # another scene: the page fetches it whole

@@ -167,8 +167,12 @@ def test_requests_waiting_for_a_busy_generator_get_503_in_time(monkeypatch, edit
     monkeypatch.setattr(editor_server, "ANSWER_WITHIN", 0.5)
     monkeypatch.setattr(editor_server, "MAX_WORKERS", 1)
     app, port = editor
-    with app.lock:  # a long generation: one request waits for the lock, the other for the worker
+    generating = threading.Event()
+    app.model_thread.submit(generating.wait)  # a long generation: one request waits for the model, the other for a worker
+    try:
         results = many_at_once(port, [(request("GET", "/api/info", port), "127.0.0.1")] * 2)
+    finally:
+        generating.set()
     assert [status for status, _ in results] == [503, 503] and max(s for _, s in results) < 2
     assert exchange(port, request("GET", "/api/info", port))[0] == 200
 

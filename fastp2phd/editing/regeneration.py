@@ -1,9 +1,11 @@
 """Which part of an edited scene's image to regenerate: with a local generator, only what the edits can reach."""
 from __future__ import annotations
 
+import torch
+
 from .styles import grow_box
 
-__all__ = ["regeneration_boxes"]
+__all__ = ["regenerate", "regeneration_boxes"]
 
 
 def regeneration_boxes(changed, radius: int | None, multiple: int, height: int, width: int):
@@ -22,3 +24,20 @@ def regeneration_boxes(changed, radius: int | None, multiple: int, height: int, 
     if (y1 - y0) * (x1 - x0) > height * width // 2 or min(y1 - y0, x1 - x0) < 4 * multiple:
         return None, None  # (past half the image a crop saves little; G's deepest pads need a few pixels)
     return (y0, y1, x0, x1), paste
+
+
+def regenerate(model, input: torch.Tensor, image: torch.Tensor | None, changed, radius: int | None):
+    """(image, rewritten box): ``image`` (3, H, W) float32 made current after ``model``'s generator input (1, C, H, W)
+    changed in ``changed``, in place on a crop (``regeneration_boxes``) or whole (a new tensor; also when
+    ``image`` is None)."""
+    height, width = input.shape[-2:]
+    crop, paste = (None, None) if image is None else regeneration_boxes(
+        changed, radius, model.spec.generator_size_multiple, height, width)
+    with torch.inference_mode(), model.precision_scope(input.device):
+        if crop is None:
+            return model.netG(input)[0].float(), (0, height, 0, width)
+        cy0, cy1, cx0, cx1 = crop
+        part = model.netG(input[:, :, cy0:cy1, cx0:cx1])[0]
+        py0, py1, px0, px1 = paste
+        image[:, py0:py1, px0:px1] = part[:, py0 - cy0:py1 - cy0, px0 - cx0:px1 - cx0]
+    return image, paste

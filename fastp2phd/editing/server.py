@@ -2,8 +2,8 @@
 
 ``fastp2phd edit --name NAME`` loads the run's generator (and clusters), the test
 scenes of its dataset and a few object masks, and serves the page and a small JSON
-API. A lock lets one request use the generator at a time, so concurrent clicks queue
-instead of interleaving.
+API. Requests use the generator one at a time, on one thread (``EditorApp.handle``), so
+concurrent clicks queue instead of interleaving.
 
 Three layers keep it safe on a machine whose browser visits other sites:
 

@@ -31,7 +31,7 @@ from ..features import class_of
 from ..models.generator import local_radius
 from ..visualize import tensor_to_image
 from .history import Change, EditHistory
-from .regeneration import regeneration_boxes
+from .regeneration import regenerate
 from .scene_files import save_scene
 from .scene_input import feature_channel, new_input, refresh_input
 from .strokes import MAX_BRUSH_WIDTH, MAX_STROKE_POINTS, MAX_STROKE_WORK, stroke_region
@@ -384,32 +384,40 @@ class EditSession:
         return True
 
     # ------------------------------------------------------------------ outputs
-    def image(self) -> np.ndarray:
-        """The generated image (H, W, 3) uint8, regenerated only after an edit, and then only as far as the edits
-        reach where the generator is local (``regeneration.regeneration_boxes``)."""
-        if self._changed is not None:
-            crop, paste = (None, None) if self._image is None else regeneration_boxes(
-                self._changed, self._radius, self.spec.generator_size_multiple, self.height, self.width)
-            with torch.inference_mode(), self.model.precision_scope(self.input.device):
-                if crop is None:
-                    self._image = self.model.netG(self.input)[0].float()
-                else:
-                    cy0, cy1, cx0, cx1 = crop
-                    part = self.model.netG(self.input[:, :, cy0:cy1, cx0:cx1])[0]
-                    py0, py1, px0, px1 = paste
-                    self._image[:, py0:py1, px0:px1] = part[:, py0 - cy0:py1 - cy0, px0 - cx0:px1 - cx0]
-            self._changed = None
-        return tensor_to_image(self._image)
+    def regenerate(self) -> tuple[int, int, int, int] | None:
+        """Regenerate the image after edits (``regeneration.regenerate``: only as far as they reach where the
+        generator is local); returns the box (y0, y1, x0, x1) of the image rewritten, None when it was up to date."""
+        if self._changed is None:
+            return None
+        self._image, rewritten = regenerate(self.model, self.input, self._image, self._changed, self._radius)
+        self._changed = None
+        return rewritten
 
-    def label_image(self) -> np.ndarray:
-        """The label map in the dataset's colours (H, W, 3) uint8: a picture, not ids."""
-        return colorize_labels(self.label.cpu().numpy(), self.label_nc)
+    @property
+    def changed_box(self) -> tuple[int, int, int, int] | None:
+        """The box (y0, y1, x0, x1) of the generator's input, label map and outlines changed since the image was
+        last regenerated; None when it is up to date."""
+        return self._changed
 
-    def instance_outlines(self) -> np.ndarray:
-        """(H, W, 4) uint8: opaque where the boundary map marks an instance edge, transparent elsewhere."""
-        edges = ops.boundary_map(self.inst[None, None])[0, 0].cpu().numpy() > 0
-        rgba = np.zeros((self.height, self.width, 4), np.uint8)
-        rgba[edges] = (255, 255, 255, 255)
+    def image(self, box=None) -> np.ndarray:
+        """The generated image (H, W, 3) uint8, or its part in ``box`` (y0, y1, x0, x1), regenerated first if edited."""
+        self.regenerate()
+        y0, y1, x0, x1 = box or (0, self.height, 0, self.width)
+        return tensor_to_image(self._image[:, y0:y1, x0:x1])
+
+    def label_image(self, box=None) -> np.ndarray:
+        """The label map in the dataset's colours (H, W, 3) uint8, or its part in ``box``: a picture, not ids."""
+        y0, y1, x0, x1 = box or (0, self.height, 0, self.width)
+        return colorize_labels(self.label[y0:y1, x0:x1].cpu().numpy(), self.label_nc)
+
+    def instance_outlines(self, box=None) -> np.ndarray:
+        """(H, W, 4) uint8, or its part in ``box``: opaque where the boundary map marks an instance edge, transparent
+        elsewhere (a pixel's edge depends on its neighbours, so the map is computed a pixel beyond the box)."""
+        y0, y1, x0, x1 = box or (0, self.height, 0, self.width)
+        gy0, gy1, gx0, gx1 = grow_box((y0, y1, x0, x1), 1, self.height, self.width)
+        edges = ops.boundary_map(self.inst[None, None, gy0:gy1, gx0:gx1])[0, 0, y0 - gy0:y1 - gy0, x0 - gx0:x1 - gx0]
+        rgba = np.zeros((y1 - y0, x1 - x0, 4), np.uint8)
+        rgba[edges.cpu().numpy() > 0] = (255, 255, 255, 255)
         return rgba
 
     def save(self, folder: str | os.PathLike, name: str = "scene", phase: str = "test") -> Path:
