@@ -48,14 +48,12 @@ struct Elem {
   using acc = float;
   static inline acc load(T v) { return static_cast<acc>(v); }
   static inline T store(acc v) { return static_cast<T>(v); }
-  static inline T store_number(acc v) { return store(v); }
 };
 template <>
 struct Elem<double> {
   using acc = double;
   static inline double load(double v) { return v; }
   static inline double store(double v) { return v; }
-  static inline double store_number(double v) { return v; }
 };
 template <>
 struct Elem<c10::BFloat16> {
@@ -87,7 +85,6 @@ struct Elem<c10::Half> {
   static inline c10::Half store(float f) {
     return c10::Half(c10::detail::fp16_ieee_from_fp32_value(f), c10::Half::from_bits());
   }
-  static inline c10::Half store_number(float f) { return store(f); }
 };
 
 // The activation and its gradient, written as selects between values computed unconditionally, so the
@@ -184,8 +181,9 @@ FASTP2PHD_SIMD_CLONES void shifted_sums(const T* x, int64_t stride, int64_t n, S
 //   ~1e-5 of S2 (the tail of under 256 values, summed in one lane), 4e-5 of M2, against y's rounding at
 //   4e-3 (bfloat16) or 5e-4 (float16). A block whose first value lies far out (1 in 12 of normal data) takes the two passes.
 // - float64, and those 16-bit blocks: two passes over the block in buf, while it sits in L1. The mean is
-//   summed in float64 (relative to origin, a constant plane sums to exactly 0); M2 is summed about the mean
-//   rounded to the compute type (x - that is exact near the mean), then corrected to the exact mean.
+//   summed in float64 (relative to origin, a constant plane sums to exactly 0) and rounded to the compute type;
+//   the second pass sums the residuals x - that rounded mean and their squares (exact near the mean), which
+//   correct the mean and give M2 about it.
 template <typename T>
 FASTP2PHD_SIMD_CLONES void block_moments(const T* x, int64_t stride, int64_t n, double origin,
                                          typename Elem<T>::acc* buf, Moments& moments) {
@@ -215,24 +213,35 @@ FASTP2PHD_SIMD_CLONES void block_moments(const T* x, int64_t stride, int64_t n, 
   double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += static_cast<double>(buf[i]) - origin;
-  const double mean = sum / static_cast<double>(n);
-  const acc rounded = static_cast<acc>(origin + mean);
-  double m2 = 0;
-#pragma omp simd reduction(+ : m2)
-  for (int64_t i = 0; i < n; ++i) {
-    const acc d = buf[i] - rounded;
-    m2 += static_cast<double>(d * d);
+  const acc rounded = static_cast<acc>(origin + sum / static_cast<double>(n));
+  // Summed in pieces that meet the totals once each: an outlier's square would otherwise take every small
+  // square after it with an error at its own size (1e4 among values near 1: M2 off by 2e-15 in float64).
+  constexpr int64_t kPiece = 128;
+  double m2 = 0, residual = 0;
+  for (int64_t i0 = 0; i0 < n; i0 += kPiece) {
+    double piece_m2 = 0, piece_residual = 0;
+#pragma omp simd reduction(+ : piece_m2, piece_residual)
+    for (int64_t i = i0; i < std::min(n, i0 + kPiece); ++i) {
+      const acc d = buf[i] - rounded;
+      piece_m2 += static_cast<double>(d * d);
+      piece_residual += static_cast<double>(d);
+    }
+    m2 += piece_m2;
+    residual += piece_residual;
   }
-  const double offset = (origin - static_cast<double>(rounded)) + mean;
-  moments.merge(static_cast<double>(n), mean, m2 - static_cast<double>(n) * offset * offset);
+  // The mean is rounded's distance from the origin plus the residuals' mean: a sum of x - origin errs at the
+  // size of x - origin, which an outlying origin makes large (1e4 among values near 1: 3e-15 of y in float64).
+  const double offset = residual / static_cast<double>(n);
+  moments.merge(static_cast<double>(n), (static_cast<double>(rounded) - origin) + offset,
+                m2 - static_cast<double>(n) * offset * offset);
 }
 
 // Per-channel mean (relative to origin[c]) and M2 of R pixel rows of C channels, x[r * sp + c * sc]
-// (channels_last), as above. Scratch: buf R * C values, rounded C values, col 2C values.
+// (channels_last), as above. Scratch: buf R * C values, col 2C values.
 template <typename T>
 FASTP2PHD_SIMD_CLONES void rows_moments(const T* x, int64_t sp, int64_t sc, int64_t R, int64_t C,
-                                        const double* origin, typename Elem<T>::acc* buf,
-                                        typename Elem<T>::acc* rounded, double* col, Moments* moments) {
+                                        const double* origin, typename Elem<T>::acc* buf, double* col,
+                                        Moments* moments) {
   using acc = typename Elem<T>::acc;
   double* sums = col;
   double* m2 = col + C;
@@ -272,21 +281,28 @@ FASTP2PHD_SIMD_CLONES void rows_moments(const T* x, int64_t sp, int64_t sc, int6
   }
   for (int64_t r = 0; r < R; ++r)
     for (int64_t c = 0; c < C; ++c) sums[c] += static_cast<double>(buf[r * C + c]) - origin[c];
-  for (int64_t c = 0; c < C; ++c) rounded[c] = static_cast<acc>(origin[c] + sums[c] / static_cast<double>(R));
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) {
-      const acc d = buf[r * C + c] - rounded[c];
-      m2[c] += static_cast<double>(d * d);
-    }
+  constexpr int64_t kPiece = 16;  // rows (see block_moments)
   for (int64_t c = 0; c < C; ++c) {
-    const double mean = sums[c] / static_cast<double>(R);
-    const double offset = (origin[c] - static_cast<double>(rounded[c])) + mean;
-    moments[c].merge(static_cast<double>(R), mean, m2[c] - static_cast<double>(R) * offset * offset);
+    const acc rounded_c = static_cast<acc>(origin[c] + sums[c] / static_cast<double>(R));
+    double total = 0, residual = 0;
+    for (int64_t r0 = 0; r0 < R; r0 += kPiece) {
+      double piece = 0, piece_residual = 0;
+      for (int64_t r = r0; r < std::min(R, r0 + kPiece); ++r) {
+        const acc d = buf[r * C + c] - rounded_c;
+        piece += static_cast<double>(d * d);
+        piece_residual += static_cast<double>(d);
+      }
+      total += piece;
+      residual += piece_residual;
+    }
+    const double offset = residual / static_cast<double>(R);
+    moments[c].merge(static_cast<double>(R), (static_cast<double>(rounded_c) - origin[c]) + offset,
+                     total - static_cast<double>(R) * offset * offset);
   }
 }
 
-// y[i] = act(((x[i * sx] - hi) - lo) * rstd) for n values of one plane; NUMBERS: y holds no NaN but the
-// CPU's default one (see Elem::store_number).
+// y[i] = act(((x[i * sx] - hi) - lo) * rstd) for n values of one plane; NUMBERS (bfloat16 only): y holds no
+// NaN but the CPU's default one (see Elem<c10::BFloat16>::store_number).
 template <typename T, int ACT, bool NUMBERS>
 FASTP2PHD_SIMD_CLONES void normalize_run(const T* x, int64_t sx, T* y, int64_t n, typename Elem<T>::acc hi,
                                          typename Elem<T>::acc lo, typename Elem<T>::acc rstd,
@@ -294,7 +310,8 @@ FASTP2PHD_SIMD_CLONES void normalize_run(const T* x, int64_t sx, T* y, int64_t n
   using acc = typename Elem<T>::acc;
   auto value = [&](T v) {
     const acc out = activate<ACT, acc>(((Elem<T>::load(v) - hi) - lo) * rstd, slope);
-    return NUMBERS ? Elem<T>::store_number(out) : Elem<T>::store(out);
+    if constexpr (NUMBERS) return Elem<T>::store_number(out);
+    else return Elem<T>::store(out);
   };
   if (sx == 1) {
     for (int64_t i = 0; i < n; ++i) y[i] = value(x[i]);
@@ -329,42 +346,62 @@ FASTP2PHD_SIMD_CLONES void grad_block_sums(const T* s, int64_t ss, const T* dy, 
                                            typename Elem<T>::acc rstd, typename Elem<T>::acc slope, double& sum_g,
                                            double& sum_gx) {
   using acc = typename Elem<T>::acc;
-  double g_total = 0, gx_total = 0;
-  if (ss == 1 && sdy == 1) {
+  // float64 terms are summed in pieces that meet the totals once each (see block_moments); the other types'
+  // terms are far coarser than a float64 sum's rounding.
+  const int64_t piece = std::is_same_v<T, double> ? 128 : n;
+  for (int64_t i0 = 0; i0 < n; i0 += piece) {
+    const int64_t i1 = std::min(n, i0 + piece);
+    double g_total = 0, gx_total = 0;
+    if (ss == 1 && sdy == 1) {
 #pragma omp simd reduction(+ : g_total, gx_total)
-    for (int64_t i = 0; i < n; ++i) {
-      const acc xhat = normalized<acc>(Elem<T>::load(s[i]), hi, lo, rstd);
-      const acc g = gate<ACT, acc>(Elem<T>::load(dy[i]), xhat, slope);
-      g_total += static_cast<double>(g);
-      gx_total += static_cast<double>(g * xhat);
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc xhat = normalized<acc>(Elem<T>::load(s[i]), hi, lo, rstd);
+        const acc g = gate<ACT, acc>(Elem<T>::load(dy[i]), xhat, slope);
+        g_total += static_cast<double>(g);
+        gx_total += static_cast<double>(g * xhat);
+      }
+    } else {
+      for (int64_t i = i0; i < i1; ++i) {
+        const acc xhat = normalized<acc>(Elem<T>::load(s[i * ss]), hi, lo, rstd);
+        const acc g = gate<ACT, acc>(Elem<T>::load(dy[i * sdy]), xhat, slope);
+        g_total += static_cast<double>(g);
+        gx_total += static_cast<double>(g * xhat);
+      }
     }
-  } else {
-    for (int64_t i = 0; i < n; ++i) {
-      const acc xhat = normalized<acc>(Elem<T>::load(s[i * ss]), hi, lo, rstd);
-      const acc g = gate<ACT, acc>(Elem<T>::load(dy[i * sdy]), xhat, slope);
-      g_total += static_cast<double>(g);
-      gx_total += static_cast<double>(g * xhat);
-    }
+    sum_g += g_total;
+    sum_gx += gx_total;
   }
-  sum_g += g_total;
-  sum_gx += gx_total;
 }
 
-// Per-channel sums of g and g * xhat over R pixel rows (channels_last), accumulated in float64.
+// Per-channel sums of g and g * xhat over R pixel rows (channels_last), accumulated in float64; float64 terms in
+// pieces of rows (as in grad_block_sums) through piece, 2C scratch values.
 template <typename T, int ACT>
 FASTP2PHD_SIMD_CLONES void grad_rows_sums(const T* s, int64_t ssp, int64_t ssc, const T* dy, int64_t dsp,
                                           int64_t dsc, int64_t R, int64_t C, const typename Elem<T>::acc* hi,
                                           const typename Elem<T>::acc* lo, const typename Elem<T>::acc* rstd,
-                                          typename Elem<T>::acc slope, double* sum_g, double* sum_gx) {
+                                          typename Elem<T>::acc slope, double* sum_g, double* sum_gx, double* piece) {
   using acc = typename Elem<T>::acc;
-  for (int64_t r = 0; r < R; ++r) {
-    const T* srow = s + r * ssp;
-    const T* drow = dy + r * dsp;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc xhat = normalized<acc>(Elem<T>::load(srow[c * ssc]), hi[c], lo[c], rstd[c]);
-      const acc g = gate<ACT, acc>(Elem<T>::load(drow[c * dsc]), xhat, slope);
-      sum_g[c] += static_cast<double>(g);
-      sum_gx[c] += static_cast<double>(g * xhat);
+  constexpr bool kPieces = std::is_same_v<T, double>;
+  double* g_piece = kPieces ? piece : sum_g;
+  double* gx_piece = kPieces ? piece + C : sum_gx;
+  const int64_t rows = kPieces ? 16 : R;
+  for (int64_t r0 = 0; r0 < R; r0 += rows) {
+    if (kPieces) std::fill(piece, piece + 2 * C, 0.0);
+    for (int64_t r = r0; r < std::min(R, r0 + rows); ++r) {
+      const T* srow = s + r * ssp;
+      const T* drow = dy + r * dsp;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc xhat = normalized<acc>(Elem<T>::load(srow[c * ssc]), hi[c], lo[c], rstd[c]);
+        const acc g = gate<ACT, acc>(Elem<T>::load(drow[c * dsc]), xhat, slope);
+        g_piece[c] += static_cast<double>(g);
+        gx_piece[c] += static_cast<double>(g * xhat);
+      }
+    }
+    if (kPieces) {
+      for (int64_t c = 0; c < C; ++c) {
+        sum_g[c] += g_piece[c];
+        sum_gx[c] += gx_piece[c];
+      }
     }
   }
 }
@@ -492,9 +529,24 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
   const Split split = rows ? split_rows(P, C) : split_planes(P);
   const int64_t per_plane = rows ? 1 : split.chunks;  // moments per plane per chunk index
 
+  // Moments are taken relative to an origin per plane: its first value, so a constant plane sums to exactly 0.
+  // float64 holds its mean relative to the origin only to float64's precision of |origin - mean| (an outlying
+  // first value, 1e4 among values near 1, costs 1e-12 of the mean), so there the origin is the mean of the
+  // plane's first block instead, summed about its first value (still exact for a constant plane).
   std::vector<double> origin(N * C);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t c = 0; c < C; ++c) origin[n * C + c] = static_cast<double>(Elem<T>::load(xp[n * in.sn + c * in.sc]));
+  at::parallel_for(0, N * C, grain(std::is_same_v<T, double> ? std::min(P, kBlock) : 1), [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane) {
+      const T* base = xp + (plane / C) * in.sn + (plane % C) * in.sc;
+      const double first = static_cast<double>(Elem<T>::load(base[0]));
+      origin[plane] = first;
+      if constexpr (std::is_same_v<T, double>) {
+        const int64_t m = std::min(P, kBlock);
+        double sum = 0;
+        for (int64_t p = 0; p < m; ++p) sum += base[p * in.sp] - first;
+        origin[plane] = first + sum / static_cast<double>(m);
+      }
+    }
+  });
   std::vector<acc> hi(N * C), lo(N * C), rstd(N * C);
   // A plane's mean (float64) and rstd from its chunks' moments, merged in a fixed order.
   auto finish_plane = [&](int64_t plane, auto chunk_moments) {
@@ -524,10 +576,11 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
     T* to = yp + n * out.sn + c * out.sc + p0;
     // A finite mean means x holds no NaN: any NaN of y is then the CPU's default NaN, which the plain
     // rounding keeps NaN, so y needs no NaN select.
-    if (std::is_same_v<T, c10::BFloat16> && std::isfinite(mean_p[plane]))
-      normalize_run<T, ACT, true>(from, in.sp, to, p1 - p0, hi[plane], lo[plane], rstd[plane], slope);
-    else
-      normalize_run<T, ACT, false>(from, in.sp, to, p1 - p0, hi[plane], lo[plane], rstd[plane], slope);
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (std::isfinite(mean_p[plane]))
+        return normalize_run<T, ACT, true>(from, in.sp, to, p1 - p0, hi[plane], lo[plane], rstd[plane], slope);
+    }
+    normalize_run<T, ACT, false>(from, in.sp, to, p1 - p0, hi[plane], lo[plane], rstd[plane], slope);
   };
   auto with_act = [&](auto body) {
     if (act == kRelu) body(std::integral_constant<int, kRelu>());
@@ -561,7 +614,7 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
   if (rows) {
     at::parallel_for(0, N * split.chunks, grain(split.chunk * C), [&](int64_t begin, int64_t end) {
       const int64_t R = block_rows(C);
-      std::vector<acc> buf(R * C), rounded(C);
+      std::vector<acc> buf(R * C);
       std::vector<double> col(2 * C);
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t n = unit / split.chunks, k = unit % split.chunks;
@@ -569,7 +622,7 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
         Moments* m = &partial[(n * split.chunks + k) * C];
         for (int64_t p = p0; p < p1; p += R)
           rows_moments<T>(xp + n * in.sn + p * in.sp, in.sp, in.sc, std::min(R, p1 - p), C, &origin[n * C],
-                          buf.data(), rounded.data(), col.data(), m);
+                          buf.data(), col.data(), m);
       }
     });
   } else {
@@ -654,12 +707,13 @@ void backward_kernel(const at::Tensor& dy_t, const at::Tensor& x_t, at::Tensor& 
   // Pass 1: sums of g and g * xhat per (plane, chunk), float32 within a block, float64 across.
   if (rows) {
     at::parallel_for(0, N * split.chunks, grain(split.chunk * C), [&](int64_t begin, int64_t end) {
+      std::vector<double> piece(std::is_same_v<T, double> ? 2 * C : 0);
       for (int64_t unit = begin; unit < end; ++unit) {
         const int64_t n = unit / split.chunks, k = unit % split.chunks;
         const int64_t p0 = k * split.chunk, p1 = std::min(P, p0 + split.chunk);
         grad_rows_sums<T, ACT>(s + n * sv.sn + p0 * sv.sp, sv.sp, sv.sc, dy + n * dv.sn + p0 * dv.sp,
                                                 dv.sp, dv.sc, p1 - p0, C, &hi[n * C], &lo[n * C], &rstd[n * C], slope,
-                                                &sum_g[unit * C], &sum_gx[unit * C]);
+                                                &sum_g[unit * C], &sum_gx[unit * C], piece.data());
       }
     });
   } else {

@@ -3,7 +3,8 @@
 The planes pix2pixHD produces break naive kernels, not random normal data: constant planes (a first
 conv over one-hot labels with large uniform regions), planes with a large mean and a small spread,
 sparse label-like planes, huge planes, one-value planes, NaN and inf. Every path is checked against
-float64 on each, in every dtype, forward and backward, by the rule the op's docstring states:
+float64 (wider for float64 inputs) on each, in every dtype, forward and backward, by the rule the op's
+docstring states:
 
     error(path) <= max(2 * error(nn.InstanceNorm2d + activation in the same dtype),
                        2 * error(impl="reference"),
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -74,8 +76,9 @@ def with_value(value: float, shape=(2, 3, 9, 11)):
     return make
 
 
-def outlier_first(value: float, shape=(2, 3, 96, 160)):
-    """1 + 0.001 randn with the plane's first pixel (the kernels' shift) far out: many blocks sum about it."""
+def outlier_first(value: float, shape=(1, 2, 64, 112)):
+    """1 + 0.001 randn with the plane's first pixel (the kernels' shift) far out: the plane's blocks (3.5 of the CPU
+    kernel's 2048 values, 28 of its 16-bit pieces of 256) all sum about it."""
     def make():
         x = offset(1.0, 1e-3, shape)()
         x[:, :, 0, 0] = value
@@ -137,18 +140,31 @@ def _act(y, activation, slope):
     return y
 
 
+# float64 paths are checked against wider arithmetic where numpy has it (x86's 80-bit long double): against a
+# float64 oracle, their ulp-level errors would be the oracle's own rounding as much as theirs.
+WIDE = np.longdouble if np.finfo(np.longdouble).eps < np.finfo(np.float64).eps else np.float64
+
+
+def _array(t: torch.Tensor, dtype) -> np.ndarray:
+    return t.detach().cpu().double().numpy().astype(dtype)
+
+
 def oracle(x: torch.Tensor, dy: torch.Tensor, activation: str, slope: float):
-    """(y, dx) in float64 from x and dy's values, with PyTorch's branch rule at 0 (xhat > 0 passes dy)."""
-    x, dy = x.double(), dy.double()
-    first = x[:, :, :1, :1]  # summing x - first keeps a constant plane's mean exact
-    mean = first + (x - first).mean(dim=(2, 3), keepdim=True)
-    rstd = 1 / torch.sqrt(((x - mean) ** 2).mean(dim=(2, 3), keepdim=True) + 1e-5)
-    xhat = (x - mean) * rstd
-    if x.shape[2] * x.shape[3] == 1:  # a one-value plane normalises to 0
-        xhat = torch.zeros_like(x)
-    g = dy if activation == "none" else torch.where(xhat > 0, dy, dy * slope)
-    dx = rstd * (g - g.mean(dim=(2, 3), keepdim=True) - xhat * (g * xhat).mean(dim=(2, 3), keepdim=True))
-    return _act(xhat, activation, slope), dx, rstd
+    """(y, dx, rstd) as numpy arrays from x and dy's values, with PyTorch's branch rule at 0 (xhat > 0 passes dy):
+    in float64, or in ``WIDE`` for float64 inputs."""
+    wide = WIDE if x.dtype == torch.float64 else np.float64
+    x, dy, slope = _array(x, wide), _array(dy, wide), np.float64(slope).astype(wide)
+    with np.errstate(invalid="ignore", over="ignore"):  # (the NaN and inf cases)
+        first = x[:, :, :1, :1]  # summing x - first keeps a constant plane's mean exact
+        mean = first + (x - first).mean(axis=(2, 3), keepdims=True)
+        rstd = 1 / np.sqrt(((x - mean) ** 2).mean(axis=(2, 3), keepdims=True) + np.float64(1e-5).astype(wide))
+        xhat = (x - mean) * rstd
+        if x.shape[2] * x.shape[3] == 1:  # a one-value plane normalises to 0
+            xhat = np.zeros_like(x)
+        g = dy if activation == "none" else np.where(xhat > 0, dy, dy * slope)
+        dx = rstd * (g - g.mean(axis=(2, 3), keepdims=True) - xhat * (g * xhat).mean(axis=(2, 3), keepdims=True))
+        y = {"relu": np.maximum(xhat, 0), "leaky_relu": np.where(xhat > 0, xhat, xhat * slope)}.get(activation, xhat)
+    return y, dx, rstd
 
 
 def module_result(x, dy, activation, slope):
@@ -167,23 +183,21 @@ def path_result(x, dy, activation, slope, impl):
 
 
 def errors(y, dx, expected_y, expected_dx, rstd, dy):
-    """(forward, backward) error against float64 on the planes where float64 is finite, and whether the
+    """(forward, backward) error against the oracle on the planes where it is finite, and whether the
     non-finite planes are non-finite in y too. Forward: relative to max |y|, at least 1. Backward: relative to the size
     of the terms dx is computed from, rstd * |dy| (dx itself may cancel to ~0)."""
-    finite = torch.isfinite(expected_y).flatten(2).all(dim=2)[:, :, None, None].expand_as(expected_y)
-    nan_planes_agree = bool(torch.isnan(y.double())[~finite].all()) if (~finite).any() else True
+    y, dx, dy = (_array(t, expected_y.dtype) for t in (y, dx, dy))
+    finite = np.broadcast_to(np.isfinite(expected_y).all(axis=(2, 3), keepdims=True), expected_y.shape)
+    nan_planes_agree = bool(np.isnan(y[~finite]).all()) if (~finite).any() else True
     if not finite.any():
         return 0.0, 0.0, nan_planes_agree
-    e_y, a_y = expected_y[finite], y.double()[finite]
-    forward = ((a_y - e_y).abs().max() / e_y.abs().max().clamp_min(1.0)).item()  # (a constant plane's y is 0)
-    scale = max((rstd.expand_as(expected_y)[finite] * dy.double().abs().max()).max().item(),
-                expected_dx[finite].abs().max().item(), 1e-30)
-    backward = ((dx.double()[finite] - expected_dx[finite]).abs().max() / scale).item()
-    if torch.isnan(a_y).any():
-        forward = math.inf
-    if torch.isnan(dx.double()[finite]).any():
-        backward = math.inf
-    return forward, backward, nan_planes_agree
+    e_y, a_y, a_dx = expected_y[finite], y[finite], dx[finite]
+    forward = float(np.abs(a_y - e_y).max() / max(np.abs(e_y).max(), 1.0))  # (a constant plane's y is 0)
+    scale = max(float((np.broadcast_to(rstd, expected_y.shape)[finite] * np.abs(dy).max()).max()),
+                float(np.abs(expected_dx[finite]).max()), 1e-30)
+    backward = float(np.abs(a_dx - expected_dx[finite]).max() / scale)
+    return (math.inf if np.isnan(a_y).any() else forward), (math.inf if np.isnan(a_dx).any() else backward), \
+        nan_planes_agree
 
 
 def check_path(case: str, dtype: torch.dtype, channels_last: bool, activation: str, slope: float, impl: str,
