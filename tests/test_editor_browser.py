@@ -169,6 +169,11 @@ def test_editing_history_scenes_and_save(editor, browser, tmp_path):
         page.click("#undo", "undo:")
     assert np.array_equal(page.image(), initial) and page.page.is_disabled("#undo")
 
+    # Two edits in flight at once (a double Ctrl+Y): their answers are drawn in turn, and the page ends up
+    # showing what the server holds (image() compares all three views).
+    page.page.evaluate("() => Promise.all([edit({op: 'redo'}), edit({op: 'redo'})])")
+    assert len(app.session.undo_stack) == 2 and not np.array_equal(page.image(), initial)
+
 
 HOSTILE_PAGES = {"/": """<!DOCTYPE html><title>hostile</title><script>
 (async () => {
