@@ -361,6 +361,10 @@ def write_report(results: Path = BENCH / "results", out: Path = BENCH / "REPORT.
     plots = out.parent / "results" / "plots"
     for device, suites in chosen.items():
         lines += [f"## {device}", ""]
+        if device.startswith("cpu:") and not device.endswith(")"):  # (device_name names the ISA since 2026-12-06)
+            lines += ["Runs from before the bench named the CPU's vector instruction set (the same model name is lent "
+                      "with AVX2 and with AVX-512); where a section of the same CPU names it, that section holds the "
+                      "newer runs.", ""]
         run_files = sorted({run["file"] for run, _ in suites.values()})
         for name in run_files:
             run = next(r for r in runs if r["file"] == name)

@@ -534,7 +534,8 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
   // first value, 1e4 among values near 1, costs 1e-12 of the mean), so there the origin is the mean of the
   // plane's first block instead, summed about its first value (still exact for a constant plane).
   std::vector<double> origin(N * C);
-  at::parallel_for(0, N * C, grain(std::is_same_v<T, double> ? std::min(P, kBlock) : 1), [&](int64_t begin, int64_t end) {
+  const int64_t origin_grain = grain(std::is_same_v<T, double> ? std::min(P, kBlock) : 1);
+  at::parallel_for(0, N * C, origin_grain, [&](int64_t begin, int64_t end) {
     for (int64_t plane = begin; plane < end; ++plane) {
       const T* base = xp + (plane / C) * in.sn + (plane % C) * in.sc;
       const double first = static_cast<double>(Elem<T>::load(base[0]));
