@@ -17,6 +17,7 @@ tests/interpreter/instance_norm_act/test_hard_inputs.py for the Triton kernels i
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -182,6 +183,13 @@ def path_result(x, dy, activation, slope, impl):
     return y.detach(), xr.grad
 
 
+def python_kernels_result(x, dy, activation, slope):
+    """(y, dx) from the operator's PyTorch kernels, which it runs where neither the extension nor Triton is there."""
+    module = importlib.import_module("fastp2phd.ops.instance_norm_act")  # (the package exports the function)
+    y, mean, rstd = module._forward_reference_kernel(x, activation, slope, 1e-5)
+    return y, module._backward_formula(dy, x, mean, rstd, activation, slope)
+
+
 def errors(y, dx, expected_y, expected_dx, rstd, dy):
     """(forward, backward) error against the oracle on the planes where it is finite, and whether the
     non-finite planes are non-finite in y too. Forward: relative to max |y|, at least 1. Backward: relative to the size
@@ -202,13 +210,17 @@ def errors(y, dx, expected_y, expected_dx, rstd, dy):
 
 def check_path(case: str, dtype: torch.dtype, channels_last: bool, activation: str, slope: float, impl: str,
                device: str = "cpu"):
-    """Assert the accuracy rule for one path on one hard input (see the module docstring). ``device``: where
-    ``impl`` runs; the module and the reference it is compared with run on the CPU."""
+    """Assert the accuracy rule for one path on one hard input (see the module docstring). ``impl``: an ``impl`` of
+    the op, or "python kernels" (``python_kernels_result``); ``device``: where it runs; the module and the reference
+    it is compared with run on the CPU."""
     x = make_input(case, dtype, channels_last)
     dy = torch.randn(x.shape, generator=_generator(3)).to(dtype)
     expected_y, expected_dx, rstd = oracle(x, dy, activation, slope)
 
-    y, dx = (t.cpu() for t in path_result(x.to(device), dy.to(device), activation, slope, impl))
+    if impl == "python kernels":
+        y, dx = python_kernels_result(x, dy, activation, slope)
+    else:
+        y, dx = (t.cpu() for t in path_result(x.to(device), dy.to(device), activation, slope, impl))
     assert y.dtype == dtype and dx.dtype == dtype
     forward, backward, nan_planes = errors(y, dx, expected_y, expected_dx, rstd, dy)
     assert nan_planes, f"{impl}: a plane holding NaN or inf must give NaN"

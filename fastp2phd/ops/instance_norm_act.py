@@ -92,11 +92,14 @@ def _normalize(s: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch
 def _forward_reference_kernel(x, activation, negative_slope, eps):
     """(y, mean, rstd) in PyTorch ops with the kernels' numerics: the operator's kernel where no compiled
     one is registered (no extension, no Triton). Sums are taken in float64 (float32 values sum exactly
-    there; float64 values relative to the plane's first one, so a constant plane's mean is exact)."""
+    there; float64 values relative to the mean of the plane's first rows, itself summed relative to the first
+    value, so a constant plane's mean is exact and an outlying first value costs no precision, as in the C++
+    kernel)."""
     dtype = stats_dtype(x.dtype)
     xc = x.to(dtype)
     if dtype == torch.float64:
-        origin = xc[:, :, :1, :1]
+        first = xc[:, :, :1, :1]
+        origin = first + (xc[:, :, :max(1, 2048 // x.shape[3])] - first).mean(dim=(2, 3), keepdim=True)
         mean = (origin + (xc - origin).mean(dim=(2, 3), keepdim=True)).reshape(-1)
     else:
         mean = xc.sum(dim=(2, 3), dtype=torch.float64).reshape(-1) / (x.shape[2] * x.shape[3])

@@ -1,5 +1,5 @@
-"""instance_norm_act's reference, CPU kernel and (where there is a GPU) Triton kernels on the hard-input suite
-(tests/hard_inputs.py)."""
+"""instance_norm_act's reference, its PyTorch kernels (what runs without the extension and Triton), CPU kernel and
+(where there is a GPU) Triton kernels on the hard-input suite (tests/hard_inputs.py)."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,7 @@ from hard_inputs import DTYPES, check_path, parameters
 import torch
 from support import requires_extension
 
-IMPLS = ["reference", pytest.param("cpu", marks=requires_extension),
+IMPLS = ["reference", "python kernels", pytest.param("cpu", marks=requires_extension),
          pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
 
 
