@@ -79,7 +79,7 @@ class EditSession:
         self._initial = (label.clone(), inst.clone(), None if feat is None else feat.clone())
         self.label, self.inst, self.feat = label, inst, feat
         self.input = new_input(self.spec, self.height, self.width, self.device)
-        self._image: torch.Tensor | None = None  # (3, H, W) float32, as of the last image()
+        self._image: torch.Tensor | None = None  # (3, H, W) float32, as of the last regenerate()
         self._changed: tuple[int, int, int, int] | None = None  # the input's box changed since then
         self._radius = local_radius(self.model.netG)  # None: every change regenerates the whole image
         self._refresh((0, self.height, 0, self.width))
