@@ -166,7 +166,8 @@ at::Tensor sparse_input_conv2d_cpu(const at::Tensor& x, const at::Tensor& weight
       nonzero = nonzero_masks<scalar_t>(x, masks, values.mutable_data_ptr<scalar_t>(), words);
     });
   }
-  if (nonzero * kDensestSparse > x.numel()) {
+  // Empty inputs and outputs too: the convolution gives their empty result, or refuses them as F.conv2d does.
+  if (nonzero * kDensestSparse > x.numel() || x.numel() == 0 || weight.numel() == 0) {
     // In x's dtype, as the sparse path computes, also under autocast (the Python wrapper casts after).
     c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCPU);
     return at::conv2d(x, weight, bias);

@@ -60,10 +60,15 @@ def test_equals_the_convolution_on_label_maps(channels, outputs, kernel, layout,
     torch.testing.assert_close(actual32.double(), expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["dense input", "infinite weight", "nan input", "bfloat16", "all zeros"])
+@pytest.mark.parametrize("case", ["dense input", "infinite weight", "nan input", "bfloat16", "all zeros",
+                                  "empty batch", "no input channels"])
 def test_inputs_off_the_sparse_path_still_equal_the_convolution(case):
     torch.manual_seed(0)
     x, weight = label_like(1, 12, 10, 14, dtype=torch.float32), torch.randn(4, 12, 3, 3)
+    if case == "empty batch":
+        x = x[:0]
+    elif case == "no input channels":
+        x, weight = x[:, :0], weight[:, :0]
     if case == "dense input":
         x = torch.randn(1, 12, 10, 14)
     elif case == "infinite weight":
@@ -76,9 +81,18 @@ def test_inputs_off_the_sparse_path_still_equal_the_convolution(case):
         x.zero_()
     expected = F.conv2d(x, weight)
     actual = ops.sparse_input_conv2d(x, weight, impl="cpu")
-    assert actual.dtype == expected.dtype
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5, equal_nan=True)
     assert torch.equal(actual.isnan(), expected.isnan())
+
+
+def test_a_weight_with_no_outputs_is_refused_as_the_convolution_refuses_it():
+    """A sparse input and nowhere to write: the kernel must not reach its per-pixel loop."""
+    x, weight = label_like(1, 12, 10, 14, dtype=torch.float32), torch.randn(0, 12, 3, 3)
+    with pytest.raises(RuntimeError, match="expected weight to be at least 1 at dimension 0"):
+        F.conv2d(x, weight)
+    with pytest.raises(RuntimeError, match="expected weight to be at least 1 at dimension 0"):
+        ops.sparse_input_conv2d(x, weight, impl="cpu")
 
 
 def test_no_less_accurate_than_the_convolution():
