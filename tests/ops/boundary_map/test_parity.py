@@ -12,7 +12,8 @@ from fastp2phd.ops import boundary_map
 from .cases import random_ids
 
 skimage_segmentation = pytest.importorskip("skimage.segmentation")
-ID_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float32, torch.float64]
+ID_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+             torch.float16, torch.bfloat16, torch.float32, torch.float64]
 OUT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.uint8, torch.float64, torch.bool]
 SHAPES = [(1, 1, 1, 1), (1, 1, 1, 9), (1, 1, 9, 1), (1, 1, 2, 2), (3, 1, 17, 31), (2, 1, 64, 33)]
 
@@ -66,6 +67,14 @@ def test_cpp_sparse_and_extreme_ids():
     inst = torch.tensor([[26014, 26014, 26015], [-1, 2**40 + 7, 2**40 + 7], [2**40 + 6, 2**40 + 7, 7]]).view(1, 1, 3, 3)
     assert torch.equal(boundary_map(inst, impl="cpp"), boundary_map(inst, impl="reference"))
     assert torch.equal(boundary_map(inst, dtype=torch.bool, impl="cpp"), skimage_boundaries(inst))
+
+
+@requires_extension
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_cpp_float_ids_compare_as_numbers(dtype):
+    """-0.0 and 0.0 are one id (integer ids are compared by their bits; float ids must not be)."""
+    inst = torch.tensor([[0.0, -0.0, 0.0, -0.0], [-0.0, -0.0, 0.0, 0.0], [0.0, 0.0, -0.0, -0.0]], dtype=dtype)
+    assert not boundary_map(inst.view(1, 1, 3, 4), impl="cpp").any()
 
 
 @requires_extension
