@@ -95,6 +95,18 @@ def test_a_large_segment_is_accurate_in_float32(impl):
     assert rel_err(instance_mean(feat, inst, impl=impl), exact.expand(feat.shape)) < 1e-6
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_segments_far_from_zero_are_the_float64_mean_rounded_once(impl):
+    """Rows of 1e4 + noise in two segments: float64 sums give the exact mean rounded to float32 once. (Sums of
+    runs in float32, as the C++ kernel did before, were off by hundreds of ulps.)"""
+    g = torch.Generator().manual_seed(16)
+    feat = 1e4 + torch.rand(1, 2, 256, 2048, generator=g)
+    inst = torch.zeros(1, 1, 256, 2048, dtype=torch.int32)
+    inst[..., 100:, 300:] = 7
+    expected = instance_mean(feat.double(), inst, impl="reference").float()
+    assert torch.equal(instance_mean(feat, inst, impl=impl), expected)
+
+
 @requires_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cpp_backward_matches_reference(dtype):
