@@ -3,6 +3,7 @@ nor a lent GPU's minutes are lost to a broken suite; the report renders from a r
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +34,8 @@ def test_report_renders_targets_and_tables(tmp_path):
                               ("scikit-image", 0.5)):
         rows.append({"suite": "boundary_map", "case": "4x1x1024x2048 int32 -> float32", "provider": provider,
                      "bytes": 64 * 2**20, "images": 4, "peak_mb": 40.0, "median_s": seconds, "iqr_s": seconds / 20,
-                     "min_s": seconds, "max_s": seconds, "rounds": 5})
+                     "min_s": seconds, "max_s": seconds, "rounds": 5, "page_faults_per_round": 0})
+    rows[1]["page_faults_per_round"] = 8192  # its timed rounds page-faulted 32 MiB each
     run = {"device": "cpu", "device_name": "Test CPU", "cpu_threads": 2, "date": "2026-11-27T10:00Z",
            "torch": "x", "cuda": None, "triton": "y", "python": "3.11", "commit": "abc", "results": rows}
     results = tmp_path / "results"
@@ -45,6 +47,24 @@ def test_report_renders_targets_and_tables(tmp_path):
     assert "≥ 2× faster than the original 4-pass formulation | 3.64× | yes |" in report
     assert "instance_mean fwd 1x3x1024x2048: within 2× of its floor | not measured | — |" in report
     assert (tmp_path / "results" / "plots" / "cpu-test-cpu-boundary-map.png").is_file()
+    assert "| 4x1x1024x2048 int32 -> float32 | fastp2phd | 11 † |" in report  # marked: off the steady state
+    assert "| 4x1x1024x2048 int32 -> float32 | floor | 10 |" in report
+
+
+def test_warm_up_stops_once_calls_stop_page_faulting_and_is_capped_when_they_never_do():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import harness
+
+    assert harness.warm_up_to_steady_state(lambda: None) == harness.QUIET_CALLS
+
+    def fresh_pages():  # every call maps and touches 8 MiB of new pages
+        pages = mmap.mmap(-1, 8 << 20)
+        pages[::4096] = b"x" * (len(pages) // 4096)
+        return pages
+
+    if harness._minor_page_faults() == 0:
+        pytest.skip("no page-fault counter on this platform")
+    assert harness.warm_up_to_steady_state(fresh_pages) == harness.MAX_WARM_UP_CALLS
 
 
 def test_report_judges_bf16_speed_and_psnr(tmp_path):
