@@ -63,6 +63,13 @@ class EpochSampler(Sampler[int]):
         return self.per_rank() - self.skip
 
 
+def bf16_is_emulated(dtype: torch.dtype | None, device: torch.device) -> bool:
+    """Whether autocast in ``dtype`` on ``device`` is bfloat16 on a CPU without native bfloat16 instructions."""
+    from .diagnostics import cpu_bf16
+
+    return dtype == torch.bfloat16 and device.type == "cpu" and cpu_bf16() is None
+
+
 def collate(items: list[dict]) -> dict:
     batch = {}
     for key in items[0]:
@@ -215,6 +222,9 @@ class Trainer:
             at.epoch, at.epoch_iter = at.epoch + 1, 0
         self.say(f"training {spec.name}: {dataset_size} images, epochs {at.epoch}..{last_epoch}, "
                  f"{self.world} process(es) on {self.device}")
+        if bf16_is_emulated(step.amp_dtype, self.device):
+            self.say("note: --fp16 runs bfloat16 on this CPU without AVX512-BF16 or AMX (see `fastp2phd info`), which "
+                     "is often slower than fp32: drop --fp16 to train in fp32")
         while at.epoch <= last_epoch:
             if step.fixed_global and at.epoch > spec.niter_fix_global:
                 step.train_whole_generator()

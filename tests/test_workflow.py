@@ -235,9 +235,22 @@ def test_coarse_to_fine(tmp_path, dataroot):
     assert not all(torch.equal(g2b[k], g1[k]) for k in g2b if k.startswith("model."))  # then all of G trains
 
 
-def test_mixed_precision_trains(tmp_path, dataroot):
+def test_mixed_precision_trains(tmp_path, dataroot, monkeypatch, capsys):
+    monkeypatch.setattr("fastp2phd.diagnostics.cpu_bf16", lambda: None)  # a CPU without native bfloat16
     assert run(*train_args(tmp_path, dataroot, "--niter", "1", "--niter_decay", "0", "--fp16")) == 0
     assert all(torch.isfinite(v).all() for v in weights(tmp_path / "run" / "latest_net_G.pth").values())
+    assert "note: --fp16 runs bfloat16 on this CPU without AVX512-BF16 or AMX" in capsys.readouterr().out
+
+
+def test_bf16_counts_as_emulated_only_on_a_cpu_without_native_bfloat16(monkeypatch):
+    from fastp2phd.training import bf16_is_emulated
+
+    monkeypatch.setattr("fastp2phd.diagnostics.cpu_bf16", lambda: "AVX512-BF16")
+    assert not bf16_is_emulated(torch.bfloat16, torch.device("cpu"))
+    monkeypatch.setattr("fastp2phd.diagnostics.cpu_bf16", lambda: None)
+    assert bf16_is_emulated(torch.bfloat16, torch.device("cpu"))
+    assert not bf16_is_emulated(None, torch.device("cpu"))  # fp32
+    assert not bf16_is_emulated(torch.bfloat16, torch.device("cuda"))
 
 
 def test_original_checkpoints_go_in(tmp_path, dataroot):
