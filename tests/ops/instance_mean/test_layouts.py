@@ -34,6 +34,29 @@ def test_cpp_layouts_keep_format(poisoned_empty):
     assert rel_err(instance_mean(broadcast, inst, impl="cpp"), broadcast) < 1e-6
 
 
+@requires_extension
+@pytest.mark.parametrize("channels", [2, 3, 16, 64, 70])  # 70: above the interleaved kernel's 64 lanes
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpp_channels_last_rows_with_long_runs(channels, dtype, poisoned_empty):
+    """Channels-last rows are summed and written as blocks of interleaved channels: runs from 1 pixel to a
+    whole row, so the blocks, their tails and single pixels are all met, forward and backward."""
+    g = torch.Generator().manual_seed(channels)
+    feat = (10 + torch.randn(2, channels, 7, 150, generator=g)).to(dtype)
+    feat = feat.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    inst = torch.zeros(2, 1, 7, 150, dtype=torch.int32)
+    inst[:, :, 1, 40:] = 1
+    inst[:, :, 2, ::2] = 2  # runs of one pixel
+    inst[:, :, 3:, 97:] = 3
+    out = instance_mean(feat, inst, impl="cpp")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    expected = loop_oracle(feat.detach().double(), inst)
+    bound = 1e-12 if dtype == torch.float64 else 2 * rel_err(expected.to(dtype), expected) + 1e-12
+    assert rel_err(out, expected) <= bound
+    grad = torch.randn(feat.shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    (feat_grad,) = torch.autograd.grad(out, feat, grad)
+    assert rel_err(feat_grad, loop_oracle(grad.double(), inst)) <= bound
+
+
 def test_reference_keeps_channels_last():
     feat, inst = make_inputs(2, 3, 5, 6, seed=7)
     assert instance_mean(feat.contiguous(memory_format=torch.channels_last), inst, impl="reference").is_contiguous(
