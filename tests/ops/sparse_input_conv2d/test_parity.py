@@ -60,6 +60,41 @@ def test_equals_the_convolution_on_label_maps(channels, outputs, kernel, layout,
     torch.testing.assert_close(actual32.double(), expected, rtol=0, atol=1e-5)
 
 
+def regions_map(dtype=torch.float64):
+    """Large regions of one label (so most 7x7 windows lie inside one), an edge channel of 0.5 along their
+    borders, a patch whose pixels have 3 nonzero values (more than the kernel keeps inline) and a NaN."""
+    x = torch.zeros(2, 14, 40, 64, dtype=dtype)
+    labels = torch.zeros(2, 40, 64, dtype=torch.int64)
+    labels[:, :, 25:] = 3
+    labels[:, 18:, :40] = 7
+    labels[1, 5:12, 50:60] = 1
+    x.scatter_(1, labels[:, None], 1.0)
+    edges = torch.zeros(2, 40, 64, dtype=torch.bool)
+    edges[:, :, 1:] |= labels[:, :, 1:] != labels[:, :, :-1]
+    edges[:, 1:] |= labels[:, 1:] != labels[:, :-1]
+    x[:, -1] = edges.to(dtype) * 0.5
+    x[0, 11:12, 30:36, 45:52] = 0.25  # three nonzeros in these pixels
+    x[1, 4, 33, 10] = float("nan")
+    return x
+
+
+@pytest.mark.parametrize("outputs, kernel", [(32, (7, 7)), (16, (3, 3)), (5, (7, 3)), (64, (1, 1))])
+def test_windows_inside_one_region_equal_the_convolution(outputs, kernel):
+    """Windows of equal pixels are summed over the taps at once; windows across an edge, tap by tap."""
+    torch.manual_seed(1)
+    x = regions_map()
+    weight, bias = torch.randn(outputs, 14, *kernel, dtype=torch.float64), torch.randn(outputs, dtype=torch.float64)
+    expected = F.conv2d(x, weight, bias)
+    actual = ops.sparse_input_conv2d(x, weight, bias, impl="cpu")
+    assert torch.equal(actual.isnan(), expected.isnan()) and actual.isnan().any()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12, equal_nan=True)
+    x32, w32, b32 = x.float(), weight.float(), bias.float()
+    exact = F.conv2d(x32.double(), w32.double(), b32.double())
+    sparse_error = (ops.sparse_input_conv2d(x32, w32, b32, impl="cpu").double() - exact).nan_to_num().abs().max()
+    dense_error = (F.conv2d(x32, w32, b32).double() - exact).nan_to_num().abs().max()
+    assert sparse_error <= max(dense_error, torch.finfo(torch.float32).eps * exact.nan_to_num().abs().max())
+
+
 @pytest.mark.parametrize("case", ["dense input", "infinite weight", "nan input", "bfloat16", "all zeros",
                                   "empty batch", "no input channels"])
 def test_inputs_off_the_sparse_path_still_equal_the_convolution(case):
