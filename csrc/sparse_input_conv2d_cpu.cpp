@@ -7,8 +7,9 @@
 // Here each pixel's nonzero channels are found once (a bit mask per pixel), and each output pixel adds,
 // for every kernel tap, the weight rows of that tap's nonzero channels only: about 36x less work on a
 // one-hot map. A window whose pixels are all equal (the inside of a region: 88% of the 7x7 windows of a
-// Cityscapes-like map) is one term per nonzero, from the weights summed over the taps. Where the input turns out dense (more than 1/kDensestSparse of its values nonzero) or the
-// weights are not finite (0 * inf must give NaN, as in the dense convolution), it runs at::conv2d.
+// Cityscapes-like map) is one term per nonzero, from the weights summed over the taps. Where the input
+// turns out dense (more than 1/kDensestSparse of its values nonzero) or the weights are not finite
+// (0 * inf must give NaN, as in the dense convolution), it runs at::conv2d.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -158,10 +159,9 @@ inline void add_pixel(double* __restrict acc, const uint64_t* mask, const T* val
 // a number known at run time; a fixed kOut keeps the sums in registers). Sums are float64: each output adds
 // its terms in sequence, so this keeps it at least as accurate as the dense convolution's blocked sums.
 // Columns are taken kTile at a time, so the input rows under a tile stay in cache from one row to the next.
-// A window of equal pixels (inside a label's region, most of a label map) is summed at once: its pixel's
-// values times each channel's weights summed over the taps (1 term per nonzero instead of kh * kw).
-// Each pixel's outputs are written side by side: into the output when it is channels_last, else into a tile
-// that is then copied out plane by plane (a store per plane and pixel took half the time).
+// A window of equal pixels is summed at once (1 term per nonzero instead of kh * kw). Each pixel's outputs
+// are written side by side: into the output when it is channels_last, else into a tile that is then
+// copied out plane by plane (a store per plane and pixel took half the time).
 // Compiled whole for each instruction set, so the inner loops inline.
 template <typename T, int64_t kOut>
 FASTP2PHD_SIMD_CLONES void sparse_rows(const Operands<T> in, T* __restrict out, const Geometry g,
