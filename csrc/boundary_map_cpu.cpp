@@ -43,6 +43,26 @@ FASTP2PHD_SIMD_CLONES void boundary_row(const id_t* __restrict__ row, const id_t
   out[x] = static_cast<out_t>((row[x - 1] != row[x]) | (up[x] != row[x]) | (down[x] != row[x]));
 }
 
+// Two rows b and c (c below b) of integer ids, W > 2: they share the loads of both rows and the test
+// between them (4 rows and 7 XORs for 2 output rows, against 6 and 8).
+template <typename id_t, typename out_t>
+FASTP2PHD_SIMD_CLONES void boundary_row_pair(const id_t* __restrict__ up, const id_t* __restrict__ b,
+                                             const id_t* __restrict__ c, const id_t* __restrict__ down,
+                                             out_t* __restrict__ out_b, out_t* __restrict__ out_c, int64_t W) {
+  for (const int64_t x : {int64_t(0), W - 1}) {
+    const int64_t side = x == 0 ? 1 : W - 2;
+    out_b[x] = static_cast<out_t>((b[side] != b[x]) | (up[x] != b[x]) | (c[x] != b[x]));
+    out_c[x] = static_cast<out_t>((c[side] != c[x]) | (b[x] != c[x]) | (down[x] != c[x]));
+  }
+  for (int64_t x = 1; x < W - 1; ++x) {
+    const id_t vb = b[x], vc = c[x], between = vb ^ vc;
+    const id_t differ_b = (b[x - 1] ^ vb) | (b[x + 1] ^ vb) | (up[x] ^ vb) | between;
+    const id_t differ_c = (c[x - 1] ^ vc) | (c[x + 1] ^ vc) | (down[x] ^ vc) | between;
+    out_b[x] = differ_b != 0 ? out_t(1) : out_t(0);
+    out_c[x] = differ_c != 0 ? out_t(1) : out_t(0);
+  }
+}
+
 at::Tensor boundary_map_cpu(const at::Tensor& inst_in, at::ScalarType dtype) {
   check_instance_map(inst_in, "boundary_map");
   TORCH_CHECK(inst_in.device().is_cpu(), "boundary_map: the CPU kernel got a ",
@@ -60,12 +80,22 @@ at::Tensor boundary_map_cpu(const at::Tensor& inst_in, at::ScalarType dtype) {
     AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, dtype, "boundary_map_out", [&] {
       scalar_t* dst = out.mutable_data_ptr<scalar_t>();
       at::parallel_for(0, N * H, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
+        for (int64_t r = begin; r < end;) {
           const int64_t y = r % H;
           const id_t* row = ids + r * W;
           const id_t* up = y > 0 ? row - W : row;
+          if constexpr (std::is_integral_v<id_t>) {
+            if (r + 1 < end && y + 1 < H && W > 2) {
+              const id_t* next = row + W;
+              const id_t* down = y + 2 < H ? next + W : next;
+              boundary_row_pair<id_t, scalar_t>(up, row, next, down, dst + r * W, dst + (r + 1) * W, W);
+              r += 2;
+              continue;
+            }
+          }
           const id_t* down = y + 1 < H ? row + W : row;
           boundary_row<id_t, scalar_t>(row, up, down, dst + r * W, W);
+          ++r;
         }
       });
     });
