@@ -35,7 +35,7 @@ def test_report_renders_targets_and_tables(tmp_path):
         rows.append({"suite": "boundary_map", "case": "4x1x1024x2048 int32 -> float32", "provider": provider,
                      "bytes": 64 * 2**20, "images": 4, "peak_mb": 40.0, "median_s": seconds, "iqr_s": seconds / 20,
                      "min_s": seconds, "max_s": seconds, "rounds": 5, "page_faults_per_round": 0})
-    rows[1]["page_faults_per_round"] = 8192  # its timed rounds page-faulted 32 MiB each
+    rows[2]["page_faults_per_round"] = 8192  # the reference's timed rounds page-faulted 32 MiB each
     run = {"device": "cpu", "device_name": "Test CPU", "cpu_threads": 2, "date": "2026-11-27T10:00Z",
            "torch": "x", "cuda": None, "triton": "y", "python": "3.11", "commit": "abc", "results": rows}
     results = tmp_path / "results"
@@ -47,8 +47,13 @@ def test_report_renders_targets_and_tables(tmp_path):
     assert "≥ 2× faster than the original 4-pass formulation | 3.64× | yes |" in report
     assert "instance_mean fwd 1x3x1024x2048: within 2× of its floor | not measured | — |" in report
     assert (tmp_path / "results" / "plots" / "cpu-test-cpu-boundary-map.png").is_file()
-    assert "| 4x1x1024x2048 int32 -> float32 | fastp2phd | 11 † |" in report  # marked: off the steady state
+    assert "| 4x1x1024x2048 int32 -> float32 | reference | 50 † |" in report  # marked: off the steady state
     assert "| 4x1x1024x2048 int32 -> float32 | floor | 10 |" in report
+    # A target measured with a row that page-faulted is shown, marked, and not judged.
+    rows[1]["page_faults_per_round"] = 8192
+    (results / "cpu-test-cpu-2026-11-27T1000Z.json").write_text(json.dumps(run))
+    report = write_report(results, tmp_path / "REPORT.md").read_text()
+    assert "| boundary_map 4x1x1024x2048: within 1.25× of its floor (time / floor time) | 1.10× † | — |" in report
 
 
 def test_warm_up_stops_once_calls_stop_page_faulting_and_is_capped_when_they_never_do():
