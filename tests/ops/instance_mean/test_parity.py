@@ -107,6 +107,31 @@ def test_segments_far_from_zero_are_the_float64_mean_rounded_once(impl):
     assert torch.equal(instance_mean(feat, inst, impl=impl), expected)
 
 
+HARD_PLANES = {
+    "constant": lambda g: torch.full((1, 2, 64, 2048), 0.3),
+    "large mean, small spread": lambda g: 1e3 + 1e-2 * torch.rand(1, 2, 64, 2048, generator=g),
+    "label-like": lambda g: (torch.rand(1, 2, 64, 2048, generator=g) < 0.05).double() * 0.5,
+    "huge plane": lambda g: torch.randn(1, 1, 2048, 2048, generator=g),
+}
+
+
+@requires_extension
+@pytest.mark.parametrize("case", HARD_PLANES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_cpp_hard_planes_in_every_dtype(case, dtype):
+    """Sums in float64 on every dtype: the result is the float64 mean rounded once to the dtype."""
+    g = torch.Generator().manual_seed(17)
+    feat = HARD_PLANES[case](g).to(dtype)
+    inst = torch.zeros(1, 1, *feat.shape[2:], dtype=torch.int32)
+    inst[..., 20:, 700:] = 5  # two segments, each many runs long
+    expected = instance_mean(feat.double(), inst, impl="reference")
+    actual = instance_mean(feat, inst, impl="cpp")
+    if dtype == torch.float64:
+        assert rel_err(actual, expected) < 1e-15
+    else:
+        assert torch.equal(actual, expected.to(dtype))
+
+
 @requires_extension
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cpp_backward_matches_reference(dtype):
