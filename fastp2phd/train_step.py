@@ -25,7 +25,7 @@ from torch import nn
 
 from .compiling import OneSize, compile_networks
 from .errors import Pix2PixHDError
-from .models import GANLoss, VGGLoss, VGGWeightsNotFound, feature_matching_loss
+from .models import GANLoss, VGGLoss, VGGWeightsNotFound, feature_matching_loss, init_weights
 from .models.vgg import Vgg19
 from .ops._common import is_fake, memory_format_of
 from .pix2pixhd import Pix2PixHD, build_discriminator
@@ -150,6 +150,8 @@ class TrainStep:
         self.on_phase = lambda name: None
         self.model = moved(Pix2PixHD(spec.model, checkpoint=spec.checkpoint_activations), device)
         self.netD = moved(build_discriminator(spec), device)
+        for net in (self.model, self.netD):  # G, E and D start from pix2pixHD's initialisation, as in the original
+            net.apply(init_weights)
         self.gan_loss = GANLoss(use_lsgan=not spec.no_lsgan)
         try:
             self.vgg_loss = None if spec.no_vgg_loss else moved(

@@ -69,7 +69,9 @@ def test_a_compiled_training_step_matches_the_eager_one():
     optimiser's tensors), and both give the same losses and, from the second step on, the same weights. Adam's
     first update is lr * g / (|g| + eps), about lr * sign(g), so a weight whose gradient is rounding noise moves
     2 lr apart (0.2% of G's here): chained, such ulp-level differences between compiled and eager kernels grew to
-    1.4e-4 of a loss by the third step for some seeds."""
+    1.4e-4 of a loss by the third step for some seeds. Later updates scale a gradient by its running size, so a
+    weight whose gradient is near 0 still moves up to about lr apart: every weight within 2 lr, and all but 1 in
+    10^3 to rounding (with pix2pixHD's initialisation, 11 of G's 68904 moved 1.4e-5 to 2.8e-5 apart)."""
     compiled, eager = train_step("default"), train_step("off")
     assert compiled.model.netG._compiled_call_impl is not None and eager.model.netG._compiled_call_impl is None
     for i in range(3):
@@ -81,7 +83,10 @@ def test_a_compiled_training_step_matches_the_eager_one():
             sd_c, sd_e = net_c.state_dict(), net_e.state_dict()
             assert sd_c.keys() == sd_e.keys()
             if i > 0:
-                assert all(torch.allclose(sd_c[k], sd_e[k], rtol=1e-4, atol=1e-5) for k in sd_c if sd_c[k].dim() > 1)
+                pairs = [(sd_c[k], sd_e[k]) for k in sd_c if sd_c[k].dim() > 1]
+                assert all(torch.allclose(x, y, rtol=0, atol=2 * 2e-4) for x, y in pairs)
+                outside = sum((~torch.isclose(x, y, rtol=1e-4, atol=1e-5)).sum().item() for x, y in pairs)
+                assert outside <= sum(x.numel() for x, _ in pairs) // 1000, outside
 
 
 def test_without_a_working_compiler_it_warns_once_and_stays_eager(monkeypatch):

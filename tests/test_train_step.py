@@ -187,3 +187,24 @@ def test_a_step_resumes_bit_for_bit_through_its_state_dict(tmp_path):
     a, b = straight.state_dict(), fresh.state_dict()
     for key in ("netG", "netD", "netE"):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+
+
+def test_networks_start_from_pix2pixhd_initialisation():
+    # The original's weights_init: conv weights N(0, 0.02), BatchNorm2d weights N(1, 0.02) and biases 0; conv
+    # biases keep PyTorch's default. (PyTorch's own init gives these small convs a std of 0.03 to 0.1.)
+    opt = finish_options(build_parser().parse_args(
+        ["train", *TINY, "--netG", "local", "--n_blocks_local", "1", "--instance_feat", "--norm", "batch"]),
+        is_train=True)
+    torch.manual_seed(0)
+    step = TrainStep(train_spec(opt), torch.device("cpu"), vgg=Vgg19(pretrained=False))
+    convs = [m for net in (step.model, step.netD) for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    norms = [m for net in (step.model, step.netD) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(convs) > 20 and len(norms) > 10 and step.model.netE is not None
+    large = [m.weight for m in convs if m.weight.numel() >= 2000]
+    assert len(large) > 10
+    for w in large:
+        assert w.std().item() == pytest.approx(0.02, rel=0.15) and abs(w.mean().item()) < 0.003
+    assert any(m.bias.abs().max() > 0.01 for m in convs if m.bias is not None)
+    weights = torch.cat([m.weight.detach() for m in norms])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.2) and weights.mean().item() == pytest.approx(1, abs=0.005)
+    assert all(torch.count_nonzero(m.bias) == 0 for m in norms)

@@ -3,6 +3,7 @@ from .checkpoint import CheckpointMismatchError, load_network, read_state_dict
 from .discriminator import MultiscaleDiscriminator, NLayerDiscriminator
 from .encoder import Encoder
 from .generator import GlobalGenerator, LocalEnhancer, ResnetBlock
+from .layers import init_weights
 from .losses import GANLoss, VGGLoss, feature_matching_loss
 from .vgg import VGG19_WEIGHTS_ENV, VGGWeightsNotFound, Vgg19
 
@@ -20,6 +21,7 @@ __all__ = [
     "VGGWeightsNotFound",
     "Vgg19",
     "feature_matching_loss",
+    "init_weights",
     "load_network",
     "read_state_dict",
 ]

@@ -31,6 +31,17 @@ def check_sizes(owner: str, non_negative: tuple[str, ...] = (), **sizes: int) ->
             raise InvalidArgumentError(f"{owner}: {name} must be a {kind} integer, got {value!r}")
 
 
+def init_weights(module: nn.Module) -> None:
+    """pix2pixHD's initialisation of one module (``net.apply(init_weights)``, as the original's ``weights_init``):
+    convolution weights from N(0, 0.02), BatchNorm2d weights from N(1, 0.02) and its biases 0. Convolution biases
+    keep PyTorch's default, as in the original; the instance norms have no parameters."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
 def activation_layer(activation: str, negative_slope: float = 0.2) -> nn.Module:
     if activation == "relu":
         return nn.ReLU(True)
