@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from .errors import InvalidArgumentError
 from .files import load_torch, save_file_set
-from .models.checkpoint import CheckpointMismatchError, read_state_dict
+from .models.checkpoint import CheckpointMismatchError, load_matching, read_state_dict
 from .train_step import TrainingError
 
 if TYPE_CHECKING:
@@ -130,8 +130,11 @@ def start_from(trainer: Trainer, folder: Path) -> None:
         if key in nets and path.is_file():
             try:
                 nets[key].load_state_dict(read_state_dict(path))
-            except CheckpointMismatchError as exc:  # e.g. another --num_D: D starts afresh, as in the original
-                trainer.say(f"not starting {key} from {path.name}: {exc}")
+            except CheckpointMismatchError:  # e.g. another --num_D: what fits is loaded, as in the original
+                loaded, fresh = load_matching(nets[key], read_state_dict(path))
+                trainer.say(f"{path.name} does not fit this run's {key}: " + (
+                    f"loaded the {loaded} tensors that fit; {', '.join(fresh)} start afresh" if loaded else
+                    f"none of its tensors fit, so {key} starts afresh"))
     trainer.say(f"started from the networks in {folder}")
 
 

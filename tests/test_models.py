@@ -33,6 +33,7 @@ from fastp2phd.models import (
     load_network,
     read_state_dict,
 )
+from fastp2phd.models.checkpoint import load_matching
 
 try:  # tests/ as a package or as a plain directory on sys.path
     from . import official_layouts as layouts
@@ -930,6 +931,23 @@ def test_load_global_generator_wrong_ngf():
             le.load_global_generator(wrong.state_dict())
     for k, v in le.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_load_matching_loads_what_fits_as_the_original_does():
+    # The official 1024p recipe starts a --num_D 3 D from the 512p run's --num_D 2 D: the original copies
+    # every tensor whose name and shape fit (scale0_*, scale1_*) and leaves scale2_* as built.
+    torch.manual_seed(0)
+    two, three = MultiscaleDiscriminator(6, ndf=4, n_layers=2, num_D=2), MultiscaleDiscriminator(6, ndf=4, n_layers=2, num_D=3)
+    before = cloned_state_dict(three)
+    loaded, fresh = load_matching(three, two.state_dict())
+    after = three.state_dict()
+    assert loaded == len(two.state_dict()) and fresh == [f"scale2_layer{i}" for i in range(4)]
+    for k, v in after.items():
+        assert torch.equal(v, two.state_dict()[k] if k in two.state_dict() else before[k]), k
+    # A tensor of another shape is not loaded, and a name the network lacks is ignored.
+    other = {**two.state_dict(), "scale0_layer0.0.weight": torch.zeros(4, 7, 4, 4), "extra": torch.zeros(1)}
+    loaded, fresh = load_matching(three, other)
+    assert loaded == len(two.state_dict()) - 1 and fresh[0] == "scale0_layer0"
 
 
 # ============================================================================ losses

@@ -219,13 +219,15 @@ def test_two_processes_with_gloo(tmp_path, dataroot):
     assert sum(json.loads((ck / "run" / "classes.json").read_text())["pixels"]) == 6 * 32 * 64
 
 
-def test_coarse_to_fine(tmp_path, dataroot):
+def test_coarse_to_fine(tmp_path, dataroot, capsys):
     ck = tmp_path / "ck"
     assert run(*train_args(ck, dataroot, "--niter", "1", "--niter_decay", "0", "--ngf", "8", name="global")) == 0
     g1 = weights(ck / "global" / "latest_net_G.pth")
     local = ["--netG", "local", "--ngf", "4", "--n_local_enhancers", "1", "--n_blocks_local", "1",
-             "--load_pretrain", ck / "global", "--niter_fix_global", "1"]
+             "--load_pretrain", ck / "global", "--niter_fix_global", "1", "--num_D", "3"]
     assert run(*train_args(ck, dataroot, *local, "--niter", "1", "--niter_decay", "0", name="local")) == 0
+    # As the official 1024p recipe does: G1's D had two scales, and its tensors start this run's three-scale D.
+    assert "latest_net_D.pth does not fit this run's D: loaded the" in capsys.readouterr().out
     g2 = weights(ck / "local" / "latest_net_G.pth")
     # After the fixed epoch the global part is still the pretrained G1; the enhancer has been trained.
     assert all(torch.equal(g2[k], g1[k]) for k in g2 if k.startswith("model."))

@@ -119,6 +119,18 @@ class OfficialCheckpointMixin:
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+def load_matching(network: nn.Module, state_dict: Mapping[str, Any]) -> tuple[int, list[str]]:
+    """Load the tensors of ``state_dict`` whose name and shape ``network`` has and leave the rest of ``network`` as
+    it is: the original code's fallback when a pretrained network does not fit (e.g. a D trained with --num_D 2
+    starting a run with --num_D 3). Returns how many tensors were loaded, and the top-level children not loaded
+    in full."""
+    own = nn.Module.state_dict(network)
+    fitting = {k: v for k, v in state_dict.items()
+               if k in own and isinstance(v, torch.Tensor) and tuple(v.shape) == tuple(own[k].shape)}
+    nn.Module.load_state_dict(network, {**own, **fitting}, strict=True)
+    return len(fitting), sorted({k.split(".")[0] for k in own if k not in fitting})
+
+
 def read_state_dict(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """A state_dict from a path (loaded with ``weights_only=True`` on the CPU) or a mapping.
 
