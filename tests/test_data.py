@@ -258,6 +258,18 @@ def test_aligned_dataset_items_and_shared_draw(tmp_path):
     assert seen_flips == {False, True}
 
 
+def test_photos_in_the_original_codes_file_types_are_read(tmp_path):
+    # The original lists .jpg, .png, .ppm, .bmp and .tiff files (any case); a .ppm photo is read as it is.
+    dirs = write_dataset(tmp_path, n=2, size=(64, 32), with_inst=False)
+    for i, path in enumerate(sorted(dirs["img"].iterdir())):
+        photo = Image.open(path)
+        path.unlink()
+        photo.save(dirs["img"] / f"s{i}_leftImg8bit.{'PPM' if i else 'ppm'}")
+    item = AlignedDataset(make_opt(dataroot=str(tmp_path), resize_or_crop="none", no_instance=True, no_flip=True))[1]
+    assert item["path"].endswith("s1_labelIds.png")
+    assert torch.equal(item["image"], to_image_tensor(Image.open(dirs["img"] / "s1_leftImg8bit.PPM")))
+
+
 def test_aligned_dataset_options(tmp_path):
     write_dataset(tmp_path, n=5, size=(40, 24), with_image=False, with_inst=False)
     # test phase, no instance maps, no photos: zeros of the documented shapes

@@ -60,7 +60,7 @@ from .transforms import (get_params, processed_size, to_image_tensor, to_instanc
 __all__ = ["AlignedDataset", "DatasetError", "DatasetNotFoundError", "IMAGE_EXTENSIONS", "build_item",
            "check_image_size", "item_rng", "list_images"]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".ppm", ".bmp", ".tif", ".tiff")  # the original's, and .tif
 _LABEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
