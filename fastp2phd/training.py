@@ -108,7 +108,6 @@ class Trainer:
         if self.is_main:
             _make_folder(self.run_folder)
             remove_leftover_temporaries(self.run_folder)
-            write_text(self.run_folder / "opt.txt", recorded_options(spec.options()))
 
         data = spec.data
         if data.resize_or_crop == "none":  # the files alone decide the step's size: refuse one that cannot fit
@@ -144,6 +143,8 @@ class Trainer:
             train_state.start_from(self, Path(spec.load_pretrain))
         if self.distributed:
             self.step.distribute()
+        if self.is_main:  # once the data and what the run resumes from are accepted: a failed start keeps opt.txt
+            write_text(self.run_folder / "opt.txt", recorded_options(spec.options()))
 
     def state_dict(self) -> dict:
         """The run's resumable state, as ``<label>_train_state.pth`` holds it (less its version): the position,

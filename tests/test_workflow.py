@@ -352,6 +352,20 @@ def test_bad_input_gives_one_sentence(case, tmp_path, dataroot, capsys, monkeypa
         assert text in err, err
 
 
+def test_a_failed_start_keeps_the_runs_opt_txt(tmp_path, dataroot):
+    # test, encode-features and edit configure themselves from opt.txt: a continue with a wrong flag, or a
+    # mistyped --dataroot, must not rewrite it.
+    ck = tmp_path / "ck"
+    assert run(*train_args(ck, dataroot, "--niter", "1", "--niter_decay", "0")) == 0
+    recorded = (ck / "run" / "opt.txt").read_bytes()
+    assert run(*train_args(ck, dataroot, "--niter", "2", "--niter_decay", "0", "--continue_train", "--ngf", "8")) == 1
+    assert run(*train_args(ck, tmp_path / "typo", "--niter", "2", "--niter_decay", "0", "--continue_train")) == 1
+    assert (ck / "run" / "opt.txt").read_bytes() == recorded
+    assert run(*train_args(ck, dataroot, "--niter", "2", "--niter_decay", "0", "--continue_train")) == 0
+    rewritten = (ck / "run" / "opt.txt").read_text()  # a start that succeeds records its options
+    assert "niter: 2\n" in rewritten and "continue_train: True\n" in rewritten
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, dataroot, monkeypatch, capsys):
     ck = tmp_path / "ck"
     assert run(*train_args(ck, dataroot, "--niter", "1", "--niter_decay", "0")) == 0
