@@ -155,6 +155,8 @@ def default_size(data: DataSpec, model: ModelSpec) -> tuple[int, int]:
     mode = data.resize_or_crop
     if mode in ("resize_and_crop", "crop", "scale_width_and_crop"):
         width = height = data.fineSize
+    elif mode == "resize":
+        width = height = data.loadSize
     elif mode == "scale_width":
         width, height = data.loadSize, data.loadSize * height // width
     multiple = model.size_multiple

@@ -22,8 +22,8 @@ import torch
 from .errors import InvalidArgumentError
 from .option_fields import (DATA_LOADING, EXPERIMENT, FEATURES, GENERATOR, LOGGING, SIZES, TRAINING, dataset_size,
                             non_negative_float, non_negative_int, port, positive_int)
-from .specs import (COMPILE_HELP, IMAGENET_MEAN, IMAGENET_STD, OPT_TXT, DataSpec, ModelSpec, SpecError, TrainSpec,
-                    check_bounds, declared_options, read_opt_txt)
+from .specs import (COMPILE_HELP, IMAGENET_MEAN, IMAGENET_STD, OPT_TXT, WHOLE_SCENE_MODES, DataSpec, ModelSpec,
+                    SpecError, TrainSpec, check_bounds, declared_options, read_opt_txt)
 
 
 def _cli_type(parse):
@@ -397,6 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str] | None, dest: str) -> bool:
+    """Whether ``argv`` sets ``dest`` (under any abbreviation argparse takes)."""
+    unset = object()
+    default = sub.get_default(dest)
+    sub.set_defaults(**{dest: unset})
+    try:
+        return getattr(parser.parse_args(argv), dest) is not unset
+    finally:
+        sub.set_defaults(**{dest: default})
+
+
 def parse_command_line(argv: list[str] | None) -> argparse.Namespace:
     """Parse, taking the model options of a trained run from its opt.txt unless given explicitly."""
     parser = build_parser()
@@ -412,6 +423,15 @@ def with_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
     if args.command in ("test", "encode-features", "export-onnx", "edit") or (args.command == "evaluate" and args.name):
         opt_txt = Path(args.checkpoints_dir) / args.name / OPT_TXT
         saved = saved_model_options(sub, opt_txt.parent)
+        cropped = saved.get("resize_or_crop")
+        if (cropped in WHOLE_SCENE_MODES and args.command != "export-onnx"
+                and not _given(parser, sub, argv, "resize_or_crop")):
+            # The original's test and encode_features take no crop unless told to: a run that trained on crops
+            # generates whole scenes, scaled as in training.
+            saved["resize_or_crop"] = WHOLE_SCENE_MODES[cropped]
+            print(f"fastp2phd {args.command}: the run trained on crops (--resize_or_crop {cropped}); whole scenes "
+                  f"are read with --resize_or_crop {saved['resize_or_crop']} (pass --resize_or_crop to choose)",
+                  file=sys.stderr)
         if saved:
             sub.set_defaults(**saved)
             args = parser.parse_args(argv)

@@ -25,7 +25,9 @@ from .option_fields import (DATA_LOADING, EXPERIMENT, FEATURES, GENERATOR, LOGGI
 
 NETG_CHOICES = ("global", "local")
 NORM_CHOICES = ("instance", "batch")
-RESIZE_OR_CROP_CHOICES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none")
+RESIZE_OR_CROP_CHOICES = ("resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "resize", "none")
+# What a run that trained on crops generates whole scenes with (test, encode-features, edit): the same scaling.
+WHOLE_SCENE_MODES = {"resize_and_crop": "resize", "crop": "none", "scale_width_and_crop": "scale_width"}
 AMP_DTYPE_CHOICES = ("auto", "bf16", "fp16")
 COMPILE_CHOICES = ("off", "default", "reduce-overhead", "max-autotune")  # fastp2phd.compiling
 COMPILE_HELP = ("run {what} through torch.compile: default, reduce-overhead (also CUDA graphs: one image size per "
@@ -211,8 +213,9 @@ class DataSpec(_Spec):
     dataroot: str = option("./datasets/cityscapes/", "folder with <phase>_label, <phase>_inst, <phase>_img (or "
                            "'synthetic' for the built-in scenes)", DATA_LOADING)
     phase: str = option("train", "which folders to read: <phase>_label, ...", TRAINING)
-    resize_or_crop: str = option("scale_width", "scaling and cropping of images at load time (none: round sizes to "
-                                 "what the generator takes)", DATA_LOADING, choices=RESIZE_OR_CROP_CHOICES)
+    resize_or_crop: str = option("scale_width", "scaling and cropping of images at load time (resize: to loadSize x "
+                                 "loadSize; none: round sizes to what the generator takes)", DATA_LOADING,
+                                 choices=RESIZE_OR_CROP_CHOICES)
     loadSize: int = option(1024, "scale images to this size", SIZES, parse=positive_int)
     fineSize: int = option(512, "then crop to this size", SIZES, parse=positive_int)
     no_flip: bool = option(False, "do not flip images for data augmentation", DATA_LOADING)

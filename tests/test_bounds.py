@@ -21,7 +21,7 @@ from fastp2phd.files import save_torch, write_text
 from fastp2phd.inference import load_run
 from fastp2phd.options import parse_command_line
 from fastp2phd.pix2pixhd import Pix2PixHD
-from fastp2phd.specs import DataSpec, ModelSpec, SpecError, TrainSpec, recorded_options
+from fastp2phd.specs import RESIZE_OR_CROP_CHOICES, DataSpec, ModelSpec, SpecError, TrainSpec, recorded_options
 
 GiB = 1024**3
 SPEC = ModelSpec(ngf=8, n_downsample_global=2, n_blocks_global=1, n_clusters=2)
@@ -215,7 +215,7 @@ def test_the_size_gate_says_which_load_size_fits_and_takes_large_images_it_resiz
     assert MAX_SOURCE_PIXELS == 16 * 2048 * 1024
 
 
-@pytest.mark.parametrize("mode", ["resize_and_crop", "crop", "scale_width", "scale_width_and_crop", "none"])
+@pytest.mark.parametrize("mode", RESIZE_OR_CROP_CHOICES)
 def test_processed_size_is_the_size_transform_makes(mode):
     from fastp2phd.data.transforms import get_params, processed_size, transform
 

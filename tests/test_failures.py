@@ -19,6 +19,7 @@ from fastp2phd.cli import main
 from fastp2phd.data import AlignedDataset, make_synthetic
 from fastp2phd.files import TEMPORARY_SUFFIX, save_torch
 from fastp2phd.inference import load_run
+from fastp2phd.options import parse_command_line
 from fastp2phd.models import GANLoss
 from fastp2phd.pix2pixhd import InputSizeError, Pix2PixHD
 from fastp2phd.specs import DataSpec, ModelSpec, SpecError
@@ -108,6 +109,28 @@ def test_a_network_option_that_differs_from_opt_txt_is_a_warning(trained, capsys
     assert len(lines) == 2 and "ngf=4" in lines[1], lines  # then the mismatch, in one sentence
     main(command("export-onnx", ck, data, "--label_feat"))
     assert "warning: --label_feat overrides the run's opt.txt (label_feat False)\n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("trained_with, whole", [("crop", "none"), ("scale_width_and_crop", "scale_width"),
+                                                  ("resize_and_crop", "resize")])
+def test_a_run_trained_on_crops_generates_whole_scenes(trained_with, whole, trained, tmp_path, capsys):
+    # The original's test.py crops only when told to: inheriting a training crop from opt.txt gave 32x32 pieces.
+    ck, data = copy_run(trained, tmp_path)
+    opt_txt = ck / "run" / "opt.txt"
+    opt_txt.write_text(opt_txt.read_text().replace("resize_or_crop: none", f"resize_or_crop: {trained_with}")
+                       .replace("fineSize: 512", "fineSize: 32").replace("loadSize: 1024", "loadSize: 64"))
+    capsys.readouterr()
+    assert parse_command_line(command("test", ck, data)).resize_or_crop == whole
+    assert capsys.readouterr().err == (f"fastp2phd test: the run trained on crops (--resize_or_crop {trained_with}); "
+                                       f"whole scenes are read with --resize_or_crop {whole} (pass --resize_or_crop "
+                                       "to choose)\n")
+    for given in (["--resize_or_crop", trained_with], [f"--resize={trained_with}"]):  # a flag (abbreviated too) wins
+        assert parse_command_line(command("encode-features", ck, data, *given)).resize_or_crop == trained_with
+        assert capsys.readouterr().err == ""
+    if trained_with == "crop":
+        assert main(command("test", ck, data)) == 0
+        images = sorted((ck.parent / "results" / "run" / "test_latest" / "images").glob("*synthesized_image.png"))
+        assert len(images) == 2 and all(Image.open(path).size == (64, 32) for path in images)
 
 
 def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
