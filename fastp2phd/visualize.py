@@ -13,9 +13,12 @@ from .files import atomic_write, remove_leftover_temporaries, write_text
 
 
 def tensor_to_image(t: torch.Tensor) -> np.ndarray:
-    """(C, H, W) in [-1, 1] -> (H, W, 3) uint8 (a single channel is repeated)."""
-    t = t.detach().float().cpu().clamp(-1, 1)
-    array = ((t + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    """(C, H, W) in [-1, 1] -> (H, W, 3) uint8 (a single channel is repeated).
+
+    As the original's ``tensor2im``, so saved images are byte for byte the original code's: (t + 1) / 2 * 255 in
+    float32, clipped to [0, 255] and truncated (not rounded)."""
+    t = t.detach().float().cpu()
+    array = ((t + 1) / 2 * 255).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
     return np.repeat(array, 3, axis=2) if array.shape[2] == 1 else array[:, :, :3]
 
 

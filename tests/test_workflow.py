@@ -414,6 +414,25 @@ def test_epoch_sampler_shards_and_skips():
     assert list(a) != full  # a new permutation every epoch
 
 
+def test_saved_images_are_the_original_codes_bytes():
+    from fastp2phd.visualize import tensor_to_image
+
+    # The original's tensor2im: (x + 1) / 2 * 255 in float32, clipped, truncated by astype(uint8).
+    def tensor2im(t):
+        return np.clip((np.transpose(t.numpy(), (1, 2, 0)) + 1) / 2.0 * 255.0, 0, 255).astype(np.uint8)
+
+    g = torch.Generator().manual_seed(0)
+    levels = torch.arange(256, dtype=torch.float32) / 127.5 - 1  # each 8-bit level, and either side of it
+    values = torch.cat([levels, levels.nextafter(torch.tensor(-2.0)), levels.nextafter(torch.tensor(2.0)),
+                        torch.tensor([-1.5, 1.5, -1, 1, 0]), torch.rand(60 * 64 * 3 - 773, generator=g) * 2.2 - 1.1])
+    t = values[torch.randperm(values.numel(), generator=g)].reshape(3, 60, 64)
+    assert np.array_equal(tensor_to_image(t), tensor2im(t))
+    photo = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8))
+    decoded = (photo.float() / 255 - 0.5) / 0.5  # as the data loader reads a photo
+    assert np.array_equal(tensor_to_image(decoded), tensor2im(decoded))
+    assert (tensor_to_image(t).astype(int) - ((t + 1) * 127.5).round().permute(1, 2, 0).clamp(0, 255).numpy()).min() == -1
+
+
 def test_image_pool_keeps_history():
     pool = ImagePool(2, seed=0)
     first = torch.zeros(2, 1, 1, 1)
