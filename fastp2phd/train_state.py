@@ -101,7 +101,9 @@ def _resume_networks(trainer: Trainer, label: str) -> None:
             nets[key].load_state_dict(read_state_dict(net_path))
     epoch, epoch_iter = 1, 0
     iter_path = folder / "iter.txt"
-    if iter_path.is_file():
+    if label.isdigit():  # saved at the end of that epoch (iter.txt is latest's position)
+        epoch = int(label) + 1
+    elif iter_path.is_file():
         text = iter_path.read_text(errors="replace")
         try:
             epoch, epoch_iter = (int(float(v)) for v in text.replace(",", " ").split()[:2])

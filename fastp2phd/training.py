@@ -159,8 +159,11 @@ class Trainer:
                 class_pixels = class_pixels.to(self.device if self.device.type == "cuda" else "cpu")
                 dist.all_reduce(class_pixels)
                 class_pixels = class_pixels.cpu()
+        position = self.position.state_dict()
+        if position["epoch_iter"] >= len(self.dataset):  # an epoch's end is the next one's start, as in iter.txt
+            position.update(epoch=position["epoch"] + 1, epoch_iter=0)
         return {
-            **self.position.state_dict(), **self.step.state_dict(), "pools": pools,
+            **position, **self.step.state_dict(), "pools": pools,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "world": self.world, "class_pixels": class_pixels,

@@ -59,14 +59,14 @@ def test_train_continue_test_encode_export(tmp_path, dataroot, capsys):
     # Plain state_dicts under the original names: loadable with weights_only and strict keys.
     g = weights(folder / "latest_net_G.pth")
     assert all(isinstance(v, torch.Tensor) for v in g.values()) and "model.1.weight" in g
-    state = weights(folder / "latest_train_state.pth")
-    assert (state["epoch"], state["epoch_iter"]) == (2, 6)
+    state = weights(folder / "latest_train_state.pth")  # two epochs done: the third is next, as iter.txt says
+    assert (state["epoch"], state["epoch_iter"]) == (3, 0) and (folder / "iter.txt").read_text() == "3,0\n"
 
     # Continue for one more epoch: starts at epoch 3, weights move.
     assert run(*train_args(ck, dataroot, *FEATURES, "--niter", "2", "--niter_decay", "1", "--continue_train")) == 0
     assert "resuming from" in capsys.readouterr().out
     state = weights(folder / "latest_train_state.pth")
-    assert (state["epoch"], state["epoch_iter"]) == (3, 6)
+    assert (state["epoch"], state["epoch_iter"]) == (4, 0)
     assert not torch.equal(weights(folder / "latest_net_G.pth")["model.1.weight"], g["model.1.weight"])
 
     common = ["--name", "run", "--checkpoints_dir", ck, "--dataroot", dataroot, *TINY, *FEATURES]
@@ -196,7 +196,7 @@ def test_killed_run_resumes_at_the_saved_iteration(tmp_path, dataroot):
     assert f"at epoch {epoch}, iteration {epoch_iter}" in result.stdout, result.stdout
     first_epoch = epoch + 1 if epoch_iter >= 6 else epoch  # a checkpoint at an epoch's end starts the next one
     assert f"epochs {first_epoch}..{epoch + 1}" in result.stdout
-    assert weights(state_path)["epoch"] == epoch + 1
+    assert (weights(state_path)["epoch"], weights(state_path)["epoch_iter"]) == (epoch + 2, 0)
 
 
 def test_two_processes_with_gloo(tmp_path, dataroot):
@@ -209,7 +209,7 @@ def test_two_processes_with_gloo(tmp_path, dataroot):
     assert "2 process(es)" in result.stdout
     assert result.stdout.count("training run:") == 1  # only rank 0 speaks and writes
     state = weights(ck / "run" / "latest_train_state.pth")
-    assert state["world"] == 2 and state["epoch_iter"] == 6
+    assert state["world"] == 2 and (state["epoch"], state["epoch_iter"]) == (2, 0)
     # Every process's image pool is kept, each holding the fakes that process saw.
     assert len(state["pools"]) == 2 and all(len(pool["images"]) == 2 for pool in state["pools"])
     assert not torch.equal(state["pools"][0]["images"][0], state["pools"][1]["images"][0])
@@ -265,7 +265,20 @@ def test_original_checkpoints_go_in(tmp_path, dataroot):
     assert run("test", "--name", "run", "--checkpoints_dir", ck, "--dataroot", dataroot, *TINY,
                "--results_dir", tmp_path / "results") == 0
     assert run(*train_args(ck, dataroot, "--niter", "2", "--niter_decay", "0", "--continue_train")) == 0
-    assert weights(folder / "latest_train_state.pth")["epoch"] == 2
+    assert weights(folder / "latest_train_state.pth")["epoch"] == 3
+
+
+def test_an_epochs_networks_continue_after_that_epoch(tmp_path, dataroot, capsys):
+    # Epoch 1's networks without their train state (the files users delete to save disk): the run goes on at
+    # epoch 2, not at the position iter.txt holds for latest.
+    ck = tmp_path / "ck"
+    assert run(*train_args(ck, dataroot, "--niter", "3", "--niter_decay", "0", "--save_epoch_freq", "1")) == 0
+    (ck / "run" / "1_train_state.pth").unlink()
+    capsys.readouterr()
+    assert run(*train_args(ck, dataroot, "--niter", "2", "--niter_decay", "0", "--continue_train",
+                           "--which_epoch", "1")) == 0
+    out = capsys.readouterr().out
+    assert "(no optimiser state) at epoch 2, iteration 0" in out and "epochs 2..2" in out
 
 
 # ----------------------------------------------------------------------------- bad input
