@@ -558,9 +558,10 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
     }
     const double mean = origin[plane] + total.mean;
     mean_p[plane] = mean;
-    // A one-value plane normalises to 0 whatever eps is (with eps = 0, 0 * inf would be NaN).
+    // A one-value plane normalises to 0 whatever eps is. Where var + eps is 0 (a constant plane, eps = 0), rstd is
+    // 0 as PyTorch's invstd is, so y and dx are 0 (1 / 0 would make them 0 * inf = NaN).
     const double var = P == 1 ? 0.0 : total.m2 / static_cast<double>(P);
-    rstd_p[plane] = rstd[plane] = static_cast<acc>(P == 1 && eps == 0 ? 0.0 : 1.0 / std::sqrt(var + eps));
+    rstd_p[plane] = rstd[plane] = static_cast<acc>(var + eps == 0 ? 0.0 : 1.0 / std::sqrt(var + eps));
     split_mean(mean, hi[plane], lo[plane]);
   };
   auto plane_moments = [&](int64_t plane, int64_t k, acc* buf, Moments& m) {

@@ -133,9 +133,10 @@ def _rstd(m2, P, eps, ACC_DTYPE: tl.constexpr):
     """1 / sqrt(var + eps) in the compute dtype, from a plane's float64 M2."""
     eps = _as_compute(eps, tl.float64)
     # In float64, division and square root round correctly on the GPU (float32's are approximate there).
-    rstd = 1.0 / tl.sqrt(m2 / P + eps)
-    if P == 1:  # a one-value plane normalises to 0 whatever eps is (0 * inf would be NaN for eps = 0)
-        rstd = tl.where(eps == 0, 0.0, rstd)
+    # Where var + eps is 0 (a constant or one-value plane, eps = 0), rstd is 0 as PyTorch's invstd is, so y and dx
+    # are 0 (1 / 0 would make them 0 * inf = NaN).
+    var = m2 / P
+    rstd = tl.where(var + eps == 0, 0.0, 1.0 / tl.sqrt(var + eps))
     return rstd.to(ACC_DTYPE)
 
 

@@ -235,3 +235,48 @@ def check_path(case: str, dtype: torch.dtype, channels_last: bool, activation: s
         f"backward error {backward:.3g}: nn.InstanceNorm2d {module_backward:.3g}, reference {reference_backward:.3g}"
     if dtype == torch.float64 and impl != "reference":  # (the reference is nn.InstanceNorm2d's arithmetic)
         assert forward <= 1e-10 and backward <= 1e-10, f"float64 errors {forward:.3g}, {backward:.3g}"
+
+
+# eps = 0 on a constant plane (var + eps = 0): PyTorch's invstd is 0 there, so y and dx are 0, not 0 * inf = NaN.
+# Sizes: a one-value plane, a small one, and one that the CPU and Triton kernels sum in several chunks.
+EPS_0_SIZES = [(1, 1), (3, 3), (256, 160)]
+
+
+def eps_0_case(dtype: torch.dtype, height: int, width: int):
+    """A constant plane (var = 0) beside a random one, and a gradient."""
+    g = _generator(14)
+    x = torch.cat([torch.full((1, 1, height, width), 7.0), torch.randn(1, 1, height, width, generator=g)], 1)
+    return x.to(dtype), torch.randn(x.shape, generator=g).to(dtype)
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected).abs().max() / expected.abs().max())
+
+
+def check_eps_0(size, dtype: torch.dtype, activation: str, impl: str, device: str = "cpu"):
+    """With eps = 0 the constant plane gives exactly 0 in y and dx, and the random plane matches float64 to the
+    parity tests' bounds (1e-12 in float64, 1e-5 in float32, twice the dtype's rounding of the result in 16 bit).
+    ``impl``: an ``impl`` of the op, or "python kernels"; ``device``: where it runs."""
+    x, dy = eps_0_case(dtype, *size)
+    if impl == "python kernels":
+        module = importlib.import_module("fastp2phd.ops.instance_norm_act")
+        y, mean, rstd = module._forward_reference_kernel(x, activation, 0.2, 0.0)
+        dx = module._backward_formula(dy, x, mean, rstd, activation, 0.2)
+    else:
+        xr = x.detach().to(device).requires_grad_(True)
+        y = instance_norm_act(xr, activation, 0.2, 0.0, impl=impl)
+        (dx,) = torch.autograd.grad(y, xr, dy.to(device))
+        y, dx = y.detach().cpu(), dx.cpu()
+    zero = torch.zeros_like(x[:, :1])
+    assert torch.equal(y[:, :1], zero), f"{impl}: y of the constant plane is {y[:, :1].flatten()[:3].tolist()}"
+    assert torch.equal(dx[:, :1], zero), f"{impl}: dx of the constant plane is {dx[:, :1].flatten()[:3].tolist()}"
+    if size == (1, 1):  # a one-value plane gives 0 whatever its value
+        assert torch.equal(y, torch.zeros_like(x)) and torch.equal(dx, torch.zeros_like(x))
+        return
+    x64 = x[:, 1:].double().requires_grad_(True)
+    y64 = _act((x64 - x64.mean(dim=(2, 3), keepdim=True)) / x64.var(dim=(2, 3), correction=0, keepdim=True).sqrt(),
+               activation, 0.2)
+    (dx64,) = torch.autograd.grad(y64, x64, dy[:, 1:].double())
+    for actual, expected in ((y[:, 1:], y64.detach()), (dx[:, 1:], dx64)):
+        bound = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype) or 2 * _rel_err(expected.to(dtype), expected)
+        assert _rel_err(actual, expected) <= bound, f"{impl}: the random plane's error {_rel_err(actual, expected):.3g}"

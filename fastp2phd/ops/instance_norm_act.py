@@ -105,10 +105,9 @@ def _forward_reference_kernel(x, activation, negative_slope, eps):
         mean = xc.sum(dim=(2, 3), dtype=torch.float64).reshape(-1) / (x.shape[2] * x.shape[3])
     centred = _normalize(xc, mean, torch.ones_like(mean, dtype=dtype))
     var = centred.square().sum(dim=(2, 3), dtype=torch.float64).reshape(-1) / (x.shape[2] * x.shape[3])
-    rstd = torch.rsqrt(var + eps)
-    if x.shape[2] * x.shape[3] == 1 and eps == 0:  # a one-value plane normalises to 0, not 0 * inf
-        rstd = torch.zeros_like(rstd)
-    rstd = rstd.to(dtype)
+    # Where var + eps is 0 (a constant or one-value plane, eps = 0), rstd is 0 as PyTorch's invstd is, so y and dx
+    # are 0 (rsqrt(0) = inf would make them 0 * inf = NaN).
+    rstd = torch.where(var + eps == 0, 0.0, torch.rsqrt(var + eps)).to(dtype)
     y = _activate(centred * rstd.view(*x.shape[:2], 1, 1), activation, negative_slope)
     return y.to(x.dtype, memory_format=memory_format_of(x)), mean, rstd
 

@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hard_inputs import eps_0_case
 from support import instance_norm_act_definition as definition
 from support import rel_err
 
@@ -46,6 +47,19 @@ def test_one_pixel_planes_normalise_to_zero():
     assert torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_eps_0_modules_give_0_on_a_constant_plane_as_pytorch_modules_do():
+    """InstanceNormAct2d(eps=0), and fuse_modules of an eps = 0 InstanceNorm2d + ReLU, as their PyTorch modules."""
+    from fastp2phd import fuse_modules
+
+    x, _ = eps_0_case(torch.float32, 5, 6)
+    plain = torch.nn.Sequential(torch.nn.InstanceNorm2d(2, eps=0.0), torch.nn.ReLU())
+    for module, expected in ((InstanceNormAct2d(2, activation="none", eps=0.0), F.instance_norm(x, eps=0.0)),
+                             (fuse_modules(copy.deepcopy(plain)), plain(x))):
+        out = module(x)
+        assert torch.equal(out[:, :1], expected[:, :1]) and torch.equal(expected[:, :1], torch.zeros_like(x[:, :1]))
+        assert rel_err(out, expected) < 1e-6
 
 
 @pytest.mark.filterwarnings("ignore:InstanceNormAct2d. input has 0 channels")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hard_inputs import DTYPES, check_path, parameters
+from hard_inputs import DTYPES, EPS_0_SIZES, check_eps_0, check_path, parameters
 import torch
 from support import requires_extension
 
@@ -16,3 +16,11 @@ IMPLS = ["reference", "python kernels", pytest.param("cpu", marks=requires_exten
 def test_instance_norm_act_is_as_accurate_as_the_module_it_replaces(case, dtype, channels_last, activation, slope,
                                                                       impl):
     check_path(case, DTYPES[dtype], channels_last, activation, slope, impl, device="cuda" if impl == "cuda" else "cpu")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("activation", ["none", "relu", "leaky_relu"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", EPS_0_SIZES)
+def test_eps_0_on_a_constant_plane_gives_0_as_pytorch_does(size, dtype, activation, impl):
+    check_eps_0(size, DTYPES[dtype], activation, impl, device="cuda" if impl == "cuda" else "cpu")
