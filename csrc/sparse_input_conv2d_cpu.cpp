@@ -6,8 +6,8 @@
 // generator's first layer (36 -> 32 channels, 7x7, 1024x2048) that is 237 GFLOP, about 1 s on two cores.
 // Here each pixel's nonzero channels are found once (a bit mask per pixel), and each output pixel adds,
 // for every kernel tap, the weight rows of that tap's nonzero channels only: about 36x less work on a
-// one-hot map. A window whose pixels are all equal (the inside of a region: 88% of the 7x7 windows of a
-// Cityscapes-like map) is one term per nonzero, from the weights summed over the taps. Where the input
+// one-hot map. A window whose pixels are all equal and finite (the inside of a region: 88% of the 7x7
+// windows of a Cityscapes-like map) is one term per nonzero, from the weights summed over the taps. Where the input
 // turns out dense (more than 1/kDensestSparse of its values nonzero) or the weights are not finite
 // (0 * inf must give NaN, as in the dense convolution), it runs at::conv2d.
 #include <ATen/Dispatch.h>
@@ -21,6 +21,7 @@
 #include "simd_clones.h"
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -31,7 +32,9 @@ constexpr int64_t kDensestSparse = 4;  // at most 1 value in 4 nonzero (one-hot 
 constexpr int64_t kOutBlock = 64;      // output channels accumulated together (in L1)
 constexpr int64_t kInline = 2;         // nonzero values per pixel kept beside its mask (the rest: read from x)
 
-// Whether pixels a and b hold the same values, all of them inline (at most kInline nonzero; NaN never matches).
+// Whether pixels a and b hold the same finite values, all of them inline (at most kInline nonzero). Non-finite
+// values never match: a window of inf summed from the tap sums gives inf * (2 - 1) = inf where the convolution
+// gives inf * 2 + inf * -1 = NaN.
 template <typename T>
 inline bool same_inline_pixel(const uint64_t* masks, const T* values, int64_t words, int64_t a, int64_t b) {
   int64_t count = 0;
@@ -41,7 +44,7 @@ inline bool same_inline_pixel(const uint64_t* masks, const T* values, int64_t wo
   }
   if (count > kInline) return false;
   for (int64_t k = 0; k < count; ++k)
-    if (!(values[a * kInline + k] == values[b * kInline + k])) return false;
+    if (!(values[a * kInline + k] == values[b * kInline + k]) || !std::isfinite(values[a * kInline + k])) return false;
   return true;
 }
 

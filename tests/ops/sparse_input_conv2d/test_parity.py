@@ -121,6 +121,25 @@ def test_inputs_off_the_sparse_path_still_equal_the_convolution(case):
     assert torch.equal(actual.isnan(), expected.isnan())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")])
+def test_windows_of_equal_infinite_values_give_what_the_convolution_gives(value, dtype):
+    """Taps of mixed sign over a window of inf give inf * 2 + inf * -1 = NaN in the convolution, where the weights
+    summed over the taps would give inf * (2 - 1) = inf; taps of one sign give inf. Integer weights and values keep
+    every finite sum exact."""
+    x = torch.zeros(2, 8, 9, 10, dtype=dtype)
+    x[:, 0] = 3.0
+    x[:, 0, :, :6] = value  # channel 0 is nonzero everywhere, the others nowhere: 1 value in 8
+    x[1, 0, 4, 8] = -value
+    weight = torch.randint(-3, 4, (5, 8, 3, 2), generator=torch.Generator().manual_seed(0)).to(dtype)
+    weight[0, 0] = torch.tensor([[2.0, 0.0], [-1.0, 0.0], [0.0, 0.0]])
+    weight[1, 0] = torch.tensor([[2.0, 1.0], [1.0, 3.0], [0.0, 1.0]])
+    expected = F.conv2d(x, weight)
+    actual = ops.sparse_input_conv2d(x, weight, impl="cpu")
+    assert expected.isnan().any() and expected.isinf().any() and expected.isfinite().any()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
 def test_a_weight_with_no_outputs_is_refused_as_the_convolution_refuses_it():
     """A sparse input and nowhere to write: the kernel must not reach its per-pixel loop."""
     x, weight = label_like(1, 12, 10, 14, dtype=torch.float32), torch.randn(0, 12, 3, 3)
