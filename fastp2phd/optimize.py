@@ -144,6 +144,8 @@ class SparseInputConv2d(nn.Conv2d):
     dense_channels = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d takes it
+            return self.forward(x[None])[0]
         k = self.dense_channels
         if k == 0:
             return sparse_input_conv2d(x, self.weight, self.bias)

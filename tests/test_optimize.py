@@ -217,3 +217,20 @@ def test_a_first_convolution_with_dense_feature_channels_equals_the_convolution(
     torch.testing.assert_close(conv(view.contiguous(memory_format=torch.channels_last)), expected, rtol=1e-5,
                                atol=1e-5)
     torch.testing.assert_close(conv(view), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dense_channels", [0, 3])
+def test_a_first_convolution_takes_unbatched_input_as_the_convolution(dense_channels):
+    from fastp2phd.optimize import SparseInputConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 8, 7)
+    x = torch.zeros(12, 30, 41)
+    x[:9].scatter_(0, torch.randint(0, 9, (1, 30, 41)), 1.0)  # one-hot labels
+    x[9:] = torch.randn(3, 30, 41)  # instance features
+    expected = conv(x)
+    conv.__class__ = SparseInputConv2d
+    conv.dense_channels = dense_channels
+    actual = conv(x)
+    assert actual.shape == expected.shape and torch.equal(actual, conv(x[None])[0])
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -58,15 +58,18 @@ def sparse_input_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """``F.conv2d(x, weight, bias)`` (stride 1, no padding), faster where most of ``x`` is 0.
 
     ``x``: (N, C, H, W) floating point, any strided view; ``weight``: (O, C, kh, kw); ``bias``: (O,) or None.
-    The float32 and float64 kernels skip zeros; other dtypes, and inputs with more than 1 value in 4 nonzero,
-    run the dense convolution. ``impl``: "auto", "reference" (``F.conv2d``) or "cpu" (C++).
+    The float32 and float64 kernels skip zeros; other dtypes, mixed dtypes (which autocast casts) and inputs with
+    more than 1 value in 4 nonzero run the dense convolution. ``impl``: "auto", "reference" (``F.conv2d``) or
+    "cpu" (C++).
     """
     if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
         raise InvalidArgumentError(f"sparse_input_conv2d: x (N, C, H, W) {tuple(x.shape)} and weight (O, C, kh, kw) "
                                    f"{tuple(weight.shape)} must have 4 dimensions and the same C")
     path = select("sparse_input_conv2d", impl, x.device, FAST_PATHS)
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    if path is None or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or tangents_may_flow():
+    # Mixed dtypes go to F.conv2d, which casts them under autocast and refuses them otherwise; the kernel takes one.
+    if (path is None or any(t.dtype != x.dtype for t in tensors)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or tangents_may_flow()):
         return sparse_input_conv2d_reference(x, weight, bias)
     y = path.run(x, weight, bias)
     if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:

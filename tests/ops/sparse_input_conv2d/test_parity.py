@@ -3,6 +3,8 @@ that leave the sparse path (dense, non-finite weights, 16-bit), under autograd, 
 it is at least as accurate against float64."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,6 +140,24 @@ def test_windows_of_equal_infinite_values_give_what_the_convolution_gives(value,
     actual = ops.sparse_input_conv2d(x, weight, impl="cpu")
     assert expected.isnan().any() and expected.isinf().any() and expected.isfinite().any()
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("impl", ["auto", "cpu"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.bfloat16, None), (torch.bfloat16, torch.float32, None),
+                                    (torch.float32, torch.float32, torch.bfloat16)], ids=["x", "weight", "bias"])
+def test_mixed_dtypes_give_what_the_convolution_gives(dtypes, impl):
+    """Under autocast the convolution casts x, weight and bias to the autocast dtype; without it, it refuses them."""
+    x_dtype, weight_dtype, bias_dtype = dtypes
+    x = label_like(1, 8, 10, 12, dtype=torch.float32).to(x_dtype)
+    weight = torch.randn(4, 8, 3, 3, generator=torch.Generator().manual_seed(0)).to(weight_dtype)
+    bias = None if bias_dtype is None else torch.randn(4, generator=torch.Generator().manual_seed(1)).to(bias_dtype)
+    with torch.autocast("cpu", torch.bfloat16):
+        expected, actual = F.conv2d(x, weight, bias), ops.sparse_input_conv2d(x, weight, bias, impl=impl)
+    assert actual.dtype == expected.dtype == torch.bfloat16 and torch.equal(actual, expected)
+    with pytest.raises(RuntimeError) as refused:
+        F.conv2d(x, weight, bias)
+    with pytest.raises(RuntimeError, match=re.escape(str(refused.value))):
+        ops.sparse_input_conv2d(x, weight, bias, impl=impl)
 
 
 def test_a_weight_with_no_outputs_is_refused_as_the_convolution_refuses_it():
