@@ -118,6 +118,10 @@ class RowSplitConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out_channels, in_channels, rows, cols = self.weight.shape
+        # Inputs the split does not serve (unbatched, smaller than the kernel, other channels): nn.Conv2d's own
+        # result or error, where the split would give an empty plane or a confusing error.
+        if x.dim() != 4 or x.shape[1] != in_channels or x.shape[2] < rows or x.shape[3] < cols:
+            return super().forward(x)
         row_weights = self.weight.transpose(1, 2).reshape(out_channels * rows, in_channels, 1, cols)
         z = F.conv2d(x, row_weights.contiguous(memory_format=torch.channels_last))
         z = z.unflatten(1, (out_channels, rows))  # (N, out, row, H, W')

@@ -3,6 +3,7 @@ state_dict, checkpoints still load, and a model in training mode is left alone w
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -158,6 +159,24 @@ def test_row_split_convolution_equals_the_convolution_with_its_gradients(in_chan
     got = torch.autograd.grad(actual, [x, *split.parameters()], grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 4, 9), (1, 4, 3, 9), (1, 4, 2, 9), (2, 4, 8, 4), (4, 8, 9), (4, 4, 9),
+                                   (1, 5, 8, 9), (8, 9), (0, 4, 8, 9)])
+def test_row_split_convolution_gives_the_convolutions_result_or_error_on_any_input(shape):
+    """Too few rows or columns, unbatched, other channels: what nn.Conv2d gives (it raises where the split alone
+    gave an empty plane)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 5)
+    split = row_split(conv)
+    x = torch.randn(shape)
+    try:
+        expected = conv(x)
+    except RuntimeError as refused:
+        with pytest.raises(RuntimeError, match=re.escape(str(refused))):
+            split(x)
+    else:
+        assert torch.equal(split(x), expected)
 
 
 @pytest.mark.parametrize("autocast", [None, torch.bfloat16])
