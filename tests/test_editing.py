@@ -97,6 +97,9 @@ def test_paint_changes_the_stroke_pixels(session):
     assert (label[near] == 21).all() and (inst[near] == 21).all()  # stuff: the class id is the instance id
     assert not (changed & ~near).any()
     assert_consistent(session)
+    session.undo()
+    session.paint(np.array(points), 21, width=5)  # points as an array paint the same stroke
+    assert np.array_equal(session.state()[0], label) and np.array_equal(session.state()[1], inst)
 
 
 def test_strokes_cover_exactly_the_pixels_near_the_polyline(session):

@@ -249,7 +249,7 @@ class EditSession:
         if len(points) > MAX_STROKE_POINTS:
             raise InvalidArgumentError(f"a stroke has at most {MAX_STROKE_POINTS} points, this one has {len(points)}; "
                              "paint it in several strokes")
-        if not points:
+        if len(points) == 0:  # (a numpy array has no truth value)
             raise InvalidArgumentError("a stroke needs at least one point")
         points = [self._check_point(*p) for p in points]
         box, inside = self._stroke_region(points, int(width))
