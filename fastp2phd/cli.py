@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{command}: cannot use {exc.filename}: {exc.strerror or exc}; check the path and its permissions",
               file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: a sentence, not a traceback (saves are atomic: none is left half written)
+        resume = "; its last save is intact: add --continue_train to go on from there" if command.endswith("train") else ""
+        print(f"\n{command}: interrupted{resume}", file=sys.stderr)
+        return 130
     finally:
         warnings.formatwarning = format_warning
 

@@ -34,3 +34,16 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
     monkeypatch.setitem(cli.COMMANDS, "info", broken)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["info"])
+
+
+@pytest.mark.parametrize("command", ["train", "info"])
+def test_ctrl_c_is_one_sentence_and_status_130(command, monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, command, interrupted)
+    assert cli.main([command]) == 130
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    resume = "; its last save is intact: add --continue_train to go on from there" if command == "train" else ""
+    assert err == f"fastp2phd {command}: interrupted{resume}"
