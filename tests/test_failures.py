@@ -133,6 +133,25 @@ def test_a_run_trained_on_crops_generates_whole_scenes(trained_with, whole, trai
         assert len(images) == 2 and all(Image.open(path).size == (64, 32) for path in images)
 
 
+def test_the_original_codes_flags_run(trained, capsys):
+    # Its scripts pass --gpu_ids, --data_type, --model, --use_dropout ...: each means what it meant there.
+    ck, data = trained
+    args = parse_command_line(command("test", ck, data, "--gpu_ids", "-1", "--data_type", "16", "--model", "pix2pixHD",
+                                      "--use_dropout", "--display_winsize", "512", "--ntest", "inf"))
+    assert args.device == "cpu" and args.precision == "fp16"
+    args = parse_command_line(["train", "--gpu_ids", "-1", "--local_rank", "0", "--data_type", "32"])
+    assert args.device == "cpu"
+    for argv, expected in (
+            (["train", "--gpu_ids", "0,1"], "torchrun --nproc_per_node 2 -m fastp2phd train"),
+            (["train", "--gpu_ids", "zero"], "is not a list of GPU ids"),
+            (["train", "--gpu_ids", "-1", "--device", "cuda"], "disagree"),
+            (["train", "--data_type", "16"], "train in mixed precision with --fp16"),
+            (command("test", ck, data, "--data_type", "8"), "use --precision bf16 or fp16")):
+        capsys.readouterr()
+        assert main(argv) == 1
+        one_sentence(capsys, expected)
+
+
 def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
     ck, _ = copy_run(trained, tmp_path)
     (ck / "run" / "opt.txt").unlink()

@@ -21,15 +21,18 @@ COMMAND_DEFAULTS = {
 # Where a command's help differs from the declaration's on purpose (it names what the command does).
 COMMAND_HELP = {("edit", "phase"), ("encode-features", "phase"), ("evaluate", "name"), ("test", "compile"),
                 ("evaluate", "compile"), ("make-synthetic", "seed"), ("demo", "seed"), ("demo", "no_progress")}
-_RUN = ("allow_pickle", "cluster_path", "device", "precision", "verbose")
+# The original code's flags that every command building a model accepts (fastp2phd.options._add_original_flags).
+_ORIGINAL = ("aspect_ratio", "data_type", "display_winsize", "gpu_ids", "local_rank", "ntest", "original_model",
+             "use_dropout")
+_RUN = ("allow_pickle", "cluster_path", "device", "precision", "verbose", *_ORIGINAL)
 CLI_ONLY = {
-    "train": ("debug", "device", "verbose"),
+    "train": ("debug", "device", "verbose", *_ORIGINAL),
     "test": (*_RUN, "how_many", "optimize", "results_dir", "use_encoded_image"),
     "evaluate": (*_RUN, "fid_batch_size", "fid_weights", "how_many", "kid_subset_size", "kid_subsets", "no_fid",
                  "optimize", "out", "results", "results_dir", "seg_mean", "seg_model", "seg_std", "use_encoded_image"),
-    "memory": ("debug", "device", "inference", "json", "measure", "size", "verbose"),
-    "encode-features": ("area_threshold", "device", "verbose"),
-    "export-onnx": ("device", "onnx", "verbose"),
+    "memory": ("debug", "device", "inference", "json", "measure", "size", "verbose", *_ORIGINAL),
+    "encode-features": ("area_threshold", "device", "verbose", *_ORIGINAL),
+    "export-onnx": ("device", "onnx", "verbose", *_ORIGINAL),
     "edit": (*_RUN, "host", "max_scenes", "no_optimize", "port"),
     "make-synthetic": ("height", "num_test", "num_train", "out", "width"),
     "demo": ("device", "out", "overwrite"),
