@@ -319,6 +319,8 @@ class TrainSpec(_Spec):
             raise SpecError(f"lambda_l1 must be a finite number, 0 or more, got {self.lambda_l1}")
         if self.niter_fix_global and self.model.netG != "local":
             raise SpecError("niter_fix_global trains only the local enhancer: it needs netG local")
+        if self.niter + self.niter_decay == 0:
+            raise SpecError("niter and niter_decay are both 0, so there is no epoch to train: give at least one")
 
     @property
     def run_folder(self) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -301,8 +302,9 @@ def main_train(spec: TrainSpec, device: torch.device) -> int:
         train(spec, device)
     except Pix2PixHDError as exc:  # anything else is a bug, and keeps its traceback
         # Data problems raised in a loader worker come back with the worker's traceback
-        # in the message: keep its last line, the sentence that says what is wrong.
+        # in the message: keep its last line, the sentence that says what is wrong (without "module.Error: ").
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        message = re.sub(r"^[\w.]+Error: ", "", message)
         print(f"fastp2phd train: {message}", file=sys.stderr)
         return 1
     return 0

@@ -299,7 +299,8 @@ def bad_label_folder(tmp_path, dataroot) -> Path:
 
 @pytest.mark.parametrize("case", ["label id", "missing folder", "size", "nothing to continue", "tf_log", "mismatch",
                                   "no vgg weights", "corrupt vgg weights", "train state holds a list",
-                                  "checkpoints_dir is a file", "garbage iter.txt", "truncated train state"])
+                                  "checkpoints_dir is a file", "garbage iter.txt", "truncated train state",
+                                  "no epochs"])
 def test_bad_input_gives_one_sentence(case, tmp_path, dataroot, capsys, monkeypatch):
     ck = tmp_path / "ck"
     if case == "corrupt vgg weights":
@@ -334,6 +335,8 @@ def test_bad_input_gives_one_sentence(case, tmp_path, dataroot, capsys, monkeypa
         monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
         argv = [a for a in train_args(ck, dataroot) if a != "--no_vgg_loss"]
         expected = ["vgg19-dcbb9e9d.pth", "--no_vgg_loss"]
+    elif case == "no epochs":
+        argv, expected = train_args(ck, dataroot, "--niter", "0", "--niter_decay", "0"), ["no epoch to train"]
     elif case == "label id":
         argv, expected = train_args(ck, bad_label_folder(tmp_path, dataroot), "--niter", "1"), ["40", "--label_nc"]
     elif case == "missing folder":
@@ -498,6 +501,7 @@ def test_bad_data_in_a_loader_worker_is_one_sentence(tmp_path, dataroot, capsys)
     assert run(*argv) == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "40" in err and "--label_nc" in err, err
+    assert err.startswith("fastp2phd train: ") and "Error" not in err, err  # the sentence, not the worker's class
 
 
 def _mean_in_process(rank: int, store_path: str, out_path: str) -> None:

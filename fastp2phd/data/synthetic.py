@@ -123,7 +123,7 @@ def make_synthetic(
     if out.exists() and not out.is_dir():
         raise DatasetError(f"Cannot write the synthetic dataset to {out}: it exists and is not a folder.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DatasetError(f"Folder {out} is not empty; choose an empty folder or pass overwrite=True.")
+        raise DatasetError(f"Folder {out} is not empty; choose an empty folder (or, from Python, pass overwrite=True).")
     if min(int(height), int(width)) < 16:
         raise InvalidArgumentError(f"make_synthetic: height and width must be at least 16, got {height}x{width}")
     for phase, count in (("train", int(num_train)), ("test", int(num_test))):
