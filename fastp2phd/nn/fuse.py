@@ -38,6 +38,8 @@ from torch.nn.modules import module as _module_globals
 
 from ..errors import InvalidArgumentError
 from .. import ops
+from ..ops._dispatch import check_impl_name
+from ..ops.instance_norm_act import FAST_PATHS
 
 __all__ = ["FusedInstanceNorm2d", "FusedSequential", "fuse_modules", "fused_instance_norm_act"]
 
@@ -255,6 +257,7 @@ def fuse_modules(model: nn.Module, impl: str = "auto") -> nn.Module:
     """
     if not isinstance(impl, str):
         raise TypeError(f"fuse_modules: impl must be a string, got {type(impl).__name__}")
+    check_impl_name("fuse_modules", impl, FAST_PATHS)
     modules = list(model.modules())
     in_sequentials = set()
     for parent in modules:

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..ops import instance_norm_act
-from ..ops.instance_norm_act import check_activation
+from ..ops._dispatch import check_impl_name
+from ..ops.instance_norm_act import FAST_PATHS, check_activation
 
 
 def instance_norm_act_module(
@@ -60,6 +61,7 @@ class InstanceNormAct2d(nn.Module):
             raise InvalidArgumentError(f"InstanceNormAct2d: num_features must be positive, got {num_features}")
         if not (math.isfinite(eps) and eps >= 0):
             raise InvalidArgumentError(f"InstanceNormAct2d: eps must be a finite number, 0 or more, got {eps}")
+        check_impl_name("InstanceNormAct2d", impl, FAST_PATHS)
         self.num_features = num_features
         self.activation = activation
         self.negative_slope = float(negative_slope)

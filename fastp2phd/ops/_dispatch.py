@@ -117,6 +117,14 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
                 "torch.use_deterministic_algorithms(True) is on; use impl='auto' (it runs the deterministic "
                 "reference then) or impl='reference', or pass warn_only=True to use_deterministic_algorithms")
         return path
+    check_impl_name(op, impl, fast_paths)
+    raise AssertionError("unreachable: check_impl_name refuses what no path took")
+
+
+def check_impl_name(op: str, impl: str, fast_paths: Sequence[FastPath]) -> None:
+    """Refuse an ``impl`` that names none of ``op``'s paths (modules check it when built, not at their first call)."""
+    if impl in ("auto", "reference") or any(impl == p.name or impl in p.aliases for p in fast_paths):
+        return
     choices = ", ".join(repr(name) for name in ("auto", "reference", *(p.name for p in fast_paths)))
     raise InvalidArgumentError(f"{op}: unknown impl={impl!r}; choose one of {choices}")
 

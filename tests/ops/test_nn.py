@@ -48,6 +48,12 @@ def test_instance_norm_act_channels_and_options():
         InstanceNormAct2d(3, "tanh")
     with pytest.raises(ValueError, match="num_features must be positive"):
         InstanceNormAct2d(0)
+    # An impl that names no path is refused when the module is built, as by fuse_modules, not at the first call.
+    with pytest.raises(ValueError, match="InstanceNormAct2d: unknown impl='cudnn'; choose one of 'auto', 'reference'"):
+        InstanceNormAct2d(3, impl="cudnn")
+    with pytest.raises(ValueError, match="fuse_modules: unknown impl='cudnn'"):
+        fuse_modules(torch.nn.Sequential(torch.nn.InstanceNorm2d(3), torch.nn.ReLU()), impl="cudnn")
+    assert InstanceNormAct2d(3, impl="triton").impl == "triton"  # an alias; where it runs is checked per call
 
 
 def test_instance_mean_pool_module():
