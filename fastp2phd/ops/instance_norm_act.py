@@ -304,8 +304,8 @@ def instance_norm_act(
     16-bit type (the CPU kernel sums 16-bit input in float32 blocks of 2048 values, merged in
     float64: about 1e-6 relative, far below y's rounding).
 
-    Differentiable in every mode (backward, double backward, forward-mode AD, vmap); the output
-    may be modified in place before backward.
+    Differentiable in every mode (backward, double backward, forward-mode AD, vmap); on the fast paths
+    the output may be modified in place before backward (the reference, as F.relu, saves its output).
     ``impl``: "auto", "reference" (F.instance_norm and the activation), "cpu" (C++) or "cuda"
     (Triton, earlier "triton"; CPU tensors too under TRITON_INTERPRET=1); a named path that cannot
     run here raises.
