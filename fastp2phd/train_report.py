@@ -3,13 +3,20 @@ TensorBoard scalars, and the web page of input labels, generated and real images
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import Pix2PixHDError
 from .files import append_text, write_text
 from .visualize import HTMLPage, label_to_image, tensor_to_image
+
+if TYPE_CHECKING:
+    from .train_step import Position
+
+_TXT_LINE = re.compile(r"\(epoch: (\d+), iters: (\d+),")  # a line of losses in loss_log.txt
 
 
 class TrainingReport:
@@ -45,19 +52,26 @@ class TrainingReport:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, total_steps)
 
-    def forget_after(self, total_steps: int) -> None:
-        """A run resumed at ``total_steps`` replays the steps logged after it: drop their JSON lines."""
-        if not self.write or not self.log_jsonl.is_file():
+    def forget_after(self, position: Position) -> None:
+        """A run resumed at ``position`` replays the steps logged after it: drop their lines from both logs."""
+        if not self.write:
             return
-        kept = []
-        for line in self.log_jsonl.read_text().splitlines():
-            try:
-                if json.loads(line)["total_steps"] > total_steps:
-                    continue
-            except (ValueError, KeyError, TypeError):
-                pass  # not ours: keep it
-            kept.append(line)
-        write_text(self.log_jsonl, "".join(line + "\n" for line in kept))
+        if self.log_jsonl.is_file():
+            kept = []
+            for line in self.log_jsonl.read_text().splitlines():
+                try:
+                    if json.loads(line)["total_steps"] > position.total_steps:
+                        continue
+                except (ValueError, KeyError, TypeError):
+                    pass  # not ours: keep it
+                kept.append(line)
+            write_text(self.log_jsonl, "".join(line + "\n" for line in kept))
+        if self.log_txt.is_file():  # its lines name the epoch and the images of it done, as the original's
+            at = (position.epoch, position.epoch_iter)
+            lines = self.log_txt.read_text().splitlines()
+            kept = [line for line in lines if not ((m := _TXT_LINE.match(line)) and tuple(map(int, m.groups())) > at)]
+            if len(kept) < len(lines):
+                write_text(self.log_txt, "".join(line + "\n" for line in kept))
 
     def display(self, batch: dict, fake: torch.Tensor, epoch: int, epoch_iter: int, total_steps: int) -> None:
         if self.web is None:

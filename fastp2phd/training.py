@@ -139,7 +139,7 @@ class Trainer:
                                      tensorboard=spec.tf_log, label_nc=spec.model.label_nc)
         if spec.continue_train:
             train_state.resume(self)
-            self.report.forget_after(self.position.total_steps)
+            self.report.forget_after(self.position)
         elif spec.load_pretrain:
             train_state.start_from(self, Path(spec.load_pretrain))
         if self.distributed:

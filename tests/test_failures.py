@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import sys
 
@@ -212,11 +213,16 @@ def test_a_new_start_removes_leftovers_of_killed_writes_and_a_resume_forgets_rep
     state_steps = torch.load(folder / "latest_train_state.pth", weights_only=True)["total_steps"]
     with open(folder / "loss_log.jsonl", "a") as f:  # steps logged after the last checkpoint, before a kill
         f.write(json.dumps({"epoch": 2, "epoch_iter": 2, "total_steps": state_steps + 2, "G_GAN": 1.0}) + "\n")
+    with open(folder / "loss_log.txt", "a") as f:  # the same step in the original's format, and a note of the user's
+        f.write("(epoch: 2, iters: 2, time: 0.100) G_GAN: 1.000\n=== resumed by hand ===\n")
     common = ["--name", "run", "--checkpoints_dir", str(ck), "--dataroot", str(data), *TINY]
     assert main(["train", *common, *TRAIN, "--niter", "2", "--continue_train"]) == 0
     assert not leftover.exists() and foreign.exists()
     steps = [json.loads(line)["total_steps"] for line in (folder / "loss_log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
+    text = (folder / "loss_log.txt").read_text()
+    at = [tuple(map(int, m)) for m in re.findall(r"\(epoch: (\d+), iters: (\d+),", text)]
+    assert at == sorted(at) and len(at) == len(set(at)) and (2, 2) in at and "=== resumed by hand ===\n" in text
 
 
 def test_test_and_encode_features_remove_leftovers_of_their_killed_writes(trained, tmp_path):
