@@ -106,6 +106,10 @@ class Trainer:
         self.is_main = self.rank == 0
         self.spec, self.device = spec, device
         self.run_folder = spec.run_folder
+        trained = sorted(self.run_folder.glob("*_net_G.pth")) if not spec.continue_train else []
+        if trained:  # its first save would overwrite a trained run
+            raise TrainingError(f"{self.run_folder} already holds a trained run ({trained[0].name}): continue it with "
+                                "--continue_train, or give the new run another --name (or remove those files)")
         if self.is_main:
             _make_folder(self.run_folder)
             remove_leftover_temporaries(self.run_folder)

@@ -300,7 +300,7 @@ def bad_label_folder(tmp_path, dataroot) -> Path:
 @pytest.mark.parametrize("case", ["label id", "missing folder", "size", "nothing to continue", "tf_log", "mismatch",
                                   "no vgg weights", "corrupt vgg weights", "train state holds a list",
                                   "checkpoints_dir is a file", "garbage iter.txt", "truncated train state",
-                                  "no epochs"])
+                                  "no epochs", "a trained run in the way"])
 def test_bad_input_gives_one_sentence(case, tmp_path, dataroot, capsys, monkeypatch):
     ck = tmp_path / "ck"
     if case == "corrupt vgg weights":
@@ -335,6 +335,10 @@ def test_bad_input_gives_one_sentence(case, tmp_path, dataroot, capsys, monkeypa
         monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
         argv = [a for a in train_args(ck, dataroot) if a != "--no_vgg_loss"]
         expected = ["vgg19-dcbb9e9d.pth", "--no_vgg_loss"]
+    elif case == "a trained run in the way":  # a new run under its name would overwrite it at the first save
+        assert run(*train_args(ck, dataroot, "--niter", "1", "--niter_decay", "0")) == 0
+        saved = weights(ck / "run" / "latest_net_G.pth")
+        argv, expected = train_args(ck, dataroot, "--niter", "1"), ["latest_net_G.pth", "--continue_train", "--name"]
     elif case == "no epochs":
         argv, expected = train_args(ck, dataroot, "--niter", "0", "--niter_decay", "0"), ["no epoch to train"]
     elif case == "label id":
@@ -366,6 +370,8 @@ def test_bad_input_gives_one_sentence(case, tmp_path, dataroot, capsys, monkeypa
     assert "Traceback" not in err and err.count("\n") == 0, err
     for text in expected:
         assert text in err, err
+    if case == "a trained run in the way":
+        assert all(torch.equal(v, saved[k]) for k, v in weights(ck / "run" / "latest_net_G.pth").items())
 
 
 def test_a_failed_start_keeps_the_runs_opt_txt(tmp_path, dataroot):
