@@ -163,6 +163,7 @@ def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = F
     from .encode_features import encode_features
     from .features import load_clusters
     from .inference import load_run
+    from .models import init_weights
     from .pix2pixhd import Pix2PixHD
 
     started = time.time()
@@ -186,7 +187,7 @@ def run_demo(out: Path, device: torch.device, seed: int = 0, overwrite: bool = F
     colours = class_mean_colours(create_dataset(demo_data(out, "train", seed)), DEMO_MODEL.label_nc).to(device)
     test_set = create_dataset(demo_data(out, "test", seed))
     torch.manual_seed(seed + 1)
-    untrained = Pix2PixHD(DEMO_MODEL).to(device).eval()
+    untrained = Pix2PixHD(DEMO_MODEL).apply(init_weights).to(device).eval()  # where training starts
     l1 = {
         "class-mean colours": _mean_l1(test_set, device, lambda label, inst, real: colours[label[:, 0]].permute(0, 3, 1, 2)),
         "untrained model": _mean_l1(test_set, device, untrained.inference),
