@@ -142,6 +142,10 @@ def test_the_original_codes_flags_run(trained, capsys):
     assert args.device == "cpu" and args.precision == "fp16"
     args = parse_command_line(["train", "--gpu_ids", "-1", "--local_rank", "0", "--data_type", "32"])
     assert args.device == "cpu"
+    capsys.readouterr()
+    assert parse_command_line(command("test", ck, data, "--fp16")).precision == "fp32"  # train's flag: says so
+    assert capsys.readouterr().err == ("fastp2phd test: note: --fp16 is a training option; inference runs in "
+                                       "--precision fp32 (use --precision bf16 or fp16)\n")
     for argv, expected in (
             (["train", "--gpu_ids", "0,1"], "torchrun --nproc_per_node 2 -m fastp2phd train"),
             (["train", "--gpu_ids", "zero"], "is not a list of GPU ids"),
