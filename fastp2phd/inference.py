@@ -88,7 +88,7 @@ def load_run(
         if not clusters.is_absolute() and cluster_path:
             clusters = folder / clusters
         if clusters.is_file():
-            net.clusters = load_cluster_file(clusters, allow_pickle)
+            net.clusters = load_cluster_file(clusters, allow_pickle, model.feat_num)
         elif cluster_path:
             raise InferenceError(f"the clusters file {clusters} does not exist; check --cluster_path")
     net.precision = precision
@@ -136,12 +136,17 @@ def check_checkpoint_options(model: ModelSpec, g_state, g_path: Path, e_state, e
                                  "set the options the run was trained with")
 
 
-def load_cluster_file(path: Path, allow_pickle: bool) -> dict[int, torch.Tensor]:
+def load_cluster_file(path: Path, allow_pickle: bool, feat_num: int) -> dict[int, torch.Tensor]:
+    """The cluster centres in ``path`` (fastp2phd's .npz, or an original .npy), each class's (k, ``feat_num``)."""
     from .features import import_official_clusters, load_clusters
 
-    if path.suffix == ".npy":
-        return import_official_clusters(path, allow_pickle=allow_pickle)
-    return load_clusters(path)[0]
+    clusters = import_official_clusters(path, allow_pickle=allow_pickle) if path.suffix == ".npy" else load_clusters(path)[0]
+    for cls, centres in clusters.items():
+        if centres.dim() != 2 or centres.shape[1] != feat_num:
+            raise InferenceError(f"{path}: the centres of class {cls} have shape {tuple(centres.shape)}, but this "
+                                 f"model's features have {feat_num} values (--feat_num): the clusters come from "
+                                 "another run; check --cluster_path (or --feat_num)")
+    return clusters
 
 
 def run_test(

@@ -18,6 +18,7 @@ from PIL import Image
 from fastp2phd import ops
 from fastp2phd.cli import main
 from fastp2phd.data import AlignedDataset, make_synthetic
+from fastp2phd.features import save_clusters
 from fastp2phd.files import TEMPORARY_SUFFIX, save_torch
 from fastp2phd.inference import load_run
 from fastp2phd.options import parse_command_line
@@ -155,6 +156,16 @@ def test_the_original_codes_flags_run(trained, capsys):
         capsys.readouterr()
         assert main(argv) == 1
         one_sentence(capsys, expected)
+
+
+def test_clusters_of_another_feature_width_are_refused_naming_the_file(trained, tmp_path, capsys):
+    ck, data = copy_run(trained, tmp_path)
+    clusters = ck / "run" / "features_clustered_002.npz"
+    assert clusters.is_file()
+    save_clusters(clusters, {7: np.zeros((2, 4), np.float32)})  # this run's features have 3 values (--feat_num)
+    capsys.readouterr()
+    assert main(command("test", ck, data)) == 1
+    one_sentence(capsys, str(clusters), "have shape (2, 4)", "3 values (--feat_num)", "--cluster_path")
 
 
 def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
