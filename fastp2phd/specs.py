@@ -250,6 +250,13 @@ class DataSpec(_Spec):
     @classmethod
     def for_model(cls, model: ModelSpec, **fields_: Any) -> "DataSpec":
         """The dataset ``model`` reads: its label classes, instance maps, features and size base."""
+        # The loader reads input images (--label_nc 0) and photos as RGB, as the original does.
+        if model.label_nc == 0 and model.input_nc != 3:
+            raise SpecError(f"with label_nc 0 the input images are read as RGB, so input_nc must be 3, not "
+                            f"{model.input_nc}")
+        if fields_.get("read_images") and model.output_nc != 3:
+            raise SpecError(f"the real photos are read as RGB, so output_nc must be 3 to train on them or encode "
+                            f"them, not {model.output_nc}")
         return cls(label_nc=model.label_nc, no_instance=model.no_instance, load_features=model.load_features,
                    size_base=model.generator_size_multiple, **fields_)
 

@@ -168,6 +168,18 @@ def test_clusters_of_another_feature_width_are_refused_naming_the_file(trained, 
     one_sentence(capsys, str(clusters), "have shape (2, 4)", "3 values (--feat_num)", "--cluster_path")
 
 
+@pytest.mark.parametrize("flags, expected", [
+    (["--output_nc", "1"], "the real photos are read as RGB, so output_nc must be 3 to train on them or encode them, not 1"),
+    (["--label_nc", "0", "--input_nc", "1"], "with label_nc 0 the input images are read as RGB, so input_nc must be 3, not 1"),
+])
+def test_channel_counts_the_loader_cannot_give_are_refused_before_training(flags, expected, tmp_path, capsys):
+    # (They failed at the first step with a size mismatch, or a sentence blaming --input_nc given correctly.)
+    capsys.readouterr()
+    assert main(["train", "--dataroot", "synthetic", "--checkpoints_dir", str(tmp_path), *TINY, *flags]) == 1
+    one_sentence(capsys, expected)
+    assert not any(tmp_path.iterdir())  # refused before the run folder is made
+
+
 def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
     ck, _ = copy_run(trained, tmp_path)
     (ck / "run" / "opt.txt").unlink()
