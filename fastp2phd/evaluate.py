@@ -186,6 +186,10 @@ def evaluate(pairs: Sequence[Pair], spec: EvaluationSpec, device: str | torch.de
     if not spec.fid and spec.seg_model is None:
         raise EvaluationError("nothing to compute: FID is off (--no_fid) and there is no --seg_model; drop "
                               "--no_fid or pass a segmentation network")
+    if len(pairs) < (2 if spec.fid else 1):  # before any image goes through the networks
+        raise EvaluationError(f"{len(pairs)} image{'' if len(pairs) == 1 else 's'} to score, and "
+                              + ("FID and KID need at least 2" if spec.fid else "there must be at least 1")
+                              + ": raise --how_many, or check --results")
     # Fail on missing weights or a bad segmenter before reading any image.
     weights = find_fid_weights(spec.fid_weights) if spec.fid else None
     inception = load_fid_inception(weights, device) if weights else None

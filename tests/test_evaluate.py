@@ -401,6 +401,8 @@ def remove(path: Path) -> None:
     ("nothing to compute", "nothing to compute"),
     ("both", "not both"),
     ("synthetic", "--dataroot synthetic has no real images"),
+    ("how_many 0", "0 images to score, and FID and KID need at least 2"),
+    ("how_many 1", "1 image to score, and FID and KID need at least 2"),
 ])
 def test_bad_input_is_one_sentence(scenes, tmp_path, random_weights, capsys, case, words):
     root, results = scenes
@@ -430,6 +432,8 @@ def test_bad_input_is_one_sentence(scenes, tmp_path, random_weights, capsys, cas
         argv += ["--name", "run"]
     elif case == "synthetic":
         argv[3] = "synthetic"
+    elif case.startswith("how_many"):
+        argv += ["--how_many", case.split()[1]]
     assert evaluate(*argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("fastp2phd evaluate: ") and words in err and err.count("\n") == 1, err
