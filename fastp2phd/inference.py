@@ -258,7 +258,8 @@ def export_onnx(model: Pix2PixHD, path: str | os.PathLike) -> tuple[Path, float 
     except ImportError as exc:
         raise InferenceError(f"export-onnx needs the {exc.name or 'onnx'} package, which is not installed: "
                              'pip install "fastp2phd[onnx]"') from None
-    netG = model.netG.cpu().eval()
+    netG = model.netG
+    device, training = next(netG.parameters()).device, netG.training
     out = Path(path)
     channels = model.spec.generator_input_nc
     multiple = model.spec.generator_size_multiple
@@ -267,14 +268,16 @@ def export_onnx(model: Pix2PixHD, path: str | os.PathLike) -> tuple[Path, float 
     level = onnx_logger.level
     onnx_logger.setLevel(logging.ERROR)  # the exporter's notes on unrelated torchvision ops
     try:
+        netG.cpu().eval()
         with atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(netG, (example,), str(tmp), input_names=["input"], output_names=["image"],
                               dynamic_shapes={"input": {0: "batch", 2: "height", 3: "width"}}, dynamo=True,
                               verbose=False)
+        return out, check_onnx(netG, out, channels, multiple)
     finally:
         onnx_logger.setLevel(level)
-    return out, check_onnx(netG, out, channels, multiple)
+        netG.to(device).train(training)  # the caller's model is left where and as it was
 
 
 def check_onnx(netG: torch.nn.Module, path: Path, channels: int, multiple: int) -> float | None:

@@ -237,9 +237,10 @@ def apply_original_flags(args: argparse.Namespace) -> argparse.Namespace:
         if args.device is not None and torch.device(args.device) != torch.device(device):
             raise SpecError(f"--gpu_ids {args.gpu_ids} and --device {args.device} disagree; give one of them")
         args.device = device
-    if getattr(args, "fp16", False) and hasattr(args, "precision") and args.command != "train":
-        print(f"fastp2phd {args.command}: note: --fp16 is a training option; inference runs in --precision "
-              f"{args.precision} (use --precision bf16 or fp16)", file=sys.stderr)
+    if getattr(args, "fp16", False) and args.command not in ("train", "memory"):
+        runs = (f"inference runs in --precision {args.precision} (use --precision bf16 or fp16)"
+                if hasattr(args, "precision") else "it changes nothing here")
+        print(f"fastp2phd {args.command}: note: --fp16 is a training option; {runs}", file=sys.stderr)
     data_type = getattr(args, "data_type", 32)
     if data_type != 32:
         if data_type == 16 and hasattr(args, "precision"):

@@ -180,6 +180,18 @@ def test_channel_counts_the_loader_cannot_give_are_refused_before_training(flags
     assert not any(tmp_path.iterdir())  # refused before the run folder is made
 
 
+def test_export_onnx_leaves_the_callers_model_as_it_was(trained, tmp_path):
+    from fastp2phd.inference import export_onnx
+
+    model = load_run(trained[0] / "run")
+    model.netG.train()  # (and on a GPU, its device: the export runs on the CPU)
+    before = {k: v.clone() for k, v in model.netG.state_dict().items()}
+    path, difference = export_onnx(model, tmp_path / "g.onnx")
+    assert path.is_file() and difference is not None and difference < 1e-4
+    assert model.netG.training and all(m.training for m in model.netG.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.netG.state_dict().items())
+
+
 def test_load_run_without_opt_txt_takes_the_options(trained, tmp_path):
     ck, _ = copy_run(trained, tmp_path)
     (ck / "run" / "opt.txt").unlink()
