@@ -73,7 +73,12 @@ def confusion_matrix(truth: np.ndarray, prediction: np.ndarray, num_classes: int
     whose truth is 255 are left out."""
     truth, prediction = np.asarray(truth).ravel(), np.asarray(prediction).ravel()
     keep = truth != IGNORE_ID
-    index = truth[keep].astype(np.int64) * num_classes + prediction[keep].astype(np.int64)
+    truth, prediction = truth[keep].astype(np.int64), prediction[keep].astype(np.int64)
+    for name, ids in (("truth", truth), ("prediction", prediction)):  # one out of range would count in another cell
+        if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+            raise EvaluationError(f"confusion_matrix: {name} holds class {ids.min() if ids.min() < 0 else ids.max()}, "
+                                  f"outside 0..{num_classes - 1} (and {IGNORE_ID} for ignored truth)")
+    index = truth * num_classes + prediction
     return np.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from fastp2phd.cli import main
 from fastp2phd.data import CITYSCAPES_CLASSES
+from fastp2phd.errors import EvaluationError
 from fastp2phd.evaluate import (FID_WEIGHTS_NAME, FID_WEIGHTS_URL, IMAGENET_MEAN, IMAGENET_STD, TRAIN_LABEL_IDS,
                                 FIDInceptionV3, fid_from_features, frechet_distance, kernel_inception_distance,
                                 label_ids_to_train_ids)
@@ -467,3 +468,16 @@ def test_scenes_in_subfolders_pair_with_the_images_test_wrote_under_their_path(t
     pairs = pair_results(tmp_path / "results", tmp_path / "data", "test")
     assert [(p.name, p.generated.parent.name, p.label.parent.name, p.real.parent.name) for p in pairs] == [
         ("a/s", "a", "a", "a"), ("b/s", "b", "b", "b")]
+
+
+def test_confusion_matrix_counts_and_refuses_classes_out_of_range():
+    from fastp2phd.evaluation_segmentation import confusion_matrix
+
+    truth, prediction = np.array([[0, 1], [255, 2]]), np.array([[0, 2], [7, 2]])
+    expected = np.zeros((3, 3), np.int64)
+    expected[0, 0] = expected[1, 2] = expected[2, 2] = 1  # the ignored pixel (255) counts nowhere
+    assert np.array_equal(confusion_matrix(truth, prediction, 3), expected)
+    for truth, prediction, bad in (([0, 1], [0, 25], "prediction holds class 25"), ([0, 3], [0, 1], "truth holds class 3"),
+                                   ([0, 1], [0, -1], "prediction holds class -1")):
+        with pytest.raises(EvaluationError, match=f"confusion_matrix: {bad}, outside 0..2"):
+            confusion_matrix(np.array(truth), np.array(prediction), 3)
