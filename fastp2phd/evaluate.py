@@ -83,6 +83,9 @@ def _check_folders(dataroot, phase: str, results: Path | None) -> None:
         raise EvaluationError(f"the results folder {results} does not exist; pass the folder `fastp2phd test` "
                               "wrote (results_dir/name/<phase>_<epoch>), or --name to generate the images first")
     label_dir = Path(dataroot) / f"{phase}_label"
+    if not label_dir.is_dir() and (Path(dataroot) / f"{phase}_A").is_dir():
+        raise EvaluationError(f"{dataroot} holds image-to-image data ({phase}_A, {phase}_B: --label_nc 0), which "
+                              f"evaluate does not score yet: it pairs generated images with {phase}_label and {phase}_img")
     if not label_dir.is_dir():
         raise EvaluationError(f"the label maps folder {label_dir} does not exist; check --dataroot and --phase")
 

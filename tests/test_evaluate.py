@@ -403,6 +403,7 @@ def remove(path: Path) -> None:
     ("both", "not both"),
     ("synthetic", "--dataroot synthetic has no real images"),
     ("how_many 0", "0 images to score, and FID and KID need at least 2"),
+    ("image to image", "holds image-to-image data (test_A, test_B: --label_nc 0), which evaluate does not score yet"),
     ("how_many 1", "1 image to score, and FID and KID need at least 2"),
 ])
 def test_bad_input_is_one_sentence(scenes, tmp_path, random_weights, capsys, case, words):
@@ -433,6 +434,9 @@ def test_bad_input_is_one_sentence(scenes, tmp_path, random_weights, capsys, cas
         argv += ["--name", "run"]
     elif case == "synthetic":
         argv[3] = "synthetic"
+    elif case == "image to image":
+        (root / "test_label").rename(root / "test_A")
+        (root / "test_img").rename(root / "test_B")
     elif case.startswith("how_many"):
         argv += ["--how_many", case.split()[1]]
     assert evaluate(*argv) == 1
