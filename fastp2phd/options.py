@@ -22,6 +22,7 @@ import torch
 from .errors import InvalidArgumentError
 from .option_fields import (DATA_LOADING, EXPERIMENT, FEATURES, GENERATOR, LOGGING, SIZES, TRAINING, dataset_size,
                             non_negative_float, non_negative_int, port, positive_int)
+from .original_flags import add_original_flags, apply_original_flags
 from .specs import (COMPILE_HELP, IMAGENET_MEAN, IMAGENET_STD, OPT_TXT, WHOLE_SCENE_MODES, DataSpec, ModelSpec,
                     SpecError, TrainSpec, check_bounds, declared_options, read_opt_txt)
 
@@ -100,28 +101,11 @@ def add_base_options(p: argparse.ArgumentParser, model_help: bool = True, from_r
                 group._group_actions.remove(action)
                 action.default_from_run = True  # (the formatter shows no default)
             overrides._group_actions.extend(moved)
-    _add_original_flags(p, shown=model_help)
+    add_original_flags(p, shown=model_help)
     if not model_help:
         for action in p._actions[first:]:
             if action.dest not in _EDIT_OPTIONS:
                 action.help = argparse.SUPPRESS
-
-
-def _add_original_flags(p: argparse.ArgumentParser, shown: bool) -> None:
-    """The original's flags that fastp2phd spells otherwise or that change nothing there either, so that its
-    scripts run: ``apply_original_flags`` translates them."""
-    g = p.add_argument_group("the original code's flags", "Accepted so that its scripts run unchanged.") if shown else p
-    g.add_argument("--gpu_ids", default=None, help="-1: the CPU; one id N: cuda:N (as --device); several GPUs train "
-                   "with torchrun --nproc_per_node N, one GPU each")
-    g.add_argument("--data_type", type=int, default=32, choices=[8, 16, 32],
-                   help="32: float32; 16: --precision fp16 where a command has --precision (train: use --fp16)")
-    g.add_argument("--model", dest="original_model", default="pix2pixHD", choices=["pix2pixHD"],
-                   help="the only model there is")  # (TrainSpec.model is the ModelSpec)
-    g.add_argument("--use_dropout", action="store_true", help="no effect, as in the original (its generators are "
-                   "built without dropout whatever it says)")
-    # No effect there either: the visdom window's size, the rank (torchrun sets LOCAL_RANK), test.py's unused two.
-    for flag, type_ in (("--display_winsize", int), ("--local_rank", int), ("--ntest", float), ("--aspect_ratio", float)):
-        g.add_argument(flag, type=type_, help=argparse.SUPPRESS)
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:
@@ -222,34 +206,6 @@ def saved_model_options(parser: argparse.ArgumentParser, folder) -> dict:
                             f"fix the file or pass --{action.dest}")
         options[action.dest] = value
     return options
-
-
-def apply_original_flags(args: argparse.Namespace) -> argparse.Namespace:
-    """``--gpu_ids`` and ``--data_type`` as fastp2phd's ``--device`` and ``--precision`` (see ``_add_original_flags``)."""
-    if getattr(args, "gpu_ids", None) is not None:
-        ids = [i.strip() for i in args.gpu_ids.split(",") if i.strip()]
-        if not ids or not all(i.lstrip("-").isdigit() for i in ids):
-            raise SpecError(f"--gpu_ids {args.gpu_ids!r} is not a list of GPU ids; use -1 for the CPU or one id such as 0")
-        if len(ids) > 1:
-            raise SpecError(f"--gpu_ids {args.gpu_ids}: each process here runs on one device; train on several GPUs "
-                            f"with torchrun --nproc_per_node {len(ids)} -m fastp2phd train ... (and no --gpu_ids)")
-        device = "cpu" if int(ids[0]) < 0 else f"cuda:{ids[0]}"
-        if args.device is not None and torch.device(args.device) != torch.device(device):
-            raise SpecError(f"--gpu_ids {args.gpu_ids} and --device {args.device} disagree; give one of them")
-        args.device = device
-    if getattr(args, "fp16", False) and args.command not in ("train", "memory"):
-        runs = (f"inference runs in --precision {args.precision} (use --precision bf16 or fp16)"
-                if hasattr(args, "precision") else "it changes nothing here")
-        print(f"fastp2phd {args.command}: note: --fp16 is a training option; {runs}", file=sys.stderr)
-    data_type = getattr(args, "data_type", 32)
-    if data_type != 32:
-        if data_type == 16 and hasattr(args, "precision"):
-            args.precision = "fp16"
-        else:
-            hint = ("train in mixed precision with --fp16" if args.command == "train" else
-                    "use --precision bf16 or fp16" if hasattr(args, "precision") else f"{args.command} runs in float32")
-            raise SpecError(f"--data_type {data_type} has no counterpart here: {hint}")
-    return args
 
 
 def resolve_device(text: str | None) -> torch.device:
@@ -445,8 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _given(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv: list[str] | None, dest: str) -> bool:
     """Whether ``argv`` sets ``dest`` (under any abbreviation argparse takes)."""
-    unset = object()
-    default = sub.get_default(dest)
+    unset, default = object(), sub.get_default(dest)
     sub.set_defaults(**{dest: unset})
     try:
         return getattr(parser.parse_args(argv), dest) is not unset
@@ -472,12 +427,9 @@ def with_run_options(parser: argparse.ArgumentParser, args: argparse.Namespace,
         cropped = saved.get("resize_or_crop")
         if (cropped in WHOLE_SCENE_MODES and args.command != "export-onnx"
                 and not _given(parser, sub, argv, "resize_or_crop")):
-            # The original's test and encode_features take no crop unless told to: a run that trained on crops
-            # generates whole scenes, scaled as in training.
-            saved["resize_or_crop"] = WHOLE_SCENE_MODES[cropped]
-            print(f"fastp2phd {args.command}: the run trained on crops (--resize_or_crop {cropped}); whole scenes "
-                  f"are read with --resize_or_crop {saved['resize_or_crop']} (pass --resize_or_crop to choose)",
-                  file=sys.stderr)
+            saved["resize_or_crop"] = whole = WHOLE_SCENE_MODES[cropped]  # the original's test.py crops when told to
+            print(f"fastp2phd {args.command}: the run trained on crops (--resize_or_crop {cropped}); whole scenes are "
+                  f"read with --resize_or_crop {whole} (pass --resize_or_crop to choose)", file=sys.stderr)
         if saved:
             sub.set_defaults(**saved)
             args = parser.parse_args(argv)
