@@ -145,6 +145,62 @@ def test_add_object_places_a_new_instance_with_a_style(session):
     assert_consistent(session)
 
 
+def assert_one_vector_per_instance(s: EditSession) -> None:
+    """Every instance holds one feature vector on all its pixels: what a save stores (one vector per id)."""
+    for value in torch.unique(s.inst).tolist():
+        vectors = s.feat[:, s.inst == value]
+        assert torch.equal(vectors, vectors[:, :1].expand_as(vectors)), value
+
+
+def test_a_stuff_class_added_with_a_style_restyles_its_whole_instance(session):
+    """A stuff class's pixels are one instance (its id is the class id): pasting more of it with a style gives
+    the whole instance that style, as set_style would, so the saved vector regenerates what the editor shows."""
+    from fastp2phd.features import feature_map_from_vectors, instance_vectors
+
+    before_label, before_inst, before_feat = session.state()
+    ys, xs = np.nonzero(before_inst == 21)
+    current = session.style_of(int(ys[0]), int(xs[0]))
+    style = next(k for k in range(3) if k != current)
+    mask = np.ones((4, 5), bool)
+    y, x = next((y, x) for y in range(H - 4) for x in range(W - 5) if not (before_inst[y:y + 4, x:x + 5] == 21).any())
+    assert session.add_object(mask, y, x, 21, style=style) == 21
+    label, inst, feat = session.state()
+    placed = np.zeros((H, W), bool)
+    placed[y:y + 4, x:x + 5] = True
+    assert (label[placed] == 21).all() and (inst[placed] == 21).all()
+    assert np.array_equal(label[~placed], before_label[~placed]) and np.array_equal(inst[~placed], before_inst[~placed])
+    vegetation = inst == 21
+    centre = session.model.clusters[21][style].numpy()
+    assert np.array_equal(feat[:, vegetation], np.repeat(centre[:, None], vegetation.sum(), 1))
+    assert np.array_equal(feat[:, ~vegetation], before_feat[:, ~vegetation])
+    assert session.style_of(int(ys[0]), int(xs[0])) == style
+    assert_consistent(session)
+    ids, vectors = instance_vectors(session.feat, session.inst)  # what save stores
+    saved = feature_map_from_vectors(session.inst[None, None], dict(zip(ids.tolist(), torch.from_numpy(vectors))),
+                                     torch.zeros_like(session.feat)[None])[0]
+    assert torch.equal(saved, session.feat)
+    assert session.undo() and np.array_equal(session.state()[2], before_feat)
+    # The other edits that add pixels to an existing stuff instance give them its vector.
+    car, cy, cx = a_car(session)
+    for edit in (lambda: session.add_object(mask, 0, 0, 23), lambda: session.paint([(2, 2), (20, 50)], 21, 5),
+                 lambda: session.change_label(cy, cx, 23), lambda: session.remove_object(*a_car(session)[1:]),
+                 lambda: session.add_object(mask, H - 4, 0, 23, style=current)):
+        edit()
+        assert_one_vector_per_instance(session)
+        assert_consistent(session)
+
+
+def test_the_api_adds_a_stuff_class_with_a_style_as_the_session_does(app):
+    twin = EditSession(app.model, app.scenes[0].label, app.scenes[0].inst, seed=0)
+    ys, xs = np.nonzero(app.scenes[0].inst == 21)
+    style = (twin.style_of(int(ys[0]), int(xs[0])) + 1) % 3
+    body = {"op": "add_object", "object": 0, "y": 0, "x": 0, "label": 21, "style": style}
+    assert call(app, "POST", "/api/edit", body)[0] == 200
+    twin.add_object(app.objects[0].mask, 0, 0, 21, style=style)
+    assert all(np.array_equal(a, b) for a, b in zip(app.session.state(), twin.state()))
+    assert_one_vector_per_instance(app.session)
+
+
 def test_style_changes_features_and_mostly_the_instance_neighbourhood(session):
     car, y, x = a_car(session)
     assert session.style_options(y, x).shape == (3, 3)

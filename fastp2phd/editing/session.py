@@ -205,20 +205,26 @@ class EditSession:
             return None
         return int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
 
-    def _paint_mask(self, mask: torch.Tensor, label: int, inst_id: int, vector: torch.Tensor | None) -> None:
-        box = self._box(mask)
+    def _paint_mask(self, mask: torch.Tensor, label: int, inst_id: int, vector: torch.Tensor | None,
+                    restyle: torch.Tensor | None = None) -> None:
+        """``_paint_region`` over the box of ``mask`` (and of ``restyle``, pixels that only take ``vector``)."""
+        box = self._box(mask if restyle is None else mask | restyle)
         if box is not None:
             y0, y1, x0, x1 = box
-            self._paint_region(box, mask[y0:y1, x0:x1], label, inst_id, vector)
+            self._paint_region(box, mask[y0:y1, x0:x1], label, inst_id, vector,
+                               None if restyle is None else restyle[y0:y1, x0:x1])
 
-    def _paint_region(self, box, inside: torch.Tensor, label: int, inst_id: int, vector: torch.Tensor | None) -> None:
-        """Give the pixels ``inside`` (a mask over ``box``) class ``label``, id ``inst_id`` and features ``vector``."""
+    def _paint_region(self, box, inside: torch.Tensor, label: int, inst_id: int, vector: torch.Tensor | None,
+                      restyle: torch.Tensor | None = None) -> None:
+        """Give the pixels ``inside`` (a mask over ``box``) class ``label``, id ``inst_id`` and features ``vector``,
+        and the pixels ``restyle`` (a mask over ``box``, or None) features ``vector`` only."""
         y0, y1, x0, x1 = box
         label_patch = torch.where(inside, label, self.label[y0:y1, x0:x1])
         inst_patch = torch.where(inside, inst_id, self.inst[y0:y1, x0:x1]).to(torch.int32)
         feat_patch = None
         if self.feat is not None:
-            feat_patch = torch.where(inside[None], vector[:, None, None], self.feat[:, y0:y1, x0:x1])
+            featured = inside if restyle is None else inside | restyle
+            feat_patch = torch.where(featured[None], vector[:, None, None], self.feat[:, y0:y1, x0:x1])
         self._apply(box, label_patch, inst_patch, feat_patch)
 
     # ------------------------------------------------------------------ edits
@@ -264,7 +270,12 @@ class EditSession:
     def add_object(self, mask, y: int, x: int, label: int, style: int | None = None) -> int:
         """Paste an object ``mask`` (h, w) with its top-left corner at (y, x) as a new instance of ``label``.
 
-        Parts of the mask outside the scene are clipped. Returns the new instance id.
+        Parts of the mask outside the scene are clipped. Returns the instance id of the pasted pixels.
+        ``style`` picks the instance's style (None: sampled from the class's clusters). A stuff class has
+        one instance, all of its pixels (its id is the class id): pasted pixels of a stuff class the scene
+        already holds join that instance, which keeps one feature vector (pix2pixHD's features are per
+        instance, and a save stores one vector per id), so a ``style`` restyles the whole instance, as
+        ``set_style`` on it would; without one, the pasted pixels take the instance's vector.
         """
         y, x = self._check_point(y, x)
         label = self._check_label(label)
@@ -276,7 +287,12 @@ class EditSession:
         full = torch.zeros(self.height, self.width, dtype=torch.bool, device=self.device)
         h, w = min(mask.shape[0], self.height - y), min(mask.shape[1], self.width - x)
         full[y:y + h, x:x + w] = mask[:h, :w]
-        self._paint_mask(full, label, inst_id, vector)
+        restyle = None
+        if style is not None:
+            existing = self.inst == inst_id  # (none for a thing: its id is new)
+            if existing.any() and not torch.equal(self._instance_features(inst_id, None), vector):
+                restyle = existing  # the stuff instance takes the style everywhere: one instance, one vector
+        self._paint_mask(full, label, inst_id, vector, restyle)
         return inst_id
 
     def remove_object(self, y: int, x: int) -> int:
