@@ -363,6 +363,53 @@ def test_saved_scene_regenerates_through_run_test(session, tmp_path):
     assert np.array_equal(generated, session.image())
 
 
+def test_a_session_starts_from_given_instance_vectors(session):
+    """vectors={id: vector} fixes those instances' features; the others are sampled as without it, and with
+    every instance named the clusters are not needed."""
+    car, y, x = a_car(session)
+    label, inst, feat = session.state()
+    vector = np.array([0.5, -1.25, 2.0], np.float32)
+    s = EditSession(session.model, label, inst, seed=0, vectors={car: vector})
+    region = inst == car
+    assert np.array_equal(s.state()[2][:, region], np.repeat(vector[:, None], region.sum(), 1))
+    assert np.array_equal(s.state()[2][:, ~region], feat[:, ~region])  # the same draws as without vectors
+    assert_consistent(s)
+    s.change_label(y, x, 24)
+    assert s.reset() and np.array_equal(s.state()[2], EditSession(session.model, label, inst, seed=0,
+                                                                   vectors={car: vector}).state()[2])
+    everything = {int(v): feat[:, inst == v][:, 0] for v in np.unique(inst)}
+    session.model.clusters = None
+    assert np.array_equal(EditSession(session.model, label, inst, vectors=everything).state()[2], feat)
+    for vectors, message in (({car: [1.0, 2.0]}, r"\(3,\) vectors"), ({"26000": vector}, r"\(3,\) vectors")):
+        with pytest.raises(ValueError, match=message):
+            EditSession(session.model, label, inst, vectors=vectors)
+    with pytest.raises(ValueError, match="no instance features"):
+        EditSession(tiny_model(features=False), label, inst, vectors={car: vector})
+
+
+def test_a_saved_scene_reopens_with_its_saved_features(session, tmp_path):
+    """load_editor on the folder the editor saved into (`fastp2phd edit --dataroot <run>/edits`) starts every
+    saved scene from its saved vectors: the styles as chosen, and exactly the saved image."""
+    from PIL import Image
+
+    from fastp2phd.editing.server import load_editor
+    from fastp2phd.specs import DataSpec
+
+    car, y, x = a_car(session)
+    session.set_style(y, x, (session.style_of(y, x) + 1) % 3)
+    sky = np.argwhere(session.state()[0] == 23)[0]
+    session.set_style(int(sky[0]), int(sky[1]), (session.style_of(int(sky[0]), int(sky[1])) + 2) % 3)
+    session.add_object(np.ones((4, 4), bool), 2, 2, 26, style=1)
+    folder = session.save(tmp_path / "edits", "my_scene")
+    data = DataSpec.for_model(session.spec, dataroot=str(folder), phase="test", resize_or_crop="none", train=False,
+                              read_images=False)
+    app = load_editor(session.model, data, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(app.session.state(), session.state()))
+    assert app.session.style_of(y, x) == session.style_of(y, x)
+    assert np.array_equal(app.session.image(), np.array(Image.open(folder / "test_img" / "my_scene.png")))
+    assert not app.session.unsaved
+
+
 def test_save_refuses_names_that_are_not_file_names(session, tmp_path):
     for name in ("", "../up", "a/../b", ".hidden", "a/.b", "a//b", "/abs", "a/"):
         with pytest.raises(ValueError, match="plain file name"):

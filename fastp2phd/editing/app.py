@@ -35,6 +35,7 @@ class Scene:
     name: str
     label: np.ndarray  # (H, W) class ids
     inst: np.ndarray  # (H, W) instance ids
+    vectors: dict | None = None  # {instance id: feature vector} of a saved scene: it reopens with them
 
 
 @dataclass
@@ -133,7 +134,8 @@ class EditorApp:
     def _open(self, index: int) -> EditSession:
         if index not in self.sessions:
             scene = self.scenes[index]
-            self.sessions[index] = EditSession(self.model, scene.label, scene.inst, seed=self.seed)
+            self.sessions[index] = EditSession(self.model, scene.label, scene.inst, seed=self.seed,
+                                               vectors=scene.vectors)
         return self.sessions[index]
 
     # ------------------------------------------------------------------ API
@@ -368,17 +370,23 @@ def load_editor(model, data: DataSpec, *, max_scenes: int = 32, max_objects: int
                 test_command: str | None = None) -> EditorApp:
     """An EditorApp for ``model`` (a trained Pix2PixHD with its clusters, e.g. from ``load_run``): the
     scenes of ``data`` (unflipped), and object masks (the largest thing instances of those scenes) for
-    the add-object tool."""
+    the add-object tool. A scene saved by the editor (``<phase>_features/<name>.npz`` beside its label
+    map) reopens with the feature vectors it was saved with, as ``fastp2phd test`` regenerates it."""
     from ..data import create_dataset
+    from ..features import load_instance_vectors
     from ..inference import with_step_memory
 
     dataset = create_dataset(with_step_memory(model, data.replace(train=False, read_images=False)))
+    saved = Path(data.dataroot) / f"{data.phase}_features"
     scenes, objects = [], []
     for i in range(min(len(dataset), max_scenes)):
         item = dataset[i]
         label, inst = item["label"][0].numpy(), item["inst"][0].numpy()
         name = item["name"]
-        scenes.append(Scene(name, label, inst))
+        vectors = None
+        if model.spec.uses_features and not model.spec.load_features and (saved / f"{name}.npz").is_file():
+            vectors = load_instance_vectors(saved / f"{name}.npz", model.spec.feat_num)
+        scenes.append(Scene(name, label, inst, vectors))
         for value in np.unique(inst):
             cls = class_of_instance(int(value))
             if cls in THING_CLASSES and len(objects) < max_objects:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ import torch
 from ..errors import InvalidArgumentError
 from .. import ops
 from ..data import THING_CLASSES, colorize_labels
-from ..features import class_of
+from ..features import class_of, feature_map_from_vectors
 from ..models.generator import local_radius
 from ..visualize import tensor_to_image
 from .history import Change, EditHistory
@@ -47,10 +47,14 @@ class EditSession:
     instance features). ``label`` and ``inst`` are (H, W) integer arrays or tensors
     (Cityscapes convention: thing instances have ids class*1000+k, stuff pixels their
     class id). Features come from ``image`` (encoded) when given, else from the
-    clusters, sampled with ``seed``.
+    clusters, sampled with ``seed``; ``vectors`` ({instance id: (feat_num,) vector}, such as
+    a saved scene's ``<phase>_features/<name>.npz`` through ``features.load_instance_vectors``)
+    gives the instances it names their vector instead, so a saved scene reopens with the
+    styles it was saved with (the clusters are then needed only for instances it does not name).
     """
 
-    def __init__(self, model, label, inst, *, image=None, seed: int = 0, history: int = 100):
+    def __init__(self, model, label, inst, *, image=None, seed: int = 0, history: int = 100,
+                 vectors: Mapping[int, Any] | None = None):
         self.model = model.eval()
         self.spec = model.spec
         self.device = next(model.parameters()).device
@@ -69,13 +73,20 @@ class EditSession:
         model.check_size(label)
         self.height, self.width = label.shape
         feat = None
+        if vectors is not None and not self.use_features:
+            raise InvalidArgumentError("this model has no instance features, so no feature vectors to start from")
         if self.use_features:
+            vectors = self._check_vectors(vectors or {})
             if image is not None:
                 image = torch.as_tensor(np.asarray(image)).to(self.device, torch.float32)
                 with torch.no_grad():
                     feat = self.model.encode_features(image[None], inst[None, None], label[None, None])[0]
-            else:
+            elif set(torch.unique(inst).tolist()) - set(vectors):
                 feat = self._sample_features(inst)
+            else:  # every instance has its vector: nothing to sample (as `fastp2phd test` does)
+                feat = torch.zeros(self.spec.feat_num, *inst.shape, device=self.device)
+            if vectors:
+                feat = feature_map_from_vectors(inst[None, None], vectors, feat[None])[0]
         self._initial = (label.clone(), inst.clone(), None if feat is None else feat.clone())
         self.label, self.inst, self.feat = label, inst, feat
         self.input = new_input(self.spec, self.height, self.width, self.device)
@@ -124,6 +135,18 @@ class EditSession:
         if self._changed is not None:
             changed = tuple(f(a, b) for f, a, b in zip((min, max, min, max), self._changed, changed))
         self._changed = changed
+
+    def _check_vectors(self, vectors: Mapping[int, Any]) -> dict[int, torch.Tensor]:
+        """``vectors`` as {int id: (feat_num,) float32 tensor on the device}, or a sentence saying what is wrong."""
+        checked = {}
+        for key, vector in vectors.items():
+            vector = torch.as_tensor(np.asarray(vector, dtype=np.float32) if not isinstance(vector, torch.Tensor)
+                                     else vector).to(self.device, torch.float32)
+            if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or vector.shape != (self.spec.feat_num,):
+                raise InvalidArgumentError(f"feature vectors must map instance ids to ({self.spec.feat_num},) vectors, "
+                                           f"got {key!r}: {tuple(vector.shape)}")
+            checked[int(key)] = vector
+        return checked
 
     def _sample_features(self, inst: torch.Tensor, choices: Mapping[int, int] | None = None) -> torch.Tensor:
         from ..features import sample_feature_map
