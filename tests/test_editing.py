@@ -316,6 +316,94 @@ def test_remove_object_fills_it_with_the_surrounding_stuff(session):
         session.remove_object(int(sky[0]), int(sky[1]))
 
 
+def fill_by_pooling_the_whole_scene(label: torch.Tensor, mask: torch.Tensor, label_nc: int) -> int | None:
+    """remove_object's fill as first defined: the most common stuff class among the pixels within 2, 4, ... 64,
+    then max(H, W) pixels of the object (max-pooling the whole scene), or None without stuff."""
+    is_stuff = torch.ones(label_nc, dtype=torch.bool)
+    is_stuff[[c for c in THING_CLASSES if c < label_nc]] = False
+    for reach in (2, 4, 8, 16, 32, 64, max(label.shape)):
+        grown = torch.nn.functional.max_pool2d(mask.float()[None, None], 2 * reach + 1, 1, reach)[0, 0] > 0
+        ring = label[grown & ~mask]
+        ring = ring[is_stuff[ring]]
+        if ring.numel():
+            return int(torch.bincount(ring, minlength=label_nc).argmax())
+    return None
+
+
+def random_objects_scene(rng, height: int, width: int, far_stuff: bool):
+    """Stuff blocks with thing rectangles over them; with ``far_stuff``, one car over everything but a strip of
+    road at the left edge, so the stuff lies beyond every early reach of the objects on the right."""
+    label = np.repeat(np.repeat(rng.choice([7, 8, 11, 21, 23], (height // 8 + 1, width // 8 + 1)), 8, 0), 8, 1)
+    label = label[:height, :width].copy()
+    inst = label.copy()
+    if far_stuff:
+        label[:, 2:], inst[:, 2:] = 26, 26000
+    for k in range(int(rng.integers(3, 9))):
+        cls = int(rng.choice([24, 26]))
+        h, w = int(rng.integers(1, height // 2)), int(rng.integers(1, width // 3))
+        y, x = int(rng.integers(0, height - h + 1)), int(rng.integers(2 if far_stuff else 0, width - w + 1))
+        label[y:y + h, x:x + w], inst[y:y + h, x:x + w] = cls, cls * 1000 + 1 + k
+    return label, inst
+
+
+def test_remove_object_fills_as_pooling_the_whole_scene_does():
+    """The fill is computed on the object's box grown by the reach only; on random scenes (stuff next to the
+    objects, or only far away, or none) it equals the definition that pools the whole scene."""
+    rng = np.random.default_rng(0)
+    model = tiny_model()
+    for i in range(24):
+        height, width = (32, 64) if i % 3 else (64, 224)
+        label, inst = random_objects_scene(rng, height, width, far_stuff=i % 3 == 0)
+        if i == 23:
+            label[:], inst[:] = 26, 26000  # no stuff at all
+            label[5:9, 5:9], inst[5:9, 5:9] = 24, 24001
+        s = EditSession(model, label, inst, seed=0)
+        for value in [int(v) for v in np.unique(inst) if v >= 1000]:
+            ys, xs = np.nonzero(s.state()[1] == value)
+            if not len(ys):
+                continue
+            before = s.state()
+            mask = torch.from_numpy(before[1] == value)
+            expected = fill_by_pooling_the_whole_scene(torch.from_numpy(before[0]), mask, 35)
+            if expected is None:
+                with pytest.raises(ValueError, match="no stuff class"):
+                    s.remove_object(int(ys[0]), int(xs[0]))
+                continue
+            assert s.remove_object(int(ys[0]), int(xs[0])) == expected, (i, value)
+            label_now, inst_now, _ = s.state()
+            assert (label_now[mask.numpy()] == expected).all() and (inst_now[mask.numpy()] == expected).all()
+            assert np.array_equal(label_now[~mask.numpy()], before[0][~mask.numpy()])
+
+
+def test_remove_object_pools_only_around_the_object(monkeypatch):
+    """The pixels max-pooled for one removal depend on the object and on where its stuff is, not on the scene's
+    size: the same object, as near to its stuff, pools the same pixels in a scene 16 times larger."""
+    pooled = []
+    max_pool2d = torch.nn.functional.max_pool2d
+
+    def counting(x, kernel, *args, **kwargs):
+        pooled.append(x.numel() * (kernel if isinstance(kernel, int) else max(kernel)))
+        return max_pool2d(x, kernel, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "max_pool2d", counting)
+    work = {}
+    for height, width in ((144, 288), (288, 576)):
+        label, inst = np.full((height, width), 26), np.full((height, width), 26000)
+        label[:, :2], inst[:, :2] = 7, 7  # road at the left edge
+        label[69:75, 141:147], inst[69:75, 141:147] = 24, 24000  # a person inside the car, beyond every reach
+        label[40:44, 10:14], inst[40:44, 10:14] = 24, 24001  # a person 9 pixels from the road
+        s = EditSession(tiny_model(), label, inst, seed=0)
+        pooled.clear()
+        assert s.remove_object(70, 142) == 7
+        far = sum(pooled)
+        pooled.clear()
+        assert s.remove_object(41, 11) == 7
+        work[height] = (far, sum(pooled))
+    assert work[144] == work[288]
+    # the six reaches pool the object's box grown by each (two 1-D pools of 2r+1 each); the last step pools nothing
+    assert work[144][0] == sum(2 * (6 + 2 * r) ** 2 * (2 * r + 1) for r in (2, 4, 8, 16, 32, 64))
+
+
 @pytest.mark.parametrize("edit", [
     lambda s: s.change_label(H, 0, 7), lambda s: s.change_label(0, -1, 7), lambda s: s.change_label(0, 0, 35),
     lambda s: s.paint([(0, 0), (0, W)], 7), lambda s: s.paint([], 7), lambda s: s.paint([(0, 0)], 7, width=0),

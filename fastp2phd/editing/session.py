@@ -330,10 +330,8 @@ class EditSession:
         mask = self.inst == inst_id
         is_stuff = torch.ones(self.label_nc, dtype=torch.bool, device=self.device)
         is_stuff[[c for c in THING_CLASSES if c < self.label_nc]] = False
-        grown = mask.float()[None, None]
-        for reach in (2, 4, 8, 16, 32, 64, max(self.height, self.width)):
-            grown = torch.nn.functional.max_pool2d(mask.float()[None, None], 2 * reach + 1, 1, reach)[0, 0] > 0
-            ring = self.label[grown & ~mask]
+        for reach in (2, 4, 8, 16, 32, 64, None):
+            ring = self._ring(mask, reach)
             ring = ring[is_stuff[ring]]
             if ring.numel():
                 break
@@ -342,6 +340,21 @@ class EditSession:
         stuff = int(torch.bincount(ring, minlength=self.label_nc).argmax())
         self._paint_mask(mask, stuff, stuff, self._instance_features(stuff, None))
         return stuff
+
+    def _ring(self, mask: torch.Tensor, reach: int | None) -> torch.Tensor:
+        """The labels of the pixels within ``reach`` (Chebyshev distance) of ``mask`` and not in it; None: of all
+        the pixels not in it (every pixel is within max(H, W) of any other).
+
+        Only those pixels can be that near, so the work is done on the mask's box grown by ``reach``, and the
+        square max-pool that grows the mask is two 1-D ones (the same maxima): its cost follows the object's
+        size and the reach, not the scene's."""
+        if reach is None:
+            return self.label[~mask]
+        y0, y1, x0, x1 = grow_box(self._box(mask), reach, self.height, self.width)
+        window = mask[y0:y1, x0:x1]
+        grown = torch.nn.functional.max_pool2d(window.float()[None, None], (2 * reach + 1, 1), 1, (reach, 0))
+        grown = torch.nn.functional.max_pool2d(grown, (1, 2 * reach + 1), 1, (0, reach))[0, 0] > 0
+        return self.label[y0:y1, x0:x1][grown & ~window]
 
     def style_options(self, y: int, x: int) -> torch.Tensor:
         """The (k, feat_num) style centres of the class of the instance under (y, x)."""
