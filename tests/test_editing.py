@@ -295,6 +295,36 @@ def test_history_is_bounded_and_revisions_stay_honest(session):
     assert session.unsaved  # not the scene as loaded: the two oldest edits are still in it
 
 
+def test_a_session_without_history_edits_and_keeps_unsaved_honest(session, tmp_path):
+    s = EditSession(session.model, *session.state()[:2], seed=0, history=0)
+    before = s.state()
+    s.paint([(5, 5)], 21, width=3)
+    assert not np.array_equal(s.state()[0], before[0]) and not s.undo_stack and not s.undo()
+    session.paint([(5, 5)], 21, width=3)
+    assert s.unsaved and same(snapshot(s), snapshot(session))  # the edit as with a history
+    assert_consistent(s)
+    s.save(tmp_path / "edits")
+    assert not s.unsaved
+    s.paint([(9, 9)], 23, width=3)
+    assert s.unsaved and not s.undo_stack
+
+
+def test_lowering_the_history_drops_the_oldest_edits_at_once(session):
+    for i in range(5):
+        session.paint([(i, 0)], 21 if i % 2 else 23, width=1)
+    session.undo()
+    session.history = 2
+    assert len(session.undo_stack) == 2 and len(session.redo_stack) == 1
+    session.history = 0
+    assert not session.undo_stack and not session.redo_stack and session.unsaved
+    for bad in (-1, 1.5, True, "3"):
+        with pytest.raises(ValueError, match="whole number of edits"):
+            session.history = bad
+        with pytest.raises(ValueError, match="whole number of edits"):
+            EditSession(session.model, *session.state()[:2], history=bad)
+    assert session.history == 0
+
+
 def test_remove_object_fills_it_with_the_surrounding_stuff(session):
     car, y, x = a_car(session)
     region = (session.inst == car).numpy()

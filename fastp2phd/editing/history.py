@@ -4,9 +4,12 @@ even after undoing past a save or dropping the oldest edits."""
 from __future__ import annotations
 
 import itertools
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import InvalidArgumentError
 
 __all__ = ["Change", "EditHistory"]
 
@@ -25,14 +28,35 @@ _revisions = itertools.count(1)
 
 
 class EditHistory:
-    """Undo and redo stacks of at most ``limit`` changes each (the oldest dropped first)."""
+    """Undo and redo stacks of at most ``limit`` changes each (the oldest dropped first); ``limit`` 0 keeps none."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
         self.undo_stack: list[Change] = []
         self.redo_stack: list[Change] = []
         self._base_revision = 0  # the state before the oldest change still in the history
         self.saved_revision = 0  # the scene as loaded counts as saved: nothing of the user's is in it
+        self.limit = limit
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    @limit.setter
+    def limit(self, limit: int) -> None:
+        """A new limit applies at once: the changes beyond it are dropped now, not at the next edit."""
+        if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0:
+            raise InvalidArgumentError(f"the history holds a whole number of edits, 0 or more, got {limit!r}")
+        self._limit = int(limit)
+        self._trim()
+
+    def _trim(self) -> None:
+        """Drop the oldest changes beyond the limit (the state before the oldest kept one becomes the base) and
+        the redos farthest from the current state beyond it."""
+        excess = len(self.undo_stack) - self._limit
+        if excess > 0:
+            self._base_revision = self.undo_stack[excess - 1].revision
+            del self.undo_stack[:excess]
+        del self.redo_stack[:max(0, len(self.redo_stack) - self._limit)]
 
     @property
     def revision(self) -> int:
@@ -50,11 +74,8 @@ class EditHistory:
     def record(self, box, before, after) -> None:
         """A new edit: push it (a fresh revision), drop the oldest beyond the limit, forget what was undone."""
         self.undo_stack.append(Change(box, before, after, next(_revisions)))
-        if len(self.undo_stack) > self.limit:
-            dropped = self.undo_stack[:-self.limit]
-            self._base_revision = dropped[-1].revision
-            del self.undo_stack[:-self.limit]
         self.redo_stack.clear()
+        self._trim()  # (with limit 0 the edit is the base at once: undo has nothing, "unsaved" stays honest)
 
     def undo(self) -> Change | None:
         """The change to revert (moved to the redo stack), or None."""

@@ -98,7 +98,7 @@ class EditSession:
     # ------------------------------------------------------------------ state
     @property
     def history(self) -> int:
-        """How many edits ``undo`` can revert at most."""
+        """How many edits ``undo`` can revert at most (0: none); lowering it drops the oldest edits at once."""
         return self.edits.limit
 
     @history.setter
