@@ -448,6 +448,34 @@ def test_bad_edits_raise_and_change_nothing(session, edit):
     assert same(snapshot(session), before) and not session.undo_stack
 
 
+def full_of_cars():
+    """A scene holding all 1000 instances class 26 (car) can have, one pixel each."""
+    label, inst, _ = render_scene(H, W, seed=4)
+    label.reshape(-1)[:1000] = 26
+    inst.reshape(-1)[:1000] = 26000 + np.arange(1000)
+    return label, inst
+
+
+@pytest.mark.parametrize("edit", [lambda s: s.paint([(H - 1, W - 1)], 26, 1), lambda s: s.change_label(H - 1, W - 1, 26),
+                                  lambda s: s.add_object(np.ones((2, 2), bool), H - 2, W - 2, 26)])
+def test_a_thousand_and_first_instance_of_a_class_is_refused_with_a_sentence(edit):
+    s = EditSession(tiny_model(), *full_of_cars(), seed=0)
+    before = snapshot(s)
+    with pytest.raises(ValueError, match="at most 1000 instances .*class 26 has them all"):
+        edit(s)
+    assert same(snapshot(s), before) and not s.undo_stack
+    s.paint([(H - 1, W - 1)], 24, 1)  # other classes still have room
+    assert s.instance_at(H - 1, W - 1) // 1000 == 24
+
+
+def test_the_api_refuses_a_thousand_and_first_instance_with_400():
+    app = EditorApp(tiny_model(), [Scene("cars", *full_of_cars())], [], trained_classes=[7, 11, 21, 23, 26])
+    before = snapshot(app.session)
+    status, result = call(app, "POST", "/api/edit", {"op": "paint", "points": [[H - 1, W - 1]], "label": 26, "width": 1})
+    assert status == 400 and result["error"].startswith("a class holds at most 1000 instances")
+    assert same(snapshot(app.session), before)
+
+
 def test_session_without_features():
     label, inst, _ = render_scene(H, W, seed=5)
     s = EditSession(tiny_model(features=False), label, inst)

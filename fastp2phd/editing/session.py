@@ -198,7 +198,10 @@ class EditSession:
         if label not in THING_CLASSES:
             return label
         used = {int(v) for v in torch.unique(self.inst) if label * 1000 <= int(v) < (label + 1) * 1000}
-        k = next(k for k in range(1000) if label * 1000 + k not in used)
+        k = next((k for k in range(1000) if label * 1000 + k not in used), None)
+        if k is None:  # (ids past class*1000+999 would read as another class)
+            raise InvalidArgumentError(f"a class holds at most 1000 instances (ids {label * 1000} to {label * 1000 + 999}) "
+                                       f"and class {label} has them all: remove or relabel one of its objects first")
         return label * 1000 + k
 
     def _instance_features(self, inst_id: int, style: int | None) -> torch.Tensor | None:
