@@ -194,7 +194,8 @@ def _edit(args: argparse.Namespace) -> int:
     opt = finish_options(args, is_train=False)
     model, run_folder = _load_run(opt)
     return main_edit(model, data_spec(opt, train=False, read_images=False), name=opt.name, run_folder=run_folder,
-                     host=opt.host, port=opt.port, max_scenes=opt.max_scenes, seed=opt.seed)
+                     host=opt.host, port=opt.port, max_scenes=opt.max_scenes, seed=opt.seed,
+                     which_epoch=opt.which_epoch)
 
 
 # One function per subcommand (a new command is a function here and its parser in fastp2phd.options).

@@ -801,6 +801,34 @@ def test_edit_command_loads_a_trained_run_and_its_saves_feed_fastp2phd_test(tmp_
     assert np.array_equal(np.array(Image.open(generated)), app.session.image())
 
 
+def test_the_command_the_editor_shows_regenerates_with_its_checkpoint_precision_and_device(tmp_path, monkeypatch):
+    """The `fastp2phd test` command shown after a save names the editor's checkpoint, precision (test defaults
+    to fp32, edit to auto) and device, so it regenerates the editor's images, and is quoted for a shell."""
+    import shlex
+
+    from fastp2phd.cli import parse
+    from fastp2phd.editing import server
+    from fastp2phd.errors import InvalidArgumentError
+
+    shown = []
+
+    def load_editor(*args, test_command, **kwargs):
+        shown.append(test_command)
+        raise InvalidArgumentError("enough")
+
+    monkeypatch.setattr(server, "load_editor", load_editor)
+    model = tiny_model()
+    model.precision = "bf16"
+    run = tmp_path / "my runs" / "it's"
+    assert server.main_edit(model, None, name="it's", run_folder=run, host="127.0.0.1", port=0, max_scenes=1,
+                            seed=0, which_epoch="7") == 1
+    argv = shlex.split(shown[0])
+    assert argv[1:4] == ["-m", "fastp2phd", "test"]
+    opt = parse(argv[3:])
+    assert (opt.name, opt.checkpoints_dir, opt.which_epoch, opt.dataroot, opt.resize_or_crop, opt.precision,
+            opt.device) == ("it's", str(tmp_path / "my runs"), "7", str(run / "edits"), "none", "bf16", "cpu")
+
+
 def test_concurrent_requests_queue_instead_of_interleaving(app):
     """Many clicks at once: every request is answered, and the history counts every edit once."""
     import threading

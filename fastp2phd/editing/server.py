@@ -27,6 +27,7 @@ import json
 import queue
 import re
 import selectors
+import shlex
 import socket
 import sys
 import threading
@@ -350,13 +351,17 @@ def serve(app: EditorApp, host: str = "127.0.0.1", port: int = 8765) -> EditorSe
 
 
 def main_edit(model, data: DataSpec, *, name: str, run_folder: Path, host: str, port: int, max_scenes: int,
-              seed: int) -> int:
+              seed: int, which_epoch: str = "latest") -> int:
     """``fastp2phd edit``: serve the editor until Ctrl+C; "save" writes into ``run_folder/edits``."""
     from ..train_state import trained_classes
 
     save_dir = run_folder / "edits"
-    command = (f"{Path(sys.executable).name} -m fastp2phd test --name {name} --checkpoints_dir {run_folder.parent} "
-               f"--dataroot {save_dir} --resize_or_crop none")
+    # The command that regenerates the saved scenes: the checkpoint, precision and device the editor generated
+    # with (`test` defaults to fp32 where `edit` picks auto), so it gives the editor's images; quoted for a shell.
+    device = next(model.parameters()).device
+    command = shlex.join([Path(sys.executable).name, "-m", "fastp2phd", "test", "--name", name, "--checkpoints_dir",
+                          str(run_folder.parent), "--which_epoch", str(which_epoch), "--dataroot", str(save_dir),
+                          "--resize_or_crop", "none", "--precision", model.precision, "--device", str(device)])
     try:
         app = load_editor(model, data, max_scenes=max_scenes, seed=seed, trained_classes=trained_classes(run_folder),
                           save_dir=save_dir, test_command=command)
@@ -372,7 +377,6 @@ def main_edit(model, data: DataSpec, *, name: str, run_folder: Path, host: str, 
               file=sys.stderr)
         return 1
     bound_host, bound_port = server.server_address[:2]
-    device = next(model.parameters()).device
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"editing {len(app.scenes)} scenes of {name} on {device} in {model.precision}: open http://{shown}:{bound_port}/ "
           f"(Ctrl+C to stop); saved scenes go to {save_dir}")
