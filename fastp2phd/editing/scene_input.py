@@ -4,11 +4,15 @@ channels in that order (the boundary map only without ``no_instance``, features 
 the model uses them)."""
 from __future__ import annotations
 
+from typing import Any, Mapping
+
+import numpy as np
 import torch
 
 from .. import ops
+from ..errors import InvalidArgumentError
 
-__all__ = ["feature_channel", "new_input", "refresh_input"]
+__all__ = ["checked_vectors", "feature_channel", "new_input", "refresh_input"]
 
 
 def feature_channel(spec) -> int:
@@ -46,3 +50,17 @@ def refresh_input(input: torch.Tensor, spec, box, label: torch.Tensor, inst: tor
         channel += 1
     if feat is not None:
         input[0, channel:, y0:y1, x0:x1] = feat[:, y0:y1, x0:x1]
+
+
+def checked_vectors(vectors: Mapping[int, Any], feat_num: int, device) -> dict[int, torch.Tensor]:
+    """{instance id: feature vector} as {int: (feat_num,) float32 tensor on ``device``}, or a sentence saying what
+    is wrong (the vectors a saved scene starts from)."""
+    checked = {}
+    for key, vector in vectors.items():
+        vector = torch.as_tensor(np.asarray(vector, dtype=np.float32) if not isinstance(vector, torch.Tensor)
+                                 else vector).to(device, torch.float32)
+        if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or vector.shape != (feat_num,):
+            raise InvalidArgumentError(f"feature vectors must map instance ids to ({feat_num},) vectors, "
+                                       f"got {key!r}: {tuple(vector.shape)}")
+        checked[int(key)] = vector
+    return checked

@@ -25,7 +25,6 @@ import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
-from .. import ops
 from ..data import THING_CLASSES, colorize_labels
 from ..features import class_of, feature_map_from_vectors
 from ..models.generator import local_radius
@@ -33,9 +32,10 @@ from ..visualize import tensor_to_image
 from .history import Change, EditHistory
 from .regeneration import regenerate
 from .scene_files import save_scene
-from .scene_input import feature_channel, new_input, refresh_input
+from .scene_input import checked_vectors, new_input, refresh_input
 from .strokes import MAX_BRUSH_WIDTH, MAX_STROKE_POINTS, MAX_STROKE_WORK, stroke_region
-from .styles import class_styles, grow_box, preview_boxes, styled_crops
+from .regions import surrounding_stuff, thing_objects
+from .styles import class_styles, grow_box, outlines, preview_images
 
 __all__ = ["EditSession", "MAX_BRUSH_WIDTH", "MAX_STROKE_POINTS", "MAX_STROKE_WORK"]
 
@@ -76,7 +76,7 @@ class EditSession:
         if vectors is not None and not self.use_features:
             raise InvalidArgumentError("this model has no instance features, so no feature vectors to start from")
         if self.use_features:
-            vectors = self._check_vectors(vectors or {})
+            vectors = checked_vectors(vectors or {}, self.spec.feat_num, self.device)
             if image is not None:
                 image = torch.as_tensor(np.asarray(image)).to(self.device, torch.float32)
                 with torch.no_grad():
@@ -135,18 +135,6 @@ class EditSession:
         if self._changed is not None:
             changed = tuple(f(a, b) for f, a, b in zip((min, max, min, max), self._changed, changed))
         self._changed = changed
-
-    def _check_vectors(self, vectors: Mapping[int, Any]) -> dict[int, torch.Tensor]:
-        """``vectors`` as {int id: (feat_num,) float32 tensor on the device}, or a sentence saying what is wrong."""
-        checked = {}
-        for key, vector in vectors.items():
-            vector = torch.as_tensor(np.asarray(vector, dtype=np.float32) if not isinstance(vector, torch.Tensor)
-                                     else vector).to(self.device, torch.float32)
-            if isinstance(key, bool) or not isinstance(key, (int, np.integer)) or vector.shape != (self.spec.feat_num,):
-                raise InvalidArgumentError(f"feature vectors must map instance ids to ({self.spec.feat_num},) vectors, "
-                                           f"got {key!r}: {tuple(vector.shape)}")
-            checked[int(key)] = vector
-        return checked
 
     def _sample_features(self, inst: torch.Tensor, choices: Mapping[int, int] | None = None) -> torch.Tensor:
         from ..features import sample_feature_map
@@ -331,33 +319,9 @@ class EditSession:
             raise InvalidArgumentError(f"({y}, {x}) is not on an object but on a region of class {cls}; only objects (cars, "
                              "persons, ...) can be removed")
         mask = self.inst == inst_id
-        is_stuff = torch.ones(self.label_nc, dtype=torch.bool, device=self.device)
-        is_stuff[[c for c in THING_CLASSES if c < self.label_nc]] = False
-        for reach in (2, 4, 8, 16, 32, 64, None):
-            ring = self._ring(mask, reach)
-            ring = ring[is_stuff[ring]]
-            if ring.numel():
-                break
-        else:
-            raise InvalidArgumentError("the scene holds no stuff class (road, building, ...) to fill the object with")
-        stuff = int(torch.bincount(ring, minlength=self.label_nc).argmax())
+        stuff = surrounding_stuff(self.label, mask, self._box(mask), self.label_nc)
         self._paint_mask(mask, stuff, stuff, self._instance_features(stuff, None))
         return stuff
-
-    def _ring(self, mask: torch.Tensor, reach: int | None) -> torch.Tensor:
-        """The labels of the pixels within ``reach`` (Chebyshev distance) of ``mask`` and not in it; None: of all
-        the pixels not in it (every pixel is within max(H, W) of any other).
-
-        Only those pixels can be that near, so the work is done on the mask's box grown by ``reach``, and the
-        square max-pool that grows the mask is two 1-D ones (the same maxima): its cost follows the object's
-        size and the reach, not the scene's."""
-        if reach is None:
-            return self.label[~mask]
-        y0, y1, x0, x1 = grow_box(self._box(mask), reach, self.height, self.width)
-        window = mask[y0:y1, x0:x1]
-        grown = torch.nn.functional.max_pool2d(window.float()[None, None], (2 * reach + 1, 1), 1, (reach, 0))
-        grown = torch.nn.functional.max_pool2d(grown, (1, 2 * reach + 1), 1, (0, reach))[0, 0] > 0
-        return self.label[y0:y1, x0:x1][grown & ~window]
 
     def style_options(self, y: int, x: int) -> torch.Tensor:
         """The (k, feat_num) style centres of the class of the instance under (y, x)."""
@@ -396,16 +360,8 @@ class EditSession:
         """
         styles = self.style_options(y, x)
         inst_id = int(self.inst[y, x])
-        view, crop = preview_boxes(self._box(self.inst == inst_id), margin, self.spec.size_multiple,
-                                   self.height, self.width)
-        cy0, cy1, cx0, cx1 = crop
-        where = self.inst[cy0:cy1, cx0:cx1] == inst_id
-        batch = styled_crops(self.input, crop, feature_channel(self.spec), where, styles)
-        with torch.inference_mode():
-            with self.model.precision_scope(batch.device):
-                images = self.model.netG(batch).float()
-        vy0, vy1, vx0, vx1 = view
-        return [tensor_to_image(img[:, vy0 - cy0:vy1 - cy0, vx0 - cx0:vx1 - cx0]) for img in images]
+        return preview_images(self.model, self.input, self.inst, inst_id, self._box(self.inst == inst_id), styles,
+                              margin)
 
     # ------------------------------------------------------------------ history
     def undo(self) -> bool:
@@ -466,14 +422,8 @@ class EditSession:
         return colorize_labels(self.label[y0:y1, x0:x1].cpu().numpy(), self.label_nc)
 
     def instance_outlines(self, box=None) -> np.ndarray:
-        """(H, W, 4) uint8, or its part in ``box``: opaque where the boundary map marks an instance edge, transparent
-        elsewhere (a pixel's edge depends on its neighbours, so the map is computed a pixel beyond the box)."""
-        y0, y1, x0, x1 = box or (0, self.height, 0, self.width)
-        gy0, gy1, gx0, gx1 = grow_box((y0, y1, x0, x1), 1, self.height, self.width)
-        edges = ops.boundary_map(self.inst[None, None, gy0:gy1, gx0:gx1])[0, 0, y0 - gy0:y1 - gy0, x0 - gx0:x1 - gx0]
-        rgba = np.zeros((y1 - y0, x1 - x0, 4), np.uint8)
-        rgba[edges.cpu().numpy() > 0] = (255, 255, 255, 255)
-        return rgba
+        """(H, W, 4) uint8, or its part in ``box``: opaque on the instances' edges (``styles.outlines``)."""
+        return outlines(self.inst, box or (0, self.height, 0, self.width))
 
     def save(self, folder: str | os.PathLike, name: str = "scene", phase: str = "test") -> Path:
         """Write the scene as a dataset that ``fastp2phd test --dataroot folder`` reads; returns the folder.
@@ -497,8 +447,4 @@ class EditSession:
 
     def objects(self) -> Iterable[tuple[int, np.ndarray]]:
         """(instance id, mask cropped to its box) of every thing instance in the scene."""
-        for value in torch.unique(self.inst).tolist():
-            if class_of(int(value)) in THING_CLASSES:
-                mask = self.inst == value
-                y0, y1, x0, x1 = self._box(mask)
-                yield int(value), mask[y0:y1, x0:x1].cpu().numpy()
+        return thing_objects(self.inst)

@@ -7,9 +7,12 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .. import ops
 from ..errors import InvalidArgumentError
+from ..visualize import tensor_to_image
+from .scene_input import feature_channel
 
-__all__ = ["class_styles", "grow_box", "preview_boxes", "styled_crops"]
+__all__ = ["class_styles", "grow_box", "outlines", "preview_boxes", "preview_images", "styled_crops"]
 
 
 def class_styles(clusters: Mapping[int, Any] | None, label: int) -> torch.Tensor:
@@ -58,3 +61,27 @@ def _align(box, multiple: int, height: int, width: int) -> tuple[int, int, int, 
     y0, y1 = side(box[0], box[1], height)
     x0, x1 = side(box[2], box[3], width)
     return y0, y1, x0, x1
+
+
+def preview_images(model, input: torch.Tensor, inst: torch.Tensor, inst_id: int, box, styles: torch.Tensor,
+                   margin: int) -> list[np.ndarray]:
+    """Instance ``inst_id`` (its bounding box ``box``) with ``margin`` pixels around it, in each of ``styles``:
+    one batch through the generator on a crop of ``input`` (``preview_boxes``, ``styled_crops``)."""
+    view, crop = preview_boxes(box, margin, model.spec.size_multiple, *inst.shape)
+    cy0, cy1, cx0, cx1 = crop
+    batch = styled_crops(input, crop, feature_channel(model.spec), inst[cy0:cy1, cx0:cx1] == inst_id, styles)
+    with torch.inference_mode(), model.precision_scope(batch.device):
+        images = model.netG(batch).float()
+    vy0, vy1, vx0, vx1 = view
+    return [tensor_to_image(img[:, vy0 - cy0:vy1 - cy0, vx0 - cx0:vx1 - cx0]) for img in images]
+
+
+def outlines(inst: torch.Tensor, box) -> np.ndarray:
+    """(h, w, 4) uint8 over ``box`` of the (H, W) instance map: opaque where the boundary map marks an instance
+    edge, transparent elsewhere (a pixel's edge depends on its neighbours: the map is computed a pixel beyond)."""
+    y0, y1, x0, x1 = box
+    gy0, gy1, gx0, gx1 = grow_box(box, 1, *inst.shape)
+    edges = ops.boundary_map(inst[None, None, gy0:gy1, gx0:gx1])[0, 0, y0 - gy0:y1 - gy0, x0 - gx0:x1 - gx0]
+    rgba = np.zeros((y1 - y0, x1 - x0, 4), np.uint8)
+    rgba[edges.cpu().numpy() > 0] = (255, 255, 255, 255)
+    return rgba
