@@ -31,10 +31,10 @@ from ..models.generator import local_radius
 from ..visualize import tensor_to_image
 from .history import Change, EditHistory
 from .regeneration import regenerate
+from .regions import surrounding_stuff, thing_objects
 from .scene_files import save_scene
 from .scene_input import checked_vectors, new_input, refresh_input
 from .strokes import MAX_BRUSH_WIDTH, MAX_STROKE_POINTS, MAX_STROKE_WORK, stroke_region
-from .regions import surrounding_stuff, thing_objects
 from .styles import class_styles, grow_box, outlines, preview_images
 
 __all__ = ["EditSession", "MAX_BRUSH_WIDTH", "MAX_STROKE_POINTS", "MAX_STROKE_WORK"]
