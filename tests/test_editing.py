@@ -143,6 +143,11 @@ def test_add_object_places_a_new_instance_with_a_style(session):
     assert np.array_equal(inst[~placed], before_inst[~placed])
     assert np.allclose(feat[:, placed], session.model.clusters[26][2].numpy()[:, None])
     assert_consistent(session)
+    outside = np.zeros((6, 10), bool)
+    outside[5, 9] = True  # clipped away whole: refused, not an id that is nowhere in the scene
+    with pytest.raises(ValueError, match=f"none of the object lies in the scene with its corner at \\({H - 4}, {W - 6}\\)"):
+        session.add_object(outside, H - 4, W - 6, 26)
+    assert all(np.array_equal(a, b) for a, b in zip(session.state()[:2], (label, inst)))
 
 
 def assert_one_vector_per_instance(s: EditSession) -> None:

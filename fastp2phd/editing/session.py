@@ -301,11 +301,11 @@ class EditSession:
         full = torch.zeros(self.height, self.width, dtype=torch.bool, device=self.device)
         h, w = min(mask.shape[0], self.height - y), min(mask.shape[1], self.width - x)
         full[y:y + h, x:x + w] = mask[:h, :w]
-        restyle = None
-        if style is not None:
-            existing = self.inst == inst_id  # (none for a thing: its id is new)
-            if existing.any() and not torch.equal(self._instance_features(inst_id, None), vector):
-                restyle = existing  # the stuff instance takes the style everywhere: one instance, one vector
+        if not full.any():
+            raise InvalidArgumentError(f"none of the object lies in the scene with its corner at ({y}, {x})")
+        existing = self.inst == inst_id  # a stuff instance given a style takes it everywhere: one instance, one vector
+        restyle = existing if (style is not None and existing.any()
+                               and not torch.equal(self._instance_features(inst_id, None), vector)) else None
         self._paint_mask(full, label, inst_id, vector, restyle)
         return inst_id
 
