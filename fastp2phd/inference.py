@@ -231,13 +231,15 @@ def _generate_with_saved_features(model: Pix2PixHD, label, inst, path: Path, gen
         vectors = load_instance_vectors(path, spec.feat_num)
     except ClustersFileError as exc:
         raise InferenceError(str(exc)) from None
-    regions = label if spec.label_feat else inst
+    # The editor saves a vector per instance, --label_feat or not (without instance maps, per label region); what it
+    # did not name is sampled as the model does.
+    regions = label if spec.no_instance else inst
     missing = sorted(set(torch.unique(regions).tolist()) - set(vectors))
     if missing and model.clusters is None:
         raise InferenceError(f"{path} has no features for instances {missing[:5]} and the run has no clusters to "
                              "sample them from; run `fastp2phd encode-features` first")
-    base = (sample_feature_map(regions, model.clusters, spec.feat_num, generator=generator) if missing
-            else torch.zeros(label.shape[0], spec.feat_num, *label.shape[-2:], device=label.device))
+    base = (sample_feature_map(label if spec.label_feat else inst, model.clusters, spec.feat_num, generator=generator)
+            if missing else torch.zeros(label.shape[0], spec.feat_num, *label.shape[-2:], device=label.device))
     feat = feature_map_from_vectors(regions, vectors, base)
     return model.generate(label, None if spec.no_instance else inst, feat=feat)[0]
 

@@ -490,14 +490,21 @@ def test_session_without_features():
         s.style_options(0, 0)
 
 
-def test_saved_scene_regenerates_through_run_test(session, tmp_path):
+@pytest.mark.parametrize("features", ["instance_feat", "label_feat"])
+def test_saved_scene_regenerates_through_run_test(features, session, tmp_path):
     """Save writes a dataset folder; run_test (what `fastp2phd test` calls) reads the saved ids and the saved
-    instance features, and generates exactly the editor's image."""
+    instance features, and generates exactly the editor's image (with --label_feat too: the editor keeps a
+    vector per instance, which test reads per instance)."""
+    import dataclasses
+
     from PIL import Image
 
     from fastp2phd.inference import run_test
     from fastp2phd.specs import DataSpec
 
+    if features == "label_feat":
+        session.model.spec = dataclasses.replace(session.spec, instance_feat=False, label_feat=True)
+        session = EditSession(session.model, *session.state()[:2], seed=0)
     car, y, x = a_car(session)
     session.set_style(y, x, 1)
     session.paint([(3, 3), (3, 20)], 21, width=3)
