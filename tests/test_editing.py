@@ -900,3 +900,20 @@ def test_a_local_generator_regenerates_only_what_an_edit_reaches_and_matches_a_f
     s.paint([(20, 30), (24, 60)], 7, 6)
     s.image()
     assert sizes[0][0] * sizes[0][1] < 128 * 256 / 2  # a short stroke: a crop of under half the image
+
+
+def test_features_encoded_from_a_picture_or_a_tensor_are_the_encoders():
+    # The picture image() returns, or the loader's (3, H, W) tensor in [-1, 1], the same photo either way.
+    model = tiny_model()
+    label, inst, _ = render_scene(H, W, seed=4)
+    picture = np.random.default_rng(0).integers(0, 256, (H, W, 3), dtype=np.uint8)
+    photo = (torch.from_numpy(picture).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        expected = model.encode_features(photo[None], torch.as_tensor(inst)[None, None].long(),
+                                         torch.as_tensor(label)[None, None].long())[0]
+    for image in (picture, photo):
+        feat = EditSession(model, label, inst, image=image).state()[2]
+        assert np.array_equal(feat, expected.numpy())
+    for bad in (picture.transpose(2, 0, 1), picture.astype(np.float32), photo[:, :-1]):
+        with pytest.raises(ValueError, match=f"the image to encode must be a \\({H}, {W}, 3\\) uint8 picture"):
+            EditSession(model, label, inst, image=bad)

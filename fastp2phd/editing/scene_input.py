@@ -12,7 +12,7 @@ import torch
 from .. import ops
 from ..errors import InvalidArgumentError
 
-__all__ = ["checked_vectors", "feature_channel", "new_input", "refresh_input"]
+__all__ = ["checked_vectors", "encoder_image", "feature_channel", "new_input", "refresh_input"]
 
 
 def feature_channel(spec) -> int:
@@ -64,3 +64,16 @@ def checked_vectors(vectors: Mapping[int, Any], feat_num: int, device) -> dict[i
                                        f"got {key!r}: {tuple(vector.shape)}")
         checked[int(key)] = vector
     return checked
+
+
+def encoder_image(image, height: int, width: int, device) -> torch.Tensor:
+    """The photo a session encodes its features from, as the (3, H, W) float32 in [-1, 1] the encoder takes: an
+    (H, W, 3) uint8 picture (what ``EditSession.image`` returns, or a decoded file) is scaled as the data loader
+    scales photos; a (3, H, W) floating-point tensor is taken as it is; anything else is refused in a sentence."""
+    array = image if isinstance(image, torch.Tensor) else torch.as_tensor(np.asarray(image))
+    if array.dtype == torch.uint8 and tuple(array.shape) == (height, width, 3):
+        return (array.permute(2, 0, 1).to(device, torch.float32) / 255 - 0.5) / 0.5
+    if array.is_floating_point() and tuple(array.shape) == (3, height, width):
+        return array.to(device, torch.float32)
+    raise InvalidArgumentError(f"the image to encode must be a ({height}, {width}, 3) uint8 picture or a (3, {height}, "
+                               f"{width}) float tensor in [-1, 1], got {tuple(array.shape)} {array.dtype}")

@@ -33,7 +33,7 @@ from .history import Change, EditHistory
 from .regeneration import regenerate
 from .regions import surrounding_stuff, thing_objects
 from .scene_files import save_scene
-from .scene_input import checked_vectors, new_input, refresh_input
+from .scene_input import checked_vectors, encoder_image, new_input, refresh_input
 from .strokes import MAX_BRUSH_WIDTH, MAX_STROKE_POINTS, MAX_STROKE_WORK, stroke_region
 from .styles import class_styles, grow_box, outlines, preview_images
 
@@ -46,11 +46,11 @@ class EditSession:
     ``model`` is a ``fastp2phd.pix2pixhd.Pix2PixHD`` (with ``clusters`` when it uses
     instance features). ``label`` and ``inst`` are (H, W) integer arrays or tensors
     (Cityscapes convention: thing instances have ids class*1000+k, stuff pixels their
-    class id). Features come from ``image`` (encoded) when given, else from the
-    clusters, sampled with ``seed``; ``vectors`` ({instance id: (feat_num,) vector}, such as
-    a saved scene's ``<phase>_features/<name>.npz`` through ``features.load_instance_vectors``)
-    gives the instances it names their vector instead, so a saved scene reopens with the
-    styles it was saved with (the clusters are then needed only for instances it does not name).
+    class id). Features come from ``image`` (encoded: an (H, W, 3) uint8 picture, as ``image()`` returns, or a
+    (3, H, W) float tensor in [-1, 1]) when given, else from the clusters, sampled with ``seed``; ``vectors``
+    ({instance id: (feat_num,) vector}, such as a saved scene's ``<phase>_features/<name>.npz`` through
+    ``features.load_instance_vectors``) gives the instances it names their vector instead, so a saved scene
+    reopens with the styles it was saved with (the clusters are then needed only for instances it does not name).
     """
 
     def __init__(self, model, label, inst, *, image=None, seed: int = 0, history: int = 100,
@@ -78,7 +78,7 @@ class EditSession:
         if self.use_features:
             vectors = checked_vectors(vectors or {}, self.spec.feat_num, self.device)
             if image is not None:
-                image = torch.as_tensor(np.asarray(image)).to(self.device, torch.float32)
+                image = encoder_image(image, self.height, self.width, self.device)
                 with torch.no_grad():
                     feat = self.model.encode_features(image[None], inst[None, None], label[None, None])[0]
             elif set(torch.unique(inst).tolist()) - set(vectors):
