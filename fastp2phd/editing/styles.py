@@ -1,5 +1,6 @@
 """Styles of an edited scene's instances: a class's styles are its feature cluster centres, and a
-style preview renders one instance in every style of its class on a crop of the scene around it."""
+style preview renders one instance in every style of its class on a crop of the scene around it;
+and the outlines of the instances, which the page draws over the image."""
 from __future__ import annotations
 
 from typing import Any, Mapping
