@@ -130,10 +130,11 @@ def start_from(trainer: Trainer, folder: Path) -> None:
     for key in ("D", "E"):
         path = folder / f"{label}_net_{key}.pth"
         if key in nets and path.is_file():
+            state = read_state_dict(path)
             try:
-                nets[key].load_state_dict(read_state_dict(path))
+                nets[key].load_state_dict(state)
             except CheckpointMismatchError:  # e.g. another --num_D: what fits is loaded, as in the original
-                loaded, fresh = load_matching(nets[key], read_state_dict(path))
+                loaded, fresh = load_matching(nets[key], state)
                 trainer.say(f"{path.name} does not fit this run's {key}: " + (
                     f"loaded the {loaded} tensors that fit; {', '.join(fresh)} start afresh" if loaded else
                     f"none of its tensors fit, so {key} starts afresh"))

@@ -11,15 +11,23 @@ from ..errors import InvalidArgumentError
 from ..features import class_of
 from .styles import grow_box
 
-__all__ = ["surrounding_stuff", "thing_objects"]
+__all__ = ["mask_box", "surrounding_stuff", "thing_objects"]
+
+
+def mask_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) of the pixels ``mask`` holds, or None when it holds none."""
+    ys = torch.nonzero(mask.any(dim=1))
+    xs = torch.nonzero(mask.any(dim=0))
+    if ys.numel() == 0:
+        return None
+    return int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
 
 
 def thing_objects(inst: torch.Tensor) -> Iterator[tuple[int, np.ndarray]]:
     """(instance id, mask cropped to its box) of every thing instance of the (H, W) instance map ``inst``."""
     for value in torch.unique(inst).tolist():
         if class_of(int(value)) in THING_CLASSES:
-            ys, xs = torch.nonzero(inst == value, as_tuple=True)
-            y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+            y0, y1, x0, x1 = mask_box(inst == value)
             yield int(value), (inst[y0:y1, x0:x1] == value).cpu().numpy()
 
 

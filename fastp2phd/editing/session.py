@@ -31,7 +31,7 @@ from ..models.generator import local_radius
 from ..visualize import tensor_to_image
 from .history import Change, EditHistory
 from .regeneration import regenerate
-from .regions import surrounding_stuff, thing_objects
+from .regions import mask_box, surrounding_stuff, thing_objects
 from .scene_files import save_scene
 from .scene_input import checked_vectors, encoder_image, new_input, refresh_input
 from .strokes import MAX_BRUSH_WIDTH, MAX_STROKE_POINTS, MAX_STROKE_WORK, stroke_region
@@ -211,13 +211,7 @@ class EditSession:
         probe = torch.full((1, 1), inst_id, dtype=torch.int32, device=self.device)
         return self._sample_features(probe)[:, 0, 0]
 
-    @staticmethod
-    def _box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
-        ys = torch.nonzero(mask.any(dim=1))
-        xs = torch.nonzero(mask.any(dim=0))
-        if ys.numel() == 0:
-            return None
-        return int(ys[0]), int(ys[-1]) + 1, int(xs[0]), int(xs[-1]) + 1
+    _box = staticmethod(mask_box)
 
     def _paint_mask(self, mask: torch.Tensor, label: int, inst_id: int, vector: torch.Tensor | None,
                     restyle: torch.Tensor | None = None) -> None:
