@@ -521,6 +521,35 @@ def test_saved_scene_regenerates_through_run_test(features, session, tmp_path):
     assert np.array_equal(generated, session.image())
 
 
+@pytest.mark.parametrize("features", ["instance_feat", "label_feat"])
+def test_an_unedited_scene_shows_what_fastp2phd_test_generates(features, tmp_path):
+    """A session samples its features as `fastp2phd test` does, so its image of an unedited scene is test's; with
+    --label_feat that is one centre per label region, as the model was trained (every car shares one)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from fastp2phd.inference import run_test
+    from fastp2phd.specs import DataSpec
+
+    model = tiny_model()
+    model.spec = dataclasses.replace(model.spec, instance_feat=features == "instance_feat",
+                                     label_feat=features == "label_feat")
+    label, inst, _ = render_scene(H, W, seed=4)
+    for folder, array in (("test_label", label.astype(np.uint8)), ("test_inst", inst.astype(np.uint16))):
+        (tmp_path / "data" / folder).mkdir(parents=True)
+        Image.fromarray(array).save(tmp_path / "data" / folder / "scene.png")
+    data = DataSpec.for_model(model.spec, dataroot=str(tmp_path / "data"), phase="test", resize_or_crop="none",
+                              train=False, read_images=False)
+    page = run_test(model, data, tmp_path / "web", progress=False, seed=0)
+    session = EditSession(model, label, inst, seed=0)
+    assert np.array_equal(np.array(Image.open(page.parent / "images" / "scene_synthesized_image.png")), session.image())
+    feat = session.state()[2]
+    cars = [v for v in np.unique(inst) if v // 1000 == 26]
+    vectors = {tuple(feat[:, inst == car][:, 0]) for car in cars}
+    assert len(cars) == 2 and len(vectors) == (1 if features == "label_feat" else 2)
+
+
 def test_a_session_starts_from_given_instance_vectors(session):
     """vectors={id: vector} fixes those instances' features; the others are sampled as without it, and with
     every instance named the clusters are not needed."""

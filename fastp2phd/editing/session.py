@@ -47,7 +47,8 @@ class EditSession:
     instance features). ``label`` and ``inst`` are (H, W) integer arrays or tensors
     (Cityscapes convention: thing instances have ids class*1000+k, stuff pixels their
     class id). Features come from ``image`` (encoded: an (H, W, 3) uint8 picture, as ``image()`` returns, or a
-    (3, H, W) float tensor in [-1, 1]) when given, else from the clusters, sampled with ``seed``; ``vectors``
+    (3, H, W) float tensor in [-1, 1]) when given, else from the clusters, sampled with ``seed`` as ``fastp2phd test``
+    samples them (a centre per instance; per label region with --label_feat, as the model was trained); ``vectors``
     ({instance id: (feat_num,) vector}, such as a saved scene's ``<phase>_features/<name>.npz`` through
     ``features.load_instance_vectors``) gives the instances it names their vector instead, so a saved scene
     reopens with the styles it was saved with (the clusters are then needed only for instances it does not name).
@@ -82,7 +83,7 @@ class EditSession:
                 with torch.no_grad():
                     feat = self.model.encode_features(image[None], inst[None, None], label[None, None])[0]
             elif set(torch.unique(inst).tolist()) - set(vectors):
-                feat = self._sample_features(inst)
+                feat = self._sample_features(label if self.spec.label_feat else inst)
             else:  # every instance has its vector: nothing to sample (as `fastp2phd test` does)
                 feat = torch.zeros(self.spec.feat_num, *inst.shape, device=self.device)
             if vectors:
@@ -136,15 +137,15 @@ class EditSession:
             changed = tuple(f(a, b) for f, a, b in zip((min, max, min, max), self._changed, changed))
         self._changed = changed
 
-    def _sample_features(self, inst: torch.Tensor, choices: Mapping[int, int] | None = None) -> torch.Tensor:
+    def _sample_features(self, regions: torch.Tensor) -> torch.Tensor:
+        """(F, H, W): a cluster centre of its class for each region (an id of the (H, W) ``regions``), drawn in turn."""
         from ..features import sample_feature_map
 
         clusters = self.model.clusters
         if clusters is None:
             raise InvalidArgumentError("this model uses instance features: give the session an image to encode, or load "
                              "clusters into model.clusters")
-        return sample_feature_map(inst[None, None], clusters, self.spec.feat_num, generator=self.generator,
-                                  choices=choices)[0]
+        return sample_feature_map(regions[None, None], clusters, self.spec.feat_num, generator=self.generator)[0]
 
     def _apply(self, box, label_patch, inst_patch, feat_patch) -> None:
         """Replace the maps inside ``box``, remember the change, and refresh the input there."""
