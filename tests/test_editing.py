@@ -290,10 +290,31 @@ def test_unsaved_follows_the_state_not_the_history(session, tmp_path):
     assert session.unsaved
 
 
+@pytest.mark.parametrize("edit", [
+    lambda s, y, x: s.set_style(y, x, s.style_of(y, x)),  # the car's own style
+    lambda s, y, x: s.paint([(1, 1), (1, 40)], 23, width=3),  # sky on sky
+    lambda s, y, x: s.add_object(np.ones((3, 5), bool), 0, 0, 23),  # sky pasted on sky
+    lambda s, y, x: s.add_object(np.ones((3, 5), bool), 0, 0, 23, style=s.style_of(0, 0)),  # ... in its own style
+    lambda s, y, x: s.change_label(y, x, 26),  # a car stays a car
+])
+def test_an_edit_that_changes_no_pixel_is_no_edit(session, edit):
+    """No step to undo, the redo history kept, nothing regenerated, and the scene no less saved."""
+    session.paint([(20, 5), (20, 50)], 21, width=3)
+    session.undo()
+    car, y, x = a_car(session)
+    before = snapshot(session)
+    passes = []
+    session.model.netG.register_forward_pre_hook(lambda module, args: passes.append(1))
+    edit(session, y, x)
+    assert session.changed_box is None and session.regenerate() is None and not passes
+    assert not session.undo_stack and len(session.redo_stack) == 1 and not session.unsaved
+    assert same(snapshot(session), before)
+
+
 def test_history_is_bounded_and_revisions_stay_honest(session):
     session.history = 3
     for i in range(5):
-        session.paint([(i, 0)], 21 if i % 2 else 23, width=1)
+        session.paint([(i, 0)], 21 if i % 2 else 7, width=1)
     assert len(session.undo_stack) == 3
     while session.undo():
         pass
@@ -316,7 +337,7 @@ def test_a_session_without_history_edits_and_keeps_unsaved_honest(session, tmp_p
 
 def test_lowering_the_history_drops_the_oldest_edits_at_once(session):
     for i in range(5):
-        session.paint([(i, 0)], 21 if i % 2 else 23, width=1)
+        session.paint([(i, 0)], 21 if i % 2 else 7, width=1)
     session.undo()
     session.history = 2
     assert len(session.undo_stack) == 2 and len(session.redo_stack) == 1
@@ -723,13 +744,24 @@ def test_each_scene_keeps_its_history(app):
     edited = snapshot(app.session)
     status, info = call(app, "POST", "/api/scene", {"index": 1})
     assert info["undo"] == 0 and info["unsaved"] == [0]
-    call(app, "POST", "/api/edit", {"op": "paint", "points": [[5, 5]], "label": 23, "width": 3})
+    call(app, "POST", "/api/edit", {"op": "paint", "points": [[5, 5]], "label": 7, "width": 3})
     status, info = call(app, "POST", "/api/scene", {"index": 0})
     assert info["undo"] == 1 and info["unsaved"] == [0, 1] and same(snapshot(app.session), edited)
     call(app, "POST", "/api/edit", {"op": "undo"})
     status, info = call(app, "POST", "/api/scene", {"index": 1})
     assert info["undo"] == 1 and info["unsaved"] == [1]  # scene 0 is back to as loaded, its redo kept
     assert 0 in app.sessions and app.sessions[0].redo_stack
+
+
+def test_the_api_answers_an_edit_that_changes_nothing_as_no_edit(app):
+    """Painting a stroke again changes nothing: the answer keeps the history, the unsaved marks and the views'
+    version (no patches)."""
+    stroke = {"op": "paint", "points": [[1, 1], [1, 9]], "label": 21, "width": 3}
+    status, first = call(app, "POST", "/api/edit", stroke)
+    assert status == 200 and first["unsaved"] == [0] and first["view"]["patches"]
+    status, again = call(app, "POST", "/api/edit", stroke)
+    assert status == 200 and (again["undo"], again["redo"], again["unsaved"]) == (1, 0, [0])
+    assert again["view"] == {"from": first["view"]["to"], "to": first["view"]["to"], "patches": []}
 
 
 def test_untouched_scenes_are_not_kept(app):
@@ -877,7 +909,7 @@ def test_concurrent_requests_queue_instead_of_interleaving(app):
     results = []
 
     def click(i):
-        body = {"op": "paint", "points": [[i % H, 0], [i % H, W - 1]], "label": 21 if i % 2 else 23, "width": 1}
+        body = {"op": "paint", "points": [[i % H, 0], [i % H, W - 1]], "label": 21 if i % 2 else 7, "width": 1}
         results.append(call(app, "POST", "/api/edit", body)[0])
 
     threads = [threading.Thread(target=click, args=(i,)) for i in range(12)]
@@ -915,7 +947,7 @@ def test_a_local_generator_regenerates_only_what_an_edit_reaches_and_matches_a_f
     car, y, x = a_car(s)
     edits = [lambda: s.paint([(20, 30), (24, 60)], 8, 6), lambda: s.change_label(y, x, 28),
              lambda: s.paint([(0, 0), (2, 255)], 11, 4), lambda: s.undo(), lambda: s.redo(), lambda: s.reset(),
-             lambda: s.paint([(127, 255)], 7, 3), lambda: s.paint([(60, 100)], 8, 4) or s.paint([(70, 200)], 8, 4)]
+             lambda: s.paint([(127, 255)], 11, 3), lambda: s.paint([(60, 100)], 8, 4) or s.paint([(70, 200)], 8, 4)]
     for edit in edits:
         sizes.clear()
         edit()

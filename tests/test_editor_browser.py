@@ -143,6 +143,10 @@ def test_editing_history_scenes_and_save(editor, browser, tmp_path):
     page.wait_status("set_style:")
     assert page.page.locator("#styles figure.applied").get_attribute("data-style") == "1"
     styled = page.image()
+    page.clear_status()
+    page.page.locator("#styles figure.style-preview").nth(1).click()  # the style it has: no step
+    page.wait_status("set_style: nothing to change")
+    assert np.array_equal(page.image(), styled)
 
     # Another scene and back: the history is still there, and the scene list marks unsaved scenes.
     page.select_scene(1)

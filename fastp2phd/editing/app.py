@@ -129,7 +129,7 @@ class EditorApp:
         self.sessions: dict[int, EditSession] = {}
         self.scene_index = 0
         self.session = self._open(0)
-        self.view = 0  # numbers the state of what the page shows; every edit or scene load moves it on
+        self.view = 0  # numbers the state of what the page shows; every change or scene load moves it on
 
     def _open(self, index: int) -> EditSession:
         if index not in self.sessions:
@@ -218,12 +218,13 @@ class EditorApp:
     def _view_update(self, changed, rewritten) -> dict:
         """What the page shows that an edit changed, as PNG patches it draws over the views of version ``from``:
         the generated image in ``rewritten``, the label colours and instance outlines in ``changed``. A page
-        holding another version (another tab edited, or switched scenes) fetches the views whole instead."""
-        patches = []
-        if changed is not None:
-            patches = [{"view": name, "box": box, "url": data_url(picture(box))} for name, box, picture in (
-                ("image", rewritten, self.session.image), ("label_colours", changed, self.session.label_image),
-                ("outlines", changed, self.session.instance_outlines))]
+        holding another version (another tab edited, or switched scenes) fetches the views whole instead. An edit
+        that changed nothing (undo with nothing to undo, a style the instance has) leaves the version as it was."""
+        if changed is None:
+            return {"from": self.view, "to": self.view, "patches": []}
+        patches = [{"view": name, "box": box, "url": data_url(picture(box))} for name, box, picture in (
+            ("image", rewritten, self.session.image), ("label_colours", changed, self.session.label_image),
+            ("outlines", changed, self.session.instance_outlines))]
         self.view += 1
         return {"from": self.view - 1, "to": self.view, "patches": patches}
 

@@ -11,7 +11,17 @@ import torch
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["Change", "EditHistory"]
+__all__ = ["Change", "EditHistory", "differing"]
+
+
+def differing(patches, maps, box) -> torch.Tensor:
+    """(h, w) bool over ``box`` (y0, y1, x0, x1): where ``patches`` (label, inst, feat inside the box; feat None
+    without features) differ from the whole maps ``maps`` (label (H, W), inst (H, W), feat (F, H, W) or None)."""
+    y0, y1, x0, x1 = box
+    out = (patches[0] != maps[0][y0:y1, x0:x1]) | (patches[1] != maps[1][y0:y1, x0:x1])
+    if patches[2] is not None:
+        out |= (patches[2] != maps[2][:, y0:y1, x0:x1]).any(dim=0)
+    return out
 
 
 @dataclass

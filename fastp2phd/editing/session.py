@@ -8,7 +8,9 @@ input only there (the boundary map over the box grown by one pixel, through
 the exact previous state, and marks the image for regeneration (without an
 autograd graph): of the whole image, or with a local generator only of the part the
 edits can reach (``image``). A bad coordinate, label, mask or style raises ``ValueError``
-before anything changes. Every edit, ``reset`` included, can be undone.
+before anything changes. Every edit, ``reset`` included, can be undone; an edit that
+changes no pixel (a style the instance has, sky painted on sky) is none: no step, nothing
+to regenerate.
 
 The session ties together jobs that live in modules of their own: the history
 (``history``), the input building (``scene_input``), brush strokes (``strokes``),
@@ -29,7 +31,7 @@ from ..data import THING_CLASSES, colorize_labels
 from ..features import class_of, feature_map_from_vectors
 from ..models.generator import local_radius
 from ..visualize import tensor_to_image
-from .history import Change, EditHistory
+from .history import Change, EditHistory, differing
 from .regeneration import regenerate
 from .regions import mask_box, surrounding_stuff, thing_objects
 from .scene_files import save_scene
@@ -148,11 +150,14 @@ class EditSession:
         return sample_feature_map(regions[None, None], clusters, self.spec.feat_num, generator=self.generator)[0]
 
     def _apply(self, box, label_patch, inst_patch, feat_patch) -> None:
-        """Replace the maps inside ``box``, remember the change, and refresh the input there."""
+        """Replace the maps inside ``box``, remember the change, and refresh the input there; unless that
+        changes no pixel."""
+        after = (label_patch, inst_patch, feat_patch)
+        if not differing(after, (self.label, self.inst, self.feat), box).any():
+            return
         y0, y1, x0, x1 = box
         before = (self.label[y0:y1, x0:x1].clone(), self.inst[y0:y1, x0:x1].clone(),
                   None if self.feat is None else self.feat[:, y0:y1, x0:x1].clone())
-        after = (label_patch, inst_patch, feat_patch)
         self._write(box, after)
         self.edits.record(box, before, after)
 
@@ -377,11 +382,7 @@ class EditSession:
     def reset(self) -> bool:
         """Back to the scene as it was loaded, as one edit that ``undo`` reverts; False when nothing differed."""
         label, inst, feat = self._initial
-        differs = self.label != label
-        differs |= self.inst != inst
-        if feat is not None:
-            differs |= (self.feat != feat).any(dim=0)
-        box = self._box(differs)
+        box = self._box(differing((self.label, self.inst, self.feat), self._initial, (0, self.height, 0, self.width)))
         if box is None:
             return False
         y0, y1, x0, x1 = box
