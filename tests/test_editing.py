@@ -311,7 +311,24 @@ def test_an_edit_that_changes_no_pixel_is_no_edit(session, edit):
     assert same(snapshot(session), before)
 
 
-def test_history_is_bounded_and_revisions_stay_honest(session):
+def test_maps_back_to_the_saved_ones_read_as_saved(session, tmp_path):
+    """A scene is unsaved when its maps differ from the saved ones: after a reset to the scene as loaded, or a
+    stroke painted over, it is not, whatever the history holds."""
+    car, y, x = a_car(session)
+    session.change_label(y, x, 24)
+    assert session.reset() and not session.unsaved  # the scene as loaded, which counts as saved
+    session.undo()
+    session.save(tmp_path / "edits")
+    session.reset()
+    assert session.unsaved  # the scene as loaded is not what was saved
+    session.undo()
+    session.paint([(1, 1), (1, 9)], 21, width=3)
+    assert session.unsaved
+    session.paint([(1, 1), (1, 9)], 23, width=3)  # sky again, with the sky's features
+    assert not session.unsaved and len(session.undo_stack) == 3
+
+
+def test_history_is_bounded_and_unsaved_stays_honest(session):
     session.history = 3
     for i in range(5):
         session.paint([(i, 0)], 21 if i % 2 else 7, width=1)
@@ -755,13 +772,15 @@ def test_each_scene_keeps_its_history(app):
 
 def test_the_api_answers_an_edit_that_changes_nothing_as_no_edit(app):
     """Painting a stroke again changes nothing: the answer keeps the history, the unsaved marks and the views'
-    version (no patches)."""
+    version (no patches); a reset to the scene as loaded leaves no scene marked unsaved."""
     stroke = {"op": "paint", "points": [[1, 1], [1, 9]], "label": 21, "width": 3}
     status, first = call(app, "POST", "/api/edit", stroke)
     assert status == 200 and first["unsaved"] == [0] and first["view"]["patches"]
     status, again = call(app, "POST", "/api/edit", stroke)
     assert status == 200 and (again["undo"], again["redo"], again["unsaved"]) == (1, 0, [0])
     assert again["view"] == {"from": first["view"]["to"], "to": first["view"]["to"], "patches": []}
+    status, reset = call(app, "POST", "/api/edit", {"op": "reset"})
+    assert status == 200 and reset["undo"] == 2 and reset["unsaved"] == [] and reset["view"]["patches"]
 
 
 def test_untouched_scenes_are_not_kept(app):

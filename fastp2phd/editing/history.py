@@ -1,9 +1,8 @@
-"""An edit session's history: what every edit replaced, for undo and redo, and revision
-numbers that name the states (equal revisions mean equal maps), so that "unsaved" is honest
-even after undoing past a save or dropping the oldest edits."""
+"""An edit session's history: what every edit replaced, for undo and redo, and whether the maps
+differ from the ones last saved, counted pixel by pixel as changes come and go (so "unsaved" is
+honest after undoing back to a save, a reset to the scene as loaded, or dropping the oldest edits)."""
 from __future__ import annotations
 
-import itertools
 import numbers
 from dataclasses import dataclass
 
@@ -11,12 +10,14 @@ import torch
 
 from ..errors import InvalidArgumentError
 
-__all__ = ["Change", "EditHistory", "differing"]
+__all__ = ["Change", "EditHistory", "Maps", "differing"]
+
+Maps = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # label (H, W), inst (H, W), feat (F, H, W) or None
 
 
-def differing(patches, maps, box) -> torch.Tensor:
-    """(h, w) bool over ``box`` (y0, y1, x0, x1): where ``patches`` (label, inst, feat inside the box; feat None
-    without features) differ from the whole maps ``maps`` (label (H, W), inst (H, W), feat (F, H, W) or None)."""
+def differing(patches: Maps, maps: Maps, box) -> torch.Tensor:
+    """(h, w) bool over ``box`` (y0, y1, x0, x1): where ``patches`` (label, inst, feat inside the box) differ from
+    the whole ``maps``."""
     y0, y1, x0, x1 = box
     out = (patches[0] != maps[0][y0:y1, x0:x1]) | (patches[1] != maps[1][y0:y1, x0:x1])
     if patches[2] is not None:
@@ -29,22 +30,19 @@ class Change:
     """The maps inside a box before and after an edit (what undo and redo swap in)."""
 
     box: tuple[int, int, int, int]  # y0, y1, x0, x1
-    before: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-    after: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-    revision: int  # names the state this change leads to
-
-
-_revisions = itertools.count(1)
+    before: Maps
+    after: Maps
 
 
 class EditHistory:
-    """Undo and redo stacks of at most ``limit`` changes each (the oldest dropped first); ``limit`` 0 keeps none."""
+    """Undo and redo stacks of at most ``limit`` changes each (the oldest dropped first); ``limit`` 0 keeps none.
+    ``saved`` are the maps as loaded, which count as saved: nothing of the user's is in them."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, saved: Maps) -> None:
         self.undo_stack: list[Change] = []
         self.redo_stack: list[Change] = []
-        self._base_revision = 0  # the state before the oldest change still in the history
-        self.saved_revision = 0  # the scene as loaded counts as saved: nothing of the user's is in it
+        self._saved = saved  # never written to: edits write the session's maps, and a save replaces these
+        self._unsaved_pixels = 0  # how many pixels of the session's maps differ from them
         self.limit = limit
 
     @property
@@ -60,32 +58,31 @@ class EditHistory:
         self._trim()
 
     def _trim(self) -> None:
-        """Drop the oldest changes beyond the limit (the state before the oldest kept one becomes the base) and
-        the redos farthest from the current state beyond it."""
-        excess = len(self.undo_stack) - self._limit
-        if excess > 0:
-            self._base_revision = self.undo_stack[excess - 1].revision
-            del self.undo_stack[:excess]
+        """Drop the oldest changes beyond the limit and the redos farthest from the current state beyond it."""
+        del self.undo_stack[:max(0, len(self.undo_stack) - self._limit)]
         del self.redo_stack[:max(0, len(self.redo_stack) - self._limit)]
-
-    @property
-    def revision(self) -> int:
-        """Names the current state: 0 as loaded; equal revisions mean equal maps."""
-        return self.undo_stack[-1].revision if self.undo_stack else self._base_revision
 
     @property
     def unsaved(self) -> bool:
         """The maps differ from the last save (or, before one, from the scene as loaded)."""
-        return self.revision != self.saved_revision
+        return self._unsaved_pixels > 0
 
-    def mark_saved(self) -> None:
-        self.saved_revision = self.revision
+    def mark_saved(self, maps: Maps) -> None:
+        """``maps`` (the session's) were saved: copies of them are what "unsaved" compares with from now on."""
+        self._saved = tuple(None if m is None else m.clone() for m in maps)
+        self._unsaved_pixels = 0
 
-    def record(self, box, before, after) -> None:
-        """A new edit: push it (a fresh revision), drop the oldest beyond the limit, forget what was undone."""
-        self.undo_stack.append(Change(box, before, after, next(_revisions)))
+    def _replaced(self, box, old: Maps, new: Maps) -> None:
+        """``old`` patches of the maps in ``box`` became ``new``: count the box's pixels differing from the saved."""
+        self._unsaved_pixels += int(differing(new, self._saved, box).sum())
+        self._unsaved_pixels -= int(differing(old, self._saved, box).sum())
+
+    def record(self, box, before: Maps, after: Maps) -> None:
+        """A new edit: push it, drop the oldest beyond the limit, forget what was undone."""
+        self._replaced(box, before, after)
+        self.undo_stack.append(Change(box, before, after))
         self.redo_stack.clear()
-        self._trim()  # (with limit 0 the edit is the base at once: undo has nothing, "unsaved" stays honest)
+        self._trim()
 
     def undo(self) -> Change | None:
         """The change to revert (moved to the redo stack), or None."""
@@ -93,6 +90,7 @@ class EditHistory:
             return None
         change = self.undo_stack.pop()
         self.redo_stack.append(change)
+        self._replaced(change.box, change.after, change.before)
         return change
 
     def redo(self) -> Change | None:
@@ -101,4 +99,5 @@ class EditHistory:
             return None
         change = self.redo_stack.pop()
         self.undo_stack.append(change)
+        self._replaced(change.box, change.before, change.after)
         return change

@@ -10,7 +10,7 @@ autograd graph): of the whole image, or with a local generator only of the part 
 edits can reach (``image``). A bad coordinate, label, mask or style raises ``ValueError``
 before anything changes. Every edit, ``reset`` included, can be undone; an edit that
 changes no pixel (a style the instance has, sky painted on sky) is none: no step, nothing
-to regenerate.
+to regenerate, the scene no less saved.
 
 The session ties together jobs that live in modules of their own: the history
 (``history``), the input building (``scene_input``), brush strokes (``strokes``),
@@ -66,7 +66,6 @@ class EditSession:
             raise InvalidArgumentError("editing needs a model trained on label maps (--label_nc > 0)")
         self.use_features = self.spec.uses_features
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.edits = EditHistory(history)
         label = torch.as_tensor(np.asarray(label)).to(self.device, torch.int64)
         inst = torch.as_tensor(np.asarray(inst)).to(self.device, torch.int32)
         if label.dim() != 2 or label.shape != inst.shape:
@@ -91,6 +90,7 @@ class EditSession:
             if vectors:
                 feat = feature_map_from_vectors(inst[None, None], vectors, feat[None])[0]
         self._initial = (label.clone(), inst.clone(), None if feat is None else feat.clone())
+        self.edits = EditHistory(history, self._initial)
         self.label, self.inst, self.feat = label, inst, feat
         self.input = new_input(self.spec, self.height, self.width, self.device)
         self._image: torch.Tensor | None = None  # (3, H, W) float32, as of the last regenerate()
@@ -117,17 +117,8 @@ class EditSession:
         return self.edits.redo_stack
 
     @property
-    def revision(self) -> int:
-        """Names the current state: 0 as loaded; equal revisions mean equal maps."""
-        return self.edits.revision
-
-    @property
-    def saved_revision(self) -> int:
-        return self.edits.saved_revision
-
-    @property
     def unsaved(self) -> bool:
-        """The maps differ from the last ``save`` (or, before one, from the scene as loaded)."""
+        """The maps differ from the last ``save`` (or, before one, from the scene as loaded), pixel for pixel."""
         return self.edits.unsaved
 
     def _refresh(self, box) -> None:
@@ -433,7 +424,7 @@ class EditSession:
         Several scenes can share a folder; saving a scene again replaces its files.
         """
         save_scene(folder, name, phase, self.label, self.inst, self.feat, self.image)
-        self.edits.mark_saved()
+        self.edits.mark_saved((self.label, self.inst, self.feat))
         return Path(folder)
 
     def state(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
