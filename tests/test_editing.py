@@ -588,6 +588,38 @@ def test_an_unedited_scene_shows_what_fastp2phd_test_generates(features, tmp_pat
     assert len(cars) == 2 and len(vectors) == (1 if features == "label_feat" else 2)
 
 
+def test_without_instance_maps_every_label_region_is_one_instance(tmp_path):
+    """A --no_instance model sees no instances (its dataset gives a map of zeros): a session takes each label region
+    as one, so a change of label changes the class clicked, not the whole scene, and a saved scene regenerates
+    through run_test, which reads its features per label region."""
+    from PIL import Image
+
+    from fastp2phd.editing.server import load_editor
+    from fastp2phd.inference import run_test
+    from fastp2phd.pix2pixhd import Pix2PixHD
+    from fastp2phd.specs import DataSpec, ModelSpec
+
+    torch.manual_seed(0)
+    model = Pix2PixHD(ModelSpec(ngf=4, n_downsample_global=2, n_blocks_global=1, nef=4, n_downsample_E=2,
+                                label_feat=True, no_instance=True)).eval()
+    model.clusters = tiny_model().clusters
+    label = render_scene(H, W, seed=4)[0]
+    (tmp_path / "data" / "test_label").mkdir(parents=True)
+    Image.fromarray(label.astype(np.uint8)).save(tmp_path / "data" / "test_label" / "scene.png")
+    data = DataSpec.for_model(model.spec, dataroot=str(tmp_path / "data"), phase="test", resize_or_crop="none",
+                              train=False, read_images=False)
+    s = load_editor(model, data, save_dir=tmp_path / "edits").session
+    ys, xs = np.nonzero(label == 26)
+    s.change_label(int(ys[0]), int(xs[0]), 28)
+    assert np.array_equal(s.state()[0], np.where(label == 26, 28, label))
+    s.set_style(0, 0, (s.style_of(0, 0) + 1) % 3)
+    s.paint([(20, 5), (20, 30)], 26, width=3)
+    assert np.array_equal(s.state()[1], s.state()[0])  # one instance per class, its id the class's
+    folder = s.save(tmp_path / "edits", "scene")
+    page = run_test(model, data.replace(dataroot=str(folder)), tmp_path / "web", progress=False)
+    assert np.array_equal(np.array(Image.open(page.parent / "images" / "scene_synthesized_image.png")), s.image())
+
+
 def test_a_session_starts_from_given_instance_vectors(session):
     """vectors={id: vector} fixes those instances' features; the others are sampled as without it, and with
     every instance named the clusters are not needed."""

@@ -48,7 +48,8 @@ class EditSession:
     ``model`` is a ``fastp2phd.pix2pixhd.Pix2PixHD`` (with ``clusters`` when it uses
     instance features). ``label`` and ``inst`` are (H, W) integer arrays or tensors
     (Cityscapes convention: thing instances have ids class*1000+k, stuff pixels their
-    class id). Features come from ``image`` (encoded: an (H, W, 3) uint8 picture, as ``image()`` returns, or a
+    class id); a model without instance maps (--no_instance) sees none, so each label region is one instance, its id
+    the class's (``inst`` is not used: its dataset gives zeros). Features come from ``image`` (encoded: an (H, W, 3) uint8 picture, as ``image()`` returns, or a
     (3, H, W) float tensor in [-1, 1]) when given, else from the clusters, sampled with ``seed`` as ``fastp2phd test``
     samples them (a centre per instance; per label region with --label_feat, as the model was trained); ``vectors``
     ({instance id: (feat_num,) vector}, such as a saved scene's ``<phase>_features/<name>.npz`` through
@@ -73,6 +74,8 @@ class EditSession:
                              f"{tuple(inst.shape)}")
         self._check_labels(label)
         model.check_size(label)
+        if self.spec.no_instance:  # (as `fastp2phd test` reads a saved scene's features: per label region)
+            inst = label.to(torch.int32)
         self.height, self.width = label.shape
         feat = None
         if vectors is not None and not self.use_features:
@@ -179,8 +182,9 @@ class EditSession:
             raise InvalidArgumentError(f"the label map holds ids outside 0..{self.label_nc - 1}: check the model's --label_nc")
 
     def _new_instance_id(self, label: int) -> int:
-        """A fresh id: class*1000+k (k unused in the scene) for thing classes, the class id for stuff."""
-        if label not in THING_CLASSES:
+        """A fresh id: class*1000+k (k unused in the scene) for thing classes, the class id for stuff (and for every
+        class without instance maps)."""
+        if label not in THING_CLASSES or self.spec.no_instance:
             return label
         used = {int(v) for v in torch.unique(self.inst) if label * 1000 <= int(v) < (label + 1) * 1000}
         k = next((k for k in range(1000) if label * 1000 + k not in used), None)
