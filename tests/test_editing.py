@@ -588,6 +588,41 @@ def test_an_unedited_scene_shows_what_fastp2phd_test_generates(features, tmp_pat
     assert len(cars) == 2 and len(vectors) == (1 if features == "label_feat" else 2)
 
 
+@pytest.mark.parametrize("features", ["instance_feat", "label_feat"])
+def test_every_scene_opens_with_the_features_fastp2phd_test_gives_it(features, tmp_path):
+    """`fastp2phd test` samples the scenes' features in turn from one generator: the editor opens each scene with
+    the draws test makes for it, so every unedited scene shows test's image (not only the first); a scene saved
+    with all its vectors draws nothing, in test and in the editor."""
+    import dataclasses
+
+    from PIL import Image
+
+    from fastp2phd.editing.server import load_editor
+    from fastp2phd.inference import run_test
+    from fastp2phd.specs import DataSpec
+
+    model = tiny_model()
+    model.spec = dataclasses.replace(model.spec, instance_feat=features == "instance_feat",
+                                     label_feat=features == "label_feat")
+    for k in range(3):
+        label, inst, _ = render_scene(H, W, seed=4 + k)
+        for folder, array in (("test_label", label.astype(np.uint8)), ("test_inst", inst.astype(np.uint16))):
+            (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(array).save(tmp_path / "data" / folder / f"s{k}.png")
+    data = DataSpec.for_model(model.spec, dataroot=str(tmp_path / "data"), phase="test", resize_or_crop="none",
+                              train=False, read_images=False)
+    for run in ("unsaved", "s0 saved"):
+        page = run_test(model, data, tmp_path / run, progress=False, seed=3)
+        app = load_editor(model, data, seed=3)
+        for k in (2, 1, 0):  # (in any order)
+            app.load_scene({"index": k})
+            test_image = np.array(Image.open(page.parent / "images" / f"s{k}_synthesized_image.png"))
+            assert np.array_equal(app.session.image(), test_image), (run, k)
+        app.load_scene({"index": 0})
+        app.session.set_style(0, 0, (app.session.style_of(0, 0) + 1) % 3)
+        app.session.save(tmp_path / "data", "s0")
+
+
 def test_without_instance_maps_every_label_region_is_one_instance(tmp_path):
     """A --no_instance model sees no instances (its dataset gives a map of zeros): a session takes each label region
     as one, so a change of label changes the class clicked, not the whole scene, and a saved scene regenerates

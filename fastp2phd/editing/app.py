@@ -18,10 +18,12 @@ from typing import Any, Iterable
 from urllib.parse import parse_qs, urlparse
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..data import CITYSCAPES_CLASSES, THING_CLASSES, class_of_instance, label_palette
 from ..errors import InvalidArgumentError
+from ..features import sample_feature_map
 from ..files import remove_leftover_temporaries
 from ..specs import DataSpec
 from .session import MAX_STROKE_POINTS, EditSession
@@ -90,7 +92,8 @@ class EditorApp:
     ``trained_classes`` are the class ids the model was trained on (see
     ``fastp2phd.train_state.trained_classes``); when None they are guessed from the
     clusters and the scenes. ``save_dir`` is where "save" writes scenes, as a dataset
-    ``fastp2phd test`` reads (``test_command`` is shown to say how).
+    ``fastp2phd test`` reads (``test_command`` is shown to say how). Every scene opens with the features
+    ``fastp2phd test --seed seed`` samples for it when it runs on ``scenes``, in their order.
     """
 
     def __init__(self, model, scenes: list[Scene], objects: list[ObjectMask], seed: int = 0, *,
@@ -101,7 +104,8 @@ class EditorApp:
         self.model = model
         self.scenes = scenes
         self.objects = objects
-        self.seed = seed
+        device = next(model.parameters()).device
+        self._test_states = [torch.Generator(device=device).manual_seed(seed).get_state()]  # see _generator
         self.save_dir = None if save_dir is None else Path(save_dir)
         if self.save_dir is not None and self.save_dir.is_dir():  # a save killed midway: finish it, or drop its pieces
             remove_leftover_temporaries(self.save_dir, recursive=True)
@@ -134,9 +138,33 @@ class EditorApp:
     def _open(self, index: int) -> EditSession:
         if index not in self.sessions:
             scene = self.scenes[index]
-            self.sessions[index] = EditSession(self.model, scene.label, scene.inst, seed=self.seed,
-                                               vectors=scene.vectors)
+            self.sessions[index] = EditSession(self.model, scene.label, scene.inst, vectors=scene.vectors,
+                                               generator=self._generator(index))
         return self.sessions[index]
+
+    def _generator(self, index: int) -> torch.Generator:
+        """A generator seeded with ``seed`` that has drawn what `fastp2phd test` draws for the scenes before ``index``:
+        test samples every scene's features from one generator in turn, so the scene opens with the features test
+        gives it. The state before each scene is kept: each scene's draws are worked out once."""
+        generator = torch.Generator(device=next(self.model.parameters()).device)
+        start = min(index, len(self._test_states) - 1)
+        generator.set_state(self._test_states[start])
+        for scene in self.scenes[start:index]:
+            self._draw_as_test(scene, generator)
+            self._test_states.append(generator.get_state())
+        return generator
+
+    def _draw_as_test(self, scene: Scene, generator: torch.Generator) -> None:
+        """Draw from ``generator`` what `fastp2phd test` draws for ``scene`` (nothing when its saved vectors name every
+        instance), by sampling its regions' ids alone: the draws depend on nothing else."""
+        spec = self.model.spec
+        if not spec.uses_features or self.model.clusters is None:
+            return
+        named = np.unique(scene.label if spec.no_instance else scene.inst)  # what test looks saved vectors up by
+        if set(named.tolist()) - set(scene.vectors or {}):
+            regions = torch.as_tensor(np.unique(scene.label if spec.label_feat else scene.inst))
+            sample_feature_map(regions.view(1, 1, 1, -1).to(generator.device), self.model.clusters, spec.feat_num,
+                               generator=generator)
 
     # ------------------------------------------------------------------ API
     def info(self) -> dict:

@@ -49,16 +49,17 @@ class EditSession:
     instance features). ``label`` and ``inst`` are (H, W) integer arrays or tensors
     (Cityscapes convention: thing instances have ids class*1000+k, stuff pixels their
     class id); a model without instance maps (--no_instance) sees none, so each label region is one instance, its id
-    the class's (``inst`` is not used: its dataset gives zeros). Features come from ``image`` (encoded: an (H, W, 3) uint8 picture, as ``image()`` returns, or a
-    (3, H, W) float tensor in [-1, 1]) when given, else from the clusters, sampled with ``seed`` as ``fastp2phd test``
-    samples them (a centre per instance; per label region with --label_feat, as the model was trained); ``vectors``
+    the class's (``inst`` is not used: its dataset gives zeros). Features come from ``image`` (encoded: an (H, W, 3)
+    uint8 picture, as ``image()`` returns, or a (3, H, W) float tensor in [-1, 1]) when given, else from the
+    clusters, sampled with ``seed`` (or ``generator``) as ``fastp2phd test`` samples them (a centre per instance; per
+    label region with --label_feat, as the model was trained); ``vectors``
     ({instance id: (feat_num,) vector}, such as a saved scene's ``<phase>_features/<name>.npz`` through
     ``features.load_instance_vectors``) gives the instances it names their vector instead, so a saved scene
     reopens with the styles it was saved with (the clusters are then needed only for instances it does not name).
     """
 
     def __init__(self, model, label, inst, *, image=None, seed: int = 0, history: int = 100,
-                 vectors: Mapping[int, Any] | None = None):
+                 vectors: Mapping[int, Any] | None = None, generator: torch.Generator | None = None):
         self.model = model.eval()
         self.spec = model.spec
         self.device = next(model.parameters()).device
@@ -66,7 +67,7 @@ class EditSession:
         if self.label_nc == 0:
             raise InvalidArgumentError("editing needs a model trained on label maps (--label_nc > 0)")
         self.use_features = self.spec.uses_features
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.generator = generator or torch.Generator(device=self.device).manual_seed(seed)
         label = torch.as_tensor(np.asarray(label)).to(self.device, torch.int64)
         inst = torch.as_tensor(np.asarray(inst)).to(self.device, torch.int32)
         if label.dim() != 2 or label.shape != inst.shape:
@@ -74,7 +75,7 @@ class EditSession:
                              f"{tuple(inst.shape)}")
         self._check_labels(label)
         model.check_size(label)
-        if self.spec.no_instance:  # (as `fastp2phd test` reads a saved scene's features: per label region)
+        if self.spec.no_instance:  # (`fastp2phd test` reads a saved scene's features per label region too)
             inst = label.to(torch.int32)
         self.height, self.width = label.shape
         feat = None
