@@ -69,7 +69,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with _explain_full_disk(path, tmp):
             yield tmp
             _fsync_file(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as exc:  # (a folder in the way): name the file the user asked for, not our temporary
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
         _fsync_folder(path.parent)
     finally:
         _unlink_quietly(tmp)
