@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, Callable
 
 from .errors import InvalidArgumentError
@@ -65,6 +66,24 @@ def non_negative_float(text: str) -> float:
 def dataset_size(text: str) -> float:
     """A number of images: a non-negative integer, or 'inf' for all."""
     return math.inf if text == "inf" else float(_number(text, int, "non-negative integer or 'inf'", lambda v: v >= 0))
+
+
+def run_name(text: str) -> str:
+    """A run's name: its folder inside --checkpoints_dir and --results_dir (names joined by '/', as the original
+    allows), never a path that leads out of them, where a save would replace files of another run or none."""
+    parts = text.replace("\\", "/").split("/")
+    if not text.strip() or text.startswith(("/", "\\")) or PurePath(text).is_absolute() or ".." in parts:
+        raise InvalidArgumentError(f"must be a folder name inside --checkpoints_dir (names joined by '/', no '..' and "
+                                   f"not absolute: choose the place with --checkpoints_dir), got {text!r}")
+    return text
+
+
+def epoch_label(text: str) -> str:
+    """A checkpoint's label ('latest', an epoch): the start of file names in the run folder."""
+    if not text.strip() or "/" in text or "\\" in text or text in (".", ".."):
+        raise InvalidArgumentError(f"must be 'latest' or an epoch number (the start of a checkpoint's file name, "
+                                   f"without '/'), got {text!r}")
+    return text
 
 
 def port(text: str) -> int:

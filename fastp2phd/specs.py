@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 from .errors import InvalidArgumentError, Pix2PixHDError
 from .option_fields import (DATA_LOADING, EXPERIMENT, FEATURES, GENERATOR, LOGGING, SIZES, TRAINING, dataset_size,
-                            non_negative_float, non_negative_int, option, positive_int)
+                            epoch_label, non_negative_float, non_negative_int, option, positive_int, run_name)
 
 NETG_CHOICES = ("global", "local")
 NORM_CHOICES = ("instance", "batch")
@@ -265,9 +265,11 @@ class DataSpec(_Spec):
 class TrainSpec(_Spec):
     """A training run: the model, its data, the discriminators and losses, the schedule, and the outputs."""
 
-    name: str = option("label2city", "name of the experiment: its checkpoints go to checkpoints_dir/name", EXPERIMENT)
+    name: str = option("label2city", "name of the experiment: its checkpoints go to checkpoints_dir/name", EXPERIMENT,
+                       parse=run_name)
     checkpoints_dir: str = option("./checkpoints", "where models, logs and web pages are saved", EXPERIMENT)
-    which_epoch: str = option("latest", "which checkpoint to load: 'latest' or an epoch number", EXPERIMENT)
+    which_epoch: str = option("latest", "which checkpoint to load: 'latest' or an epoch number", EXPERIMENT,
+                              parse=epoch_label)
     batchSize: int = option(1, "input batch size (per process)", SIZES, parse=positive_int)
     data: DataSpec = field(default_factory=lambda: DataSpec(train=True, read_images=True))
     model: ModelSpec = field(default_factory=ModelSpec)
@@ -319,6 +321,11 @@ class TrainSpec(_Spec):
 
     def __post_init__(self) -> None:
         _check_options(self)
+        for name, check in (("name", run_name), ("which_epoch", epoch_label)):  # (paths of the files a run writes)
+            try:
+                check(getattr(self, name))
+            except ValueError as exc:
+                raise SpecError(f"{name} {exc}") from None
         check_bounds({"ndf": self.ndf, "n_layers_D": self.n_layers_D, "num_D": self.num_D})
         if not (math.isfinite(self.lr) and self.lr >= 0):
             raise SpecError(f"lr must be a finite number, 0 or more, got {self.lr}")

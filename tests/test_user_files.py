@@ -11,6 +11,7 @@ import pytest
 from fastp2phd.cli import main
 from fastp2phd.data import make_synthetic
 from fastp2phd.files import write_text
+from fastp2phd.specs import SpecError, TrainSpec
 
 TINY = ["--fineSize", "64", "--loadSize", "64", "--resize_or_crop", "none", "--ngf", "4", "--n_downsample_global", "2",
         "--n_blocks_global", "1", "--nThreads", "0", "--device", "cpu", "--no_progress", "--instance_feat", "--nef", "4",
@@ -55,3 +56,50 @@ def test_a_folder_where_a_file_goes_is_named_not_the_temporary(tmp_path):
         write_text(tmp_path / "opt.txt", "x")
     assert caught.value.filename == str(tmp_path / "opt.txt")
     assert [p.name for p in tmp_path.iterdir()] == ["opt.txt"]  # and no temporary is left
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/../../escaped", "ABSOLUTE", ""])
+def test_a_run_name_never_leads_out_of_the_checkpoints_folder(name, tmp_path, capsys):
+    name = str(tmp_path / "elsewhere") if name == "ABSOLUTE" else name
+    data = make_synthetic(tmp_path / "data", num_train=2, num_test=1, height=32, width=64, seed=3)
+    ck = tmp_path / "inside" / "ck"
+    with pytest.raises(SystemExit, match="2"):
+        main(["train", "--name", name, "--checkpoints_dir", str(ck), "--dataroot", str(data), *TINY, *TRAIN])
+    assert "argument --name: must be a folder name inside --checkpoints_dir" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # nothing written anywhere
+    with pytest.raises(SpecError, match="name must be a folder name inside"):
+        TrainSpec(name=name)
+
+
+def test_a_checkpoint_label_is_a_file_name_and_a_nested_run_name_is_fine(trained, tmp_path, capsys):
+    ck, data = trained
+    with pytest.raises(SystemExit, match="2"):
+        main(run_args("test", ck, data, "--which_epoch", "../../x", "--results_dir", str(tmp_path / "r")))
+    assert "argument --which_epoch: must be 'latest' or an epoch number" in capsys.readouterr().err
+    shutil.copytree(ck / "run", tmp_path / "ck" / "exp" / "run")
+    argv = run_args("test", tmp_path / "ck", data, "--results_dir", str(tmp_path / "results"))
+    argv[argv.index("run")] = "exp/run"
+    assert main(argv) == 0
+    assert (tmp_path / "results" / "exp" / "run" / "test_latest" / "index.html").is_file()
+
+
+def test_the_editor_s_test_command_names_the_checkpoints_folder_of_a_nested_run(tmp_path, monkeypatch):
+    import shlex
+
+    from fastp2phd.cli import parse
+    from fastp2phd.editing import server
+    from fastp2phd.errors import InvalidArgumentError
+    from support import tiny_model
+
+    shown = []
+
+    def load_editor(*args, test_command, **kwargs):
+        shown.append(test_command)
+        raise InvalidArgumentError("enough")
+
+    monkeypatch.setattr(server, "load_editor", load_editor)
+    run = tmp_path / "ck" / "exp" / "run"
+    assert server.main_edit(tiny_model(), None, name="exp/run", run_folder=run, host="127.0.0.1", port=0,
+                            max_scenes=1, seed=0) == 1
+    opt = parse(shlex.split(shown[0])[3:])
+    assert (opt.name, opt.checkpoints_dir) == ("exp/run", str(tmp_path / "ck"))

@@ -359,8 +359,9 @@ def main_edit(model, data: DataSpec, *, name: str, run_folder: Path, host: str, 
     # The command that regenerates the saved scenes: the checkpoint, precision and device the editor generated
     # with (`test` defaults to fp32 where `edit` picks auto), so it gives the editor's images; quoted for a shell.
     device = next(model.parameters()).device
+    checkpoints_dir = run_folder.parents[len(Path(name).parts) - 1]  # (a name may hold '/': exp/run)
     command = shlex.join([Path(sys.executable).name, "-m", "fastp2phd", "test", "--name", name, "--checkpoints_dir",
-                          str(run_folder.parent), "--which_epoch", str(which_epoch), "--dataroot", str(save_dir),
+                          str(checkpoints_dir), "--which_epoch", str(which_epoch), "--dataroot", str(save_dir),
                           "--resize_or_crop", "none", "--precision", model.precision, "--device", str(device)])
     try:
         app = load_editor(model, data, max_scenes=max_scenes, seed=seed, trained_classes=trained_classes(run_folder),
