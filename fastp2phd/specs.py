@@ -368,8 +368,14 @@ def read_opt_txt(folder: str | Path) -> dict[str, str]:
         text = path.read_text(errors="replace")
     except OSError as exc:
         raise SpecError(f"{path} cannot be read ({exc.strerror or exc}); check its permissions") from None
+    lines = text.splitlines()
+    # train (here and in the original) ends it with an End line: without it, options it lost would read as defaults.
+    if not lines or (lines[0].startswith(_OPT_TXT_FIRST) and not any(line.startswith(_OPT_TXT_LAST) for line in lines)):
+        raise SpecError(f"{path} is {'empty' if not lines else 'cut short (it has no End line)'}, so the run's options "
+                        "cannot be read from it; restore it from a copy, or remove it and pass the options the run was "
+                        "trained with")
     recorded = {}
-    for line in text.splitlines():
+    for line in lines:
         key, sep, value = line.partition(":")
         if sep and key.strip() and not key.strip().startswith("-"):
             recorded[key.strip()] = value.strip()
@@ -404,10 +410,13 @@ def _parse_value(text: str, kind: type) -> Any:
     return kind(text)
 
 
+_OPT_TXT_FIRST, _OPT_TXT_LAST = "------------ Options", "-------------- End"
+
+
 def recorded_options(values: Mapping[str, Any]) -> str:
     """``opt.txt``'s text for ``values``, in the original code's format."""
-    lines = ["------------ Options -------------", *(f"{k}: {v}" for k, v in values.items()),
-             "-------------- End ----------------"]
+    lines = [f"{_OPT_TXT_FIRST} -------------", *(f"{k}: {v}" for k, v in values.items()),
+             f"{_OPT_TXT_LAST} ----------------"]
     return "\n".join(lines) + "\n"
 
 

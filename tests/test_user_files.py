@@ -103,3 +103,17 @@ def test_the_editor_s_test_command_names_the_checkpoints_folder_of_a_nested_run(
                             max_scenes=1, seed=0) == 1
     opt = parse(shlex.split(shown[0])[3:])
     assert (opt.name, opt.checkpoints_dir) == ("exp/run", str(tmp_path / "ck"))
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut short"])
+def test_an_opt_txt_cut_short_is_one_sentence_not_default_options(damage, trained, tmp_path, capsys):
+    """Options lost from the end of opt.txt would silently read as their defaults (loadSize, resize_or_crop, ...)."""
+    ck, data = copy_run(trained, tmp_path)
+    opt_txt = ck / "run" / "opt.txt"
+    text = opt_txt.read_text()
+    opt_txt.write_text("" if damage == "empty" else text[:len(text) // 2])
+    assert main(run_args("test", ck, data, "--results_dir", str(tmp_path / "results"))) == 1
+    one_sentence(capsys, f"fastp2phd test: {opt_txt} is {damage}", "restore it from a copy")
+    assert not (tmp_path / "results").exists()
+    opt_txt.write_text(text.replace("-------------- End ----------------\n", "-------------- End ----------------"))
+    assert main(run_args("test", ck, data, "--results_dir", str(tmp_path / "results"))) == 0  # (a last newline lost)
