@@ -107,9 +107,11 @@ def _resume_networks(trainer: Trainer, label: str) -> None:
         text = iter_path.read_text(errors="replace")
         try:
             epoch, epoch_iter = (int(float(v)) for v in text.replace(",", " ").split()[:2])
-        except ValueError:
-            raise TrainingError(f"{iter_path} holds {text.strip()[:40]!r}, not 'epoch,iteration'; fix it, or remove "
-                                "it to start counting from epoch 1") from None
+            if epoch < 1 or epoch_iter < 0:  # (a run at epoch -3 trained from there, saving checkpoints "-10", ...)
+                raise ValueError(text)
+        except (ValueError, OverflowError):  # (OverflowError: 'inf')
+            raise TrainingError(f"{iter_path} holds {text.strip()[:40]!r}, not 'epoch,iteration' (an epoch from 1, "
+                                "images from 0); fix it, or remove it to start counting from epoch 1") from None
     trainer.start_at(epoch, epoch_iter)
     trainer.say(f"resuming from the networks in {folder} (no optimiser state) at epoch {epoch}, "
                 f"iteration {epoch_iter}")

@@ -117,3 +117,16 @@ def test_an_opt_txt_cut_short_is_one_sentence_not_default_options(damage, traine
     assert not (tmp_path / "results").exists()
     opt_txt.write_text(text.replace("-------------- End ----------------\n", "-------------- End ----------------"))
     assert main(run_args("test", ck, data, "--results_dir", str(tmp_path / "results"))) == 0  # (a last newline lost)
+
+
+@pytest.mark.parametrize("text", ["inf,0\n", "-3,0\n", "2,-1\n", "nan\n0\n", ""])
+def test_an_iter_txt_that_is_no_position_is_one_sentence(text, trained, tmp_path, capsys):
+    """iter.txt is where a run of the original code's checkpoints (no train state) goes on from."""
+    ck, data = copy_run(trained, tmp_path)
+    (ck / "run" / "latest_train_state.pth").unlink()
+    (ck / "run" / "iter.txt").write_text(text)
+    before = sorted(p.name for p in (ck / "run").iterdir())
+    assert main(["train", "--continue_train", "--name", "run", "--checkpoints_dir", str(ck), "--dataroot", str(data),
+                 *TINY, *TRAIN]) == 1
+    one_sentence(capsys, f"{ck / 'run' / 'iter.txt'} holds", "not 'epoch,iteration'")
+    assert sorted(p.name for p in (ck / "run").iterdir()) == before and (ck / "run" / "iter.txt").read_text() == text
