@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import Pix2PixHDError
-from .files import append_text, write_text
+from .files import append_text, atomic_write
 from .visualize import HTMLPage, label_to_image, tensor_to_image
 
 if TYPE_CHECKING:
@@ -58,20 +58,20 @@ class TrainingReport:
             return
         if self.log_jsonl.is_file():
             kept = []
-            for line in self.log_jsonl.read_text().splitlines():
+            for line in _read_lines(self.log_jsonl):
                 try:
                     if json.loads(line)["total_steps"] > position.total_steps:
                         continue
                 except (ValueError, KeyError, TypeError):
                     pass  # not ours: keep it
                 kept.append(line)
-            write_text(self.log_jsonl, "".join(line + "\n" for line in kept))
+            _write_lines(self.log_jsonl, kept)
         if self.log_txt.is_file():  # its lines name the epoch and the images of it done, as the original's
             at = (position.epoch, position.epoch_iter)
-            lines = self.log_txt.read_text().splitlines()
+            lines = _read_lines(self.log_txt)
             kept = [line for line in lines if not ((m := _TXT_LINE.match(line)) and tuple(map(int, m.groups())) > at)]
             if len(kept) < len(lines):
-                write_text(self.log_txt, "".join(line + "\n" for line in kept))
+                _write_lines(self.log_txt, kept)
 
     def display(self, batch: dict, fake: torch.Tensor, epoch: int, epoch_iter: int, total_steps: int) -> None:
         if self.web is None:
@@ -87,3 +87,15 @@ class TrainingReport:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+# A log's lines as they are, bytes that are not UTF-8 (a user's note, a damaged line) included: they were a
+# traceback on resume, and the lines kept are written back unchanged.
+def _read_lines(path: Path) -> list[str]:
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    return text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+
+
+def _write_lines(path: Path, lines: list[str]) -> None:
+    text = "".join(line + "\n" for line in lines)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape"))

@@ -130,3 +130,18 @@ def test_an_iter_txt_that_is_no_position_is_one_sentence(text, trained, tmp_path
                  *TINY, *TRAIN]) == 1
     one_sentence(capsys, f"{ck / 'run' / 'iter.txt'} holds", "not 'epoch,iteration'")
     assert sorted(p.name for p in (ck / "run").iterdir()) == before and (ck / "run" / "iter.txt").read_text() == text
+
+
+def test_a_resume_keeps_log_lines_that_are_not_utf8_byte_for_byte(trained, tmp_path):
+    ck, data = copy_run(trained, tmp_path)
+    logs = [ck / "run" / "loss_log.txt", ck / "run" / "loss_log.jsonl"]
+    for log in logs:
+        with open(log, "ab") as f:
+            f.write(b"note \xff\xfe latin-1: caf\xe9\x0c\n")
+    kept = [log.read_bytes() for log in logs]
+    argv = ["train", "--continue_train", "--name", "run", "--checkpoints_dir", str(ck), "--dataroot", str(data),
+            *TINY, *TRAIN]
+    argv[argv.index("--niter") + 1] = "2"
+    assert main(argv) == 0
+    for log, before in zip(logs, kept):
+        assert log.read_bytes().startswith(before)  # then the second epoch's lines
