@@ -4,6 +4,7 @@ from __future__ import annotations
 import html
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import torch
@@ -61,11 +62,14 @@ class HTMLPage:
         """One row: each image saved as images/<prefix>_<name>.png and shown with its name."""
         cells = []
         for name, array in images.items():
-            filename = f"{prefix}_{name}.png".replace(" ", "_")
+            # The scene's own name, spaces included: evaluate finds <name>_synthesized_image.png by it, and "a b"
+            # and "a_b" stay two files. The link is URL-quoted ('#', '%', '?' in a name broke it).
+            filename = f"{prefix}_{name}.png"
             save_image(array, self.image_dir / filename)
+            link = html.escape(quote(f"images/{filename}"))
             cells.append(
-                f'<td style="text-align:center"><a href="images/{html.escape(filename)}">'
-                f'<img src="images/{html.escape(filename)}" style="width:{width}px"></a><br>{html.escape(name)}</td>'
+                f'<td style="text-align:center"><a href="{link}">'
+                f'<img src="{link}" style="width:{width}px"></a><br>{html.escape(name)}</td>'
             )
         self.body.append("<table><tr>" + "".join(cells) + "</tr></table>")
 

@@ -4,6 +4,7 @@ bench's results. Each is replaced whole or not at all, never replaces a file of 
 folder it belongs to, and a damaged one is one sentence naming it."""
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -145,3 +146,26 @@ def test_a_resume_keeps_log_lines_that_are_not_utf8_byte_for_byte(trained, tmp_p
     assert main(argv) == 0
     for log, before in zip(logs, kept):
         assert log.read_bytes().startswith(before)  # then the second epoch's lines
+
+
+def test_test_outputs_keep_scene_names_so_evaluate_pairs_them_and_the_page_links_them(trained, tmp_path):
+    """Scenes "scene one" and "scene_one" both get their images (spaces were made '_': one overwrote the other and
+    evaluate found no label map for either), and names with '#' or '%' link to their files."""
+    from urllib.parse import unquote
+
+    from fastp2phd.evaluate import pair_results
+
+    ck, data = trained
+    names = ["scene one", "scene_one", "straße #2 100%"]
+    for kind in ("label", "inst", "img"):
+        (tmp_path / "data" / f"test_{kind}").mkdir(parents=True)
+        source = sorted((data / f"test_{kind}").iterdir())[0]
+        for name in names:
+            shutil.copy(source, tmp_path / "data" / f"test_{kind}" / f"{name}.png")
+    assert main(run_args("test", ck, tmp_path / "data", "--results_dir", str(tmp_path / "results"))) == 0
+    web = tmp_path / "results" / "run" / "test_latest"
+    pairs = pair_results(web, tmp_path / "data", "test")
+    assert sorted(p.name for p in pairs) == sorted(names)
+    assert all(p.generated.name == f"{p.name}_synthesized_image.png" for p in pairs)
+    links = re.findall(r'href="([^"]+)"', (web / "index.html").read_text())
+    assert len(links) == 6 and all("#" not in link and (web / unquote(link)).is_file() for link in links)
