@@ -169,3 +169,23 @@ def test_test_outputs_keep_scene_names_so_evaluate_pairs_them_and_the_page_links
     assert all(p.generated.name == f"{p.name}_synthesized_image.png" for p in pairs)
     links = re.findall(r'href="([^"]+)"', (web / "index.html").read_text())
     assert len(links) == 6 and all("#" not in link and (web / unquote(link)).is_file() for link in links)
+
+
+def test_a_saved_scene_keeps_class_ids_above_255(tmp_path):
+    import numpy as np
+    import torch
+
+    from fastp2phd.data import create_dataset, render_scene
+    from fastp2phd.editing import EditSession
+    from fastp2phd.pix2pixhd import Pix2PixHD
+    from fastp2phd.specs import DataSpec, ModelSpec
+
+    spec = ModelSpec(label_nc=300, ngf=4, n_downsample_global=2, n_blocks_global=1)
+    label, inst, _ = render_scene(32, 64, seed=4)
+    label = label.astype(np.int64)
+    label[:4] = 290
+    torch.manual_seed(0)
+    EditSession(Pix2PixHD(spec).eval(), label, inst, seed=0).save(tmp_path / "edits", "s")
+    item = create_dataset(DataSpec.for_model(spec, dataroot=str(tmp_path / "edits"), phase="test",
+                                             resize_or_crop="none"))[0]
+    assert np.array_equal(item["label"][0].numpy(), label)

@@ -36,7 +36,10 @@ def save_scene(folder: str | os.PathLike, name: str, phase: str, label: torch.Te
     inst_ids = inst.cpu().numpy()
     if inst_ids.min(initial=0) < 0 or inst_ids.max(initial=0) > 65535:
         raise InvalidArgumentError("instance ids outside 0..65535 do not fit a 16-bit instance PNG")
-    images = {f"{phase}_label": label.cpu().numpy().astype(np.uint8),
+    label_ids = label.cpu().numpy()
+    # 8-bit as the datasets' label maps, 16-bit where a class id needs it (ids 256 and up wrapped around: 290 -> 34)
+    label_png = label_ids.astype(np.uint8 if label_ids.max(initial=0) < 256 else np.uint16)
+    images = {f"{phase}_label": label_png,
               f"{phase}_inst": inst_ids.astype(np.uint16), f"{phase}_img": render()}
     with save_file_set(folder, f"save of scene {name}") as files:
         for subfolder, array in images.items():
