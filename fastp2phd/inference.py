@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from .compiling import OneSize, compile_networks
 from .console import progress_bar
 from .errors import Pix2PixHDError
+from .files import TEMPORARY_SUFFIX, atomic_write, save_file_set
 from .models import Encoder
 from .models.checkpoint import CheckpointMismatchError, read_state_dict
 from .optimize import optimize_for_inference
@@ -244,6 +246,11 @@ def _generate_with_saved_features(model: Pix2PixHD, label, inst, path: Path, gen
     return model.generate(label, None if spec.no_instance else inst, feat=feat)[0]
 
 
+# Weights up to this size go inside the .onnx file (protobuf's limit is 2 GB): one file, replaced whole. Above it,
+# they go to <name>.data beside it, a file the graph names: torch's default, which named our temporary.
+ONNX_INLINE_BYTES = 1 << 30
+
+
 def export_onnx(model: Pix2PixHD, path: str | os.PathLike) -> tuple[Path, float | None]:
     """Export ``model``'s generator to ONNX with a dynamic batch, height and width.
 
@@ -251,9 +258,11 @@ def export_onnx(model: Pix2PixHD, path: str | os.PathLike) -> tuple[Path, float 
     boundary map and features, as ``Pix2PixHD.encode_input`` builds them), and
     returns ``image``. Returns the file and, when onnxruntime is installed, the
     largest difference from PyTorch on an input of another size than the export's.
+    One self-contained file unless the weights exceed ``ONNX_INLINE_BYTES`` (then also
+    ``<file>.data``); an existing file that is not an ONNX model is refused, not replaced.
     """
-    from .files import atomic_path
-
+    out = Path(path)
+    _check_onnx_destination(out)
     try:  # optional packages torch's ONNX exporter imports midway, with a bare ModuleNotFoundError
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
@@ -262,24 +271,53 @@ def export_onnx(model: Pix2PixHD, path: str | os.PathLike) -> tuple[Path, float 
                              'pip install "fastp2phd[onnx]"') from None
     netG = model.netG
     device, training = next(netG.parameters()).device, netG.training
-    out = Path(path)
     channels = model.spec.generator_input_nc
     multiple = model.spec.generator_size_multiple
     example = torch.randn(1, channels, 2 * multiple, 4 * multiple)
+    inline = sum(t.numel() * t.element_size() for t in netG.state_dict().values()) <= ONNX_INLINE_BYTES
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
     onnx_logger.setLevel(logging.ERROR)  # the exporter's notes on unrelated torchvision ops
+
+    def export(destination: Path) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(netG, (example,), str(destination), input_names=["input"], output_names=["image"],
+                              dynamic_shapes={"input": {0: "batch", 2: "height", 3: "width"}}, dynamo=True,
+                              verbose=False, external_data=not inline)
     try:
         netG.cpu().eval()
-        with atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(netG, (example,), str(tmp), input_names=["input"], output_names=["image"],
-                              dynamic_shapes={"input": {0: "batch", 2: "height", 3: "width"}}, dynamo=True,
-                              verbose=False)
+        if inline:
+            atomic_write(out, export)
+        else:
+            _export_with_external_data(export, out)
         return out, check_onnx(netG, out, channels, multiple)
     finally:
         onnx_logger.setLevel(level)
         netG.to(device).train(training)  # the caller's model is left where and as it was
+
+
+def _check_onnx_destination(out: Path) -> None:
+    """Refuse, before the export, a folder or a file that is not an ONNX model (a checkpoint, say) at ``out``."""
+    if out.is_dir():
+        raise InferenceError(f"{out} is a folder; pass --onnx a file name (such as {out / 'net_G.onnx'})")
+    if out.is_file() and out.stat().st_size:
+        with open(out, "rb") as f:
+            ours = f.read(1) == b"\x08"  # a serialised ModelProto starts with its ir_version (field 1, a varint)
+        if not ours:
+            raise InferenceError(f"{out} exists and is not an ONNX model, so export-onnx does not replace it; choose "
+                                 "another --onnx file name")
+
+
+def _export_with_external_data(export, out: Path) -> None:
+    """Export to ``out`` and ``out.data``, which the graph names: under their final names in a scratch folder, then
+    both replace their old versions together (a graph next to another export's weights reads garbage)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=TEMPORARY_SUFFIX, dir=out.parent) as scratch:
+        export(Path(scratch) / out.name)
+        with save_file_set(out.parent, "ONNX export") as files:
+            for name in (out.name, f"{out.name}.data"):
+                files.write(name, lambda tmp, name=name: os.replace(Path(scratch) / name, tmp))
 
 
 def check_onnx(netG: torch.nn.Module, path: Path, channels: int, multiple: int) -> float | None:

@@ -189,3 +189,58 @@ def test_a_saved_scene_keeps_class_ids_above_255(tmp_path):
     item = create_dataset(DataSpec.for_model(spec, dataroot=str(tmp_path / "edits"), phase="test",
                                              resize_or_crop="none"))[0]
     assert np.array_equal(item["label"][0].numpy(), label)
+
+
+def test_an_onnx_export_is_one_file_that_runs_where_it_is_moved(trained, tmp_path):
+    """torch's exporter put the weights in '<its file>.data': our hidden temporary's name, which the graph kept."""
+    ort = pytest.importorskip("onnxruntime")
+    ck, data = trained
+    assert main(run_args("export-onnx", ck, data, "--onnx", str(tmp_path / "out" / "g.onnx"))) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["g.onnx"]
+    shutil.move(tmp_path / "out" / "g.onnx", tmp_path / "moved.onnx")
+    ort.InferenceSession(str(tmp_path / "moved.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_weights_too_large_for_one_onnx_file_go_beside_it_under_its_name(trained, tmp_path, monkeypatch):
+    import onnx
+
+    from fastp2phd import inference
+
+    ck, _ = trained
+    monkeypatch.setattr(inference, "ONNX_INLINE_BYTES", 0)
+    model = inference.load_run(ck / "run")
+    for _ in range(2):  # a new export, then one that replaces it
+        path, difference = inference.export_onnx(model, tmp_path / "g.onnx")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["g.onnx", "g.onnx.data"]
+        graph = onnx.load(str(path), load_external_data=False).graph
+        places = {d.value for t in graph.initializer for d in t.external_data if d.key == "location"}
+        assert places == {"g.onnx.data"}
+        assert difference is None or difference < 1e-4
+
+
+def test_export_onnx_never_replaces_a_file_that_is_not_an_onnx_model(trained, tmp_path, capsys):
+    ck, data = copy_run(trained, tmp_path)
+    g = ck / "run" / "latest_net_G.pth"
+    before = g.read_bytes()
+    assert main(run_args("export-onnx", ck, data, "--onnx", str(g))) == 1
+    one_sentence(capsys, f"{g} exists and is not an ONNX model", "choose another --onnx")
+    assert g.read_bytes() == before
+    assert main(run_args("export-onnx", ck, data, "--onnx", str(tmp_path))) == 1
+    one_sentence(capsys, f"{tmp_path} is a folder")
+    assert main(run_args("export-onnx", ck, data)) == 0  # the default file, and again over it
+    assert main(run_args("export-onnx", ck, data)) == 0
+    assert not [p for p in (ck / "run").iterdir() if p.name.startswith(".")]
+
+
+def test_a_full_disk_during_an_onnx_export_keeps_the_previous_export(trained, tmp_path, monkeypatch, capsys):
+    from support import fill_disk_at_write
+
+    ck, data = trained
+    out = tmp_path / "g.onnx"
+    assert main(run_args("export-onnx", ck, data, "--onnx", str(out))) == 0
+    before = out.read_bytes()
+    fill_disk_at_write(monkeypatch, 0)
+    capsys.readouterr()
+    assert main(run_args("export-onnx", ck, data, "--onnx", str(out))) == 1
+    one_sentence(capsys, f"could not write {out}: the disk is full", "previous version of the file, if any, is intact")
+    assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["g.onnx"]
