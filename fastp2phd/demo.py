@@ -12,6 +12,7 @@ trained model beat the baseline.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -143,6 +144,10 @@ def _fid(trained, out: Path, device: torch.device, seed: int) -> str:
             f"scenes with sampled styles (so few images make FID biased upwards; KID is not), in {results}")
 
 
+# What a demo writes into --out, which --overwrite replaces.
+DEMO_PARTS = ("data", "checkpoints/demo", "web", "results")
+
+
 def _prepare(out: Path, overwrite: bool) -> str | None:
     """Make ``out`` ready for a demo; the sentence that says why not when it cannot be."""
     if out.exists() and not out.is_dir():
@@ -153,7 +158,11 @@ def _prepare(out: Path, overwrite: bool) -> str | None:
         if not overwrite:
             return (f"{out} holds an earlier demo; pass --overwrite to replace it (its checkpoints and saved edits "
                     "too), or choose another --out")
-        shutil.rmtree(out)
+        for part in DEMO_PARTS:  # the demo's own: another run in checkpoints/, or the user's files, stay
+            if (out / part).is_dir():
+                shutil.rmtree(out / part)
+        with contextlib.suppress(OSError):  # (only when empty)
+            (out / "checkpoints").rmdir()
     out.mkdir(parents=True, exist_ok=True)
     return None
 

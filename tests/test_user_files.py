@@ -244,3 +244,19 @@ def test_a_full_disk_during_an_onnx_export_keeps_the_previous_export(trained, tm
     assert main(run_args("export-onnx", ck, data, "--onnx", str(out))) == 1
     one_sentence(capsys, f"could not write {out}: the disk is full", "previous version of the file, if any, is intact")
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["g.onnx"]
+
+
+def test_demo_overwrite_replaces_only_the_demo_s_own_files(tmp_path):
+    """`edit --checkpoints_dir demo_output/checkpoints` invites runs beside the demo's: --overwrite removed them."""
+    from fastp2phd import demo
+
+    out = tmp_path / "demo_output"
+    for part in demo.DEMO_PARTS:
+        (out / part).mkdir(parents=True)
+        (out / part / "x").write_text("demo's")
+    (out / "checkpoints" / "mine").mkdir()
+    (out / "checkpoints" / "mine" / "latest_net_G.pth").write_text("the user's run")
+    (out / "notes.txt").write_text("the user's")
+    assert demo._prepare(out, overwrite=True) is None
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "checkpoints", "checkpoints/mine", "checkpoints/mine/latest_net_G.pth", "notes.txt"]
