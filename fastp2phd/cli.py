@@ -131,7 +131,7 @@ def _load_run(opt: argparse.Namespace):
     model = load_run(run_folder, opt.which_epoch, resolve_device(opt.device), model=model_spec(opt),
                      cluster_path=getattr(opt, "cluster_path", None), allow_pickle=getattr(opt, "allow_pickle", False),
                      precision=_precision(opt), compile=getattr(opt, "compile", "off"),
-                     optimize=_optimize(opt),
+                     optimize=_optimize(opt), read_clusters=opt.command != "encode-features",
                      source=f"{opt_txt} (with the flags given)" if opt_txt.is_file() else "the flags given")
     return model, run_folder
 

@@ -38,6 +38,7 @@ def load_run(
     compile: str = "off",
     optimize: bool = False,
     source: str | None = None,
+    read_clusters: bool = True,
 ) -> Pix2PixHD:
     """A trained run, ready to generate: ``Pix2PixHD`` in eval mode on ``device`` (default the CPU).
 
@@ -54,7 +55,8 @@ def load_run(
     ``fastp2phd.optimize_for_inference`` (channels_last: faster on the CPU, the same images). The
     checkpoints' shapes are checked against the options before any network is built; ``source`` names
     where the options came from in the sentence that says they differ (default: the opt.txt, or "the
-    model options" for ``model``).
+    model options" for ``model``). ``read_clusters=False`` leaves the clusters unread (encode-features, which
+    writes them anew: a damaged file or one of another run must not stop it).
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     autocast_dtype(precision, device)  # refuses fp16 on the CPU before anything is read
@@ -85,12 +87,12 @@ def load_run(
             load_network_state(net.netE, e_state, e_path)
         else:
             net.netE = None  # rather than an encoder with random weights
-    if model.uses_features and not model.load_features:
+    if model.uses_features and not model.load_features and read_clusters:
         clusters = Path(cluster_path) if cluster_path else folder / f"features_clustered_{model.n_clusters:03d}.npz"
         if not clusters.is_absolute() and cluster_path:
             clusters = folder / clusters
         if clusters.is_file():
-            net.clusters = load_cluster_file(clusters, allow_pickle, model.feat_num)
+            net.clusters = load_cluster_file(clusters, allow_pickle, model.feat_num, cluster_path is None)
         elif cluster_path:
             raise InferenceError(f"the clusters file {clusters} does not exist; check --cluster_path")
     net.precision = precision
@@ -138,16 +140,24 @@ def check_checkpoint_options(model: ModelSpec, g_state, g_path: Path, e_state, e
                                  "set the options the run was trained with")
 
 
-def load_cluster_file(path: Path, allow_pickle: bool, feat_num: int) -> dict[int, torch.Tensor]:
-    """The cluster centres in ``path`` (fastp2phd's .npz, or an original .npy), each class's (k, ``feat_num``)."""
-    from .features import import_official_clusters, load_clusters
+def load_cluster_file(path: Path, allow_pickle: bool, feat_num: int, encoded: bool = False) -> dict[int, torch.Tensor]:
+    """The cluster centres in ``path`` (fastp2phd's .npz, or an original .npy), each class's (k, ``feat_num``).
+    ``encoded``: ``path`` is the run's own file, which ``encode-features`` writes anew (what a damaged one needs)."""
+    from .features import ClustersFileError, import_official_clusters, load_clusters
 
-    clusters = import_official_clusters(path, allow_pickle=allow_pickle) if path.suffix == ".npy" else load_clusters(path)[0]
+    again = "; run `fastp2phd encode-features` to write it anew" if encoded else ""
+    try:
+        clusters = (import_official_clusters(path, allow_pickle=allow_pickle) if path.suffix == ".npy"
+                    else load_clusters(path)[0])
+    except ClustersFileError as exc:
+        if not encoded:  # (the user's --cluster_path: the sentence names it)
+            raise
+        raise InferenceError(f"{str(exc).rstrip('.')}{again}") from None
     for cls, centres in clusters.items():
         if centres.dim() != 2 or centres.shape[1] != feat_num:
             raise InferenceError(f"{path}: the centres of class {cls} have shape {tuple(centres.shape)}, but this "
                                  f"model's features have {feat_num} values (--feat_num): the clusters come from "
-                                 "another run; check --cluster_path (or --feat_num)")
+                                 f"another run{again or '; check --cluster_path'} (or --feat_num)")
     return clusters
 
 

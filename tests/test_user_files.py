@@ -260,3 +260,21 @@ def test_demo_overwrite_replaces_only_the_demo_s_own_files(tmp_path):
     assert demo._prepare(out, overwrite=True) is None
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
         "checkpoints", "checkpoints/mine", "checkpoints/mine/latest_net_G.pth", "notes.txt"]
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 cut", "another width"])
+def test_a_damaged_clusters_file_says_to_encode_again_which_then_rewrites_it(damage, trained, tmp_path, capsys):
+    import torch
+
+    from fastp2phd.features import save_clusters
+
+    ck, data = copy_run(trained, tmp_path)
+    clusters = ck / "run" / "features_clustered_002.npz"
+    if isinstance(damage, bytes):
+        clusters.write_bytes(damage)
+    else:  # an encoding of another run (feat_num 4), as encode-features writes it
+        save_clusters(clusters, {26: torch.ones(2, 4)}, {"kind": "clusters"})
+    assert main(run_args("test", ck, data, "--results_dir", str(tmp_path / "results"))) == 1
+    one_sentence(capsys, str(clusters), "run `fastp2phd encode-features` to write it anew")
+    assert main(run_args("encode-features", ck, data)) == 0  # (it read the file it was to replace, and stopped)
+    assert main(run_args("test", ck, data, "--results_dir", str(tmp_path / "results"))) == 0
