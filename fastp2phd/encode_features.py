@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .console import progress_bar
-from .features import FeatureCollector, cluster_features, clusters_writer
+from .features import ClustersFileError, FeatureCollector, cluster_features, clusters_writer, load_clusters
 from .files import remove_leftover_temporaries, save_file_set
 from .inference import InferenceError
 from .pix2pixhd import Pix2PixHD
@@ -38,6 +38,9 @@ def encode_features(model: Pix2PixHD, data: DataSpec, folder: str | os.PathLike,
     if model.netE is None:
         raise InferenceError("encode-features needs the run's encoder (<which_epoch>_net_E.pth), which is not there")
     folder = Path(folder)
+    path = folder / f"features_clustered_{spec.n_clusters:03d}.npz"
+    for name, kind in (("features.npz", "features"), (path.name, "clusters")):  # before the encoding's minutes
+        _check_replaceable(folder / name, kind)
     device = next(model.parameters()).device
     try:
         dataset = create_dataset(data.replace(read_images=True, train=False))
@@ -55,7 +58,6 @@ def encode_features(model: Pix2PixHD, data: DataSpec, folder: str | os.PathLike,
     except DatasetError as exc:
         raise InferenceError(str(exc)) from None
     features = collector.result()
-    path = folder / f"features_clustered_{spec.n_clusters:03d}.npz"
     # Only the leftovers of these two files: a `train` may be writing checkpoints into this folder now.
     remove_leftover_temporaries(folder, ["features.npz", path.name])
     centers = cluster_features(features, n_clusters=spec.n_clusters, area_threshold=area_threshold, seed=seed,
@@ -66,3 +68,18 @@ def encode_features(model: Pix2PixHD, data: DataSpec, folder: str | os.PathLike,
         files.write(path.name, clusters_writer(centers, {"kind": "clusters", "feat_num": spec.feat_num,
                                                          "n_clusters": spec.n_clusters}))
     return path
+
+
+def _check_replaceable(path: Path, kind: str) -> None:
+    """Refuse to replace clusters encode-features did not write: a user's, saved there with ``save_clusters``
+    (converted from the original's .npy, or edited), which no rerun gives back. An unreadable file is replaced."""
+    if not path.is_file():
+        return
+    try:
+        meta = load_clusters(path)[1]
+    except (ClustersFileError, OSError):
+        return
+    if meta.get("kind") != kind:
+        raise InferenceError(f"{path} holds {kind} that encode-features did not write (saved with save_clusters), "
+                             "so it does not replace them; move the file away (test and edit read it with "
+                             "--cluster_path) or remove it, and run encode-features again")

@@ -233,8 +233,9 @@ def test_encode_features_replaces_features_and_clusters_together(tmp_path, monke
     run = tmp_path / "ck" / "run"
     from fastp2phd.features import save_clusters
 
-    save_clusters(run / "features.npz", {26: torch.ones(1, 4)})  # an earlier encoding's files, unlike this one's
-    save_clusters(run / "features_clustered_010.npz", {26: torch.ones(2, 3)})
+    # An earlier encoding's files, unlike this one's (kind: what encode-features writes, and so replaces).
+    save_clusters(run / "features.npz", {26: torch.ones(1, 4)}, {"kind": "features"})
+    save_clusters(run / "features_clustered_010.npz", {26: torch.ones(2, 3)}, {"kind": "clusters"})
     old = {name: (run / name).read_bytes() for name in ("features.npz", "features_clustered_010.npz")}
     fill_disk_at_write(monkeypatch, failing_write)
     capsys.readouterr()

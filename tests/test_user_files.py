@@ -262,6 +262,23 @@ def test_demo_overwrite_replaces_only_the_demo_s_own_files(tmp_path):
         "checkpoints", "checkpoints/mine", "checkpoints/mine/latest_net_G.pth", "notes.txt"]
 
 
+@pytest.mark.parametrize("name", ["features_clustered_002.npz", "features.npz"])
+def test_encode_features_never_replaces_clusters_a_user_saved(name, trained, tmp_path, capsys):
+    """e.g. the original's features_clustered_010.npy converted with save_clusters, which no rerun gives back."""
+    import torch
+
+    from fastp2phd.features import save_clusters
+
+    ck, data = copy_run(trained, tmp_path)
+    save_clusters(ck / "run" / name, {26: torch.ones(2, 3)})
+    before = {p.name: p.read_bytes() for p in (ck / "run").iterdir() if p.is_file()}
+    assert main(run_args("encode-features", ck, data, *TINY)) == 1
+    one_sentence(capsys, f"{ck / 'run' / name} holds", "encode-features did not write", "--cluster_path")
+    assert {p.name: p.read_bytes() for p in (ck / "run").iterdir() if p.is_file()} == before
+    (ck / "run" / name).write_bytes(b"damaged")  # an unreadable one is what a new encoding repairs
+    assert main(run_args("encode-features", ck, data, *TINY)) == 0
+
+
 @pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 cut", "another width"])
 def test_a_damaged_clusters_file_says_to_encode_again_which_then_rewrites_it(damage, trained, tmp_path, capsys):
     import torch
