@@ -81,6 +81,8 @@ def _resume_state(trainer: Trainer, path: Path) -> None:
     except KeyError as exc:
         raise TrainingError(f"{path} lacks {exc} of a train state: it is damaged; remove it to continue from "
                             "the networks") from None
+    except CheckpointMismatchError as exc:  # (it named the network, not the file)
+        raise TrainingError(f"{path}: {exc}") from None
     trainer.say(f"resuming from {path} at epoch {state['epoch']}, iteration {state['epoch_iter']}")
 
 
@@ -94,11 +96,11 @@ def _resume_networks(trainer: Trainer, label: str) -> None:
             f"{label}_net_G.pth); drop --continue_train to start a new run, or check --name and --which_epoch"
         )
     nets = trainer.step.networks()
-    nets["G"].load_state_dict(read_state_dict(g_path))
+    _load(nets["G"], g_path)
     for key in ("D", "E"):
         net_path = folder / f"{label}_net_{key}.pth"
         if key in nets and net_path.is_file():
-            nets[key].load_state_dict(read_state_dict(net_path))
+            _load(nets[key], net_path)
     epoch, epoch_iter = 1, 0
     iter_path = folder / "iter.txt"
     if label.isdigit():  # saved at the end of that epoch (iter.txt is latest's position)
@@ -117,6 +119,14 @@ def _resume_networks(trainer: Trainer, label: str) -> None:
                 f"iteration {epoch_iter}")
 
 
+def _load(net, path: Path) -> None:
+    """``path``'s state_dict into ``net``; a file of another network or options is a sentence naming it."""
+    try:
+        net.load_state_dict(read_state_dict(path))
+    except CheckpointMismatchError as exc:
+        raise TrainingError(f"{path}: {exc}") from None
+
+
 def start_from(trainer: Trainer, folder: Path) -> None:
     """Coarse-to-fine: start from a trained run (a G1 for --netG local), D and E included when present."""
     label = trainer.spec.which_epoch
@@ -125,10 +135,13 @@ def start_from(trainer: Trainer, folder: Path) -> None:
         raise TrainingError(f"--load_pretrain {folder}: {g_path.name} is not there")
     state = read_state_dict(g_path)
     nets = trainer.step.networks()
-    if trainer.spec.model.netG == "local" and not any(k.startswith("model1_") for k in state):
-        nets["G"].load_global_generator(state)
-    else:
-        nets["G"].load_state_dict(state)
+    try:
+        if trainer.spec.model.netG == "local" and not any(k.startswith("model1_") for k in state):
+            nets["G"].load_global_generator(state)
+        else:
+            nets["G"].load_state_dict(state)
+    except (CheckpointMismatchError, InvalidArgumentError) as exc:
+        raise TrainingError(f"--load_pretrain {g_path}: {exc}") from None
     for key in ("D", "E"):
         path = folder / f"{label}_net_{key}.pth"
         if key in nets and path.is_file():

@@ -295,3 +295,22 @@ def test_a_damaged_clusters_file_says_to_encode_again_which_then_rewrites_it(dam
     one_sentence(capsys, str(clusters), "run `fastp2phd encode-features` to write it anew")
     assert main(run_args("encode-features", ck, data)) == 0  # (it read the file it was to replace, and stopped)
     assert main(run_args("test", ck, data, "--results_dir", str(tmp_path / "results"))) == 0
+
+
+def test_a_checkpoint_of_another_network_or_options_on_resume_is_a_sentence_naming_it(trained, tmp_path, capsys):
+    ck, data = copy_run(trained, tmp_path)
+    run = ck / "run"
+    argv = ["train", "--continue_train", "--name", "run", "--checkpoints_dir", str(ck), "--dataroot", str(data),
+            *TINY, *TRAIN]
+    wider = list(argv)
+    wider[wider.index("--ngf") + 1] = "8"
+    assert main(wider) == 1  # the train state, saved with ngf 4
+    one_sentence(capsys, f"fastp2phd train: {run / 'latest_train_state.pth'}: ", "saved with ngf=4")
+    (run / "latest_train_state.pth").unlink()  # the original code's checkpoints: the networks alone
+    shutil.copy(run / "latest_net_G.pth", run / "latest_net_D.pth")
+    assert main(argv) == 1
+    one_sentence(capsys, f"fastp2phd train: {run / 'latest_net_D.pth'}: ")
+    argv = ["train", "--name", "new", "--checkpoints_dir", str(ck), "--dataroot", str(data), *TINY, *TRAIN,
+            "--load_pretrain", str(run), "--netG", "local"]
+    assert main(argv) == 1  # a G1 of another width than the enhancer's needs
+    one_sentence(capsys, f"--load_pretrain {run / 'latest_net_G.pth'}: ")
