@@ -171,16 +171,19 @@ def save_instance_vectors(path: str | os.PathLike, ids: np.ndarray, vectors: np.
         write_instance_vectors(tmp, ids, vectors)
 
 
+_REDO = "save the scene again from the editor, or remove the file (its instances then sample the clusters)"
+
+
 def load_instance_vectors(path: str | os.PathLike, feat_num: int) -> dict[int, torch.Tensor]:
     """``{instance id: vector (feat_num,)}`` from a file :func:`save_instance_vectors` wrote."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             ids, vectors = npz["ids"], npz["vectors"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-        raise ClustersFileError(f"{path} is not an instance features file the editor wrote ({exc}).") from None
+        raise ClustersFileError(f"{path} is not an instance features file the editor wrote ({exc}); {_REDO}") from None
     if ids.ndim != 1 or vectors.shape != (ids.shape[0], feat_num) or ids.dtype.kind not in "iu":
-        raise ClustersFileError(f"{path} holds ids of shape {ids.shape} and vectors of shape {vectors.shape}; expected "
-                                f"(N,) integer ids and (N, {feat_num}) vectors for this model")
+        raise ClustersFileError(f"{path} holds ids of shape {ids.shape} and vectors of shape {vectors.shape}, not "
+                                f"(N,) integer ids and (N, {feat_num}) vectors for this model; {_REDO}")
     return {int(i): torch.from_numpy(np.array(v, np.float32)) for i, v in zip(ids, vectors)}
 
 

@@ -314,3 +314,16 @@ def test_a_checkpoint_of_another_network_or_options_on_resume_is_a_sentence_nami
             "--load_pretrain", str(run), "--netG", "local"]
     assert main(argv) == 1  # a G1 of another width than the enhancer's needs
     one_sentence(capsys, f"--load_pretrain {run / 'latest_net_G.pth'}: ")
+
+
+@pytest.mark.parametrize("command", ["test", "edit"])
+def test_a_damaged_saved_scene_s_features_say_what_to_do(command, trained, tmp_path, capsys):
+    ck, data = trained
+    shutil.copytree(data, tmp_path / "data")
+    features = tmp_path / "data" / "test_features" / "scene_00000_gtFine_labelIds.npz"
+    features.parent.mkdir()
+    features.write_bytes(b"PK\x03\x04 cut short")
+    extra = ["--results_dir", str(tmp_path / "results")] if command == "test" else ["--port", "0"]
+    assert main(run_args(command, ck, tmp_path / "data", *extra)) == 1
+    one_sentence(capsys, str(features), "save the scene again from the editor, or remove the file")
+    assert features.read_bytes() == b"PK\x03\x04 cut short"
