@@ -28,6 +28,7 @@ sys.path.insert(0, str(BENCH))
 from harness import Settings  # noqa: E402
 
 from fastp2phd.cpu_allocator import keep_freed_memory  # noqa: E402
+from fastp2phd.files import write_text  # noqa: E402
 
 
 def pytest_configure(config):
@@ -107,7 +108,7 @@ def pytest_sessionfinish(session, exitstatus):
     path = out / f"{device}-{slug}-{stamp}.json"
     if path.exists():  # never overwrite an earlier run
         raise RuntimeError(f"{path} exists; run again in a second")
-    path.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
+    write_text(path, json.dumps({**meta, "results": rows}, indent=1) + "\n")  # (a kill midway leaves no half file)
     print(f"\nbenchmark results: {path}")
     from report import write_report
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -25,7 +26,14 @@ GiB = 1024**3
 def load_runs(results: Path) -> list[dict]:
     runs = []
     for path in sorted(results.glob("*.json")):
-        run = json.loads(path.read_text())
+        try:  # one damaged file (a run killed while writing it, before writes were atomic) stopped every report
+            run = json.loads(path.read_text())
+            if not isinstance(run, dict) or any(k not in run for k in ("date", "device", "device_name", "results")):
+                raise ValueError("not a run's date, device and results")
+        except ValueError as exc:
+            print(f"report: {path} is not a bench results file ({type(exc).__name__}: {str(exc)[:80]}), so the report "
+                  "leaves it out; restore it from a copy or remove it", file=sys.stderr)
+            continue
         run["file"] = path.name
         runs.append(run)
     return sorted(runs, key=lambda r: r["date"])
@@ -421,7 +429,9 @@ def write_report(results: Path = BENCH / "results", out: Path = BENCH / "REPORT.
             lines += (precision_table(rows) if suite == "inference precision"
                       else suite_table(rows, bandwidth if run["device"] == "cuda" else None))
             lines.append("")
-    out.write_text("\n".join(lines) + "\n")
+    from fastp2phd.files import write_text
+
+    write_text(out, "\n".join(lines) + "\n")  # (a kill midway leaves the last report, not half of one)
     return out
 
 

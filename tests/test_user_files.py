@@ -327,3 +327,26 @@ def test_a_damaged_saved_scene_s_features_say_what_to_do(command, trained, tmp_p
     assert main(run_args(command, ck, tmp_path / "data", *extra)) == 1
     one_sentence(capsys, str(features), "save the scene again from the editor, or remove the file")
     assert features.read_bytes() == b"PK\x03\x04 cut short"
+
+
+def test_a_damaged_bench_results_file_is_left_out_of_the_report_with_a_sentence(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from report import write_report
+
+    results = tmp_path / "results"
+    results.mkdir()
+    row = {"suite": "boundary_map", "case": "1x1x8x8 int32 -> float32", "provider": "fastp2phd", "bytes": 256,
+           "images": 1, "peak_mb": 1.0, "median_s": 0.01, "iqr_s": 0.001, "min_s": 0.01, "max_s": 0.01, "rounds": 1}
+    run = {"device": "cpu", "device_name": "Test CPU", "cpu_threads": 2, "date": "2026-11-27T10:00Z", "torch": "x",
+           "triton": "y", "commit": "abc", "results": [row]}
+    (results / "cpu-good.json").write_text(json.dumps(run))
+    (results / "cpu-cut.json").write_text(json.dumps(run)[:40])
+    report = write_report(results, tmp_path / "REPORT.md").read_text()
+    assert "run `cpu-good.json`" in report and "cpu-cut.json" not in report
+    assert f"report: {results / 'cpu-cut.json'} is not a bench results file" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # (written through a temporary)
