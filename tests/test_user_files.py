@@ -350,3 +350,20 @@ def test_a_damaged_bench_results_file_is_left_out_of_the_report_with_a_sentence(
     assert "run `cpu-good.json`" in report and "cpu-cut.json" not in report
     assert f"report: {results / 'cpu-cut.json'} is not a bench results file" in capsys.readouterr().err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # (written through a temporary)
+
+
+@pytest.mark.parametrize("failing", [0, 3, 4])  # the first image, the last one, the page
+def test_a_full_disk_while_test_writes_keeps_the_earlier_results_and_says_so(failing, trained, tmp_path, monkeypatch,
+                                                                              capsys):
+    from support import fill_disk_at_write
+
+    ck, data = trained
+    argv = run_args("test", ck, data, "--results_dir", str(tmp_path / "results"))
+    assert main(argv) == 0
+    web = tmp_path / "results" / "run" / "test_latest"
+    before = {p: p.read_bytes() for p in web.rglob("*") if p.is_file()}
+    fill_disk_at_write(monkeypatch, failing)
+    capsys.readouterr()
+    assert main(argv) == 1
+    one_sentence(capsys, "fastp2phd test: could not write", "the disk is full", "is intact")
+    assert {p: p.read_bytes() for p in web.rglob("*") if p.is_file()} == before
