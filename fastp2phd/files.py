@@ -165,11 +165,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> None:
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:
-    """Append to a log; a full disk is one sentence (the log keeps its complete lines)."""
+    """Append to a log; a full disk is one sentence (the log keeps its complete lines). A line an earlier
+    write left cut (killed, or the disk full) is ended first, so that it does not swallow this one."""
     path = Path(path)
     with _explain_full_disk(path, None, kept="what was saved before, checkpoints included, is intact"):
-        with open(path, "a") as f:
-            f.write(text)
+        with open(path, "a+b") as f:
+            if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                text = "\n" + text
+            f.write(text.encode("utf-8"))
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:

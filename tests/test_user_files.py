@@ -367,3 +367,17 @@ def test_a_full_disk_while_test_writes_keeps_the_earlier_results_and_says_so(fai
     assert main(argv) == 1
     one_sentence(capsys, "fastp2phd test: could not write", "the disk is full", "is intact")
     assert {p: p.read_bytes() for p in web.rglob("*") if p.is_file()} == before
+
+
+def test_a_log_line_cut_by_a_kill_does_not_swallow_the_next_one(tmp_path):
+    import json
+
+    from fastp2phd.files import append_text
+
+    log = tmp_path / "loss_log.jsonl"
+    log.write_text('{"epoch": 1}\n{"epoch": 1, "epo')  # the append a kill (or a full disk) cut short
+    append_text(log, json.dumps({"epoch": 2}) + "\n")
+    append_text(log, json.dumps({"epoch": 3}) + "\n")
+    assert log.read_text().splitlines()[-2:] == ['{"epoch": 2}', '{"epoch": 3}']
+    append_text(tmp_path / "new.txt", "a\n")
+    assert (tmp_path / "new.txt").read_text() == "a\n"
