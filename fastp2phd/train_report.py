@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .train_step import Position
 
 _TXT_LINE = re.compile(r"\(epoch: (\d+), iters: (\d+),")  # a line of losses in loss_log.txt
+_PAGE_ROW = re.compile(r'src="images/epoch\d+_iter(\d+)_')  # a row of the web page: its images' total_steps
 
 
 class TrainingReport:
@@ -72,6 +73,16 @@ class TrainingReport:
             kept = [line for line in lines if not ((m := _TXT_LINE.match(line)) and tuple(map(int, m.groups())) > at)]
             if len(kept) < len(lines):
                 _write_lines(self.log_txt, kept)
+        if self.web is not None:  # the page goes on with the rows of the steps kept (the original lists every epoch)
+            self.web.reload()
+            rows: list[str] = []
+            for row in self.web.body:
+                if (m := _PAGE_ROW.search(row)) and int(m.group(1)) > position.total_steps:
+                    if rows and rows[-1].startswith("<h3>"):
+                        rows.pop()  # its header
+                    continue
+                rows.append(row)
+            self.web.body = rows
 
     def display(self, batch: dict, fake: torch.Tensor, epoch: int, epoch_iter: int, total_steps: int) -> None:
         if self.web is None:

@@ -73,6 +73,16 @@ class HTMLPage:
             )
         self.body.append("<table><tr>" + "".join(cells) + "</tr></table>")
 
+    def reload(self) -> None:
+        """Take the rows of the page this folder holds (a resumed run goes on with the page it was writing)."""
+        try:
+            text = (self.web_dir / "index.html").read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return
+        start, end = text.find("</h2>\n"), text.rfind("\n</body>")
+        if 0 <= start < end:
+            self.body = [row for row in text[start + len("</h2>\n"):end].split("\n") if row]
+
     def save(self) -> Path:
         meta = f'<meta http-equiv="refresh" content="{self.refresh}">' if self.refresh else ""
         page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{meta}<title>{html.escape(self.title)}</title></head>"

@@ -39,7 +39,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     data = make_synthetic(root / "data", num_train=6, num_test=2, height=32, width=64, seed=3)
     common = ["--name", "run", "--checkpoints_dir", str(root / "ck"), "--dataroot", str(data), *TINY]
-    assert main(["train", *common, *TRAIN]) == 0
+    assert main(["train", *common, *TRAIN, "--display_freq", "2"]) == 0
     assert main(["encode-features", *common]) == 0
     return root / "ck", data
 
@@ -165,7 +165,7 @@ def test_clusters_of_another_feature_width_are_refused_naming_the_file(trained, 
     save_clusters(clusters, {7: np.zeros((2, 4), np.float32)})  # this run's features have 3 values (--feat_num)
     capsys.readouterr()
     assert main(command("test", ck, data)) == 1
-    one_sentence(capsys, str(clusters), "have shape (2, 4)", "3 values (--feat_num)", "--cluster_path")
+    one_sentence(capsys, str(clusters), "have shape (2, 4)", "3 values (--feat_num)", "run `fastp2phd encode-features` to write it anew")
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -254,14 +254,28 @@ def test_a_new_start_removes_leftovers_of_killed_writes_and_a_resume_forgets_rep
         f.write(json.dumps({"epoch": 2, "epoch_iter": 2, "total_steps": state_steps + 2, "G_GAN": 1.0}) + "\n")
     with open(folder / "loss_log.txt", "a") as f:  # the same step in the original's format, and a note of the user's
         f.write("(epoch: 2, iters: 2, time: 0.100) G_GAN: 1.000\n=== resumed by hand ===\n")
+    page = folder / "web" / "index.html"
+    before = _page_rows(page)
+    assert before and max(before) <= state_steps
+    replayed = f'<h3>epoch 2, iteration 2</h3>\n<table><tr><td><img src="images/epoch002_iter{state_steps + 2}_x.png">'
+    page.write_text(page.read_text().replace("\n</body>", "\n" + replayed + "</td></tr></table>\n</body>"))
     common = ["--name", "run", "--checkpoints_dir", str(ck), "--dataroot", str(data), *TINY]
-    assert main(["train", *common, *TRAIN, "--niter", "2", "--continue_train"]) == 0
+    assert main(["train", *common, *TRAIN, "--niter", "2", "--continue_train", "--display_freq", "2"]) == 0
+    # The page goes on with the rows it showed (it started empty), without the replayed step's row.
+    after = _page_rows(page)
+    assert after[:len(before)] == before and len(after) > len(before) and after == sorted(set(after))
+    assert page.read_text().count("<h3>") == len(after)
     assert not leftover.exists() and foreign.exists()
     steps = [json.loads(line)["total_steps"] for line in (folder / "loss_log.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # no step logged twice
     text = (folder / "loss_log.txt").read_text()
     at = [tuple(map(int, m)) for m in re.findall(r"\(epoch: (\d+), iters: (\d+),", text)]
     assert at == sorted(at) and len(at) == len(set(at)) and (2, 2) in at and "=== resumed by hand ===\n" in text
+
+
+def _page_rows(page) -> list[int]:
+    """The total_steps of the training page's rows, in the page's order."""
+    return [int(m) for m in re.findall(r'<img src="images/epoch\d+_iter(\d+)_input_label', page.read_text())]
 
 
 def test_test_and_encode_features_remove_leftovers_of_their_killed_writes(trained, tmp_path):
