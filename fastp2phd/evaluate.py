@@ -2,7 +2,8 @@
 
 The protocol (written into every report):
 
-* Pairs: ``<results>/images/<stem>_synthesized_image.png`` (what ``fastp2phd test`` writes) for each label map
+* Pairs: ``<results>/images/<stem>_synthesized_image.png`` (what ``fastp2phd test`` writes; the ones its last
+  run's ``index.html`` shows, when there is one) for each label map
   ``<dataroot>/<phase>_label/**/<stem>.png``; the real photo is the file of ``<phase>_img`` at the same
   sorted position (the dataset's pairing). Generated images may differ in size from one another.
 * FID and KID on pool3 features (2048-d) of the FID Inception v3 (pytorch-fid's network: TensorFlow's
@@ -25,13 +26,16 @@ never downloaded here; see :func:`find_fid_weights`.
 """
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import unquote
 
 import numpy as np
 import torch
@@ -74,6 +78,19 @@ def _image_folder(results: Path) -> Path:
     return results
 
 
+def _on_page(results: Path, folder: Path) -> set[Path] | None:
+    """The generated images the page of the last ``fastp2phd test`` into ``results`` shows, or None (no such page).
+    A rerun with a smaller --how_many, or after more training, leaves the earlier run's other images in the folder:
+    they are not this run's."""
+    try:
+        page = (results / "index.html").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    links = {(results / unquote(html.unescape(src))).resolve() for src in re.findall(r'<img src="([^"]+)"', page)}
+    shown = {p for p in folder.rglob(f"*{SYNTHESIZED_SUFFIX}.png") if p.resolve() in links}
+    return shown or None
+
+
 def _check_folders(dataroot, phase: str, results: Path | None) -> None:
     """The folders evaluation reads exist (checked before anything slow or the FID weights)."""
     if str(dataroot) == "synthetic":
@@ -101,8 +118,9 @@ def pair_results(results: str | os.PathLike, dataroot: str | os.PathLike, phase:
     folder = _image_folder(results)
     # Keyed by the scene's name, its label map's path in <phase>_label without the extension (a/s for
     # a/s.png), which is where `test` writes its image: images/a/s_synthesized_image.png.
+    shown = _on_page(results, folder) if folder != results else None
     generated = {p.relative_to(folder).as_posix()[:-len(SYNTHESIZED_SUFFIX) - 4]: p
-                 for p in folder.rglob(f"*{SYNTHESIZED_SUFFIX}.png")}
+                 for p in (shown or folder.rglob(f"*{SYNTHESIZED_SUFFIX}.png"))}
     if not generated:
         raise EvaluationError(f"{folder} holds no *{SYNTHESIZED_SUFFIX}.png images; pass the folder `fastp2phd "
                               "test` wrote (it holds images/<name>_synthesized_image.png)")

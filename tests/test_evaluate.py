@@ -485,3 +485,34 @@ def test_confusion_matrix_counts_and_refuses_classes_out_of_range():
                                    ([0, 1], [0, -1], "prediction holds class -1")):
         with pytest.raises(EvaluationError, match=f"confusion_matrix: {bad}, outside 0..2"):
             confusion_matrix(np.array(truth), np.array(prediction), 3)
+
+
+def test_only_the_images_of_the_last_test_run_are_scored(tmp_path):
+    """A rerun of `test` with a smaller --how_many (or after more training) leaves the earlier run's other images
+    in its folder: the page says which images are this run's, so they are not scored with them. Names that the
+    page's links quote (a space, '#') pair too."""
+    import numpy as np
+    from PIL import Image
+
+    from fastp2phd.errors import EvaluationError
+    from fastp2phd.evaluate import pair_results
+    from fastp2phd.visualize import HTMLPage
+
+    names = ["a b", "c#", "d"]
+    for name in names:
+        for folder, mode in (("test_label", "L"), ("test_img", "RGB")):
+            (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+            Image.new(mode, (8, 4)).save(tmp_path / "data" / folder / f"{name}.png")
+    results = tmp_path / "results"
+    stale = HTMLPage(results, "an earlier run")
+    stale.add_images({"synthesized_image": np.zeros((4, 8, 3), np.uint8)}, prefix="d")
+    page = HTMLPage(results, "the last run")  # the page of the last run: two images
+    for name in names[:2]:
+        page.add_images({"synthesized_image": np.zeros((4, 8, 3), np.uint8)}, prefix=name)
+    page.save()
+    assert len(list((results / "images").glob("*_synthesized_image.png"))) == 3
+    with pytest.raises(EvaluationError, match="the first missing: d_synthesized_image.png"):
+        pair_results(results, tmp_path / "data", "test")
+    assert [p.name for p in pair_results(results, tmp_path / "data", "test", how_many=2)] == names[:2]
+    (results / "index.html").unlink()  # no page (images from elsewhere): every image in the folder is scored
+    assert [p.name for p in pair_results(results, tmp_path / "data", "test")] == names
