@@ -450,6 +450,60 @@ def test_a_fifo_named_like_an_image_is_refused_not_read(tmp_path):
     assert done.stdout.splitlines() == [sentence, sentence]
 
 
+def test_label_and_instance_maps_saved_as_jpeg_are_refused_before_reading(tmp_path):
+    # JPEG turns the ids along every edge into other ids: some out of range, others silently another class.
+    dirs = write_dataset(tmp_path, n=2)
+    for path in sorted(dirs["inst"].iterdir())[1:]:
+        Image.open(path).convert("L").save(path.with_suffix(".jpg"))
+        path.unlink()
+    with pytest.raises(DatasetError, match=r"s1_instanceIds\.jpg is a JPEG.*instance maps.*PNG"):
+        AlignedDataset(make_opt(dataroot=str(tmp_path)))
+    AlignedDataset(make_opt(dataroot=str(tmp_path), no_instance=True))  # photos may be JPEGs
+
+
+@pytest.mark.parametrize("picture", ["colour", "grey"])
+def test_a_colour_label_map_says_which_files_hold_ids(tmp_path, picture):
+    write_dataset(tmp_path, n=1)
+    ids = np.array(Image.open(tmp_path / "train_label" / "s0_labelIds.png"))
+    colours = label_palette(35)[ids] if picture == "colour" else np.stack([ids] * 3, -1)
+    Image.fromarray(colours.astype(np.uint8)).save(tmp_path / "train_label" / "s0_labelIds.png")
+    with pytest.raises(DatasetError) as info:
+        AlignedDataset(make_opt(dataroot=str(tmp_path)))[0]
+    expected = ("*_labelIds.png, not its colour pictures *_color.png", "--label_nc 0") if picture == "colour" else (
+        "three equal colour channels", "convert('L')")
+    assert all(text in str(info.value) for text in expected), info.value
+
+
+def test_files_that_do_not_pair_up_by_name_are_refused(tmp_path):
+    # Pairing is by sorted position: one missing instance map and one extra pair every scene with another's.
+    dirs = write_dataset(tmp_path, n=3)
+    (dirs["inst"] / "s0_instanceIds.png").rename(dirs["inst"] / "s3_instanceIds.png")
+    with pytest.raises(DatasetError) as info:
+        AlignedDataset(make_opt(dataroot=str(tmp_path)))
+    message = str(info.value)
+    assert "s0_labelIds.png would be paired with" in message and "s1_instanceIds.png" in message, message
+    assert "has no file for s0 and has s3" in message, message
+    # names of other schemes, with a suffix or in subfolders, pair as they are
+    for i, path in enumerate(sorted(dirs["img"].iterdir())):
+        path.rename(dirs["img"] / f"photo{i}.png")
+    (dirs["inst"] / "s3_instanceIds.png").rename(dirs["inst"] / "s0_instanceIds.png")
+    for folder in dirs.values():
+        (folder / "city").mkdir()
+        for path in folder.glob("*.png"):
+            path.rename(folder / "city" / path.name)
+    assert len(AlignedDataset(make_opt(dataroot=str(tmp_path)))) == 3
+
+
+def test_a_missing_folder_says_what_fits_the_case(tmp_path):
+    write_dataset(tmp_path, n=1, with_inst=False)
+    with pytest.raises(DatasetError, match=r"\(or pass --no_instance to train without instance maps\)"):
+        AlignedDataset(make_opt(dataroot=str(tmp_path)))
+    with pytest.raises(DatasetError, match=r"the run was trained with instance maps, so it needs them here too"):
+        AlignedDataset(make_opt(dataroot=str(tmp_path), isTrain=False))  # test: the model takes boundary maps
+    with pytest.raises(DatasetError, match=r"it holds train_label/: label maps need --label_nc"):
+        AlignedDataset(make_opt(dataroot=str(tmp_path), label_nc=0, no_instance=True))
+
+
 # ----------------------------------------------------------------------------- synthetic scenes
 def test_render_scene_content():
     for (h, w), seeds in (((32, 64), range(40)), ((128, 256), range(12)), ((256, 512), range(3))):

@@ -47,13 +47,14 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from PIL import Image
+from PIL import Image, ImageChops
 from torch.utils.data import Dataset
 
 from ..errors import Pix2PixHDError
 from ..files import finish_interrupted_save
 from ..memory import host_memory
 from ..specs import DataSpec
+from .pairing import unpaired
 from .transforms import (get_params, processed_size, to_image_tensor, to_instance_tensor, to_label_tensor,
                          transform)
 
@@ -243,9 +244,13 @@ def build_item(
 def check_label_ids(img: Image.Image, path: str, label_nc: int) -> None:
     """Raise DatasetError unless ``img`` is a single-channel map with ids in 0..label_nc-1."""
     if img.mode not in _LABEL_MODES:
+        if img.mode in ("RGB", "RGBA") and _grey(img):
+            raise DatasetError(f"Label map {path} holds its ids in three equal colour channels (PIL mode {img.mode}), "
+                               f"but label maps must be single-channel; save it as one (PIL's .convert('L')).")
         raise DatasetError(
-            f"Label map {path} has PIL mode {img.mode}, but with label_nc={label_nc} label maps must hold one id per "
-            f"pixel (8- or 16-bit single channel); use label_nc=0 for RGB inputs."
+            f"Label map {path} has PIL mode {img.mode}, but with label_nc={label_nc} label maps must hold one class id "
+            f"per pixel (8- or 16-bit single channel, such as Cityscapes' *_labelIds.png, not its colour pictures "
+            f"*_color.png); use such id maps, or --label_nc 0 to take RGB images as input."
         )
     low, high = img.getextrema()
     if low < 0 or high >= label_nc:
@@ -253,6 +258,29 @@ def check_label_ids(img: Image.Image, path: str, label_nc: int) -> None:
         raise DatasetError(
             f"Label map {path} contains id {bad}, outside 0..{label_nc - 1} for label_nc={label_nc}; check --label_nc."
         )
+
+
+def _missing_folder_hint(spec: DataSpec, key: str) -> str:
+    if key == "inst" and spec.train:
+        return " (or pass --no_instance to train without instance maps)"
+    if key == "inst":  # the run's opt.txt says no_instance False: its networks take a boundary map
+        return " (the run was trained with instance maps, so it needs them here too)"
+    if key == "label" and spec.label_nc == 0 and os.path.isdir(os.path.join(spec.dataroot, f"{spec.phase}_label")):
+        return f" (it holds {spec.phase}_label/: label maps need --label_nc, the number of label classes)"
+    return ""
+
+
+def _refuse_jpeg_ids(files: List[str], what: str) -> None:
+    """Ids saved as JPEG are changed along every edge by its lossy compression, into ids of other classes."""
+    jpeg = next((f for f in files if f.lower().endswith((".jpg", ".jpeg"))), None)
+    if jpeg is not None:
+        raise DatasetError(f"{jpeg} is a JPEG, whose lossy compression changes the ids of {what} along every edge; "
+                           f"use the original id maps saved as PNG.")
+
+
+def _grey(img: Image.Image) -> bool:
+    r, g, b = img.convert("RGB").split()
+    return ImageChops.difference(r, g).getbbox() is None and ImageChops.difference(r, b).getbbox() is None
 
 
 def _dataset_size(n: int, max_size) -> int:
@@ -299,12 +327,13 @@ class AlignedDataset(Dataset):
             if not os.path.isdir(folder):
                 raise DatasetNotFoundError(
                     f"Folder {folder} ({what}) does not exist: for phase '{p}' with label_nc={self.label_nc} "
-                    f"the dataset root {self.root} must contain {layout}"
-                    + (" (or pass --no_instance)." if key == "inst" else ".")
+                    f"the dataset root {self.root} must contain {layout}" + _missing_folder_hint(spec, key) + "."
                 )
             files = list_images(folder)
             if not files:
                 raise DatasetError(f"Folder {folder} ({what}) holds no image files ({' '.join(IMAGE_EXTENSIONS)}).")
+            if key == "inst" or (key == "label" and self.label_nc > 0):
+                _refuse_jpeg_ids(files, what)
             lists[key] = (folder, files)
         counts = {len(files) for _, files in lists.values()}
         if len(counts) > 1:
@@ -313,6 +342,9 @@ class AlignedDataset(Dataset):
                 f"Dataset folders hold different numbers of image files ({listing}); each label map needs exactly "
                 f"one file in every folder, paired by sorted path."
             )
+        mismatch = unpaired(lists)
+        if mismatch:
+            raise DatasetError(mismatch)
         n = _dataset_size(counts.pop(), spec.max_dataset_size)
         self.label_folder = lists["label"][0]
         self.label_paths = lists["label"][1][:n]
