@@ -164,14 +164,17 @@ class Pix2PixHD(nn.Module):
         h, w = tensor.shape[-2:]
         if h < smallest or w < smallest:
             raise InputSizeError(
-                f"{'the input' if source is None else source} is {h}x{w} pixels after --resize_or_crop, smaller than "
+                f"{'the input' if source is None else source} is {w}x{h} pixels after --resize_or_crop, smaller than "
                 f"the {smallest}x{smallest} this model needs; use larger images, or --resize_or_crop resize_and_crop "
                 f"with a --loadSize and --fineSize of at least {smallest}"
             )
-        if h % multiple or w % multiple:
+        if h % multiple or w % multiple:  # (scale_width makes the height loadSize x the aspect ratio: say so)
             raise InputSizeError(
-                f"input size {h}x{w} is not a multiple of {multiple}, which this generator needs; "
-                f"use --resize_or_crop none (rounds sizes) or a --loadSize/--fineSize that is a multiple of {multiple}"
+                f"{'the input' if source is None else source} is {w}x{h} pixels (width x height) after "
+                f"--resize_or_crop, not a multiple of {multiple} on both sides, which this model needs; use "
+                f"--resize_or_crop none, which rounds sizes to multiples of {multiple} as the original does, or crop "
+                f"to a --fineSize that is a multiple of {multiple} (scale_width keeps the aspect ratio, so --loadSize "
+                f"sets only the width)"
             )
 
     # ------------------------------------------------------------------ generation

@@ -257,8 +257,10 @@ class DataSpec(_Spec):
         if fields_.get("read_images") and model.output_nc != 3:
             raise SpecError(f"the real photos are read as RGB, so output_nc must be 3 to train on them or encode "
                             f"them, not {model.output_nc}")
+        # --resize_or_crop none rounds to G's multiple, as the original does; to E's where that is larger (there
+        # the original's encoder returns another size and fails), so that 'none' gives what both networks take.
         return cls(label_nc=model.label_nc, no_instance=model.no_instance, load_features=model.load_features,
-                   size_base=model.generator_size_multiple, **fields_)
+                   size_base=model.size_multiple, **fields_)
 
 
 @dataclass(frozen=True)

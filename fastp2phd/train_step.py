@@ -278,7 +278,7 @@ class TrainStep:
         batch = self._to_device(batch)
         label, inst, real = batch["label"], batch["inst"], self._layout(batch["image"])
         feat = batch["feat"] if model_spec.load_features else None
-        self.model.check_size(label)
+        self.model.check_size(label, (batch.get("path") or [None])[0])  # (one size per batch: its first file)
         self.one_size.check(real)
         self.on_phase("inputs")
         # Under autocast the label input is built in its low-precision type: the one-hot and boundary

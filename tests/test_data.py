@@ -164,6 +164,16 @@ def test_transform_size_edge_cases():
         get_params(make_opt(resize_or_crop="scale"), (10, 10), rng)
 
 
+def test_none_rounds_to_what_the_encoder_takes_too_where_it_downsamples_more_than_g():
+    # G1 with 2 downsamplings takes multiples of 4, the encoder's 4 need 16: rounding to 4 (the original's
+    # base) gave 128x100, which the encoder cannot take, and 'use --resize_or_crop none' was the advice.
+    model = ModelSpec(n_downsample_global=2, instance_feat=True, n_downsample_E=4)
+    spec = DataSpec.for_model(model, resize_or_crop="none")
+    size = transform(Image.new("L", (130, 100)), spec, {"crop_pos": (0, 0), "flip": False}, True).size
+    assert size == (128, 96) and size[0] % model.size_multiple == size[1] % model.size_multiple == 0
+    assert DataSpec.for_model(ModelSpec(n_downsample_global=2)).size_base == 4  # without E: the original's
+
+
 @pytest.mark.parametrize("flip", [False, True])
 def test_crop_and_flip_identical_for_label_instance_and_photo(flip):
     w, h = 300, 200

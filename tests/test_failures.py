@@ -328,6 +328,20 @@ def test_scenes_too_small_for_the_generator_are_one_sentence(trained, tmp_path, 
         one_sentence(capsys, "a.png is 4x4 pixels", "smaller than the 8x8 this model needs", "--resize_or_crop")
 
 
+def test_a_size_scale_width_cannot_make_says_why_and_names_the_file(tmp_path, capsys):
+    # 130x100 scaled to width 64 is 64x49: --loadSize 64 is a multiple of 4, the height is not.
+    data = tmp_path / "odd"
+    for folder, image in (("label", Image.new("L", (130, 100), 7)), ("inst", Image.new("L", (130, 100), 7)),
+                          ("img", Image.new("RGB", (130, 100)))):
+        (data / f"train_{folder}").mkdir(parents=True)
+        image.save(data / f"train_{folder}" / "a.png")
+    argv = ["train", "--dataroot", str(data), "--checkpoints_dir", str(tmp_path / "ck"), *TINY, *TRAIN]
+    assert main([*argv, "--resize_or_crop", "scale_width"]) == 1
+    one_sentence(capsys, "a.png is 64x49 pixels (width x height)", "not a multiple of 4",
+                 "scale_width keeps the aspect ratio, so --loadSize sets only the width")
+    assert main([*argv, "--name", "rounded"]) == 0  # TINY's --resize_or_crop none: 128x100, as the original
+
+
 @pytest.mark.parametrize("package", ["onnxscript", "onnx"])
 def test_export_onnx_without_its_optional_packages_says_which_extra_to_install(package, trained, tmp_path, capsys,
                                                                                monkeypatch):
