@@ -132,7 +132,8 @@ def start_from(trainer: Trainer, folder: Path) -> None:
     label = trainer.spec.which_epoch
     g_path = folder / f"{label}_net_G.pth"
     if not g_path.is_file():
-        raise TrainingError(f"--load_pretrain {folder}: {g_path.name} is not there")
+        raise TrainingError(f"--load_pretrain {folder} holds no {g_path.name}: pass the folder (checkpoints_dir/name) "
+                            "of a trained --netG global run, and a --which_epoch it saved")
     state = read_state_dict(g_path)
     nets = trainer.step.networks()
     try:

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -110,6 +111,7 @@ class Trainer:
         if trained:  # its first save would overwrite a trained run
             raise TrainingError(f"{self.run_folder} already holds a trained run ({trained[0].name}): continue it with "
                                 "--continue_train, or give the new run another --name (or remove those files)")
+        _check_coarse_to_fine(spec, warn=self.is_main)
         if self.is_main:
             _make_folder(self.run_folder)
             remove_leftover_temporaries(self.run_folder)
@@ -129,6 +131,11 @@ class Trainer:
         if len(self.dataset) == 0:
             raise TrainingError(f"the dataset at {spec.data.dataroot} holds no images")
         self.sampler = EpochSampler(len(self.dataset), not spec.serial_batches, spec.seed, self.rank, self.world)
+        if self.is_main and spec.batchSize > self.sampler.per_rank():  # (the original trains so too, without a word)
+            images = f"{self.sampler.per_rank()} image(s) each process reads" if self.world > 1 else (
+                f"{len(self.dataset)} image(s) of the dataset")
+            warnings.warn(f"--batchSize {spec.batchSize} is larger than the {images}, so every batch holds only "
+                          f"those; lower --batchSize, or add images", stacklevel=2)
         # CUDA graphs replay one batch size: --compile reduce-overhead on a GPU drops a smaller last batch.
         drop_last = spec.compile == "reduce-overhead" and device.type == "cuda" and len(self.dataset) >= spec.batchSize
         self.loader = DataLoader(self.dataset, batch_size=spec.batchSize, sampler=self.sampler,
@@ -299,6 +306,21 @@ def train(spec: TrainSpec, device: torch.device) -> dict[str, float]:
     finally:
         if trainer.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_coarse_to_fine(spec: TrainSpec, warn: bool) -> None:
+    """--netG local starts from a trained G1 (--load_pretrain) in pix2pixHD's recipe; freezing an untrained one is
+    never what was meant."""
+    if spec.model.netG != "local" or spec.load_pretrain or spec.continue_train:
+        return
+    if spec.niter_fix_global:
+        raise TrainingError(f"--niter_fix_global {spec.niter_fix_global} trains only the local enhancer around G1, "
+                            "which without --load_pretrain is untrained; pass --load_pretrain with the folder of a "
+                            "trained --netG global run, or drop --niter_fix_global")
+    if warn:
+        warnings.warn("--netG local without --load_pretrain trains G1 and the local enhancer together from scratch; "
+                      "pix2pixHD's recipe first trains a --netG global run and starts from it with --load_pretrain",
+                      stacklevel=2)
 
 
 def main_train(spec: TrainSpec, device: torch.device) -> int:

@@ -237,6 +237,23 @@ def test_coarse_to_fine(tmp_path, dataroot, capsys):
     assert not all(torch.equal(g2b[k], g1[k]) for k in g2b if k.startswith("model."))  # then all of G trains
 
 
+def test_coarse_to_fine_mistakes_are_sentences(tmp_path, dataroot, capsys):
+    ck, local = tmp_path / "ck", ["--netG", "local", "--n_blocks_local", "1", "--niter", "1", "--niter_decay", "0"]
+    # G1 frozen for an epoch but never trained: the local enhancer learns around random features
+    assert run(*train_args(ck, dataroot, *local, "--niter_fix_global", "1")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--niter_fix_global 1" in err and "untrained" in err and "--load_pretrain" in err, err
+    assert run(*train_args(ck, dataroot, *local, "--load_pretrain", tmp_path / "nowhere")) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "holds no latest_net_G.pth" in err and "trained --netG global run" in err, err
+    # from scratch is allowed (the original allows it), with a word on the recipe; and a batch larger than the data
+    with pytest.warns(UserWarning) as warned:
+        assert run(*train_args(ck, dataroot, *local, "--batchSize", "8")) == 0
+    said = [str(w.message) for w in warned]
+    assert any(m.startswith("--netG local without --load_pretrain trains G1 and the local enhancer") for m in said)
+    assert any(m.startswith("--batchSize 8 is larger than the 6 image(s) of the dataset") for m in said), said
+
+
 def test_mixed_precision_trains(tmp_path, dataroot, monkeypatch, capsys):
     monkeypatch.setattr("fastp2phd.diagnostics.cpu_bf16", lambda: None)  # a CPU without native bfloat16
     assert run(*train_args(tmp_path, dataroot, "--niter", "1", "--niter_decay", "0", "--fp16")) == 0
