@@ -68,7 +68,8 @@ def load_run(
                           "and likely slower than fp32; it still halves the activations' memory", stacklevel=2)
     folder = Path(path)
     if not folder.is_dir():
-        raise InferenceError(f"{folder} is not a run folder; pass checkpoints_dir/name of a trained run")
+        raise InferenceError(f"{folder} is not a run folder; pass checkpoints_dir/name of a trained run"
+                             f"{_runs_in(folder.parent)}")
     if model is None:
         if not (folder / OPT_TXT).is_file():
             raise InferenceError(f"{folder} has no {OPT_TXT}: pass model=ModelSpec(...) with the options the run was "
@@ -107,8 +108,26 @@ def load_run(
 def read_network_file(path: Path) -> dict[str, torch.Tensor]:
     """A network's state_dict (weights_only), or the sentence that says the file is missing."""
     if not path.is_file():
-        raise InferenceError(f"{path} does not exist: train first, or check --checkpoints_dir, --name and --which_epoch")
+        saved = sorted((f.name[:-len("_net_G.pth")] for f in path.parent.glob("*_net_G.pth")),
+                       key=lambda label: (not label.isdigit(), int(label) if label.isdigit() else 0, label))
+        if len(saved) == 1:
+            raise InferenceError(f"{path} does not exist: the run saved only '{saved[0]}'; pass --which_epoch "
+                                 f"{saved[0]}")
+        if saved:
+            raise InferenceError(f"{path} does not exist: the run saved {', '.join(saved)}; pass one of them to "
+                                 "--which_epoch")
+        raise InferenceError(f"{path} does not exist: train first, or check --checkpoints_dir, --name and --which_epoch"
+                             f"{_runs_in(path.parent.parent)}")
     return read_state_dict(path)
+
+
+def _runs_in(folder: Path) -> str:
+    """' (FOLDER holds the runs a, b)' for the sentence that says a run is not there: a typo in --name shows."""
+    runs = sorted(f.name for f in folder.glob("*") if (f / OPT_TXT).is_file()) if folder.is_dir() else []
+    if not runs:
+        return f" ({folder} does not exist)" if not folder.is_dir() else f" ({folder} holds no run)"
+    more = ", ..." if len(runs) > 10 else ""
+    return f" ({folder} holds the run{'s' if len(runs) > 1 else ''} {', '.join(runs[:10])}{more})"
 
 
 def load_network_state(net: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:

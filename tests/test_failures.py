@@ -328,6 +328,17 @@ def test_scenes_too_small_for_the_generator_are_one_sentence(trained, tmp_path, 
         one_sentence(capsys, "a.png is 4x4 pixels", "smaller than the 8x8 this model needs", "--resize_or_crop")
 
 
+@pytest.mark.parametrize("name", ["test", "export-onnx", "encode-features", "edit"])
+def test_a_run_or_epoch_that_is_not_there_says_what_is(name, trained, capsys):
+    ck, data = trained
+    assert main(command(name, ck, data, "--which_epoch", "7")) == 1
+    one_sentence(capsys, "7_net_G.pth does not exist: the run saved only 'latest'; pass --which_epoch latest")
+    argv = command(name, ck, data)
+    argv[argv.index("--name") + 1] = "rnu"  # a typo
+    assert main(argv) == 1
+    one_sentence(capsys, "rnu is not a run folder", f"({ck} holds the run run)")
+
+
 def test_a_size_scale_width_cannot_make_says_why_and_names_the_file(tmp_path, capsys):
     # 130x100 scaled to width 64 is 64x49: --loadSize 64 is a multiple of 4, the height is not.
     data = tmp_path / "odd"
