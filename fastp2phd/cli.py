@@ -12,6 +12,7 @@ can fix (a ``Pix2PixHDError``) ends here in one sentence and exit status 1.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import warnings
 from pathlib import Path
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, category, *_, **__: f"{command}: warning: {message}\n"
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse blames the top level, with its usage: the command's is the one that helps
+            _refuse_unknown(parser._subparsers._group_actions[0].choices[args.command], unknown)
         command = f"fastp2phd {args.command}"  # (before opt.txt is read: its problems are the command's)
         args = with_run_options(parser, args, argv)
         keep_freed_memory()  # large CPU tensors stop page-faulting on every call (fastp2phd.cpu_allocator)
@@ -52,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         warnings.formatwarning = format_warning
+
+
+def _refuse_unknown(command: argparse.ArgumentParser, unknown: list[str]) -> None:
+    """Exit (status 2) with the command's usage, and the option each mistyped one is likely meant to be."""
+    known = [flag for action in command._actions for flag in action.option_strings]
+    said = []
+    for arg in unknown:
+        close = difflib.get_close_matches(arg.split("=")[0], known, 1, cutoff=0.8) if arg.startswith("-") else []
+        said.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    command.error(f"unrecognized arguments: {' '.join(said)}")
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -47,3 +47,13 @@ def test_ctrl_c_is_one_sentence_and_status_130(command, monkeypatch, capsys):
     assert "\n" not in err and "Traceback" not in err
     resume = "; its last save is intact: add --continue_train to go on from there" if command == "train" else ""
     assert err == f"fastp2phd {command}: interrupted{resume}"
+
+
+def test_an_unknown_option_is_refused_by_its_command_with_the_option_it_likely_meant(capsys):
+    # argparse said "fastp2phd: error: unrecognized arguments" under the top level's usage, which lists no option
+    with pytest.raises(SystemExit) as caught:
+        cli.main(["train", "--labelnc", "35", "--name", "x", "--results_dir", "out"])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: fastp2phd train" in err and err.rstrip().endswith(
+        "fastp2phd train: error: unrecognized arguments: --labelnc (did you mean --label_nc?) 35 --results_dir out"), err
