@@ -112,6 +112,7 @@ def pair_results(results: str | os.PathLike, dataroot: str | os.PathLike, phase:
     """Generated image, label map and real photo of each of the first ``how_many`` scenes of ``dataroot``'s
     ``phase``; every mismatch between the folders is one sentence."""
     from .data.folder import list_images
+    from .data.pairing import unpaired
 
     results, root = Path(results), Path(dataroot)
     _check_folders(dataroot, phase, results)
@@ -137,6 +138,9 @@ def pair_results(results: str | os.PathLike, dataroot: str | os.PathLike, phase:
         if len(reals) != len(labels):
             raise EvaluationError(f"{real_dir} holds {len(reals)} images but {label_dir} holds {len(labels)} label "
                                   "maps; each label map needs its real image (paired by sorted path)")
+        mismatch = unpaired({"label": (str(label_dir), labels), "image": (str(real_dir), reals)})
+        if mismatch:  # (one photo missing and another extra scored every later scene against another's photo)
+            raise EvaluationError(mismatch)
     stems = [Path(p).relative_to(label_dir).with_suffix("").as_posix() for p in labels]
     unknown = sorted(set(generated) - set(stems))
     if unknown:

@@ -395,6 +395,7 @@ def remove(path: Path) -> None:
     ("no labels", "the label maps folder"),
     ("no real images", "the real images folder"),
     ("one real image", "holds 1 images but"),
+    ("unpaired real image", "label map {root}/test_label/a_gtFine_labelIds.png would be paired with"),
     ("one generated image", "holds 1 generated images but"),
     ("foreign name", "has no label map named c_gtFine_labelIds"),
     ("cropped", "another aspect ratio"),
@@ -420,6 +421,8 @@ def test_bad_input_is_one_sentence(scenes, tmp_path, random_weights, capsys, cas
         remove(root / "test_img")
     elif case == "one real image":
         remove(root / "test_img" / "b_leftImg8bit.png")
+    elif case == "unpaired real image":  # b's photo at a's position, c's (no label map) at b's
+        (root / "test_img" / "a_leftImg8bit.png").rename(root / "test_img" / "c_leftImg8bit.png")
     elif case == "one generated image":
         remove(images / "b_gtFine_labelIds_synthesized_image.png")
     elif case == "foreign name":
@@ -441,7 +444,7 @@ def test_bad_input_is_one_sentence(scenes, tmp_path, random_weights, capsys, cas
         argv += ["--how_many", case.split()[1]]
     assert evaluate(*argv) == 1
     err = capsys.readouterr().err
-    assert err.startswith("fastp2phd evaluate: ") and words in err and err.count("\n") == 1, err
+    assert err.startswith("fastp2phd evaluate: ") and words.format(root=root) in err and err.count("\n") == 1, err
     assert not (results / "evaluation.json").exists()
 
 

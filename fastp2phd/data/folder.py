@@ -9,7 +9,8 @@ Layout under ``spec.dataroot`` (a ``DataSpec``) for phase P ('train' or 'test'):
 * ``P_feat/``: precomputed feature maps (RGB images), when ``spec.load_features``.
 
 Each folder is searched recursively for image files (.png .jpg .jpeg .bmp .tif .tiff,
-any case); the lists are sorted by path and paired by position, then cut to
+any case); the lists are sorted by path and paired by position (names that show a file missing or
+extra in one folder are refused: ``fastp2phd.data.pairing``), then cut to
 ``spec.max_dataset_size`` items.
 
 Item ``i`` (a dict):
