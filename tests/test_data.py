@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -512,6 +513,8 @@ def test_a_missing_folder_says_what_fits_the_case(tmp_path):
         AlignedDataset(make_opt(dataroot=str(tmp_path), isTrain=False))  # test: the model takes boundary maps
     with pytest.raises(DatasetError, match=r"it holds train_label/: label maps need --label_nc"):
         AlignedDataset(make_opt(dataroot=str(tmp_path), label_nc=0, no_instance=True))
+    with pytest.raises(DatasetError, match=re.escape(f"(--dataroot is the folder that holds train_label/: {tmp_path})")):
+        AlignedDataset(make_opt(dataroot=str(tmp_path / "train_label"), no_instance=True))
 
 
 # ----------------------------------------------------------------------------- synthetic scenes

@@ -268,6 +268,9 @@ def _missing_folder_hint(spec: DataSpec, key: str) -> str:
         return " (the run was trained with instance maps, so it needs them here too)"
     if key == "label" and spec.label_nc == 0 and os.path.isdir(os.path.join(spec.dataroot, f"{spec.phase}_label")):
         return f" (it holds {spec.phase}_label/: label maps need --label_nc, the number of label classes)"
+    root = os.path.normpath(str(spec.dataroot))
+    if key == "label" and os.path.basename(root).endswith(("_label", "_img", "_inst", "_A", "_B")):
+        return f" (--dataroot is the folder that holds {os.path.basename(root)}/: {os.path.dirname(root) or '.'})"
     return ""
 
 
