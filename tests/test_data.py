@@ -5,6 +5,7 @@ import itertools
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -483,6 +484,10 @@ def test_a_colour_label_map_says_which_files_hold_ids(tmp_path, picture):
     expected = ("*_labelIds.png, not its colour pictures *_color.png", "--label_nc 0") if picture == "colour" else (
         "three equal colour channels", "convert('L')")
     assert all(text in str(info.value) for text in expected), info.value
+    shutil.move(tmp_path / "train_label" / "s0_labelIds.png", tmp_path / "train_inst" / "s0_instanceIds.png")
+    Image.fromarray(ids).save(tmp_path / "train_label" / "s0_labelIds.png")
+    with pytest.raises(DatasetError, match=r"Instance map .* mode RGB.*Cityscapes' \*_gtFine_instanceIds\.png\); use"):
+        AlignedDataset(make_opt(dataroot=str(tmp_path)))[0]
 
 
 def test_files_that_do_not_pair_up_by_name_are_refused(tmp_path):

@@ -390,7 +390,7 @@ class AlignedDataset(Dataset):
             if key == "inst" and img.mode not in _LABEL_MODES:
                 raise DatasetError(
                     f"Instance map {paths[index]} has PIL mode {img.mode}, but instance maps must hold one id per pixel "
-                    f"(8- or 16-bit single channel)."
+                    f"(8- or 16-bit single channel, such as Cityscapes' *_gtFine_instanceIds.png); use such maps."
                 )
             others[key] = img
         rng = item_rng(self.rng_seed, self.epoch, index)
