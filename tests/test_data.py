@@ -413,6 +413,11 @@ def test_error_label_ids_out_of_range(tmp_path):
         ds[1]
     message = str(info.value)
     assert "s1_labelIds.png" in message and "40" in message and "--label_nc" in message
+    bad[3, 5] = 255  # Cityscapes' train ids mark what they ignore 255
+    Image.fromarray(bad).save(tmp_path / "train_label" / "s1_labelIds.png")
+    with pytest.raises(DatasetError, match=r"id 255, .*; check --label_nc \(255 marks ignored pixels in Cityscapes' "
+                                           r"\*_labelTrainIds\.png: use its \*_labelIds\.png\)\.$"):
+        ds[1]
     # negative ids (a 32-bit TIFF label map), and RGB label maps where ids are expected
     neg = np.full((24, 40), 7, np.int32)
     neg[0, 0] = -1

@@ -256,8 +256,11 @@ def check_label_ids(img: Image.Image, path: str, label_nc: int) -> None:
     low, high = img.getextrema()
     if low < 0 or high >= label_nc:
         bad = low if low < 0 else high
+        ignore = (" (255 marks ignored pixels in Cityscapes' *_labelTrainIds.png: use its *_labelIds.png)"
+                  if bad == 255 else "")
         raise DatasetError(
-            f"Label map {path} contains id {bad}, outside 0..{label_nc - 1} for label_nc={label_nc}; check --label_nc."
+            f"Label map {path} contains id {bad}, outside 0..{label_nc - 1} for label_nc={label_nc}; check --label_nc"
+            f"{ignore}."
         )
 
 
