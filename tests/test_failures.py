@@ -346,7 +346,7 @@ def test_a_size_scale_width_cannot_make_says_why_and_names_the_file(tmp_path, ca
                           ("img", Image.new("RGB", (130, 100)))):
         (data / f"train_{folder}").mkdir(parents=True)
         image.save(data / f"train_{folder}" / "a.png")
-    argv = ["train", "--dataroot", str(data), "--checkpoints_dir", str(tmp_path / "ck"), *TINY, *TRAIN]
+    argv = ["train", "--dataroot", str(data), "--checkpoints_dir", str(tmp_path / "ck"), *TINY, *TRAIN, "--batchSize", "1"]
     assert main([*argv, "--resize_or_crop", "scale_width"]) == 1
     one_sentence(capsys, "a.png is 64x49 pixels (width x height)", "not a multiple of 4",
                  "scale_width keeps the aspect ratio, so --loadSize sets only the width")
