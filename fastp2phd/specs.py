@@ -214,7 +214,7 @@ class DataSpec(_Spec):
                            "'synthetic' for the built-in scenes)", DATA_LOADING)
     phase: str = option("train", "which folders to read: <phase>_label, ...", TRAINING)
     resize_or_crop: str = option("scale_width", "scaling and cropping of images at load time (resize: to loadSize x "
-                                 "loadSize; none: round sizes to what the generator takes)", DATA_LOADING,
+                                 "loadSize; none: round sizes to what G and E take)", DATA_LOADING,
                                  choices=RESIZE_OR_CROP_CHOICES)
     loadSize: int = option(1024, "scale images to this size", SIZES, parse=positive_int)
     fineSize: int = option(512, "then crop to this size", SIZES, parse=positive_int)
