@@ -164,9 +164,11 @@ def _read_rgb(path: Path) -> Image.Image:
 
 
 def _read_label(path: Path) -> np.ndarray:
-    from .data.folder import _LABEL_MODES, open_image
+    from .data.folder import _LABEL_MODES, _grey, open_image
 
     img = open_image(str(path))
+    if img.mode == "RGB" and _grey(img):  # ids in three equal channels, as training reads them
+        img = img.getchannel(0)
     if img.mode not in _LABEL_MODES:
         raise EvaluationError(f"label map {path} has PIL mode {img.mode}, not one Cityscapes label id per pixel; "
                               "pass the *_labelIds.png maps (single channel)")

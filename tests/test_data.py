@@ -478,11 +478,22 @@ def test_label_and_instance_maps_saved_as_jpeg_are_refused_before_reading(tmp_pa
     AlignedDataset(make_opt(dataroot=str(tmp_path), no_instance=True))  # photos may be JPEGs
 
 
+def test_a_grey_label_map_saved_as_rgb_is_read_as_its_ids(tmp_path):
+    """Three equal channels hold the ids, and the original reads them (its one-hot scatter sees each id thrice)."""
+    write_dataset(tmp_path, n=1)
+    expected = AlignedDataset(make_opt(dataroot=str(tmp_path)))[0]["label"]
+    ids = np.array(Image.open(tmp_path / "train_label" / "s0_labelIds.png"))
+    Image.fromarray(np.stack([ids] * 3, -1)).save(tmp_path / "train_label" / "s0_labelIds.png")
+    assert Image.open(tmp_path / "train_label" / "s0_labelIds.png").mode == "RGB"
+    assert torch.equal(AlignedDataset(make_opt(dataroot=str(tmp_path)))[0]["label"], expected)
+
+
 @pytest.mark.parametrize("picture", ["colour", "grey"])
 def test_a_colour_label_map_says_which_files_hold_ids(tmp_path, picture):
     write_dataset(tmp_path, n=1)
     ids = np.array(Image.open(tmp_path / "train_label" / "s0_labelIds.png"))
-    colours = label_palette(35)[ids] if picture == "colour" else np.stack([ids] * 3, -1)
+    # (A grey RGBA map: the original's scatter would read its alpha, 255, as an id.)
+    colours = label_palette(35)[ids] if picture == "colour" else np.stack([ids] * 3 + [ids * 0 + 255], -1)
     Image.fromarray(colours.astype(np.uint8)).save(tmp_path / "train_label" / "s0_labelIds.png")
     with pytest.raises(DatasetError) as info:
         AlignedDataset(make_opt(dataroot=str(tmp_path)))[0]

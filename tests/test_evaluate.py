@@ -192,6 +192,17 @@ def test_oracle_segmenter_scores_one(scenes, tmp_path, capsys):
     assert "| 13 | car | 1.0000 |" in (results / "evaluation.md").read_text()
 
 
+def test_a_grey_label_map_saved_as_rgb_is_scored_as_its_ids(scenes, tmp_path):
+    """As training reads it: the ids are in three equal channels."""
+    root, results = scenes
+    path = root / "test_label" / "a_gtFine_labelIds.png"
+    ids = np.asarray(Image.open(path))
+    Image.fromarray(np.stack([ids] * 3, -1)).save(path)
+    assert evaluate("--results", results, "--dataroot", root, "--no_fid",
+                    "--seg_model", save_oracle(tmp_path / "oracle.pt")) == 0
+    assert scores(results)["segmentation"]["miou"] == 1.0
+
+
 def test_segmenter_with_a_known_confusion(scenes, tmp_path):
     """Road predicted as sidewalk. Pixels scored at 8x16: scene a has sky 32, sidewalk 32, road 32 (and 32
     ignored), scene b car 64 and road 64. Road: 0 hits of 96 -> IoU 0; sidewalk: 32 hits, union 32 + 96 -> 0.25;

@@ -242,10 +242,13 @@ def build_item(
     return {"label": label_t, "inst": inst_t, "image": image_t, "feat": feat_t, "path": path, "name": name}
 
 
-def check_label_ids(img: Image.Image, path: str, label_nc: int) -> None:
-    """Raise DatasetError unless ``img`` is a single-channel map with ids in 0..label_nc-1."""
+def label_id_map(img: Image.Image, path: str, label_nc: int) -> Image.Image:
+    """``img`` as a single-channel map of ids in 0..label_nc-1, or DatasetError. A grey map saved as RGB (three
+    equal channels) is its first channel, as the original reads it (its one-hot scatter sees the same id thrice)."""
+    if img.mode == "RGB" and _grey(img):
+        img = img.getchannel(0)
     if img.mode not in _LABEL_MODES:
-        if img.mode in ("RGB", "RGBA") and _grey(img):
+        if img.mode == "RGBA" and _grey(img):
             raise DatasetError(f"Label map {path} holds its ids in three equal colour channels (PIL mode {img.mode}), "
                                f"but label maps must be single-channel; save it as one (PIL's .convert('L')).")
         raise DatasetError(
@@ -262,6 +265,7 @@ def check_label_ids(img: Image.Image, path: str, label_nc: int) -> None:
             f"Label map {path} contains id {bad}, outside 0..{label_nc - 1} for label_nc={label_nc}; check --label_nc"
             f"{ignore}."
         )
+    return img
 
 
 def _missing_folder_hint(spec: DataSpec, key: str) -> str:
@@ -374,7 +378,7 @@ class AlignedDataset(Dataset):
         label_path = self.label_paths[index]
         label = open_image(label_path, self.spec)
         if self.label_nc > 0:
-            check_label_ids(label, label_path, self.label_nc)
+            label = label_id_map(label, label_path, self.label_nc)
         others = {}
         for key, paths, what in (
             ("inst", self.inst_paths, "instance map"),
