@@ -54,6 +54,16 @@ def _write(folder: Path, label: str, state: dict) -> None:
         files.write_text("iter.txt", f"{state['epoch']},{state['epoch_iter']}\n")
 
 
+def check_resumable(folder: Path, label: str) -> None:
+    """Refuse --continue_train where there is nothing to continue (checked before the run folder is made, the data
+    read or VGG loaded)."""
+    if not (folder / f"{label}_train_state.pth").is_file() and not (folder / f"{label}_net_G.pth").is_file():
+        raise TrainingError(
+            f"--continue_train found nothing to continue in {folder} (no {label}_train_state.pth or "
+            f"{label}_net_G.pth); drop --continue_train to start a new run, or check --name and --which_epoch"
+        )
+
+
 def resume(trainer: Trainer) -> None:
     """Continue the run from ``<which_epoch>_train_state.pth``, or from the original code's networks."""
     label = trainer.spec.which_epoch
@@ -89,12 +99,7 @@ def _resume_state(trainer: Trainer, path: Path) -> None:
 def _resume_networks(trainer: Trainer, label: str) -> None:
     """An original pix2pixHD checkpoint: networks and iter.txt, no optimiser state."""
     folder = trainer.run_folder
-    g_path = folder / f"{label}_net_G.pth"
-    if not g_path.is_file():
-        raise TrainingError(
-            f"--continue_train found nothing to continue in {folder} (no {label}_train_state.pth or "
-            f"{label}_net_G.pth); drop --continue_train to start a new run, or check --name and --which_epoch"
-        )
+    g_path = folder / f"{label}_net_G.pth"  # (there: check_resumable)
     nets = trainer.step.networks()
     _load(nets["G"], g_path)
     for key in ("D", "E"):

@@ -111,6 +111,8 @@ class Trainer:
         if trained:  # its first save would overwrite a trained run
             raise TrainingError(f"{self.run_folder} already holds a trained run ({trained[0].name}): continue it with "
                                 "--continue_train, or give the new run another --name (or remove those files)")
+        if spec.continue_train:
+            train_state.check_resumable(self.run_folder, spec.which_epoch)
         _check_coarse_to_fine(spec, warn=self.is_main)
         if self.is_main:
             _make_folder(self.run_folder)
