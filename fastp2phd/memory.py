@@ -151,14 +151,10 @@ def _config(model: ModelSpec, size: tuple[int, int], batch: int, device_type: st
 
 def default_size(data: DataSpec, model: ModelSpec) -> tuple[int, int]:
     """(height, width) of the images ``data`` makes of Cityscapes' 2048x1024 images, rounded to ``model``'s multiple."""
-    width, height = 2048, 1024
-    mode = data.resize_or_crop
-    if mode in ("resize_and_crop", "crop", "scale_width_and_crop"):
-        width = height = data.fineSize
-    elif mode == "resize":
-        width = height = data.loadSize
-    elif mode == "scale_width":
-        width, height = data.loadSize, data.loadSize * height // width
+    from .data.transforms import processed_size
+
+    # The loader's own rule: a crop larger than the scaled image (loadSize == fineSize) leaves it uncropped.
+    width, height = processed_size(data, (2048, 1024))
     multiple = model.size_multiple
     return max(multiple, height // multiple * multiple), max(multiple, width // multiple * multiple)
 

@@ -109,6 +109,9 @@ def test_default_size_follows_the_resize_options():
     assert size("--loadSize", "1024") == (512, 1024)  # scale_width
     assert size("--resize_or_crop", "crop", "--fineSize", "300") == (300, 300)
     assert size("--netG", "local", "--resize_or_crop", "crop", "--fineSize", "300") == (296, 296)
+    # Scaled to 512x256, no side is larger than the crop: the loader does not crop (it was estimated at 512x512).
+    assert size("--resize_or_crop", "scale_width_and_crop", "--loadSize", "512", "--fineSize", "512") == (256, 512)
+    assert size("--resize_or_crop", "resize_and_crop", "--loadSize", "512", "--fineSize", "256") == (256, 256)
     assert parse_size("512x1024") == (512, 1024)
     with pytest.raises(ValueError, match="is not HEIGHTxWIDTH; write it like 1024x2048"):
         parse_size("512*1024")
