@@ -125,7 +125,7 @@ def _memory(args: argparse.Namespace) -> int:  # models a device; needs none
     opt = finish_options(args, is_train=True)
     device_type = "cpu" if (opt.device or "cuda").startswith("cpu") else "cuda"
     return main_memory(train_spec(opt), size=args.size, inference=args.inference, as_json=args.json,
-                       measure=args.measure, device_type=device_type)
+                       measure=args.measure, device_type=device_type, precision=args.precision)
 
 
 def _train(args: argparse.Namespace) -> int:

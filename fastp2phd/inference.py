@@ -248,7 +248,7 @@ def with_step_memory(model: Pix2PixHD, data: DataSpec) -> DataSpec:
     from .memory import device_memory, inference_bytes_per_pixel
 
     device = next(model.parameters()).device
-    return data.replace(step_bytes_per_pixel=inference_bytes_per_pixel(model.spec, device.type),
+    return data.replace(step_bytes_per_pixel=inference_bytes_per_pixel(model.spec, device.type, model.precision),
                         step_device_memory=device_memory(device))
 
 

@@ -257,15 +257,21 @@ def estimate_training_step(spec: TrainSpec, size: tuple[int, int] | None = None,
 
 
 def estimate_inference(model_spec: ModelSpec, size: tuple[int, int], batch: int = 1,
-                       device_type: str = "cuda") -> MemoryEstimate:
-    """Peak memory of generating one batch without autograd (as ``fastp2phd test`` does, fp32)."""
+                       device_type: str = "cuda", precision: str = "fp32") -> MemoryEstimate:
+    """Peak memory of generating one batch without autograd, as ``fastp2phd test --precision`` does: fp32, or
+    bf16/fp16 autocast (float32 weights, and autocast's low-precision copies of them)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode
 
     from .ops._dispatch import memory_model_device
-    from .pix2pixhd import Pix2PixHD
+    from .pix2pixhd import PRECISIONS, Pix2PixHD, autocast_dtype
 
     check_size(model_spec, size)
+    if precision not in PRECISIONS or device_type == "cpu":
+        autocast_dtype(precision, "cpu")  # the sentence test gives for an unknown precision, or fp16 on the CPU
+    amp = PRECISIONS[precision]
+    # The fake tensors are CPU tensors, where generate refuses fp16: bf16 runs instead, whose tensors are as large.
+    run_as = "fp32" if amp is None else "bf16"
     tracker = LiveBytes()
     flops = FlopCounterMode(display=False)
     with FakeTensorMode(), tracker, memory_model_device(device_type), torch.no_grad():
@@ -277,22 +283,22 @@ def estimate_inference(model_spec: ModelSpec, size: tuple[int, int], batch: int 
         feat = torch.zeros(batch, model_spec.feat_num, *size) if model_spec.uses_features else None
         _label_networks(tracker, {"G": model.netG})
         tracker.label = PHASE_LABELS["inputs"]
-        model.generate(data["label"], data["inst"], feat=feat)
+        model.generate(data["label"], data["inst"], feat=feat, precision=run_as)
         peak, peak_label, at_peak = tracker.peak, tracker.peak_label, tracker.at_peak
         with flops:  # a run of its own, as for training
-            model.generate(data["label"], data["inst"], feat=feat)
-    return MemoryEstimate("inference", _config(model_spec, size, batch, device_type, None, None), peak, peak_label,
+            model.generate(data["label"], data["inst"], feat=feat, precision=run_as)
+    return MemoryEstimate("inference", _config(model_spec, size, batch, device_type, amp, None), peak, peak_label,
                           {k: v for k, v in at_peak.items() if v > 0}, flops.get_total_flops())
 
 
 @functools.lru_cache(maxsize=16)
-def inference_bytes_per_pixel(model_spec: ModelSpec, device_type: str = "cuda") -> int:
+def inference_bytes_per_pixel(model_spec: ModelSpec, device_type: str = "cuda", precision: str = "fp32") -> int:
     """Bytes generating an image (``estimate_inference``) needs per pixel beyond the parameters: the slope
     between two small sizes, since every activation grows with the pixels. 0 where it cannot be estimated."""
     m = model_spec.size_multiple
     try:  # (4m: G's 7x7 reflection padding and its residual blocks' at the bottleneck need a few pixels)
-        small, large = (estimate_inference(model_spec, (4 * m, w * m), device_type=device_type).peak_bytes
-                        for w in (4, 8))
+        small, large = (estimate_inference(model_spec, (4 * m, w * m), device_type=device_type,
+                                           precision=precision).peak_bytes for w in (4, 8))
     except Exception:  # a safety check must not stop a run the model cannot estimate: the data's own bound stays
         return 0
     return math.ceil((large - small) / (16 * m * m))
@@ -373,21 +379,36 @@ def measure_training_step(spec: TrainSpec, size: tuple[int, int], step_class=Non
 
 
 def main_memory(spec: TrainSpec, *, size: str | None, inference: bool, as_json: bool, measure: bool,
-                device_type: str) -> int:
-    """``fastp2phd memory``: print (or --json) the estimate; with --measure, the real step's CUDA peak beside it."""
+                device_type: str, precision: str = "fp32") -> int:
+    """``fastp2phd memory``: print (or --json) the estimate; with --measure, the real step's CUDA peak beside it.
+    ``precision``: test's --precision, for ``inference``."""
     import sys
 
+    from .pix2pixhd import fastest_precision
     from .train_step import TrainingError
 
+    notes = []
     try:
         shape = parse_size(size) if size else default_size(spec.data, spec.model)
         if inference:
-            estimate = estimate_inference(spec.model, shape, spec.batchSize, device_type)
+            if precision == "auto":  # what test would pick on the device modelled
+                if device_type == "cuda" and not torch.cuda.is_available():
+                    raise InvalidArgumentError("--precision auto is bf16 or fp32 by the GPU, and this machine has "
+                                               "none: give --precision bf16, fp16 or fp32")
+                precision = fastest_precision(device_type)
+            if spec.fp16:  # (as test says of it)
+                notes.append(f"--fp16 is a training option; inference runs in --precision {precision}"
+                             + (" (use --precision bf16 or fp16)" if precision == "fp32" else ""))
+            estimate = estimate_inference(spec.model, shape, spec.batchSize, device_type, precision)
+        elif precision != "fp32":
+            raise InvalidArgumentError(f"--precision {precision} is inference's (with --inference); a training step's "
+                                       "precision is --fp16 (and --amp_dtype)")
         else:
             estimate = estimate_training_step(spec, shape, device_type)
     except (ValueError, TrainingError) as exc:
         print(f"fastp2phd memory: {exc}", file=sys.stderr)
         return 1
+    estimate.notes += notes
     status = 0
     if measure:
         if inference:

@@ -332,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", default=None,
                    help="HEIGHTxWIDTH of the images (default: what the options make of 2048x1024 Cityscapes images)")
     g.add_argument("--inference", action="store_true", help="estimate generating a batch (as test does) instead")
+    add_precision_option(g)  # (test's; a training step's is --fp16)
     g.add_argument("--json", action="store_true", help="print the estimate as JSON")
     g.add_argument("--measure", action="store_true",
                    help="also run the real step on the CUDA device and print torch.cuda.max_memory_allocated")

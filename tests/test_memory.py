@@ -100,6 +100,37 @@ def test_inference_estimate_is_the_generator_alone():
     assert inference.peak_bytes < estimate_training_step(opt, (64, 128)).peak_bytes
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_inference_estimate_equals_real_generation_at_its_precision(precision):
+    """test --precision bf16 runs autocast: halved activations, plus autocast's bf16 copies of the float32
+    weights (the estimate once ran fp32 whatever the precision)."""
+    from fastp2phd.memory import _fake_batch
+    from fastp2phd.pix2pixhd import Pix2PixHD
+
+    spec = train_options("--n_blocks_global", "2").model
+    estimate = estimate_inference(spec, (64, 128), device_type="cpu", precision=precision)
+    with LiveBytes() as tracker:
+        model = Pix2PixHD(spec).eval()
+        batch = _fake_batch(spec, 1, (64, 128), random=True)
+        model.inference(batch["label"], batch["inst"], precision=precision)
+    assert estimate.peak_bytes == tracker.peak
+    assert estimate.config["precision"] == {"fp32": "fp32", "bf16": "bf16 autocast"}[precision]
+
+
+def test_inference_fp16_is_estimated_as_test_runs_it(capsys):
+    def peak(*argv):
+        assert main(["memory", *TINY, "--size", "64x128", "--inference", "--json", *argv]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    fp32, bf16, fp16 = peak(), peak("--precision", "bf16"), peak("--precision", "fp16")
+    assert fp16["config"]["precision"] == "fp16 autocast" and fp16["peak_bytes"] == bf16["peak_bytes"] != fp32["peak_bytes"]
+    # --fp16 trains in mixed precision; test runs --precision (fp32 by default) and says so, as the estimate does.
+    with_fp16 = peak("--fp16")
+    assert with_fp16["peak_bytes"] == fp32["peak_bytes"] and with_fp16["config"]["precision"] == "fp32"
+    assert with_fp16["notes"] == ["--fp16 is a training option; inference runs in --precision fp32 (use --precision "
+                                  "bf16 or fp16)"]
+
+
 def test_default_size_follows_the_resize_options():
     def size(*extra):
         spec = train_options(*extra)
@@ -140,6 +171,13 @@ def test_measure_without_cuda_says_so_and_still_prints_the_estimate(capsys):
     assert "--measure needs a CUDA device, and this machine has none" in captured.err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_inference_precision_auto_without_a_gpu_is_refused(capsys):
+    """auto is what the GPU modelled supports, which a machine without one cannot tell."""
+    assert main(["memory", *TINY, "--size", "64x128", "--inference", "--precision", "auto"]) == 1
+    assert "--precision auto is bf16 or fp32 by the GPU, and this machine has none" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--size", "62x128"], "size 62x128 is not a multiple of 4, which this generator needs"),
     (["--size", "4x128"], "size 4x128 is smaller than the 8x8 this generator needs"),
@@ -147,6 +185,9 @@ def test_measure_without_cuda_says_so_and_still_prints_the_estimate(capsys):
     (["--size=-8x128"], "is not HEIGHTxWIDTH"),
     (["--niter_fix_global", "2"], "niter_fix_global trains only the local enhancer: it needs netG local"),
     (["--size", "big"], "is not HEIGHTxWIDTH"),
+    # Options the estimate cannot follow: refused, not ignored.
+    (["--precision", "bf16"], "--precision bf16 is inference's (with --inference); a training step's precision is --fp16"),
+    (["--inference", "--device", "cpu", "--precision", "fp16"], "fp16 inference needs a CUDA device"),
 ])
 def test_memory_command_bad_options_get_one_sentence(argv, message, capsys):
     assert main(["memory", *TINY, *argv]) == 1
