@@ -385,11 +385,17 @@ def main_memory(spec: TrainSpec, *, size: str | None, inference: bool, as_json: 
     import sys
 
     from .pix2pixhd import fastest_precision
+    from .specs import WHOLE_SCENE_MODES
     from .train_step import TrainingError
 
     notes = []
     try:
-        shape = parse_size(size) if size else default_size(spec.data, spec.model)
+        data = spec.data
+        if inference and data.resize_or_crop in WHOLE_SCENE_MODES and not size:
+            data = data.replace(resize_or_crop=WHOLE_SCENE_MODES[data.resize_or_crop])
+            notes.append(f"test reads a run trained on crops whole (--resize_or_crop {data.resize_or_crop}), as "
+                         "here; --size gives another size")
+        shape = parse_size(size) if size else default_size(data, spec.model)
         if inference:
             if precision == "auto":  # what test would pick on the device modelled
                 if device_type == "cuda" and not torch.cuda.is_available():
@@ -399,6 +405,8 @@ def main_memory(spec: TrainSpec, *, size: str | None, inference: bool, as_json: 
             if spec.fp16:  # (as test says of it)
                 notes.append(f"--fp16 is a training option; inference runs in --precision {precision}"
                              + (" (use --precision bf16 or fp16)" if precision == "fp32" else ""))
+            if spec.batchSize > 1:
+                notes.append(f"test generates one image at a time; this is {spec.batchSize} at once (--batchSize)")
             estimate = estimate_inference(spec.model, shape, spec.batchSize, device_type, precision)
         elif precision != "fp32":
             raise InvalidArgumentError(f"--precision {precision} is inference's (with --inference); a training step's "

@@ -131,6 +131,19 @@ def test_inference_fp16_is_estimated_as_test_runs_it(capsys):
                                   "bf16 or fp16)"]
 
 
+def test_inference_of_a_run_trained_on_crops_is_estimated_on_whole_scenes(capsys):
+    """test reads whole scenes of a run trained on crops (the estimate was of a crop: 1/32 of the pixels), one
+    at a time."""
+    assert main(["memory", *TINY, "--inference", "--resize_or_crop", "crop", "--fineSize", "256", "--batchSize", "2",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["config"]["height"], data["config"]["width"]) == (1024, 2048)
+    assert "test reads a run trained on crops whole (--resize_or_crop none)" in data["notes"][0]
+    assert data["notes"][1] == "test generates one image at a time; this is 2 at once (--batchSize)"
+    assert main(["memory", *TINY, "--resize_or_crop", "crop", "--fineSize", "256", "--json"]) == 0  # training: crops
+    assert json.loads(capsys.readouterr().out)["config"]["height"] == 256
+
+
 def test_default_size_follows_the_resize_options():
     def size(*extra):
         spec = train_options(*extra)
