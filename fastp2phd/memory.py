@@ -390,6 +390,8 @@ def main_memory(spec: TrainSpec, *, size: str | None, inference: bool, as_json: 
 
     notes = []
     try:
+        if spec.compile != "off":  # (a compiled step keeps other tensors, which fake tensors cannot tell)
+            raise InvalidArgumentError("the memory model runs the networks eagerly: estimate without --compile")
         data = spec.data
         if inference and data.resize_or_crop in WHOLE_SCENE_MODES and not size:
             data = data.replace(resize_or_crop=WHOLE_SCENE_MODES[data.resize_or_crop])

@@ -199,6 +199,7 @@ def test_inference_precision_auto_without_a_gpu_is_refused(capsys):
     (["--niter_fix_global", "2"], "niter_fix_global trains only the local enhancer: it needs netG local"),
     (["--size", "big"], "is not HEIGHTxWIDTH"),
     # Options the estimate cannot follow: refused, not ignored.
+    (["--compile"], "the memory model runs the networks eagerly: estimate without --compile"),
     (["--precision", "bf16"], "--precision bf16 is inference's (with --inference); a training step's precision is --fp16"),
     (["--inference", "--device", "cpu", "--precision", "fp16"], "fp16 inference needs a CUDA device"),
 ])
