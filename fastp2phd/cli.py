@@ -120,7 +120,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _memory(args: argparse.Namespace) -> int:  # models a device; needs none
-    from .memory import main_memory
+    from .memory_command import main_memory
 
     opt = finish_options(args, is_train=True)
     device_type = "cpu" if (opt.device or "cuda").startswith("cpu") else "cuda"
