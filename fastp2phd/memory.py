@@ -187,6 +187,7 @@ PHASE_LABELS = {
     "G losses": "G losses: pairs, loss terms",
     "G backward": "G backward: gradients, recomputation",
     "optimizer steps": "optimizer states (Adam)",
+    "image pool": "image pool (--pool_size)",
 }
 
 
@@ -207,6 +208,29 @@ def _label_networks(tracker: LiveBytes, networks: dict[str, torch.nn.Module | No
 
         net.register_forward_pre_hook(enter)
         net.register_forward_hook(leave)
+
+
+class _SteppingGradScaler(torch.amp.GradScaler):
+    """--fp16's grad scaler (float16), stepping without reading whether the gradients overflowed: fake tensors
+    hold no values to read. It allocates what the real one does (in-place unscaling, a few scalars)."""
+
+    def _maybe_opt_step(self, optimizer, optimizer_state, *args, **kwargs):
+        return optimizer.step(*args, **kwargs)
+
+
+def first_step(step, batch: dict) -> torch.Tensor:
+    """Run ``step``'s first step on ``batch``, leaving it as every later step of a long run finds it: with Adam
+    states for all of G (with --niter_fix_global the run's peak comes after those epochs, when all of G trains)
+    and a full image pool (--pool_size: it fills over the run's first steps). Returns the generated images, which
+    the training loop keeps through the next step."""
+    if step.fixed_global:
+        step.train_whole_generator()
+    images = step.step(batch)[1]
+    step.on_phase("image pool")
+    pool = step.pool
+    while 0 < len(pool.images) < pool.pool_size:
+        pool.images.append(pool.images[-1].clone())
+    return images
 
 
 def estimate_training_step(spec: TrainSpec, size: tuple[int, int] | None = None, device_type: str = "cuda",
@@ -244,11 +268,14 @@ def estimate_training_step(spec: TrainSpec, size: tuple[int, int] | None = None,
             tracker.label = PHASE_LABELS.get(name, name)
 
         step.on_phase = phase
-        step.step(batch)  # the first step creates the optimisers' states
+        if fake and step.scaler.is_enabled():
+            step.scaler = _SteppingGradScaler(step.device.type)
+        images = first_step(step, batch)
         tracker.label = "between steps"
         tracker.reset_peak()
         step.step(batch)
         peak, peak_label, at_peak = tracker.peak, tracker.peak_label, tracker.at_peak
+        del images
         with flops:  # a step of its own: counting FLOPs changes what autograd keeps
             step.step(batch)
     config = _config(spec.model, size, spec.batchSize, device_type, step.amp_dtype, spec)
@@ -370,9 +397,10 @@ def measure_training_step(spec: TrainSpec, size: tuple[int, int], step_class=Non
     torch.cuda.empty_cache()
     step = (step_class or TrainStep)(spec, device, vgg=None if spec.no_vgg_loss else Vgg19(pretrained=False))
     batch = {k: v.to(device) for k, v in _fake_batch(spec.model, spec.batchSize, size, random=True).items()}
-    step.step(batch)
+    images = first_step(step, batch)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     step.step(batch)
     torch.cuda.synchronize()
+    del images
     return torch.cuda.max_memory_allocated()

@@ -167,8 +167,10 @@ class TrainStep:
         self.memory_format = torch.channels_last if spec.channels_last else torch.contiguous_format
         if spec.channels_last:  # the ops keep the layout, so it holds from the input to the losses and back
             for net in (self.model, self.netD, self.vgg_loss):
-                if net is not None:
-                    net.to(memory_format=torch.channels_last)
+                # net.to(memory_format=...), by .data: `to` swaps fake parameters (the memory model's) and fails
+                for t in [*net.parameters(), *net.buffers()] if net is not None else ():
+                    if t.dim() == 4:
+                        t.data = t.data.to(memory_format=torch.channels_last)
         self.gen, self.disc = self.model, self.netD  # DistributedDataParallel wrappers when several processes train
         self.distributed = False
         compiled = compile_networks([self.model.netG, self.model.netE, self.netD, self.vgg_loss], spec.compile,
