@@ -8,14 +8,13 @@ reference says when one is freed); the largest sum is the peak. Every storage is
 charged to what allocated it: a network's forward (G, E, D, VGG), a part of the step
 (its backward passes, the optimiser steps), the parameters, the batch.
 
-The step is ``TrainStep.step`` itself: the second of two steps is measured (it starts with the
-Adam states the first created, as every step of a run does), and a third counts FLOPs. By default
-the model is a CUDA run: ``"auto"`` takes the GPU fast paths (their fake kernels),
-and mixed precision follows PyTorch's autocast rules for the CPU, which match CUDA's
-for what holds the memory here (convolutions in low precision, norms in their
-input's type). Left out: the CUDA context (about 0.3-0.6 GiB), cuDNN/cuBLAS
-workspaces, and the caching allocator's rounding and fragmentation (typically
-5-15% over the peak of live tensors).
+The step is ``TrainStep.step`` itself: the second of two steps is measured (it starts as every step
+of a long run does: with the Adam states the first created, a full image pool, the last step's images),
+and a third counts FLOPs. By default the model is a CUDA run: ``"auto"`` takes the GPU fast paths
+(their fake kernels), and mixed precision runs CPU autocast (the fake tensors are CPU tensors) with
+CUDA's rules where they differ (``autocast_rules_of``: CPU's pads in float32). Left out: the CUDA context
+(about 0.3-0.6 GiB), cuDNN/cuBLAS workspaces, and the caching allocator's rounding and fragmentation
+(typically 5-15% over the peak of live tensors).
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ import functools
 import json
 import math
 import os
+import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -210,6 +210,36 @@ def _label_networks(tracker: LiveBytes, networks: dict[str, torch.nn.Module | No
         net.register_forward_hook(leave)
 
 
+@contextlib.contextmanager
+def autocast_rules_of(device_type: str):
+    """CPU autocast (what runs on the fake tensors, which are CPU tensors) with CUDA's rules, for ``"cuda"``, where
+    they differ for pix2pixHD's ops: CPU autocast pads (reflection, replication) in float32, CUDA's in the input's
+    type; CUDA's takes pow in float32. Kernels registered for the process while the block runs (the estimates run
+    one at a time)."""
+    if device_type != "cuda":
+        yield
+        return
+    lib = torch.library.Library("aten", "IMPL")
+    autocast = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def kernel_of(op, float32: bool):
+        def kernel(x, *args):
+            with torch._C._ExcludeDispatchKeyGuard(autocast):
+                return op(x.float() if float32 and x.dtype in (torch.float16, torch.bfloat16) else x, *args)
+        return kernel
+
+    with warnings.catch_warnings():  # (that a kernel of PyTorch's is overridden: for this block, as meant)
+        warnings.simplefilter("ignore")
+        for name, op, float32 in (("reflection_pad2d", torch.ops.aten.reflection_pad2d.default, False),
+                                  ("replication_pad2d", torch.ops.aten.replication_pad2d.default, False),
+                                  ("pow.Tensor_Scalar", torch.ops.aten.pow.Tensor_Scalar, True)):
+            lib.impl(name, kernel_of(op, float32), "AutocastCPU")
+    try:
+        yield
+    finally:
+        lib._destroy()
+
+
 class _SteppingGradScaler(torch.amp.GradScaler):
     """--fp16's grad scaler (float16), stepping without reading whether the gradients overflowed: fake tensors
     hold no values to read. It allocates what the real one does (in-place unscaling, a few scalars)."""
@@ -257,7 +287,8 @@ def estimate_training_step(spec: TrainSpec, size: tuple[int, int] | None = None,
     check_size(spec.model, size)
     tracker = LiveBytes()
     flops = FlopCounterMode(display=False)
-    with FakeTensorMode() if fake else contextlib.nullcontext(), tracker, memory_model_device(device_type):
+    with (FakeTensorMode() if fake else contextlib.nullcontext(), tracker, memory_model_device(device_type),
+          autocast_rules_of(device_type)):
         tracker.label = "parameters and buffers"
         step = step_class(spec, torch.device("cpu"), vgg=None if spec.no_vgg_loss else Vgg19(pretrained=False))
         tracker.label = "batch"
@@ -301,7 +332,7 @@ def estimate_inference(model_spec: ModelSpec, size: tuple[int, int], batch: int 
     run_as = "fp32" if amp is None else "bf16"
     tracker = LiveBytes()
     flops = FlopCounterMode(display=False)
-    with FakeTensorMode(), tracker, memory_model_device(device_type), torch.no_grad():
+    with FakeTensorMode(), tracker, memory_model_device(device_type), autocast_rules_of(device_type), torch.no_grad():
         tracker.label = "parameters and buffers"
         model = Pix2PixHD(model_spec).eval()
         tracker.label = "batch"
