@@ -46,6 +46,9 @@ def main_memory(spec: TrainSpec, *, size: str | None, inference: bool, as_json: 
             raise InvalidArgumentError(f"--precision {precision} is inference's (with --inference); a training step's "
                                        "precision is --fp16 (and --amp_dtype)")
         else:
+            if spec.niter_fix_global:
+                notes.append("with --niter_fix_global: the peak of the epochs after it, which train all of G (the "
+                             "first ones need less)")
             estimate = estimate_training_step(spec, shape, device_type)
     except (ValueError, TrainingError) as exc:
         print(f"fastp2phd memory: {exc}", file=sys.stderr)

@@ -241,6 +241,12 @@ def test_memory_command_prints_json_and_text(capsys):
     assert "inference of global G (ngf 8) at 64x128" in capsys.readouterr().out
 
 
+def test_memory_command_says_which_epochs_niter_fix_global_estimates(capsys):
+    assert main(["memory", *TINY, "--netG", "local", "--niter_fix_global", "2", "--size", "64x128", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["notes"] == [
+        "with --niter_fix_global: the peak of the epochs after it, which train all of G (the first ones need less)"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
 def test_measure_without_cuda_says_so_and_still_prints_the_estimate(capsys):
     assert main(["memory", *TINY, "--size", "64x128", "--measure"]) == 1
