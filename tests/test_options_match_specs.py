@@ -30,7 +30,7 @@ CLI_ONLY = {
     "test": (*_RUN, "how_many", "optimize", "results_dir", "use_encoded_image"),
     "evaluate": (*_RUN, "fid_batch_size", "fid_weights", "how_many", "kid_subset_size", "kid_subsets", "no_fid",
                  "optimize", "out", "results", "results_dir", "seg_mean", "seg_model", "seg_std", "use_encoded_image"),
-    "memory": ("debug", "device", "inference", "json", "measure", "size", "verbose", *_ORIGINAL),
+    "memory": ("debug", "device", "inference", "json", "measure", "precision", "size", "verbose", *_ORIGINAL),
     "encode-features": ("area_threshold", "device", "verbose", *_ORIGINAL),
     "export-onnx": ("device", "onnx", "verbose", *_ORIGINAL),
     "edit": (*_RUN, "host", "max_scenes", "no_optimize", "port"),
