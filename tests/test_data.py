@@ -425,7 +425,7 @@ def test_error_label_ids_out_of_range(tmp_path):
     Image.fromarray(neg).save(tmp_path / "train_label" / "s1_labelIds.tif")
     with pytest.raises(DatasetError, match=r"s1_labelIds\.tif.*-1.*--label_nc"):
         AlignedDataset(make_opt(dataroot=str(tmp_path)))[1]
-    Image.new("RGB", (40, 24)).save(tmp_path / "train_label" / "s0_labelIds.png")
+    Image.new("RGB", (40, 24), (7, 8, 9)).save(tmp_path / "train_label" / "s0_labelIds.png")
     with pytest.raises(DatasetError, match=r"s0_labelIds\.png.*mode RGB"):
         AlignedDataset(make_opt(dataroot=str(tmp_path)))[0]
 
