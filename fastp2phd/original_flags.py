@@ -46,10 +46,11 @@ def apply_original_flags(args: argparse.Namespace) -> argparse.Namespace:
         print(f"fastp2phd {args.command}: note: --fp16 is a training option; {runs}", file=sys.stderr)
     data_type = getattr(args, "data_type", 32)
     if data_type != 32:
-        if data_type == 16 and hasattr(args, "precision"):
+        training = args.command == "train" or not getattr(args, "inference", True)  # (memory of a training step)
+        if data_type == 16 and hasattr(args, "precision") and not training:
             args.precision = "fp16"
         else:
-            hint = ("train in mixed precision with --fp16" if args.command == "train" else
+            hint = ("train in mixed precision with --fp16" if training else
                     "use --precision bf16 or fp16" if hasattr(args, "precision") else f"{args.command} runs in float32")
             raise SpecError(f"--data_type {data_type} has no counterpart here: {hint}")
     return args

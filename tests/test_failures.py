@@ -152,6 +152,7 @@ def test_the_original_codes_flags_run(trained, capsys):
             (["train", "--gpu_ids", "zero"], "is not a list of GPU ids"),
             (["train", "--gpu_ids", "-1", "--device", "cuda"], "disagree"),
             (["train", "--data_type", "16"], "train in mixed precision with --fp16"),
+            (["memory", "--data_type", "16"], "train in mixed precision with --fp16"),  # (a training step's)
             (command("test", ck, data, "--data_type", "8"), "use --precision bf16 or fp16")):
         capsys.readouterr()
         assert main(argv) == 1
