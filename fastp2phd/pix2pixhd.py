@@ -202,9 +202,11 @@ class Pix2PixHD(nn.Module):
     def precision_scope(self, device: torch.device, precision: str | None = None):
         """The context that runs ``netG``/``netE`` at ``precision`` (default ``self.precision``): autocast to
         bfloat16 or float16, whose convolutions accumulate in float32 and whose norms and instance means keep
-        float32 statistics; nothing for fp32."""
+        float32 statistics; nothing for fp32. Inference uses each weight once: autocast's cache of cast weights
+        would only keep a low-precision copy of every weight alive to the end (more memory than fp32 needs)."""
         dtype = autocast_dtype(precision or self.precision, device)
-        return torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+        return (torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=False) if dtype
+                else contextlib.nullcontext())
 
     def generate(self, label, inst=None, image=None, feat=None, *, precision: str | None = None):
         """(generated image, feature map or None) from label and instance maps; the image is float32 at every
@@ -213,11 +215,8 @@ class Pix2PixHD(nn.Module):
         if self.one_size is not None:
             self.one_size.check(label)
         dtype = autocast_dtype(precision or self.precision, label.device)
-        if dtype is None:
-            fake, feat_map = self(self.encode_input(label, inst), inst, label, image, feat)
-        else:
-            with torch.autocast(label.device.type, dtype=dtype):
-                fake, feat_map = self(self.encode_input(label, inst, dtype), inst, label, image, feat)
+        with self.precision_scope(label.device, precision):
+            fake, feat_map = self(self.encode_input(label, inst, dtype or torch.float32), inst, label, image, feat)
         # A channels_last model (optimize_for_inference) gives channels_last images: hand out the usual layout.
         return fake.float().contiguous(), feat_map
 

@@ -79,6 +79,16 @@ def test_estimate_is_the_peak_of_a_real_training_run(extra, tmp_path, monkeypatc
     from fastp2phd.training import Trainer
 
     data = make_synthetic(tmp_path / "data", num_train=3, num_test=0, height=32, width=64)
+    if "--niter_fix_global" in extra:  # (it freezes G1: refused without a trained one to start from)
+        import dataclasses
+
+        from fastp2phd.pix2pixhd import Pix2PixHD
+
+        local = train_options(*extra).model
+        g1 = Pix2PixHD(dataclasses.replace(local, netG="global", ngf=local.ngf * 2)).netG
+        (tmp_path / "global").mkdir()
+        torch.save(g1.state_dict(), tmp_path / "global" / "latest_net_G.pth")
+        extra = (*extra, "--load_pretrain", str(tmp_path / "global"))
     spec = train_options("--num_D", "2", "--no_vgg_loss", "--loadSize", "64", "--dataroot", str(data),
                          "--checkpoints_dir", str(tmp_path), "--niter", "2", "--niter_decay", "0", "--nThreads", "0",
                          "--no_progress", "--no_html", *extra)
@@ -147,6 +157,22 @@ def test_inference_estimate_equals_real_generation_at_its_precision(precision):
     assert estimate.config["precision"] == {"fp32": "fp32", "bf16": "bf16 autocast"}[precision]
 
 
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_low_precision_inference_keeps_no_cast_copy_of_every_weight(device_type):
+    """Inference uses each weight once: autocast's cache kept a bf16 copy of every weight to the end, so bf16
+    inference of the 512p generator needed 1.5x fp32's memory at small sizes (1.38 GiB against 1.02 at 512x1024 on
+    the CPU). Now at most one layer's cast weight is alive beyond fp32's peak."""
+    from fastp2phd.pix2pixhd import Pix2PixHD
+    from fastp2phd.specs import ModelSpec
+
+    spec = ModelSpec()
+    with FakeTensorMode():
+        largest = max(p.numel() for p in Pix2PixHD(spec).parameters())
+    fp32, bf16 = (estimate_inference(spec, (64, 128), device_type=device_type, precision=p).peak_bytes
+                  for p in ("fp32", "bf16"))
+    assert bf16 <= fp32 + 2 * largest
+
+
 def test_the_cuda_model_casts_as_cuda_autocast_does():
     """The estimate of a CUDA step runs CPU autocast on CPU fake tensors: each op pix2pixHD runs must give there
     the dtype CUDA's autocast gives (fake CUDA tensors, which need no GPU). CPU autocast pads in float32, which
@@ -177,8 +203,10 @@ def test_the_cuda_model_casts_as_cuda_autocast_does():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert dtypes("cpu")[0] == torch.float32  # CPU's own rules again after the block
     assert modelled == cuda
-    spec = train_options().model  # bf16 halves what a pixel needs, and more (the fp32 one-hot input is larger)
-    assert inference_bytes_per_pixel(spec, "cuda", "bf16") < 0.5 * inference_bytes_per_pixel(spec, "cuda")
+    # bf16 about halves what a pixel needs (54% here: the image handed out is float32); CPU's rules give more than fp32.
+    spec = train_options().model
+    assert inference_bytes_per_pixel(spec, "cuda", "bf16") < 0.6 * inference_bytes_per_pixel(spec, "cuda")
+    assert inference_bytes_per_pixel(spec, "cpu", "bf16") > inference_bytes_per_pixel(spec, "cuda")
 
 
 def test_inference_fp16_is_estimated_as_test_runs_it(capsys):
