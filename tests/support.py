@@ -138,3 +138,42 @@ def fill_disk_at_write(monkeypatch, failing: int) -> list:
 
     monkeypatch.setattr(files, "_fsync_file", fsync)
     return calls
+
+
+# A tiny run with features, as the workflow's failure tests share it: options, the run, and a sentence check.
+TINY = ["--fineSize", "64", "--loadSize", "64", "--resize_or_crop", "none", "--ngf", "4", "--n_downsample_global", "2",
+        "--n_blocks_global", "1", "--nThreads", "0", "--device", "cpu", "--no_progress", "--instance_feat", "--nef", "4",
+        "--n_downsample_E", "2", "--n_clusters", "2"]
+TRAIN = ["--ndf", "4", "--n_layers_D", "2", "--no_vgg_loss", "--batchSize", "2", "--niter", "1", "--niter_decay", "0",
+         "--print_freq", "2"]
+
+
+def train_tiny_run(root):
+    """(checkpoints folder, data folder) of a tiny run with features in ``root``, trained one epoch (its web page
+    showing its steps) and clustered."""
+    from fastp2phd.cli import main
+    from fastp2phd.data import make_synthetic
+
+    data = make_synthetic(root / "data", num_train=6, num_test=2, height=32, width=64, seed=3)
+    common = ["--name", "run", "--checkpoints_dir", str(root / "ck"), "--dataroot", str(data), *TINY]
+    assert main(["train", *common, *TRAIN, "--display_freq", "2"]) == 0
+    assert main(["encode-features", *common]) == 0
+    return root / "ck", data
+
+
+def copy_run(trained, tmp_path):
+    """A copy of ``train_tiny_run``'s run for a test to damage."""
+    import shutil
+
+    ck, data = trained
+    shutil.copytree(ck, tmp_path / "ck")
+    return tmp_path / "ck", data
+
+
+def one_sentence(capsys, *expected):
+    """The command's stderr: one line, no traceback, holding each of ``expected``."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.count("\n") == 0, err
+    for text in expected:
+        assert text in err, err
+    return err

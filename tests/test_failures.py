@@ -7,7 +7,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image
 
 from fastp2phd import ops
 from fastp2phd.cli import main
-from fastp2phd.data import AlignedDataset, make_synthetic
+from fastp2phd.data import AlignedDataset
 from fastp2phd.features import save_clusters
 from fastp2phd.files import TEMPORARY_SUFFIX, save_torch
 from fastp2phd.inference import load_run
@@ -25,29 +24,12 @@ from fastp2phd.options import parse_command_line
 from fastp2phd.models import GANLoss
 from fastp2phd.pix2pixhd import InputSizeError, Pix2PixHD
 from fastp2phd.specs import DataSpec, ModelSpec, SpecError
-
-TINY = ["--fineSize", "64", "--loadSize", "64", "--resize_or_crop", "none", "--ngf", "4", "--n_downsample_global", "2",
-        "--n_blocks_global", "1", "--nThreads", "0", "--device", "cpu", "--no_progress", "--instance_feat", "--nef", "4",
-        "--n_downsample_E", "2", "--n_clusters", "2"]
-TRAIN = ["--ndf", "4", "--n_layers_D", "2", "--no_vgg_loss", "--batchSize", "2", "--niter", "1", "--niter_decay", "0",
-         "--print_freq", "2"]
+from support import TINY, TRAIN, copy_run, one_sentence, train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """(checkpoints folder, data folder) of a tiny run with features, trained one epoch and clustered."""
-    root = tmp_path_factory.mktemp("run")
-    data = make_synthetic(root / "data", num_train=6, num_test=2, height=32, width=64, seed=3)
-    common = ["--name", "run", "--checkpoints_dir", str(root / "ck"), "--dataroot", str(data), *TINY]
-    assert main(["train", *common, *TRAIN, "--display_freq", "2"]) == 0
-    assert main(["encode-features", *common]) == 0
-    return root / "ck", data
-
-
-def copy_run(trained, tmp_path):
-    ck, data = trained
-    shutil.copytree(ck, tmp_path / "ck")
-    return tmp_path / "ck", data
+    return train_tiny_run(tmp_path_factory.mktemp("run"))
 
 
 def command(name, ck, data, *extra):
@@ -57,14 +39,6 @@ def command(name, ck, data, *extra):
             "edit": ["edit", "--port", "0"]}[name]
     return [*argv, "--name", "run", "--checkpoints_dir", str(ck), "--dataroot", str(data), "--device", "cpu",
             "--no_progress", *extra]
-
-
-def one_sentence(capsys, *expected):
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and err.count("\n") == 0, err
-    for text in expected:
-        assert text in err, err
-    return err
 
 
 @pytest.mark.parametrize("name", ["test", "export-onnx", "encode-features", "edit"])
