@@ -170,7 +170,9 @@ class Trainer:
             pools = [None] * self.world
             dist.all_gather_object(pools, self.step.pool.state_dict())
             if class_pixels is not None:  # each process counted its own batches
-                class_pixels = class_pixels.to(self.device if self.device.type == "cuda" else "cpu")
+                # A copy: all_reduce sums in place, and on the CPU .to() is the process's own count, which
+                # every later save then summed again.
+                class_pixels = class_pixels.to(self.device if self.device.type == "cuda" else "cpu", copy=True)
                 dist.all_reduce(class_pixels)
                 class_pixels = class_pixels.cpu()
         position = self.position.state_dict()

@@ -1,0 +1,69 @@
+"""Training in several processes (gloo on the CPU): a stopped run resumes exactly, a failure in one process
+ends them all in one sentence, and what only one process may run is refused under torchrun.
+(test_workflow.py has the first two-process run and the logged means.)"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from fastp2phd.cli import main
+from fastp2phd.files import load_torch
+from test_workflow import FEATURES, _assert_equal, dataroot, train_args  # noqa: F401  (dataroot: the fixture)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _train_in_process(rank: int, store: str, argv: list[str], stop_at: int | None) -> None:
+    """One of two training processes (as torchrun starts them); ``stop_at``: stop, as if killed, once that
+    many images are done (after the save that step made, if any)."""
+    import torch.distributed as dist
+
+    from fastp2phd.cli import build_parser
+    from fastp2phd.options import finish_options, train_spec
+    from fastp2phd.training import Trainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    if stop_at is None:
+        assert main(argv) == 0  # (train ends the process group)
+        return
+
+    class Stopping(Trainer):
+        def update(self, batch):
+            if self.position.total_steps == stop_at:
+                raise _Stop
+            return super().update(batch)
+
+    try:
+        Stopping(train_spec(finish_options(build_parser().parse_args(argv), is_train=True)), torch.device("cpu")).run()
+    except _Stop:
+        pass
+    finally:
+        dist.destroy_process_group()
+
+
+def _two_processes(tmp_path, argv, stop_at=None) -> None:
+    store = tmp_path / f"store{len(list(tmp_path.glob('store*')))}"  # a fresh rendezvous file for each group
+    torch.multiprocessing.spawn(_train_in_process, args=(str(store), [str(a) for a in argv], stop_at), nprocs=2)
+
+
+def test_two_processes_resume_exactly(tmp_path, dataroot):
+    """Two processes stopped in the second epoch and continued with --continue_train end with the state of
+    the two-process run done in one go: weights, optimisers, every process's image pool, the class counts.
+    Batches of 2 from 3 images a process: a full and a short batch each epoch."""
+    args = ["--niter", "1", "--niter_decay", "1", "--pool_size", "2", "--save_latest_freq", "4", *FEATURES]
+    _two_processes(tmp_path, train_args(tmp_path / "a", dataroot, *args))
+    _two_processes(tmp_path, train_args(tmp_path / "b", dataroot, *args), stop_at=10)
+    state = load_torch(tmp_path / "b" / "run" / "latest_train_state.pth")
+    assert (state["epoch"], state["epoch_iter"]) == (2, 4)  # the save at 8 images: in the middle of epoch 2
+    _two_processes(tmp_path, train_args(tmp_path / "b", dataroot, *args, "--continue_train"))
+    a, b = (load_torch(tmp_path / run / "run" / "latest_train_state.pth") for run in "ab")
+    a.pop("torch_rng"), b.pop("torch_rng")  # (each pass over the data draws a loader seed; no step draws)
+    _assert_equal(a, b)
+    # Each pixel of the two epochs counted once, however many saves summed the processes' counts.
+    counts = [json.loads((tmp_path / run / "run" / "classes.json").read_text())["pixels"] for run in "ab"]
+    assert counts[0] == counts[1] and sum(counts[0]) == 2 * 6 * 32 * 64
