@@ -337,4 +337,20 @@ def main_train(spec: TrainSpec, device: torch.device) -> int:
         message = re.sub(r"^[\w.]+Error: ", "", message)
         print(f"fastp2phd train: {message}", file=sys.stderr)
         return 1
+    except RuntimeError as exc:
+        if not _peer_stopped(exc):
+            raise
+        # The process that failed said why; a traceback from every other one would bury its sentence.
+        print(f"fastp2phd train: process {os.environ.get('RANK', '?')} stopped because another process of this "
+              "run stopped (its message says why)", file=sys.stderr)
+        return 1
     return 0
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _peer_stopped(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective failing because another process of a torchrun group exited."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
+        isinstance(exc, dist.DistNetworkError) or any(text in str(exc) for text in _PEER_GONE))

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import torch
 
 from fastp2phd.cli import main
 from fastp2phd.files import load_torch
-from test_workflow import FEATURES, _assert_equal, dataroot, train_args  # noqa: F401  (dataroot: the fixture)
+from test_workflow import (ROOT, FEATURES, _assert_equal, bad_label_folder, dataroot,  # noqa: F401  (the fixture)
+                           train_args)
 
 
 class _Stop(Exception):
@@ -67,3 +70,23 @@ def test_two_processes_resume_exactly(tmp_path, dataroot):
     # Each pixel of the two epochs counted once, however many saves summed the processes' counts.
     counts = [json.loads((tmp_path / run / "run" / "classes.json").read_text())["pixels"] for run in "ab"]
     assert counts[0] == counts[1] and sum(counts[0]) == 2 * 6 * 32 * 64
+
+
+def torchrun(*argv, port: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               "-m", "fastp2phd", *map(str, argv)]
+    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def test_bad_data_in_one_process_ends_all_in_sentences(tmp_path, dataroot):
+    """Scene 1's label map is bad, and only process 1 reads it (--serial_batches): it says why it stopped,
+    process 0, whose collective then fails, says that it stopped with it, and neither prints a traceback."""
+    argv = train_args(tmp_path / "ck", bad_label_folder(tmp_path, dataroot), "--niter", "1", "--niter_decay", "0",
+                      "--batchSize", "1", "--serial_batches")
+    result = torchrun(*argv, port=29547)
+    assert result.returncode != 0
+    lines = result.stderr.splitlines()
+    ours = [line for line in lines if line.startswith("fastp2phd train: ")]
+    assert any("contains id 40" in line and "--label_nc" in line for line in ours), result.stderr
+    assert not any(line.startswith("[rank") for line in lines), result.stderr  # as "[rank0]: Traceback ..."
+    assert "RuntimeError" not in result.stderr and "Connection closed" not in result.stderr, result.stderr
