@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -37,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:  # argparse blames the top level, with its usage: the command's is the one that helps
             _refuse_unknown(parser._subparsers._group_actions[0].choices[args.command], unknown)
         command = f"fastp2phd {args.command}"  # (before opt.txt is read: its problems are the command's)
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        if processes > 1 and args.command != "train":  # N copies would race on the same output files
+            if os.environ.get("RANK", "0") == "0":  # (one sentence, not one from each process)
+                print(f"{command}: it runs in one process, and torchrun started {processes}: run it without torchrun "
+                      "(only train uses several processes)", file=sys.stderr)
+            return 1
         args = with_run_options(parser, args, argv)
         keep_freed_memory()  # large CPU tensors stop page-faulting on every call (fastp2phd.cpu_allocator)
         return _run(args)

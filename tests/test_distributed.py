@@ -90,3 +90,17 @@ def test_bad_data_in_one_process_ends_all_in_sentences(tmp_path, dataroot):
     assert any("contains id 40" in line and "--label_nc" in line for line in ours), result.stderr
     assert not any(line.startswith("[rank") for line in lines), result.stderr  # as "[rank0]: Traceback ..."
     assert "RuntimeError" not in result.stderr and "Connection closed" not in result.stderr, result.stderr
+
+
+def test_only_train_runs_under_torchrun(tmp_path, monkeypatch, capsys):
+    """Every other command would run once in each process, all writing the same files: refused, in one
+    sentence (from the first process)."""
+    for rank in ("0", "1"):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        assert main(["make-synthetic", "--out", str(tmp_path / "scenes"), "--num_train", "1", "--num_test", "1",
+                     "--height", "32", "--width", "64"]) == 1
+        err = capsys.readouterr().err
+        assert err == ("" if rank == "1" else "fastp2phd make-synthetic: it runs in one process, and torchrun started "
+                       "2: run it without torchrun (only train uses several processes)\n")
+        assert not (tmp_path / "scenes").exists()
