@@ -72,6 +72,13 @@ def bf16_is_emulated(dtype: torch.dtype | None, device: torch.device) -> bool:
     return dtype == torch.bfloat16 and device.type == "cpu" and cpu_bf16() is None
 
 
+def drops_last_batch(spec: TrainSpec, device: torch.device, sampler: EpochSampler) -> bool:
+    """Whether the loader drops a smaller last batch: CUDA graphs replay one batch size (--compile
+    reduce-overhead on a GPU); not when this process's share of an epoch is less than a batch (its one
+    batch would be dropped, and the run would train on nothing)."""
+    return spec.compile == "reduce-overhead" and device.type == "cuda" and sampler.per_rank() >= spec.batchSize
+
+
 def collate(items: list[dict]) -> dict:
     batch = {}
     for key in items[0]:
@@ -138,10 +145,9 @@ class Trainer:
                 f"{len(self.dataset)} image(s) of the dataset")
             warnings.warn(f"--batchSize {spec.batchSize} is larger than the {images}, so every batch holds only "
                           f"those; lower --batchSize, or add images", stacklevel=2)
-        # CUDA graphs replay one batch size: --compile reduce-overhead on a GPU drops a smaller last batch.
-        drop_last = spec.compile == "reduce-overhead" and device.type == "cuda" and len(self.dataset) >= spec.batchSize
         self.loader = DataLoader(self.dataset, batch_size=spec.batchSize, sampler=self.sampler,
-                                 num_workers=spec.nThreads, collate_fn=collate, drop_last=drop_last,
+                                 num_workers=spec.nThreads, collate_fn=collate,
+                                 drop_last=drops_last_batch(spec, device, self.sampler),
                                  pin_memory=device.type == "cuda", persistent_workers=False)
 
         self.position = Position()

@@ -104,3 +104,18 @@ def test_only_train_runs_under_torchrun(tmp_path, monkeypatch, capsys):
         assert err == ("" if rank == "1" else "fastp2phd make-synthetic: it runs in one process, and torchrun started "
                        "2: run it without torchrun (only train uses several processes)\n")
         assert not (tmp_path / "scenes").exists()
+
+
+def test_cuda_graphs_drop_a_short_last_batch_only_when_a_process_has_a_full_one():
+    """Under CUDA graphs a smaller last batch is dropped; 4 processes with 3 images and --batchSize 2 have one
+    image each, which was dropped too: they trained on nothing."""
+    from types import SimpleNamespace
+
+    from fastp2phd.training import EpochSampler, drops_last_batch
+
+    spec, cuda = SimpleNamespace(compile="reduce-overhead", batchSize=2), torch.device("cuda")
+    assert drops_last_batch(spec, cuda, EpochSampler(7, True, 0, rank=0, world=2))  # 4 images: 2 + 2
+    assert drops_last_batch(spec, cuda, EpochSampler(3, True, 0))  # 3 images in one process: 2 (+ 1 dropped)
+    assert not drops_last_batch(spec, cuda, EpochSampler(3, True, 0, rank=0, world=4))  # 1 image: keep it
+    assert not drops_last_batch(spec, torch.device("cpu"), EpochSampler(7, True, 0))
+    assert not drops_last_batch(SimpleNamespace(compile="default", batchSize=2), cuda, EpochSampler(7, True, 0))
