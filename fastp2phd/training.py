@@ -239,7 +239,7 @@ class Trainer:
         return before // freq != self.position.total_steps // freq
 
     def run(self) -> dict[str, float]:
-        """Train to epoch niter + niter_decay; returns the last logged losses (mean over the processes)."""
+        """Train to epoch niter + niter_decay; returns the losses of the last step (the mean over the processes)."""
         spec, step, at = self.spec, self.step, self.position
         last_epoch = spec.niter + spec.niter_decay
         values: dict[str, float] = {}
@@ -291,7 +291,8 @@ class Trainer:
                     self.save(str(at.epoch))
             at.epoch, at.epoch_iter = at.epoch + 1, 0
         self.report.close()
-        return values
+        # (Every process trained as many steps: all take part. A logged step's values are a mean already.)
+        return self._mean_over_processes(values) if values else values
 
 
 def _make_folder(folder) -> None:

@@ -22,17 +22,19 @@ class _Stop(Exception):
 
 def _train_in_process(rank: int, store: str, argv: list[str], stop_at: int | None) -> None:
     """One of two training processes (as torchrun starts them); ``stop_at``: stop, as if killed, once that
-    many images are done (after the save that step made, if any)."""
+    many images are done (after the save that step made, if any). A run to its end leaves the losses
+    ``train`` returned in ``<store>.<rank>``."""
     import torch.distributed as dist
 
     from fastp2phd.cli import build_parser
     from fastp2phd.options import finish_options, train_spec
-    from fastp2phd.training import Trainer
+    from fastp2phd.training import Trainer, train
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    spec = train_spec(finish_options(build_parser().parse_args(argv), is_train=True))
     if stop_at is None:
-        assert main(argv) == 0  # (train ends the process group)
+        torch.save(train(spec, torch.device("cpu")), f"{store}.{rank}")  # (train ends the process group)
         return
 
     class Stopping(Trainer):
@@ -42,16 +44,18 @@ def _train_in_process(rank: int, store: str, argv: list[str], stop_at: int | Non
             return super().update(batch)
 
     try:
-        Stopping(train_spec(finish_options(build_parser().parse_args(argv), is_train=True)), torch.device("cpu")).run()
+        Stopping(spec, torch.device("cpu")).run()
     except _Stop:
         pass
     finally:
         dist.destroy_process_group()
 
 
-def _two_processes(tmp_path, argv, stop_at=None) -> None:
+def _two_processes(tmp_path, argv, stop_at=None) -> list[dict[str, float]] | None:
+    """Train in two processes; a run to its end returns the losses ``train`` returned in each."""
     store = tmp_path / f"store{len(list(tmp_path.glob('store*')))}"  # a fresh rendezvous file for each group
     torch.multiprocessing.spawn(_train_in_process, args=(str(store), [str(a) for a in argv], stop_at), nprocs=2)
+    return None if stop_at is not None else [torch.load(f"{store}.{rank}") for rank in range(2)]
 
 
 def test_two_processes_resume_exactly(tmp_path, dataroot):
@@ -59,7 +63,9 @@ def test_two_processes_resume_exactly(tmp_path, dataroot):
     the two-process run done in one go: weights, optimisers, every process's image pool, the class counts.
     Batches of 2 from 3 images a process: a full and a short batch each epoch."""
     args = ["--niter", "1", "--niter_decay", "1", "--pool_size", "2", "--save_latest_freq", "4", *FEATURES]
-    _two_processes(tmp_path, train_args(tmp_path / "a", dataroot, *args))
+    losses = _two_processes(tmp_path, train_args(tmp_path / "a", dataroot, *args))
+    # (No step logged at --print_freq 100:) what train returns is the mean over the processes too.
+    assert losses[0] == losses[1] and set(losses[0]) == {"G_GAN", "G_GAN_Feat", "G_VGG", "D_real", "D_fake"}
     _two_processes(tmp_path, train_args(tmp_path / "b", dataroot, *args), stop_at=10)
     state = load_torch(tmp_path / "b" / "run" / "latest_train_state.pth")
     assert (state["epoch"], state["epoch_iter"]) == (2, 4)  # the save at 8 images: in the middle of epoch 2
