@@ -204,7 +204,7 @@ class Trainer:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         if state.get("world", 1) != self.world or len(pools) != self.world:
-            self.say(f"note: resuming a run of {state['world']} processes with {self.world}: the data order of the "
+            self.say(f"note: resuming a run of {state['world']} process(es) with {self.world}: the data order of the "
                      "current epoch changes, and the image pools start empty")
         else:
             self.step.pool.load_state_dict(pools[self.rank], self.device)

@@ -8,16 +8,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fastp2phd.cli import main
 from fastp2phd.files import load_torch
-from test_workflow import (ROOT, FEATURES, _assert_equal, bad_label_folder, dataroot,  # noqa: F401  (the fixture)
-                           train_args)
-
-
-class _Stop(Exception):
-    pass
+from test_workflow import (ROOT, FEATURES, _assert_equal, _Stop, _trainer, bad_label_folder,  # noqa: F401
+                           dataroot, train_args)  # (dataroot: the fixture)
 
 
 def _train_in_process(rank: int, store: str, argv: list[str], stop_at: int | None) -> None:
@@ -76,6 +73,25 @@ def test_two_processes_resume_exactly(tmp_path, dataroot):
     # Each pixel of the two epochs counted once, however many saves summed the processes' counts.
     counts = [json.loads((tmp_path / run / "run" / "classes.json").read_text())["pixels"] for run in "ab"]
     assert counts[0] == counts[1] and sum(counts[0]) == 2 * 6 * 32 * 64
+
+
+def test_a_one_process_run_continues_in_two(tmp_path, dataroot, capfd):
+    """A run saved by one process in the middle of epoch 1 goes on in two: a note says so, and the two take
+    the epoch's images not yet trained on (4 of 6 done: one each), then whole epochs."""
+    stopped = _trainer(tmp_path, dataroot, stop_at=4)  # (two epochs, features, pools of 2, batches of 2)
+    with pytest.raises(_Stop):
+        stopped.run()
+    stopped.save("latest")
+    capfd.readouterr()
+    _two_processes(tmp_path, train_args(tmp_path, dataroot, "--niter", "1", "--niter_decay", "1", "--pool_size", "2",
+                                        *FEATURES, "--continue_train"))
+    out = capfd.readouterr().out
+    assert out.count("note: resuming a run of 1 process(es) with 2: the data order of the current epoch changes, "
+                     "and the image pools start empty\n") == 1, out
+    state = load_torch(tmp_path / "run" / "latest_train_state.pth")
+    assert (state["epoch"], state["epoch_iter"], state["total_steps"], state["world"]) == (3, 0, 12, 2)
+    assert [len(pool["images"]) for pool in state["pools"]] == [2, 2]
+    assert sum(json.loads((tmp_path / "run" / "classes.json").read_text())["pixels"]) == 2 * 6 * 32 * 64
 
 
 def torchrun(*argv, port: int) -> subprocess.CompletedProcess:
