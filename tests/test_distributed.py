@@ -55,6 +55,27 @@ def _two_processes(tmp_path, argv, stop_at=None) -> list[dict[str, float]] | Non
     return None if stop_at is not None else [torch.load(f"{store}.{rank}") for rank in range(2)]
 
 
+def test_two_processes_train_as_one_with_twice_the_batch(tmp_path, dataroot):
+    """Two processes at --batchSize 1 train as one at --batchSize 2 (losses are means, DDP averages gradients;
+    norms are per image): the same logged losses and weights, E's included, within float rounding. (But for
+    the biases of convolutions before an instance norm: their gradient is zero up to rounding, which Adam
+    scales to whole steps of --lr.)"""
+    args = ["--niter", "1", "--niter_decay", "0", "--print_freq", "1", *FEATURES]
+    _two_processes(tmp_path, train_args(tmp_path / "two", dataroot, *args, "--batchSize", "1"))
+    assert main([str(a) for a in train_args(tmp_path / "one", dataroot, *args, "--batchSize", "2")]) == 0
+    logs = [[json.loads(line) for line in (tmp_path / run / "run" / "loss_log.jsonl").read_text().splitlines()]
+            for run in ("one", "two")]
+    assert [row["total_steps"] for row in logs[0]] == [row["total_steps"] for row in logs[1]] == [2, 4, 6]
+    for one, two in zip(*logs):
+        for name in ("G_GAN", "G_GAN_Feat", "D_real", "D_fake"):
+            assert two[name] == pytest.approx(one[name], rel=1e-5), (name, one["total_steps"])
+    for net in "GDE":
+        one, two = (load_torch(tmp_path / run / "run" / f"latest_net_{net}.pth") for run in ("one", "two"))
+        for key in one:
+            if not key.endswith("bias"):
+                assert torch.allclose(one[key], two[key], rtol=0, atol=1e-5), (net, key)
+
+
 def test_two_processes_resume_exactly(tmp_path, dataroot):
     """Two processes stopped in the second epoch and continued with --continue_train end with the state of
     the two-process run done in one go: weights, optimisers, every process's image pool, the class counts.
