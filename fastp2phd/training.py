@@ -16,6 +16,7 @@ import math
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -108,6 +109,8 @@ class Trainer:
                 torch.cuda.set_device(device)
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            if "TORCHELASTIC_RUN_ID" in os.environ:
+                _stop_with_torchrun(self.rank)
         if self.distributed and spec.model.norm == "batch":
             raise TrainingError("--norm batch is not supported with several processes: its statistics would mix "
                                 "real and generated images; use --norm instance")
@@ -293,6 +296,22 @@ class Trainer:
         self.report.close()
         # (Every process trained as many steps: all take part. A logged step's values are a mean already.)
         return self._mean_over_processes(values) if values else values
+
+
+def _stop_with_torchrun(rank: int) -> None:
+    """torchrun starts its processes in sessions of their own: they outlived a torchrun killed with SIGKILL
+    (or by the OOM killer), trained on and kept saving over the checkpoints of a --continue_train started
+    after it. Each now watches its torchrun (its parent) and ends when that is gone."""
+    agent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == agent:
+            time.sleep(1)
+        print(f"fastp2phd train: torchrun has stopped, so process {rank} stops too; the last save is intact: "
+              "add --continue_train to go on from there", file=sys.stderr, flush=True)
+        os._exit(1)  # (saves are atomic: stopping anywhere keeps the last one whole)
+
+    threading.Thread(target=watch, name="torchrun watch", daemon=True).start()
 
 
 def _make_folder(folder) -> None:

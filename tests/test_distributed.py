@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,10 +118,48 @@ def test_a_one_process_run_continues_in_two(tmp_path, dataroot, capfd):
     assert sum(json.loads((tmp_path / "run" / "classes.json").read_text())["pixels"]) == 2 * 6 * 32 * 64
 
 
+def torchrun_command(*argv, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            "-m", "fastp2phd", *map(str, argv)]
+
+
 def torchrun(*argv, port: int) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-               "-m", "fastp2phd", *map(str, argv)]
-    return subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    return subprocess.run(torchrun_command(*argv, port=port), capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+def _processes_naming(text: str) -> list[int]:
+    """The processes whose command line holds ``text``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except (OSError, ValueError):  # (gone meanwhile)
+            pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").is_file(), reason="finds the training processes in /proc")
+def test_a_killed_torchrun_takes_its_processes_with_it(tmp_path, dataroot):
+    """torchrun killed with SIGKILL (as the OOM killer does) cannot stop its processes, which run in sessions of
+    their own: they trained on and kept saving into the run folder that a --continue_train would use next."""
+    ck = tmp_path / "ck"
+    argv = train_args(ck, dataroot, "--niter", "1000", "--niter_decay", "0", "--save_latest_freq", "2")
+    with open(tmp_path / "out.txt", "w") as out:
+        agent = subprocess.Popen(torchrun_command(*argv, port=29549), stdout=out, stderr=out, cwd=ROOT)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (ck / "run" / "latest_train_state.pth").is_file():
+        time.sleep(0.2)
+    agent.kill()
+    agent.wait()
+    deadline = time.time() + 30
+    while (left := _processes_naming(str(ck))) and time.time() < deadline:
+        time.sleep(0.2)
+    for pid in left:  # (the test's own training processes: end them before failing)
+        os.kill(pid, signal.SIGKILL)
+    assert not left
+    output = (tmp_path / "out.txt").read_text()
+    assert output.count("torchrun has stopped, so process") == 2, output
 
 
 def test_bad_data_in_one_process_ends_all_in_sentences(tmp_path, dataroot):
