@@ -292,6 +292,8 @@ def finish_interrupted_save(root: str | os.PathLike) -> bool:
         return False
     try:
         journal = json.loads(path.read_text())
+    except FileNotFoundError:  # finished meanwhile by another process (each of a torchrun run's reads the run)
+        return True
     except (OSError, ValueError):
         journal = None
     if not _journal_entries_are_safe(root, journal):

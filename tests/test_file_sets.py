@@ -72,7 +72,8 @@ def test_a_full_disk_at_any_write_keeps_the_previous_set_and_says_so(tmp_path, m
     assert not temporaries(tmp_path) and not (tmp_path / SAVE_JOURNAL).exists()
 
 
-def test_a_save_interrupted_after_its_commit_point_is_finished_by_the_next_reader(tmp_path, monkeypatch):
+def interrupt_save_after_two_renames(tmp_path, monkeypatch) -> None:
+    """Version 1 saved, then version 2 stopped between the renames of its set (after its commit point)."""
     save_version(tmp_path, 1)
     real_replace = os.replace
     renamed = []
@@ -89,8 +90,29 @@ def test_a_save_interrupted_after_its_commit_point_is_finished_by_the_next_reade
         save_version(tmp_path, 2)
     monkeypatch.setattr(files.os, "replace", real_replace)
     assert (tmp_path / SAVE_JOURNAL).is_file() and len(temporaries(tmp_path)) == 1  # a mix on disk, for now
+
+
+def test_a_save_interrupted_after_its_commit_point_is_finished_by_the_next_reader(tmp_path, monkeypatch):
+    interrupt_save_after_two_renames(tmp_path, monkeypatch)
     assert versions(tmp_path) == {2}  # load_torch finished the save before reading
     assert not (tmp_path / SAVE_JOURNAL).exists() and not temporaries(tmp_path)
+
+
+def test_a_save_another_process_finishes_meanwhile_is_finished(tmp_path, monkeypatch):
+    """Every process of a torchrun run finishes an interrupted save before it reads the checkpoint: the
+    journal one found could be gone (finished by another) when it read it, which it called damaged."""
+    interrupt_save_after_two_renames(tmp_path, monkeypatch)
+    real_read_text = Path.read_text
+
+    def another_process_finishes_it_first(path, *args, **kwargs):
+        if path.name == SAVE_JOURNAL:
+            monkeypatch.setattr(Path, "read_text", real_read_text)
+            finish_interrupted_save(path.parent)
+        return real_read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", another_process_finishes_it_first)
+    assert finish_interrupted_save(tmp_path)
+    assert versions(tmp_path) == {2} and not (tmp_path / SAVE_JOURNAL).exists() and not temporaries(tmp_path)
 
 
 def test_a_journal_that_points_outside_its_folder_is_refused(tmp_path):
