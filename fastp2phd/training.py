@@ -105,6 +105,10 @@ class Trainer:
         if self.distributed:
             local_rank = int(os.environ.get("LOCAL_RANK", "0"))
             if device.type == "cuda":
+                if local_rank >= torch.cuda.device_count():  # (set_device would say "invalid device ordinal")
+                    raise TrainingError(f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} "
+                                        f"processes on this machine, which has {torch.cuda.device_count()} GPU(s): "
+                                        "give --nproc_per_node at most that (one GPU each)")
                 device = torch.device("cuda", local_rank)
                 torch.cuda.set_device(device)
             if not dist.is_initialized():

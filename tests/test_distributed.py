@@ -118,6 +118,20 @@ def test_a_one_process_run_continues_in_two(tmp_path, dataroot, capfd):
     assert sum(json.loads((tmp_path / "run" / "classes.json").read_text())["pixels"]) == 2 * 6 * 32 * 64
 
 
+def test_more_processes_than_gpus_is_one_sentence(tmp_path, dataroot, monkeypatch):
+    from fastp2phd.cli import build_parser
+    from fastp2phd.options import finish_options, train_spec
+    from fastp2phd.training import Trainer, TrainingError
+
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    spec = train_spec(finish_options(build_parser().parse_args(map(str, train_args(tmp_path, dataroot))), is_train=True))
+    with pytest.raises(TrainingError, match=r"^torchrun started 2 processes on this machine, which has 1 GPU\(s\): "
+                                            r"give --nproc_per_node at most that \(one GPU each\)$"):
+        Trainer(spec, torch.device("cuda"))
+
+
 def torchrun_command(*argv, port: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
             "-m", "fastp2phd", *map(str, argv)]
