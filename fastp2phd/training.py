@@ -32,7 +32,7 @@ from .files import remove_leftover_temporaries, write_text
 from .specs import TrainSpec, recorded_options
 from .train_report import TrainingReport
 from .train_step import LOSS_NAMES  # noqa: F401  (a re-export)
-from .train_step import Position, TrainingError, TrainStep, learning_rate
+from .train_step import ImagePool, Position, TrainingError, TrainStep, learning_rate
 
 
 class EpochSampler(Sampler[int]):
@@ -159,6 +159,8 @@ class Trainer:
 
         self.position = Position()
         self.step = TrainStep(spec, device, position=self.position)
+        if self.rank:  # each process's pool draws its own choices, as one pool draws for each image of a batch
+            self.step.pool = ImagePool(spec.pool_size, spec.seed * 1000003 + self.rank)
         # Pixels of each class this process has trained on (train_state writes the run's total).
         self.class_pixels = torch.zeros(spec.model.label_nc, dtype=torch.int64) if spec.model.label_nc else None
         self.report = TrainingReport(self.run_folder, spec.name, write=self.is_main, html=not spec.no_html,

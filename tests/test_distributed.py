@@ -94,6 +94,8 @@ def test_two_processes_resume_exactly(tmp_path, dataroot):
     a, b = (load_torch(tmp_path / run / "run" / "latest_train_state.pth") for run in "ab")
     a.pop("torch_rng"), b.pop("torch_rng")  # (each pass over the data draws a loader seed; no step draws)
     _assert_equal(a, b)
+    # Each process's pool draws its own choices (the same draws in both made one choice for the whole batch).
+    assert a["pools"][0]["rng"] != a["pools"][1]["rng"]
     # Each pixel of the two epochs counted once, however many saves summed the processes' counts.
     counts = [json.loads((tmp_path / run / "run" / "classes.json").read_text())["pixels"] for run in "ab"]
     assert counts[0] == counts[1] and sum(counts[0]) == 2 * 6 * 32 * 64
