@@ -1,6 +1,7 @@
-"""Training in several processes (gloo on the CPU): a stopped run resumes exactly, a failure in one process
-ends them all in one sentence, and what only one process may run is refused under torchrun.
-(test_workflow.py has the first two-process run and the logged means.)"""
+"""Training in several processes (gloo on the CPU): two processes train as one with twice the batch, a
+stopped run resumes exactly (and in another number of processes), a failure in one process ends them all in
+sentences, a killed torchrun takes its processes with it, and what one process must run alone is refused.
+(test_workflow.py has the first two-process run, the logged means and the sampler.)"""
 from __future__ import annotations
 
 import json
@@ -128,7 +129,8 @@ def test_more_processes_than_gpus_is_one_sentence(tmp_path, dataroot, monkeypatc
     for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    spec = train_spec(finish_options(build_parser().parse_args(map(str, train_args(tmp_path, dataroot))), is_train=True))
+    argv = [str(a) for a in train_args(tmp_path, dataroot)]
+    spec = train_spec(finish_options(build_parser().parse_args(argv), is_train=True))
     with pytest.raises(TrainingError, match=r"^torchrun started 2 processes on this machine, which has 1 GPU\(s\): "
                                             r"give --nproc_per_node at most that \(one GPU each\)$"):
         Trainer(spec, torch.device("cuda"))
