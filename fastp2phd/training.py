@@ -313,8 +313,8 @@ def _stop_with_torchrun(rank: int) -> None:
     def watch() -> None:
         while os.getppid() == agent:
             time.sleep(1)
-        print(f"fastp2phd train: torchrun has stopped, so process {rank} stops too; the last save is intact: "
-              "add --continue_train to go on from there", file=sys.stderr, flush=True)
+        _say_error(f"torchrun has stopped, so process {rank} stops too; the last save is intact: add "
+                   "--continue_train to go on from there")
         os._exit(1)  # (saves are atomic: stopping anywhere keeps the last one whole)
 
     threading.Thread(target=watch, name="torchrun watch", daemon=True).start()
@@ -367,16 +367,23 @@ def main_train(spec: TrainSpec, device: torch.device) -> int:
         # in the message: keep its last line, the sentence that says what is wrong (without "module.Error: ").
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         message = re.sub(r"^[\w.]+Error: ", "", message)
-        print(f"fastp2phd train: {message}", file=sys.stderr)
+        _say_error(message)
         return 1
     except RuntimeError as exc:
         if not _peer_stopped(exc):
             raise
         # The process that failed said why; a traceback from every other one would bury its sentence.
-        print(f"fastp2phd train: process {os.environ.get('RANK', '?')} stopped because another process of this "
-              "run stopped (its message says why)", file=sys.stderr)
+        _say_error(f"process {os.environ.get('RANK', '?')} stopped because another process of this run stopped "
+                   "(its message says why)")
         return 1
     return 0
+
+
+def _say_error(sentence: str) -> None:
+    # One write for the line: torchrun's unbuffered processes printed sentence and newline apart, and two
+    # processes stopping at once interleaved them.
+    sys.stderr.write(f"fastp2phd train: {sentence}\n")
+    sys.stderr.flush()
 
 
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
