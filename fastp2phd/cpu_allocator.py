@@ -3,8 +3,8 @@
 glibc's malloc hands every block above its mmap threshold (which adapts up to 32 MiB) straight back to
 the system on free, and the next allocation of that size faults in every page again. pix2pixHD's large
 activations are far above it (the first layers at 512x1024 hold 64 x 512 x 1024 floats, 128 MiB), so
-on the CPU each layer paid for page faults as much as for its arithmetic: the 512p generator ran 18-27%
-faster at 256x512 and 512x1024 with freed blocks kept (2-core Xeon), and the fused IN+act forward
+on the CPU each layer paid for page faults as much as for its arithmetic: the 512p generator took 18-27%
+less time at 512x1024 and 256x512 with freed blocks kept (2-core Xeon), and the fused IN+act forward
 at 1x64x512x1024 took 19 ms instead of 44.
 
 The cost is that the process keeps its peak memory until it exits, which suits the ``fastp2phd``
