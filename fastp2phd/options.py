@@ -128,10 +128,9 @@ def add_test_options(p: argparse.ArgumentParser) -> None:
     add_precision_option(g)
     add_spec_option(g, "compile", help=COMPILE_HELP.format(what="G and E"))
     g.add_argument("--optimize", action="store_true",
-                   help="run G and E as fastp2phd.optimize_for_inference makes them (channels_last, sparse first "
-                        "convolutions, the last one by rows): the same images (to about 2e-5), 1.25-1.57x faster in "
-                        "fp32 on a 2-core AVX-512 EPYC; add --compile for the fastest (compiled with the weights "
-                        "frozen in: 1.05-1.38x more in bf16 there)")
+                   help="run G and E as fastp2phd.optimize_for_inference makes them: the same images (to about 2e-5), "
+                        "1.25-1.57x faster in fp32 on a 2-core AVX-512 EPYC; add --compile for the fastest (compiled "
+                        "with the weights frozen in: 1.05-1.38x more in bf16 there)")
 
 
 def add_precision_option(g, default: str = "fp32") -> None:
