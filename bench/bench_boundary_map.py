@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from harness import compiled_or_skip, instance_maps, measure, tensor_bytes
+from harness import check_agrees, compiled_or_skip, instance_maps, measure, tensor_bytes
 from official import official_edges
 
 from fastp2phd.ops import boundary_map, boundary_map_reference
@@ -40,8 +40,11 @@ def test_boundary_map(benchmark, settings, size, provider):
             pytest.skip("scikit-image runs on the CPU")
         ids = inst.cpu().numpy()
 
-        def fn():
-            return np.stack([segmentation.find_boundaries(m[0], mode="thick", connectivity=1) for m in ids])
+        def fn():  # float32 edges like every other provider's (find_boundaries gives bool)
+            return np.stack([segmentation.find_boundaries(m[0], mode="thick", connectivity=1)
+                             for m in ids])[:, None].astype(np.float32)
 
+    if provider != "floor":
+        check_agrees(settings, fn(), boundary_map_reference(inst), what=f"boundary_map {provider}")
     measure(benchmark, settings, suite="boundary_map", case=f"{n}x1x{h}x{w} int32 -> float32", provider=provider,
             fn=fn, bytes_moved=tensor_bytes(inst) + out_bytes, images=n, slow=provider == "scikit-image")
