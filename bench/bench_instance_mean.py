@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import compiled_or_skip, instance_maps, measure, tensor_bytes
+from harness import check_agrees, compiled_or_skip, instance_maps, measure, tensor_bytes
 from official import index_add_instance_mean, official_instance_pool
 
 from fastp2phd.ops import instance_mean, instance_mean_reference
@@ -56,6 +56,13 @@ def test_instance_mean(benchmark, settings, size, provider, backward):
                 return g
         else:
             fn = lambda: op(feat)  # noqa: E731
+        if backward:
+            ref_leaf = feat.clone().requires_grad_(True)
+            (expected,) = torch.autograd.grad(instance_mean_reference(ref_leaf, inst), ref_leaf, grad)
+        else:
+            expected = instance_mean_reference(feat, inst)
+        check_agrees(settings, fn(), expected, what=f"instance_mean {provider}{' gradient' if backward else ''}",
+                     atol=1e-4, rtol=1e-4, layout=not backward)
     measure(benchmark, settings, suite="instance_mean fwd+bwd" if backward else "instance_mean fwd",
             case=f"{n}x3x{h}x{w} float32", provider=provider, fn=fn,
             bytes_moved=floor_bytes * (2 if backward else 1), images=n, slow=provider == "official")

@@ -195,22 +195,24 @@ def compiled_or_skip(fn: Callable, *args):
         pytest.skip(f"torch.compile does not apply: {type(exc).__name__}: {str(exc)[:120]}")
 
 
-def check_agrees(settings: Settings, got, expected, *, what: str, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+def check_agrees(settings: Settings, got, expected, *, what: str, atol: float = 1e-5, rtol: float = 1e-5,
+                 layout: bool = True) -> None:
     """In the smoke run, a provider's result against the reference's: the same dtype, shape, memory layout and
     values (within atol/rtol), so every provider of a case computes the same thing. ``got`` and ``expected``
-    are tensors, arrays, or tuples/lists of them. Full runs skip it (one more call at the big sizes)."""
+    are tensors, arrays, or tuples/lists of them. ``layout=False`` for gradients, whose layout autograd
+    picks (a permute's backward gives a channels-last gradient). Full runs skip it (one more call at the big sizes)."""
     if not settings.smoke:
         return
     if isinstance(expected, (tuple, list)):
         assert isinstance(got, (tuple, list)) and len(got) == len(expected), f"{what}: {len(got)} results, not {len(expected)}"
         for i, (g, e) in enumerate(zip(got, expected)):
-            check_agrees(settings, g, e, what=f"{what} [{i}]", atol=atol, rtol=rtol)
+            check_agrees(settings, g, e, what=f"{what} [{i}]", atol=atol, rtol=rtol, layout=layout)
         return
     got = torch.as_tensor(got) if isinstance(got, np.ndarray) else got
     expected = torch.as_tensor(expected) if isinstance(expected, np.ndarray) else expected
     assert isinstance(got, torch.Tensor), f"{what}: returned {type(got).__name__}, not a tensor"
     assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype}, the reference's {expected.dtype}"
     assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)}, the reference's {tuple(expected.shape)}"
-    assert got.is_contiguous() == expected.is_contiguous(), (
+    assert not layout or got.is_contiguous() == expected.is_contiguous(), (
         f"{what}: strides {got.stride()}, the reference's {expected.stride()} (another memory layout)")
     torch.testing.assert_close(got.detach().cpu(), expected.detach().cpu(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")

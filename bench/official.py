@@ -30,7 +30,8 @@ def official_instance_pool(outputs: torch.Tensor, inst: torch.Tensor) -> torch.T
 
 
 def index_add_instance_mean(feat: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
-    """The straightforward vectorised formulation: unique ids, index_add sums and counts, gather."""
+    """The straightforward vectorised formulation: unique ids, index_add sums and counts, gather; returns an
+    NCHW-contiguous tensor, as instance_mean does."""
     n, c, h, w = feat.shape
     ids, segment = torch.unique(inst.reshape(n, h * w), return_inverse=True)
     index = (segment + torch.arange(n, device=feat.device)[:, None] * ids.numel()).reshape(-1)  # (n*h*w,)
@@ -39,7 +40,8 @@ def index_add_instance_mean(feat: torch.Tensor, inst: torch.Tensor) -> torch.Ten
     counts = torch.zeros(n * ids.numel(), device=feat.device, dtype=feat.dtype).index_add(
         0, index, torch.ones_like(index, dtype=feat.dtype))
     means = sums / counts.clamp_min(1)[:, None]
-    return means[index].reshape(n, h, w, c).permute(0, 3, 1, 2)
+    # .contiguous(): an (N, C, H, W) tensor like the other providers' (the permute alone is a channels-last view)
+    return means[index].reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
 
 
 def official_instance_features(feat_map: torch.Tensor, inst: torch.Tensor, label_nc: int = 35) -> dict:
