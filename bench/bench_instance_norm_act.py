@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness import compiled_or_skip, measure, tensor_bytes
+from harness import check_agrees, compiled_or_skip, measure, tensor_bytes
 from torch import nn
 
 from fastp2phd.ops import instance_norm_act, instance_norm_act_reference
@@ -85,6 +85,13 @@ def test_instance_norm_act(benchmark, settings, index, provider, mode):
     else:
         fn = lambda: op(x)  # noqa: E731
         moved = 3 * tensor_bytes(x)  # read x twice (statistics, normalisation), write y
+    if settings.smoke:  # the same output (or input gradient) as the reference's
+        ref_leaf = x.clone().requires_grad_(mode != "fwd")
+        expected = instance_norm_act_reference(ref_leaf, activation)
+        if mode != "fwd":
+            expected = torch.autograd.grad(expected, ref_leaf, dy)
+        check_agrees(settings, fn() if mode == "fwd" else tuple(fn()), expected,
+                     what=f"instance_norm_act {mode} {provider}", atol=1e-4, rtol=1e-4, layout=mode == "fwd")
     dtype_name = str(dtype).replace("torch.", "")
     # Three times the usual rounds: calls of a few ms, whose 5-round medians swung by 20-30% between runs.
     measure(benchmark, settings, suite=f"instance_norm_act {mode}",
