@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import measure
+from harness import check_agrees, measure
 from torch import nn
 
 from fastp2phd import InstanceNormAct2d, ops
@@ -22,7 +22,7 @@ def _instance_norm_act(provider: str, channels: int):
         return lambda t: ops.instance_norm_act(t)
     if provider == "reference":
         return lambda t: ops.instance_norm_act(t, impl="reference")
-    return nn.Sequential(nn.InstanceNorm2d(channels), nn.ReLU())  # official: the unfused modules
+    return nn.Sequential(nn.InstanceNorm2d(channels), nn.ReLU(True))  # official: the unfused modules, in-place ReLU as the original builds them
 
 
 @pytest.mark.parametrize("provider", ["fastp2phd", "op", "reference", "official"])
@@ -32,6 +32,8 @@ def test_instance_norm_act_host_time(benchmark, settings, mode, provider):
     layer = _instance_norm_act(provider, 8)
     if isinstance(layer, nn.Module):
         layer.to(settings.device)
+    check_agrees(settings, layer(x), ops.instance_norm_act(x, impl="reference"), what=f"host overhead {provider}",
+                 atol=1e-4, rtol=1e-4)
     if mode == "fwd":
         def fn():
             for _ in range(CALLS):
@@ -52,6 +54,8 @@ def test_instance_mean_host_time(benchmark, settings, provider):
     feat = torch.randn(1, 3, 4, 4, device=settings.device)
     inst = torch.arange(16, device=settings.device).view(1, 1, 4, 4) // 5
     impl = "auto" if provider == "fastp2phd" else "reference"
+    check_agrees(settings, ops.instance_mean(feat, inst, impl=impl), ops.instance_mean(feat, inst, impl="reference"),
+                 what=f"host overhead instance_mean {provider}")
 
     def fn():
         for _ in range(CALLS):
