@@ -97,7 +97,9 @@ def provider_fn(settings, provider: str, model: Pix2PixHD, x: torch.Tensor, tmp_
         from fastp2phd.inference import export_onnx
 
         path, _ = export_onnx(model, tmp_path / "g.onnx")
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()  # torch's thread count: onnxruntime's default is every physical core
+        options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         feed = {"input": x.cpu().numpy()}
         return lambda: torch.from_numpy(session.run(["image"], feed)[0])
     if provider == "compile":
@@ -125,6 +127,8 @@ def test_generator_inference(benchmark, settings, tmp_path, config, height, widt
         with torch.inference_mode():
             _fp32_outputs[case] = model.netG(x).float().cpu()
     benchmark.extra_info["psnr_db"] = psnr(fn(), _fp32_outputs[case])
+    if settings.smoke and not provider.endswith(("bf16", "fp16")):  # a float32 provider computes fp32's image
+        assert benchmark.extra_info["psnr_db"] > 60, f"{provider}: PSNR {benchmark.extra_info['psnr_db']:.1f} dB against fp32"
     measure(benchmark, settings, suite=SUITE, case=case, provider=provider, fn=fn, images=1,
             slow=not settings.cuda, rounds=2 if width >= 2048 and not settings.cuda else None)
     if provider == "onnxruntime":  # its memory arena outlives the warm-up, so a call's growth (0) says nothing
