@@ -10,13 +10,15 @@ case) so that `make bench` fits in 15 minutes on 2 cores; on a GPU at the real o
 """
 from __future__ import annotations
 
+import types
 
 import pytest
 import torch
-from harness import instance_maps, measure
-from official import official_instance_features, official_instance_pool
+from harness import check_agrees, instance_maps, measure
+from official import official_instance_features, official_instance_pool, official_train_step_class
 
 from fastp2phd.cli import build_parser
+from fastp2phd.compiling import compile_networks
 from fastp2phd.features import FeatureCollector, cluster_features
 from fastp2phd.models import Encoder, GlobalGenerator, LocalEnhancer, VGGLoss, Vgg19
 from fastp2phd.options import finish_options, train_spec
@@ -134,18 +136,31 @@ def test_training_step(benchmark, settings, index, provider, monkeypatch):
         _make_official(step)
     elif provider == "reference":
         monkeypatch.setenv("FASTP2PHD_IMPL", "reference")
-    # The VGG loss with random weights: the same work as the real one, no download needed.
+    # The VGG loss with random weights: the same work as the real one, no download needed. (Seeded here: the
+    # official row drew more numbers above, and every row's VGG must be the same network.)
+    torch.manual_seed(1)
     step.vgg_loss = VGGLoss(vgg=Vgg19(pretrained=False)).to(settings.device, memory_format=step.memory_format)
+    if provider == "compile":  # as --compile compiles the VGG loss with G and D (TrainStep did before it was set)
+        compile_networks([step.vgg_loss], opt.compile, settings.device)
     batch = next(iter(trainer.loader))
     case = f"{name} at {size[0]}x{size[1]}" + (" + E" if features and index < 2 else "")
     if settings.smoke:
         case = "smoke " + ("+ E" if features else "")
+    if settings.smoke:  # every provider's first step: the same losses from the same weights and batch
+        values = {k: torch.tensor(float(v)) for k, v in step.step(batch)[0].items()}
+        first = _first_step_losses.setdefault(case, (provider, values))
+        check_agrees(settings, values, first[1], what=f"training step {provider} vs {first[0]}", atol=1e-5, rtol=1e-3)
     measure(benchmark, settings, suite="training step", case=case, provider=provider,
             fn=lambda: step.step(batch), images=opt.batchSize, slow=not settings.cuda)
 
 
+_first_step_losses: dict[str, tuple[str, dict]] = {}  # case -> (provider, losses of its first step), smoke runs
+
+
 def _make_official(step) -> None:
-    """Swap a TrainStep's networks for plain-module copies with the same weights (and loop pooling)."""
+    """Swap a TrainStep's networks for plain-module copies with the same weights (and loop pooling), and its
+    step for the original's (official.py): D run on the pooled fake and on the real pair separately, every loss
+    built with the original's formulation before G's backward, then D's backward."""
     model = step.model
     netG = type(model.netG)(**model.netG.options, fused=False).to(step.device)
     netG.load_state_dict(model.netG.state_dict())
@@ -163,6 +178,7 @@ def _make_official(step) -> None:
     step.optimizer_G = torch.optim.Adam(list(netG.parameters()) + (list(model.netE.parameters()) if model.netE
                                            is not None else []), lr=step.spec.lr, betas=(step.spec.beta1, 0.999))
     step.optimizer_D = torch.optim.Adam(netD.parameters(), lr=step.spec.lr, betas=(step.spec.beta1, 0.999))
+    step.step = types.MethodType(official_train_step_class().step, step)
 
 
 @pytest.mark.parametrize("provider", ["fastp2phd", "official"])

@@ -199,9 +199,14 @@ def check_agrees(settings: Settings, got, expected, *, what: str, atol: float = 
                  layout: bool = True) -> None:
     """In the smoke run, a provider's result against the reference's: the same dtype, shape, memory layout and
     values (within atol/rtol), so every provider of a case computes the same thing. ``got`` and ``expected``
-    are tensors, arrays, or tuples/lists of them. ``layout=False`` for gradients, whose layout autograd
+    are tensors, arrays, or tuples/lists/dicts of them. ``layout=False`` for gradients, whose layout autograd
     picks (a permute's backward gives a channels-last gradient). Full runs skip it (one more call at the big sizes)."""
     if not settings.smoke:
+        return
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and got.keys() == expected.keys(), f"{what}: keys {list(got)}, not {list(expected)}"
+        for key in expected:
+            check_agrees(settings, got[key], expected[key], what=f"{what} [{key}]", atol=atol, rtol=rtol, layout=layout)
         return
     if isinstance(expected, (tuple, list)):
         assert isinstance(got, (tuple, list)) and len(got) == len(expected), f"{what}: {len(got)} results, not {len(expected)}"
