@@ -64,6 +64,11 @@ def test_generator_forward(benchmark, settings, name, provider):
         with torch.inference_mode():
             return net(x)
 
+    if settings.smoke:  # the same network (one seed) on the reference ops gives the same image
+        torch.manual_seed(0)
+        reference = build(network_kwargs("reference")).to(settings.device).eval()
+        with torch.inference_mode():
+            check_agrees(settings, fn(), reference(x), what=f"generator forward {provider}", atol=1e-4, rtol=1e-4)
     measure(benchmark, settings, suite="generator forward", case=f"{name} at {shape[2]}x{shape[3]}",
             provider=provider, fn=fn, images=shape[0], slow=not settings.cuda)
 
@@ -81,6 +86,12 @@ def test_encoder_forward(benchmark, settings, provider):
         with torch.no_grad():
             return net(image, inst)
 
+    if settings.smoke:
+        torch.manual_seed(0)
+        reference = Encoder(3, 3, 16, 2, **network_kwargs("reference")).to(settings.device).eval()
+        with torch.no_grad():
+            check_agrees(settings, fn(), reference(image, inst), what=f"encoder forward {provider}", atol=1e-4,
+                         rtol=1e-4)
     measure(benchmark, settings, suite="encoder forward", case=f"{n}x3x{h}x{w} with instance pooling",
             provider=provider, fn=fn, images=n)
 
@@ -197,8 +208,17 @@ def test_feature_encoding_and_kmeans(benchmark, settings, provider):
             collector.add(feat, inst)
             features = collector.result()
         else:
-            features = {k: torch.from_numpy(v) for k, v in official_instance_features(feat, inst).items() if len(v)}
+            # float32 as the collector's: both rows then run the same K-means (on float64 it is another computation)
+            features = {k: torch.from_numpy(v).float() for k, v in official_instance_features(feat, inst).items()
+                        if len(v)}
         return cluster_features(features, n_clusters=10, device=settings.device)
 
+    if settings.smoke:  # the same features and clusters as the collector's
+        with torch.no_grad():
+            feat = encoder(images, inst)
+        collector = FeatureCollector()
+        collector.add(feat, inst)
+        check_agrees(settings, fn(), cluster_features(collector.result(), n_clusters=10, device=settings.device),
+                     what=f"features + k-means {provider}")
     measure(benchmark, settings, suite="features + k-means", case=f"encode {n} scenes of {h}x{w} and cluster",
             provider=provider, fn=fn, images=n, slow=True)
