@@ -95,3 +95,32 @@ def test_report_judges_bf16_speed_and_psnr(tmp_path):
     assert "onnxruntime (CPU) vs fp32 eager, 1024p generator at 512x1024" in report and "| 0.80× | — |" in report
     assert f"| {case} | bf16 | 1250 | 10 | 0.8 | 100 | 1.60× | 41.0 |" in report
     assert f"| {case} | fp32 | 2000 | 10 | 0.5 | 100 | 1.00× | exact |" in report
+
+
+def test_report_takes_the_copy_bandwidth_only_from_the_same_run(tmp_path):
+    """'% of copy' and the bandwidth target divide by the copy bandwidth of the run that measured the op, never
+    by another run's (a newer copy-only run, or an older one on a differently loaded machine)."""
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(ROOT / "bench"))
+    from report import write_report
+
+    case = "G first layer, 2048x1024 1x64x2048x1024 float32"
+    op = {"suite": "instance_norm_act fwd", "case": case, "provider": "fastp2phd", "bytes": 3 * 2**29, "images": None,
+          "peak_mb": 512.0, "median_s": 0.001, "iqr_s": 0.0001, "min_s": 0.001, "max_s": 0.001, "rounds": 10}
+    copy = {"suite": "memory copy", "case": "1024 MiB float32", "provider": "copy", "bytes": 2**31, "images": None,
+            "peak_mb": 0.0, "median_s": 0.001, "iqr_s": 0.0001, "min_s": 0.001, "max_s": 0.001, "rounds": 10}
+    meta = {"device": "cuda", "device_name": "Test GPU", "cpu_threads": 2, "torch": "x", "cuda": "12", "triton": "y",
+            "python": "3.11", "commit": "abc"}
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "a.json").write_text(json.dumps({**meta, "date": "2026-12-01T10:00Z", "results": [op]}))
+    (results / "b.json").write_text(json.dumps({**meta, "date": "2026-12-02T10:00Z", "results": [copy]}))
+    report = write_report(results, tmp_path / "REPORT.md").read_text()
+    op_line = next(line for line in report.splitlines() if line.startswith(f"| {case} | fastp2phd |"))
+    assert "of copy" not in op_line, op_line
+    assert f"| instance_norm_act fwd {case}: ≥ 80% of the bandwidth bound | not measured | — |" in report
+    (results / "b.json").unlink()
+    (results / "a.json").write_text(json.dumps({**meta, "date": "2026-12-01T10:00Z", "results": [op, copy]}))
+    report = write_report(results, tmp_path / "REPORT.md").read_text()
+    assert "(75% of copy)" in report
+    assert f"| instance_norm_act fwd {case}: ≥ 80% of the bandwidth bound | 75.00% | **no** |" in report
