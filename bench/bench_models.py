@@ -2,8 +2,9 @@
 (G + D + all losses, with and without instance features), and feature encoding + K-means.
 
 Providers: ``fastp2phd`` (fused modules, fast paths), ``reference`` (the same networks on the
-pure-PyTorch ops), ``official`` (the original's plain InstanceNorm2d + ReLU modules and
-Python-loop instance pooling) and, for the training step, ``compile`` (fastp2phd with ``--compile``:
+pure-PyTorch ops), ``official`` (the original's plain InstanceNorm2d + ReLU modules,
+Python-loop instance pooling, and for the training step the original's step: official.py's
+OfficialTrainStep) and, for the training step, ``compile`` (fastp2phd with ``--compile``:
 ``reduce-overhead``, so CUDA graphs, on a GPU; ``default`` on the CPU) and ``channels_last`` (fastp2phd with
 ``--channels_last``: every network and image NHWC, the tensor-core layout). On the CPU the networks run at reduced sizes (stated in each
 case) so that `make bench` fits in 15 minutes on 2 cores; on a GPU at the real ones.
