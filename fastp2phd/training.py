@@ -97,7 +97,7 @@ class Trainer:
     restore all of them: what ``train_state`` saves and resumes."""
 
     def __init__(self, spec: TrainSpec, device: torch.device):
-        from .data import DatasetError, create_dataset
+        from .data import AlignedDataset, DatasetError, create_dataset
 
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -142,6 +142,8 @@ class Trainer:
         try:
             self.dataset = create_dataset(data)
             len(self.dataset)
+            if isinstance(self.dataset, AlignedDataset):  # a bad file found now, not hours into an epoch
+                self.dataset.check_headers()
         except DatasetError as exc:
             raise TrainingError(str(exc)) from None
         if len(self.dataset) == 0:

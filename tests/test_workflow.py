@@ -551,3 +551,25 @@ def test_logged_losses_are_the_mean_over_processes(tmp_path):
         mean = torch.load(f"{tmp_path / 'mean'}.{rank}")
         assert list(mean) == ["G_GAN", "D_fake", "D_real"]
         assert mean == {"G_GAN": 1.5, "D_fake": 5.0, "D_real": -0.25}
+
+
+@pytest.mark.parametrize("damage", ["size", "mode"])
+def test_a_bad_file_late_in_the_dataset_is_refused_before_the_first_step(damage, tmp_path, dataroot, capsys,
+                                                                          monkeypatch):
+    """The files' headers are read before training: a bad last file stopped the run at the end of the epoch."""
+    import shutil
+
+    from fastp2phd.data import AlignedDataset
+
+    data = tmp_path / "data"
+    shutil.copytree(dataroot, data)
+    last = sorted((data / "train_inst").iterdir())[-1]
+    image = Image.open(last)
+    (image.resize((16, 16)) if damage == "size" else image.convert("RGB")).save(last)
+    read, getitem = [], AlignedDataset.__getitem__
+    monkeypatch.setattr(AlignedDataset, "__getitem__", lambda self, i: read.append(i) or getitem(self, i))
+    capsys.readouterr()
+    assert run(*train_args(tmp_path / "ck", data)) == 1
+    err = capsys.readouterr().err
+    assert last.name in err and ("differ in size" if damage == "size" else "has PIL mode RGB") in err, err
+    assert read == []  # no item was read: refused before the epoch began

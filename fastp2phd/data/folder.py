@@ -140,22 +140,32 @@ def open_image(path: str, spec: Optional[DataSpec] = None) -> Image.Image:
     ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is False (PIL's default). An image too large to
     decode, or (with ``spec``) to process as ``spec`` says, is refused from its header first
     (``check_image_size``)."""
-    _check_regular(path)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image_size says more
-            img = Image.open(path)
-    except Image.DecompressionBombError as error:
-        raise DatasetError(f"Image file {path} is too large to decode ({error}); downscale it first.") from None
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
-        raise _unreadable(path, error) from error
-    with img:
+    with _open_lazily(path) as img:
         check_image_size(path, img.size, spec)
         try:
             img.load()
         except Exception as error:
             raise _unreadable(path, error) from error
         return img
+
+
+def read_header(path: str, spec: Optional[DataSpec] = None) -> tuple[str, tuple[int, int]]:
+    """An image file's PIL mode and size from its header alone (no decoding), refused as ``open_image`` would."""
+    with _open_lazily(path) as img:
+        check_image_size(path, img.size, spec)
+        return img.mode, img.size
+
+
+def _open_lazily(path: str) -> Image.Image:
+    _check_regular(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image_size says more
+            return Image.open(path)
+    except Image.DecompressionBombError as error:
+        raise DatasetError(f"Image file {path} is too large to decode ({error}); downscale it first.") from None
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, EOFError, ...
+        raise _unreadable(path, error) from error
 
 
 def _unreadable(path: str, error: Exception) -> DatasetError:
@@ -251,11 +261,7 @@ def label_id_map(img: Image.Image, path: str, label_nc: int) -> Image.Image:
         if img.mode == "RGBA" and _grey(img):
             raise DatasetError(f"Label map {path} holds its ids in three equal colour channels (PIL mode {img.mode}), "
                                f"but label maps must be single-channel; save it as one (PIL's .convert('L')).")
-        raise DatasetError(
-            f"Label map {path} has PIL mode {img.mode}, but with label_nc={label_nc} label maps must hold one class id "
-            f"per pixel (8- or 16-bit single channel, such as Cityscapes' *_labelIds.png, not its colour pictures "
-            f"*_color.png); use such id maps, or --label_nc 0 to take RGB images as input."
-        )
+        raise _not_label_ids(path, img.mode, label_nc)
     low, high = img.getextrema()
     if low < 0 or high >= label_nc:
         bad = low if low < 0 else high
@@ -266,6 +272,25 @@ def label_id_map(img: Image.Image, path: str, label_nc: int) -> Image.Image:
             f"{ignore}."
         )
     return img
+
+
+def _not_label_ids(path: str, mode: str, label_nc: int) -> DatasetError:
+    return DatasetError(
+        f"Label map {path} has PIL mode {mode}, but with label_nc={label_nc} label maps must hold one class id "
+        f"per pixel (8- or 16-bit single channel, such as Cityscapes' *_labelIds.png, not its colour pictures "
+        f"*_color.png); use such id maps, or --label_nc 0 to take RGB images as input."
+    )
+
+
+def _not_instance_ids(path: str, mode: str) -> DatasetError:
+    return DatasetError(f"Instance map {path} has PIL mode {mode}, but instance maps must hold one id per pixel "
+                        f"(8- or 16-bit single channel, such as Cityscapes' *_gtFine_instanceIds.png); use such maps.")
+
+
+def _size_mismatch(index: int, label: tuple[str, tuple[int, int]], what: str, other: tuple[str, tuple[int, int]]):
+    (label_path, (lw, lh)), (path, (w, h)) = label, other
+    return DatasetError(f"Files of item {index} differ in size: label map {label_path} is {lw}x{lh} but {what} {path} "
+                        f"is {w}x{h} (width x height must match).")
 
 
 def _missing_folder_hint(spec: DataSpec, key: str) -> str:
@@ -366,6 +391,24 @@ class AlignedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.label_paths)
 
+    def check_headers(self) -> None:
+        """Refuse, from the files' headers alone (no decoding: seconds for Cityscapes), what reading an item would
+        refuse mid-epoch: an unreadable file, a map whose mode holds no ids, an item's files of different sizes, an
+        image too large. (Ids out of range, and colour label maps saved as RGB, show only when decoded.)"""
+        kinds = (("inst", self.inst_paths, "instance map"), ("image", self.image_paths, "photo"),
+                 ("feat", self.feat_paths, "feature map"))
+        for index, label_path in enumerate(self.label_paths):
+            mode, size = read_header(label_path, self.spec)
+            if self.label_nc > 0 and mode not in _LABEL_MODES + ("RGB", "RGBA"):  # (RGB ones may be grey: ids)
+                raise _not_label_ids(label_path, mode, self.label_nc)
+            for key, paths, what in kinds:
+                if paths is not None:
+                    other_mode, other_size = read_header(paths[index], self.spec)
+                    if other_size != size:
+                        raise _size_mismatch(index, (label_path, size), what, (paths[index], other_size))
+                    if key == "inst" and other_mode not in _LABEL_MODES:
+                        raise _not_instance_ids(paths[index], other_mode)
+
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose crops and flips the items get (see the module docstring)."""
         self.epoch = int(epoch)
@@ -390,15 +433,9 @@ class AlignedDataset(Dataset):
                 continue
             img = open_image(paths[index], self.spec)
             if img.size != label.size:
-                raise DatasetError(
-                    f"Files of item {index} differ in size: label map {label_path} is {label.size[0]}x{label.size[1]} "
-                    f"but {what} {paths[index]} is {img.size[0]}x{img.size[1]} (width x height must match)."
-                )
+                raise _size_mismatch(index, (label_path, label.size), what, (paths[index], img.size))
             if key == "inst" and img.mode not in _LABEL_MODES:
-                raise DatasetError(
-                    f"Instance map {paths[index]} has PIL mode {img.mode}, but instance maps must hold one id per pixel "
-                    f"(8- or 16-bit single channel, such as Cityscapes' *_gtFine_instanceIds.png); use such maps."
-                )
+                raise _not_instance_ids(paths[index], img.mode)
             others[key] = img
         rng = item_rng(self.rng_seed, self.epoch, index)
         name = Path(os.path.relpath(label_path, self.label_folder)).with_suffix("").as_posix()
