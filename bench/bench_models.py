@@ -11,11 +11,12 @@ case) so that `make bench` fits in 15 minutes on 2 cores; on a GPU at the real o
 """
 from __future__ import annotations
 
+import gc
 import types
 
 import pytest
 import torch
-from harness import check_agrees, instance_maps, measure
+from harness import bytes_in_use, check_agrees, instance_maps, measure
 from official import official_instance_features, official_instance_pool, official_train_step_class
 
 from fastp2phd.cli import build_parser
@@ -141,6 +142,10 @@ def test_training_step(benchmark, settings, index, provider, monkeypatch):
     if provider == "channels_last":
         extra = [*extra, "--channels_last"]
     opt = training_options(settings, features, size, extra)
+    # Peak memory counts from before the trainer is built: its networks, optimisers and whatever a step keeps
+    # between calls (the original's keeps its gradients; fastp2phd's frees them), as a run needs them.
+    gc.collect()
+    memory_base = bytes_in_use(settings)
     torch.manual_seed(0)
     trainer = Trainer(opt, settings.device)
     step = trainer.step
@@ -163,7 +168,7 @@ def test_training_step(benchmark, settings, index, provider, monkeypatch):
         first = _first_step_losses.setdefault(case, (provider, values))
         check_agrees(settings, values, first[1], what=f"training step {provider} vs {first[0]}", atol=1e-5, rtol=1e-3)
     measure(benchmark, settings, suite="training step", case=case, provider=provider,
-            fn=lambda: step.step(batch), images=opt.batchSize, slow=not settings.cuda)
+            fn=lambda: step.step(batch), images=opt.batchSize, slow=not settings.cuda, memory_base=memory_base)
 
 
 _first_step_losses: dict[str, tuple[str, dict]] = {}  # case -> (provider, losses of its first step), smoke runs

@@ -73,11 +73,12 @@ class _PeakMemory:
     handed out where glibc says (the session keeps freed memory, so resident memory would not grow on a call
     that reuses it), else resident memory."""
 
-    def __init__(self):
+    def __init__(self, base: int | None = None):
         self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self.peak = 0
         self.running = False
         self.heap = heap_bytes_in_use() is not None
+        self.given_base = base
 
     def _bytes(self) -> int:
         if self.heap:
@@ -87,6 +88,8 @@ class _PeakMemory:
 
     def __enter__(self):
         self.base = self.peak = self._bytes()
+        if self.given_base is not None:
+            self.base = self.given_base
         self.running = True
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
@@ -107,19 +110,25 @@ class _PeakMemory:
         return (self.peak - self.base) / 2**20
 
 
-def peak_memory_mb(fn: Callable[[], object], settings: Settings) -> float | None:
+def bytes_in_use(settings: Settings) -> int:
+    """The level ``peak_memory_mb`` counts from: CUDA's allocated bytes, or the CPU's (malloc's, else resident)."""
+    return torch.cuda.memory_allocated() if settings.cuda else _PeakMemory()._bytes()
+
+
+def peak_memory_mb(fn: Callable[[], object], settings: Settings, base: int | None = None) -> float | None:
     """Peak memory one call allocates: CUDA max_memory_allocated; on the CPU, the peak growth of malloc's bytes in
-    use (glibc), else of resident memory."""
+    use (glibc), else of resident memory. ``base`` (``bytes_in_use`` taken earlier) counts from there instead of
+    from the call's start: what a provider holds between calls (an optimiser's gradients, say) then counts too."""
     if settings.cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        start = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        return (torch.cuda.max_memory_allocated() - (start if base is None else base)) / 2**20
     if heap_bytes_in_use() is None and not os.path.exists("/proc/self/statm"):
         return None
-    with _PeakMemory() as rss:
+    with _PeakMemory(base) as rss:
         result = fn()  # held until the last sample: a call shorter than the sampling period still counts its output
     del result
     return rss.megabytes
@@ -154,8 +163,9 @@ def warm_up_to_steady_state(target: Callable[[], object]) -> int:
 
 def measure(benchmark, settings: Settings, *, suite: str, case: str, provider: str, fn: Callable[[], object],
             bytes_moved: int | None = None, images: int | None = None, slow: bool = False,
-            rounds: int | None = None) -> None:
-    """Warm up, record peak memory, warm up to the allocator's steady state (CPU), and time ``fn``
+            rounds: int | None = None, memory_base: int | None = None) -> None:
+    """Warm up, record peak memory (from ``memory_base``, see ``peak_memory_mb``), warm up to the allocator's
+    steady state (CPU), and time ``fn``
     (synchronising the GPU after each call) over ``rounds`` rounds (default: the settings' number). The
     page faults per timed round are recorded beside the time: a row that page-faults ran off the steady state."""
     if settings.cuda:
@@ -167,7 +177,7 @@ def measure(benchmark, settings: Settings, *, suite: str, case: str, provider: s
     target()  # compilation, caches
     benchmark.group = f"{suite} | {case}"
     benchmark.extra_info.update(suite=suite, case=case, provider=provider, bytes=bytes_moved, images=images,
-                                peak_mb=peak_memory_mb(target, settings))
+                                peak_mb=peak_memory_mb(target, settings, memory_base))
     if settings.cuda:
         target()
     elif not settings.smoke:
