@@ -78,17 +78,16 @@ def _image_folder(results: Path) -> Path:
     return results
 
 
-def _on_page(results: Path, folder: Path) -> set[Path] | None:
-    """The generated images the page of the last ``fastp2phd test`` into ``results`` shows, or None (no such page).
-    A rerun with a smaller --how_many, or after more training, leaves the earlier run's other images in the folder:
-    they are not this run's."""
+def _on_page(results: Path, images: list[Path]) -> list[Path]:
+    """Those of ``images`` that the page of the last ``fastp2phd test`` into ``results`` shows; all of them when there
+    is no such page. A rerun with a smaller --how_many, or after more training, leaves the earlier run's other
+    images in the folder: they are not this run's."""
     try:
         page = (results / "index.html").read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
-        return None
+        return images
     links = {(results / unquote(html.unescape(src))).resolve() for src in re.findall(r'<img src="([^"]+)"', page)}
-    shown = {p for p in folder.rglob(f"*{SYNTHESIZED_SUFFIX}.png") if p.resolve() in links}
-    return shown or None
+    return [p for p in images if p.resolve() in links] or images
 
 
 def _check_folders(dataroot, phase: str, results: Path | None) -> None:
@@ -119,9 +118,10 @@ def pair_results(results: str | os.PathLike, dataroot: str | os.PathLike, phase:
     folder = _image_folder(results)
     # Keyed by the scene's name, its label map's path in <phase>_label without the extension (a/s for
     # a/s.png), which is where `test` writes its image: images/a/s_synthesized_image.png.
-    shown = _on_page(results, folder) if folder != results else None
-    generated = {p.relative_to(folder).as_posix()[:-len(SYNTHESIZED_SUFFIX) - 4]: p
-                 for p in (shown or folder.rglob(f"*{SYNTHESIZED_SUFFIX}.png"))}
+    images = list(folder.rglob(f"*{SYNTHESIZED_SUFFIX}.png"))
+    if folder != results:  # a `fastp2phd test` web folder: its page says which images are its last run's
+        images = _on_page(results, images)
+    generated = {p.relative_to(folder).as_posix()[:-len(SYNTHESIZED_SUFFIX) - 4]: p for p in images}
     if not generated:
         raise EvaluationError(f"{folder} holds no *{SYNTHESIZED_SUFFIX}.png images; pass the folder `fastp2phd "
                               "test` wrote (it holds images/<name>_synthesized_image.png)")
