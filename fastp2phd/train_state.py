@@ -17,8 +17,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch.distributed as dist
-
+from .collectives import barrier
 from .errors import InvalidArgumentError
 from .files import load_torch, save_file_set
 from .models.checkpoint import CheckpointMismatchError, load_matching, read_state_dict
@@ -38,7 +37,7 @@ def save(trainer: Trainer, label: str) -> None:
     if trainer.is_main:
         _write(trainer.run_folder, label, state)
     if trainer.distributed:
-        dist.barrier()  # nobody runs ahead (or exits) while the main process writes
+        barrier()  # nobody runs ahead (or exits) while the main process writes
 
 
 def _write(folder: Path, label: str, state: dict) -> None:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from . import train_state
+from .collectives import barrier, gather_objects, mean_over_processes, sum_over_processes
 from .console import progress_bar
 from .errors import Pix2PixHDError
 from .files import remove_leftover_temporaries, write_text
@@ -184,14 +185,9 @@ class Trainer:
         pools = [self.step.pool.state_dict()]
         class_pixels = self.class_pixels
         if self.distributed:
-            pools = [None] * self.world
-            dist.all_gather_object(pools, self.step.pool.state_dict())
+            pools = gather_objects(self.step.pool.state_dict(), self.device)
             if class_pixels is not None:  # each process counted its own batches
-                # A copy: all_reduce sums in place, and on the CPU .to() is the process's own count, which
-                # every later save then summed again.
-                class_pixels = class_pixels.to(self.device if self.device.type == "cuda" else "cpu", copy=True)
-                dist.all_reduce(class_pixels)
-                class_pixels = class_pixels.cpu()
+                class_pixels = sum_over_processes(class_pixels, self.device)
         position = self.position.state_dict()
         if position["epoch_iter"] >= len(self.dataset):  # an epoch's end is the next one's start, as in iter.txt
             position.update(epoch=position["epoch"] + 1, epoch_iter=0)
@@ -239,12 +235,7 @@ class Trainer:
         train_state.save(self, label)
 
     def _mean_over_processes(self, values: dict[str, float]) -> dict[str, float]:
-        if not self.distributed:
-            return values
-        device = self.device if self.device.type == "cuda" else torch.device("cpu")
-        total = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-        dist.all_reduce(total)
-        return dict(zip(values, (total / self.world).tolist()))
+        return mean_over_processes(values, self.device) if self.distributed else values
 
     def _crossed(self, before: int, freq: int) -> bool:
         return before // freq != self.position.total_steps // freq
@@ -339,7 +330,7 @@ def train(spec: TrainSpec, device: torch.device) -> dict[str, float]:
     try:
         values = trainer.run()
         if trainer.distributed:
-            dist.barrier()  # every process finished before any tears the group down
+            barrier()  # every process finished before any tears the group down
         return values
     finally:
         if trainer.distributed and dist.is_initialized():
