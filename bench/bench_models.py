@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 from harness import bytes_in_use, check_agrees, instance_maps, measure
-from official import official_instance_features, official_instance_pool, official_train_step_class
+from official import OfficialGANLoss, official_instance_features, official_instance_pool, official_train_step_class
 
 from fastp2phd.cli import build_parser
 from fastp2phd.compiling import compile_networks
@@ -195,6 +195,7 @@ def _make_official(step) -> None:
     step.optimizer_G = torch.optim.Adam(list(netG.parameters()) + (list(model.netE.parameters()) if model.netE
                                            is not None else []), lr=step.spec.lr, betas=(step.spec.beta1, 0.999))
     step.optimizer_D = torch.optim.Adam(netD.parameters(), lr=step.spec.lr, betas=(step.spec.beta1, 0.999))
+    step.gan_loss = OfficialGANLoss(use_lsgan=not step.spec.no_lsgan)
     step.step = types.MethodType(official_train_step_class().step, step)
 
 

@@ -15,6 +15,37 @@ def official_edges(inst: torch.Tensor) -> torch.Tensor:
     return edge.float()
 
 
+def official_encode_input(label: torch.Tensor, inst: torch.Tensor, label_nc: int, no_instance: bool) -> torch.Tensor:
+    """The original encode_input: a zeroed float32 one-hot map filled by scatter_ (the label map itself with
+    --label_nc 0), then the 4-pass edge map."""
+    if label_nc == 0:
+        input_label = label.float()
+    else:
+        n, _, h, w = label.shape
+        input_label = torch.zeros(n, label_nc, h, w, device=label.device).scatter_(1, label.long(), 1.0)
+    return input_label if no_instance else torch.cat([input_label, official_edges(inst)], dim=1)
+
+
+class OfficialGANLoss:
+    """The original GANLoss: nn.MSELoss (BCE with --no_lsgan; on logits here, as fastp2phd's D gives them) of each
+    scale's prediction against a target tensor filled with the label, kept and remade when the size changes
+    (at every scale of a multiscale D). In float32, as CUDA's autocast runs these losses."""
+
+    def __init__(self, use_lsgan: bool = True):
+        self.loss = torch.nn.MSELoss() if use_lsgan else torch.nn.BCEWithLogitsLoss()
+        self.targets: dict[bool, torch.Tensor | None] = {True: None, False: None}
+
+    def __call__(self, pred_scales, target_is_real: bool) -> torch.Tensor:
+        loss = 0
+        for scale in pred_scales:
+            pred = scale[-1].to(torch.promote_types(scale[-1].dtype, torch.float32))
+            target = self.targets[target_is_real]
+            if target is None or target.numel() != pred.numel():
+                target = self.targets[target_is_real] = torch.full_like(pred, float(target_is_real))
+            loss = loss + self.loss(pred, target)
+        return loss
+
+
 def official_instance_pool(outputs: torch.Tensor, inst: torch.Tensor) -> torch.Tensor:
     """The original Encoder pooling: a Python loop over ids x batch items x channels,
     each step finding the instance's pixels with nonzero() (a host sync on CUDA)."""
@@ -92,9 +123,10 @@ def official_feature_matching(pred_fake, pred_real, n_layers_D: int, num_D: int,
 
 
 def official_train_step_class(joint_discriminator: bool = False):
-    """A TrainStep with the original code's modules and step: InstanceNorm2d + in-place ReLU, D run on
-    the pooled fake and the real pair separately and again, unfrozen, on the fake; every loss built
-    (with F.l1_loss, and VGG features of both images kept) before G's backward, then D's backward.
+    """A TrainStep with the original code's modules and step: the input encoded as the original does it
+    (4-pass edges), InstanceNorm2d + in-place ReLU, D run on the pooled fake and the real pair separately
+    and again, unfrozen, on the fake; every loss built (the GAN losses against target tensors, F.l1_loss,
+    VGG features of both images kept) before G's backward, then D's backward.
 
     ``joint_discriminator``: score the pooled fake and the real pair as one batch, as fastp2phd does
     (per-sample norms make it the same computation, but not to the last bit): the plain step
@@ -122,13 +154,14 @@ def official_train_step_class(joint_discriminator: bool = False):
             self.gen, self.disc = model, netD
             self.optimizer_D = torch.optim.Adam(netD.parameters(), lr=spec.lr, betas=(spec.beta1, 0.999))
             self.optimizer_G = self.make_optimizer_G(fix_global=False)
+            self.gan_loss = OfficialGANLoss(use_lsgan=not spec.no_lsgan)
 
         def step(self, batch):
             spec = self.spec
             batch = self._to_device(batch)
             label, inst, real = batch["label"], batch["inst"], batch["image"]
             self.on_phase("G forward")
-            input_label = self.model.encode_input(label, None if spec.model.no_instance else inst)
+            input_label = official_encode_input(label, inst, spec.model.label_nc, spec.model.no_instance)
             autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
             with autocast:
                 fake, _ = self.gen(input_label, inst, label, real, None)
