@@ -222,8 +222,9 @@ class TrainStep:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        self.gen = DistributedDataParallel(self.model, device_ids=ids)
-        self.disc = DistributedDataParallel(self.netD, device_ids=ids)
+        # The gradients are views into DDP's communication buckets, not a second copy of them beside the buckets.
+        self.gen = DistributedDataParallel(self.model, device_ids=ids, gradient_as_bucket_view=True)
+        self.disc = DistributedDataParallel(self.netD, device_ids=ids, gradient_as_bucket_view=True)
         self.distributed = True
 
     def state_dict(self) -> dict:
