@@ -26,9 +26,8 @@ in about 30 is nonzero: ``SparseInputConv2d`` adds the weights of the nonzero va
 (``fastp2phd.ops.sparse_input_conv2d``, C++), so the 1024p generator's 7x7 layer of 36 -> 32 channels at
 1024x2048 takes about 0.25 s instead of 1.05. With both, the 1024p generator at 1024x2048 took 6.1 s in fp32
 (7.3 before) and 3.7 s in bf16 (4.0); at 512x1024 1.6 s (2.0) and 1.05 s (1.2) (ad-hoc). In the newest
-bench run (bench/REPORT.md, "AMD EPYC (AVX512)", 2026-12-06, label maps of a street scene, after the sparse
-first convolutions got faster): 6083 ms fp32 (its rounds page-faulted) and 3568 ms bf16 at 1024x2048
-against onnxruntime's 9850 ms, and 1656 / 917 ms at 512x1024 against 2285 ms.
+bench run (bench/REPORT.md, "AMD EPYC (AVX512)", 2026-12-07, label maps of a street scene): 5813 ms fp32
+and 3326 ms bf16 at 1024x2048 against onnxruntime's 8755 ms, and 1704 / 925 ms at 512x1024 against 2263 ms.
 
 Folding each ``ReflectionPad2d`` into the convolution after it (``padding_mode="reflect"``) was
 measured too and left out: it changed nothing on top of channels_last (2352 vs 2351 ms), since
