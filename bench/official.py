@@ -122,7 +122,7 @@ def official_feature_matching(pred_fake, pred_real, n_layers_D: int, num_D: int,
     return loss
 
 
-def official_train_step_class(joint_discriminator: bool = False):
+def official_train_step_class(joint_discriminator: bool = False, original_adam: bool = True):
     """A TrainStep with the original code's modules and step: the input encoded as the original does it
     (4-pass edges), InstanceNorm2d + in-place ReLU, D run on the pooled fake and the real pair separately
     and again, unfrozen, on the fake; every loss built (the GAN losses against target tensors, F.l1_loss,
@@ -131,6 +131,8 @@ def official_train_step_class(joint_discriminator: bool = False):
     ``joint_discriminator``: score the pooled fake and the real pair as one batch, as fastp2phd does
     (per-sample norms make it the same computation, but not to the last bit): the plain step
     fastp2phd's memory savings are checked against, bit for bit.
+    ``original_adam``: torch's default Adam, as the original builds it; False: fastp2phd's (fused, the same
+    updates to rounding), so that two steps are compared bit for bit.
     """
     from fastp2phd.models import Encoder, MultiscaleDiscriminator
     from fastp2phd.train_step import TrainStep, moved, split_batch
@@ -152,9 +154,14 @@ def official_train_step_class(joint_discriminator: bool = False):
             netD.load_state_dict(self.netD.state_dict())
             self.netD = netD
             self.gen, self.disc = model, netD
-            self.optimizer_D = torch.optim.Adam(netD.parameters(), lr=spec.lr, betas=(spec.beta1, 0.999))
+            self.optimizer_D = self.make_adam(netD.parameters(), spec.lr)
             self.optimizer_G = self.make_optimizer_G(fix_global=False)
             self.gan_loss = OfficialGANLoss(use_lsgan=not spec.no_lsgan)
+
+        def make_adam(self, params, lr):
+            if original_adam:
+                return torch.optim.Adam(params, lr=lr, betas=(self.spec.beta1, 0.999))
+            return super().make_adam(params, lr)
 
         def step(self, batch):
             spec = self.spec

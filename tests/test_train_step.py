@@ -57,7 +57,8 @@ def test_step_order_and_lean_losses_change_nothing(config, monkeypatch):
     # Both steps normalise with PyTorch's own instance norm here, so the step itself is compared bit for bit;
     # the fused kernels round differently (the next test, and tests/test_models.py, compare them).
     monkeypatch.setenv("FASTP2PHD_IMPL", "reference")
-    assert_same(run(TrainStep, config), run(official_train_step_class(joint_discriminator=True), config))
+    official = official_train_step_class(joint_discriminator=True, original_adam=False)
+    assert_same(run(TrainStep, config), run(official, config))
 
 
 def test_step_with_the_fused_kernels_matches_the_original_step():
@@ -75,6 +76,32 @@ def test_step_with_the_fused_kernels_matches_the_original_step():
     assert outside <= sum(x.numel() for x, _ in pairs) // 10_000, outside
 
 
+def test_fused_adam_updates_as_the_original_adam(monkeypatch):
+    # One step: the same gradients (reference norms, joint D), then fastp2phd's fused Adam against torch's default
+    # one, as the original builds it. Their updates differ in rounding only: within a float32 ulp of each weight.
+    monkeypatch.setenv("FASTP2PHD_IMPL", "reference")
+    (step, _, weights_a), (official, _, weights_b) = (
+        run(TrainStep, [], steps=1), run(official_train_step_class(joint_discriminator=True), [], steps=1))
+    assert step.optimizer_G.defaults["fused"] and step.optimizer_D.defaults["fused"]
+    assert not official.optimizer_G.defaults["fused"] and not official.optimizer_D.defaults["fused"]
+    moved = [(a, b) for a, b in zip(weights_a, weights_b) if a.dtype.is_floating_point and not torch.equal(a, b)]
+    assert moved  # (the steps updated the weights, and not identically)
+    assert all(torch.allclose(a, b, rtol=2 ** -23, atol=1e-9) for a, b in moved)
+
+
+def test_a_state_saved_with_the_unfused_adam_goes_on_fused():
+    # A run saved before Adam was fused: load_state_dict alone would take the saved groups' fused=None.
+    older, _, _ = run(official_train_step_class(joint_discriminator=True), [], steps=1)
+    state = older.state_dict()
+    step, _, _ = run(TrainStep, [], steps=0)
+    step.load_state_dict(state)
+    for optimizer in (step.optimizer_G, step.optimizer_D):
+        assert all(group["fused"] for group in optimizer.param_groups)
+        assert all(s["step"].item() == 1 and s["step"].dtype == torch.float32 for s in optimizer.state.values())
+    step.step(batch(seed=2))
+    assert all(s["step"].item() == 2 for s in step.optimizer_G.state.values())
+
+
 @pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
 def test_activation_checkpointing_changes_nothing(config):
     assert_same(run(TrainStep, config + ["--checkpoint_activations"]), run(TrainStep, config))
@@ -87,7 +114,8 @@ def test_activation_checkpointing_changes_nothing_under_autocast():
 
 def test_batch_norm_step_changes_nothing(monkeypatch):
     monkeypatch.setenv("FASTP2PHD_IMPL", "reference")  # (the encoder's instance norms: as above)
-    assert_same(run(TrainStep, ["--norm", "batch"]), run(official_train_step_class(True), ["--norm", "batch"]))
+    official = official_train_step_class(True, original_adam=False)
+    assert_same(run(TrainStep, ["--norm", "batch"]), run(official, ["--norm", "batch"]))
 
 
 def test_gradients_are_freed_after_the_step():
