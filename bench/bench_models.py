@@ -6,7 +6,8 @@ pure-PyTorch ops), ``official`` (the original's plain InstanceNorm2d + ReLU modu
 Python-loop instance pooling, and for the training step the original's step: official.py's
 OfficialTrainStep) and, for the training step, ``compile`` (fastp2phd with ``--compile``:
 ``reduce-overhead``, so CUDA graphs, on a GPU; ``default`` on the CPU) and ``channels_last`` (fastp2phd with
-``--channels_last``: every network and image NHWC, the tensor-core layout). On the CPU the networks run at reduced sizes (stated in each
+``--channels_last``: every network and image NHWC, the tensor-core layout) and ``cudnn_benchmark`` (fastp2phd
+with cuDNN's convolution autotuning on, GPU only: whether the fixed-size step should set it). On the CPU the networks run at reduced sizes (stated in each
 case) so that `make bench` fits in 15 minutes on 2 cores; on a GPU at the real ones.
 """
 from __future__ import annotations
@@ -124,7 +125,7 @@ TRAINING_CASES = [
 ]
 
 
-@pytest.mark.parametrize("provider", PROVIDERS + ["compile", "channels_last"])
+@pytest.mark.parametrize("provider", PROVIDERS + ["compile", "channels_last", "cudnn_benchmark"])
 @pytest.mark.parametrize("index", range(len(TRAINING_CASES)))
 def test_training_step(benchmark, settings, index, provider, monkeypatch):
     from fastp2phd.training import Trainer
@@ -134,6 +135,10 @@ def test_training_step(benchmark, settings, index, provider, monkeypatch):
         pytest.skip("smoke run" if settings.smoke else f"not a case on {settings.device.type}")
     if provider == "compile" and "--fp16" in extra and not settings.cuda:
         pytest.skip("the CPU's bf16 case measures eager autocast")
+    if provider == "cudnn_benchmark":
+        if not settings.cuda:
+            pytest.skip("cuDNN is a GPU's")
+        monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     size = (32, 64) if settings.smoke else (gpu_size if settings.cuda else cpu_size)
     if provider == "compile":
         if settings.smoke:

@@ -9,7 +9,8 @@
 #   bench/gpu_check.sh OUT_DIR                     tests, memcheck and bench (PYTHON=python3 by default)
 #   bench/gpu_check.sh OUT_DIR tests memcheck      build, GPU tests (hard inputs, compile, no host sync), memcheck
 #   bench/gpu_check.sh OUT_DIR bench               build, op and model benchmarks (with the measured memory peaks)
-#   bench/gpu_check.sh OUT_DIR train               build, the training-step suite: official, reference, fastp2phd
+#   bench/gpu_check.sh OUT_DIR train               build, the training-step suite: official, reference, fastp2phd,
+#                                                  channels_last, cudnn.benchmark
 #                                                  and --compile reduce-overhead (compiles: minutes)
 #   bench/gpu_check.sh OUT_DIR inference           build, the inference-precision suite (fp32, bf16,
 #                                                  fp16, torch.compile, CUDA graphs: compiles, ~5 min)
