@@ -3,7 +3,8 @@
 Every public op takes ``impl``:
 
 * ``"auto"``: the first fast path that serves the tensor's device and can run
-  here; the reference otherwise. The environment variable ``FASTP2PHD_IMPL=reference``
+  here; the reference otherwise (with one warning per op where that device's fast
+  path exists but cannot run here: a build without the extension, Triton missing). The environment variable ``FASTP2PHD_IMPL=reference``
   makes ``auto`` pick the reference everywhere (for debugging and comparisons).
 * ``"reference"``: the pure-PyTorch implementation beside the op.
 * ``"cpu"`` or ``"cuda"``: the op's fast kernel for that device (C++ on the CPU; Triton,
@@ -50,6 +51,7 @@ class FastPath:
     interpreted: bool = False  # a Triton path running in the interpreter: also takes CPU tensors by name
     registered_anywhere: bool = False  # its torch.library op (and fake kernel) exists even where it cannot run
     deterministic: bool = True  # False: float atomics add in no fixed order, so bits may differ run to run
+    off_on_purpose: bool = False  # unavailable by design (the interpreter process): "auto" falls back without a word
 
     @property
     def name(self) -> str:
@@ -96,6 +98,8 @@ def select(op: str, impl: str, device: torch.device, fast_paths: Sequence[FastPa
             usable = path.unavailable is None or (_memory_model_device is not None and path.registered_anywhere)
             if path.device_type == device_type and usable:
                 return path if _allowed_by_deterministic_mode(op, path, asked_by_name=False) else None
+            if path.device_type == device_type and _memory_model_device is None and not path.off_on_purpose:
+                _say_fallback(op, path)
         return None
     if impl == "reference":
         return None
@@ -130,6 +134,17 @@ def check_impl_name(op: str, impl: str, fast_paths: Sequence[FastPath]) -> None:
 
 
 _warned: set[tuple[str, str]] = set()
+
+
+def _say_fallback(op: str, path: FastPath) -> None:
+    """Once per op and device: "auto" runs the reference because the fast path cannot run here (a build without
+    the extension, Triton missing), which would otherwise only show as slowness."""
+    if (op, path.name) in _warned or torch.compiler.is_compiling():
+        return
+    _warned.add((op, path.name))
+    warnings.warn(f"{op}: the {path.kernel} fast path for {path.device_type} tensors cannot run here, so "
+                  f"impl='auto' runs the slower PyTorch reference: {path.unavailable} (`fastp2phd info` lists every "
+                  f"path; FASTP2PHD_IMPL=reference picks the reference without this warning)", stacklevel=3)
 
 
 def _allowed_by_deterministic_mode(op: str, path: FastPath, asked_by_name: bool) -> bool:

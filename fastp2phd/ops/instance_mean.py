@@ -173,7 +173,8 @@ class _ForwardADFunction(torch.autograd.Function):
 
 FAST_PATHS = (
     FastPath("cpu", "C++", "the interpreter process (TRITON_INTERPRET=1) runs the Triton kernels on the CPU"
-             if _INTERPRETED else extension_kernel_missing("instance_mean", "CPU"), instance_mean_op, aliases=("cpp",)),
+             if _INTERPRETED else extension_kernel_missing("instance_mean", "CPU"), instance_mean_op, aliases=("cpp",),
+             off_on_purpose=_INTERPRETED),
     FastPath("cuda", "Triton", _TRITON_MISSING, instance_mean_op, aliases=("triton",), interpreted=_INTERPRETED,
              registered_anywhere=True, deterministic=_INTERPRETED),  # the interpreter runs programs in order
 )

@@ -276,7 +276,7 @@ def _run_op(x, activation, negative_slope, eps):
 FAST_PATHS: tuple[FastPath, ...] = (
     FastPath("cpu", "C++", "the interpreter process (TRITON_INTERPRET=1) runs the Triton kernels on the CPU"
              if _INTERPRETED else extension_kernel_missing("instance_norm_act", "CPU"), _run_op,
-             registered_anywhere=True),
+             registered_anywhere=True, off_on_purpose=_INTERPRETED),
     FastPath("cuda", "Triton", _TRITON_MISSING, _run_op, aliases=("triton",), interpreted=_INTERPRETED,
              registered_anywhere=True),
 )

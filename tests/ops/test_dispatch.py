@@ -48,6 +48,22 @@ def test_fast_path_that_cannot_run_raises_instead_of_falling_back():
         select("boundary_map", "cuda", torch.device("cuda"), BOUNDARY_PATHS)
 
 
+def test_auto_says_once_when_the_devices_fast_path_cannot_run_here(monkeypatch):
+    # (A build without the extension, or Triton missing, is otherwise only slower.)
+    monkeypatch.delenv(ops.IMPL_ENV, raising=False)
+    broken = (FastPath("cpu", "C++", "the C++ extension could not be loaded (no such file)", run=None),)
+    on_purpose = (FastPath("cpu", "C++", "the interpreter process runs Triton", run=None, off_on_purpose=True),)
+    with pytest.warns(UserWarning, match=r"test_op: the C\+\+ fast path for cpu tensors cannot run here, so "
+                      r"impl='auto' runs the slower PyTorch reference: the C\+\+ extension could not be loaded"):
+        assert select("test_op", "auto", CPU, broken) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select("test_op", "auto", CPU, broken) is None  # (said once)
+        assert select("test_op_2", "auto", CPU, on_purpose) is None
+        monkeypatch.setenv(ops.IMPL_ENV, "reference")
+        assert select("test_op_3", "auto", CPU, broken) is None  # (the reference asked for)
+
+
 @pytest.fixture
 def deterministic_mode():
     def switch(warn_only=False):
