@@ -1,7 +1,12 @@
 """Host time per call: each op on a tiny tensor, where the kernels do almost nothing and what is measured
 is the Python wrapper, the dispatcher, autograd and the launch. pix2pixHD trains at batch 1, where most
 layers take microseconds on a GPU, so this cost decides its step time unless the step is captured in a
-CUDA graph. Each measurement is 100 calls; the same on any device (on the CPU too, as a proxy)."""
+CUDA graph. Each op measurement is 100 calls; the same on any device (on the CPU too, as a proxy).
+
+The whole training step too: the 512p architecture (G with 4 downsamplings and 9 residual blocks, 2 D of 3
+layers, GAN and feature-matching losses; no VGG, whose convolutions cost the same on every path) at 4
+channels and 32x64, where the time is mostly what the step asks of the host: its ops, their autograd and
+the optimisers."""
 from __future__ import annotations
 
 import pytest
@@ -73,3 +78,30 @@ def test_eager_floor_host_time(benchmark, settings):
             F.relu(x)
     measure(benchmark, settings, suite="host overhead", case=f"torch.relu 1x8x4x4, {CALLS} calls",
             provider="floor", fn=fn)
+
+
+_first_step_losses: dict[str, tuple[str, dict]] = {}  # smoke runs: the first provider's first-step losses
+
+
+@pytest.mark.parametrize("provider", ["fastp2phd", "reference", "official"])
+def test_training_step_host_time(benchmark, settings, provider, monkeypatch):
+    from bench_models import _make_official, training_options
+
+    from fastp2phd.training import Trainer
+
+    opt = training_options(settings, False, (32, 64), ["--ngf", "4", "--ndf", "4"], full_depth=True)
+    if provider == "reference":
+        monkeypatch.setenv("FASTP2PHD_IMPL", "reference")
+    torch.manual_seed(0)
+    trainer = Trainer(opt, settings.device)
+    step = trainer.step
+    if provider == "official":
+        _make_official(step)
+    batch = next(iter(trainer.loader))
+    if settings.smoke:  # every provider's first step: the same losses from the same weights and batch
+        values = {k: torch.tensor(float(v)) for k, v in step.step(batch)[0].items()}
+        first = _first_step_losses.setdefault("step", (provider, values))
+        check_agrees(settings, values, first[1], what=f"host overhead step {provider} vs {first[0]}", atol=1e-5,
+                     rtol=1e-3)
+    measure(benchmark, settings, suite="host overhead", case="512p training step at 4 channels and 32x64, no VGG",
+            provider=provider, fn=lambda: step.step(batch))

@@ -99,13 +99,16 @@ def test_encoder_forward(benchmark, settings, provider):
             provider=provider, fn=fn, images=n)
 
 
-def training_options(settings, features: bool, size: tuple[int, int], extra: list[str] = ()) -> TrainSpec:
+def training_options(settings, features: bool, size: tuple[int, int], extra: list[str] = (),
+                     full_depth: bool = False) -> TrainSpec:
+    """Train options for the bench (no VGG: the bench sets a random one); the smoke run shrinks the networks
+    unless ``full_depth``."""
     h, w = size
     argv = ["train", "--name", "bench", "--dataroot", "synthetic", "--synthetic_size", "4", "--nThreads", "0",
             "--fineSize", str(w), "--loadSize", str(w), "--resize_or_crop", "none", "--no_vgg_loss",
             "--no_progress", "--no_html", "--checkpoints_dir", "/tmp/fastp2phd-bench-checkpoints",
             "--device", settings.device.type, *extra]
-    if settings.smoke:
+    if settings.smoke and not full_depth:
         argv += ["--ngf", "8", "--n_downsample_global", "2", "--n_blocks_global", "1", "--ndf", "8", "--nef", "4",
                  "--n_downsample_E", "2"]
     if features:
