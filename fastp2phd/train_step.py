@@ -89,12 +89,14 @@ class ImagePool:
 @contextlib.contextmanager
 def frozen(module: nn.Module):
     """No gradients for ``module``'s parameters inside the block."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
+    params = list(module.parameters())  # (one walk of the module tree, not three: this runs twice a step)
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
     try:
         yield
     finally:
-        for p, flag in zip(module.parameters(), flags):
+        for p, flag in zip(params, flags):
             p.requires_grad_(flag)
 
 
