@@ -7,8 +7,9 @@ Python-loop instance pooling, and for the training step the original's step: off
 OfficialTrainStep) and, for the training step, ``compile`` (fastp2phd with ``--compile``:
 ``reduce-overhead``, so CUDA graphs, on a GPU; ``default`` on the CPU) and ``channels_last`` (fastp2phd with
 ``--channels_last``: every network and image NHWC, the tensor-core layout) and ``cudnn_benchmark`` (fastp2phd
-with cuDNN's convolution autotuning on, GPU only: whether the fixed-size step should set it). On the CPU the networks run at reduced sizes (stated in each
-case) so that `make bench` fits in 15 minutes on 2 cores; on a GPU at the real ones.
+with cuDNN's convolution autotuning on, GPU only: whether the fixed-size step should set it). On the CPU the
+networks run at reduced sizes (stated in each case) so that `make bench` fits in 15 minutes on 2 cores; on a
+GPU at the real ones.
 """
 from __future__ import annotations
 

@@ -4,8 +4,9 @@ Every public op takes ``impl``:
 
 * ``"auto"``: the first fast path that serves the tensor's device and can run
   here; the reference otherwise (with one warning per op where that device's fast
-  path exists but cannot run here: a build without the extension, Triton missing). The environment variable ``FASTP2PHD_IMPL=reference``
-  makes ``auto`` pick the reference everywhere (for debugging and comparisons).
+  path exists but cannot run here: a build without the extension, Triton missing).
+  The environment variable ``FASTP2PHD_IMPL=reference`` makes ``auto`` pick the
+  reference everywhere (for debugging and comparisons).
 * ``"reference"``: the pure-PyTorch implementation beside the op.
 * ``"cpu"`` or ``"cuda"``: the op's fast kernel for that device (C++ on the CPU; Triton,
   or CUDA C++ for boundary_map, on the GPU), or a clear error, never a silent fallback.
