@@ -3,9 +3,10 @@
     make bench                                   # the CPU suites, then REPORT.md
     python -m pytest bench --bench-device cuda   # the GPU suites (bench/gpu_check.sh does this)
 
-At the end of a run, every measurement (with device, versions and commit) goes to
+Every measurement (with device, versions and commit) goes to
 ``bench/results/<device>-<cpu or gpu model>-<date and time>.json`` (``--bench-out`` to change
-the folder) and ``bench/report.py`` regenerates REPORT.md and its plots: for each device and
+the folder) as it is made, so a run cut short keeps its rows (``"complete": false``); at the end of a
+run ``bench/report.py`` regenerates REPORT.md and its plots: for each device and
 suite it takes the newest run that measured that suite, so every ratio compares numbers
 from one run on one device.
 """
@@ -86,11 +87,13 @@ def run_metadata(device: str) -> dict:
     }
 
 
-def pytest_sessionfinish(session, exitstatus):
-    config = session.config
+def _save_results(config, complete: bool) -> Path | None:
+    """Write every measurement so far to this run's results file (named when the run's first row is saved), as a
+    whole new file each time: a run killed midway (a GPU call's time limit) keeps the rows it measured, marked
+    ``"complete": false``. None when there is nothing to write."""
     bench_session = getattr(config, "_benchmarksession", None)
     if bench_session is None or not bench_session.benchmarks or config.getoption("--bench-smoke"):
-        return
+        return None
     device = config.getoption("--bench-device")
     rows = []
     for bench in bench_session.benchmarks:
@@ -100,16 +103,30 @@ def pytest_sessionfinish(session, exitstatus):
             "median_s": stats.median, "iqr_s": stats.iqr, "min_s": stats.min, "max_s": stats.max,
             "rounds": stats.rounds,
         })
-    meta = run_metadata(device)
-    slug = re.sub(r"[^a-z0-9]+", "-", meta["device_name"].lower()).strip("-")
-    out = Path(config.getoption("--bench-out"))
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = meta["date"].replace(":", "")
-    path = out / f"{device}-{slug}-{stamp}.json"
-    if path.exists():  # never overwrite an earlier run
-        raise RuntimeError(f"{path} exists; run again in a second")
-    write_text(path, json.dumps({**meta, "results": rows}, indent=1) + "\n")  # (a kill midway leaves no half file)
+    if not hasattr(config, "_fastp2phd_run"):
+        meta = run_metadata(device)
+        slug = re.sub(r"[^a-z0-9]+", "-", meta["device_name"].lower()).strip("-")
+        out = Path(config.getoption("--bench-out"))
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{device}-{slug}-{meta['date'].replace(':', '')}.json"
+        if path.exists():  # never overwrite an earlier run
+            raise RuntimeError(f"{path} exists; run again in a second")
+        config._fastp2phd_run = (path, meta)
+    path, meta = config._fastp2phd_run
+    write_text(path, json.dumps({**meta, "complete": complete, "results": rows}, indent=1) + "\n")  # (atomic)
+    return path
+
+
+@pytest.hookimpl(trylast=True)  # (after the benchmark fixture's teardown has added the test's row)
+def pytest_runtest_teardown(item, nextitem):
+    _save_results(item.config, complete=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = _save_results(session.config, complete=True)
+    if path is None:
+        return
     print(f"\nbenchmark results: {path}")
     from report import write_report
 
-    print(f"report: {write_report(out, BENCH / 'REPORT.md')}")
+    print(f"report: {write_report(Path(session.config.getoption('--bench-out')), BENCH / 'REPORT.md')}")

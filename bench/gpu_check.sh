@@ -4,7 +4,7 @@
 # tests, run compute-sanitizer's memcheck over the layout fuzz, run the benchmark suites on the GPU,
 # and print the report's targets table last.
 # Logs, the results JSON and REPORT.md go to OUT_DIR (copy the JSON into bench/results/
-# to keep it). Name steps to run fewer (the build is always done), e.g. calls of under 10 minutes each:
+# to keep it; each row is saved as it is measured, so a step its timeout cuts short keeps its rows). Name steps to run fewer (the build is always done), e.g. calls of under 10 minutes each:
 #
 #   bench/gpu_check.sh OUT_DIR                     tests, memcheck and bench (PYTHON=python3 by default)
 #   bench/gpu_check.sh OUT_DIR tests memcheck      build, GPU tests (hard inputs, compile, no host sync), memcheck

@@ -410,7 +410,9 @@ def write_report(results: Path = BENCH / "results", out: Path = BENCH / "REPORT.
         for name in run_files:
             run = next(r for r in runs if r["file"] == name)
             lines.append(f"- run `{name}`: {run['date']}, torch {run['torch']}, triton {run['triton']}, "
-                         f"{run['cpu_threads']} CPU threads, commit {run['commit'] or '?'}")
+                         f"{run['cpu_threads']} CPU threads, commit {run['commit'] or '?'}"
+                         + ("; cut short: the rows it measured before it stopped" if run.get("complete") is False
+                            else ""))
         lines += ["", "### Targets", "", "| target | measured | met |", "|---|---:|:---:|"]
         for text, measured, met in targets(device, suites):
             lines.append(f"| {text} | {measured} | {'—' if met is None else ('yes' if met else '**no**')} |")
