@@ -242,6 +242,8 @@ class Trainer:
 
     def run(self) -> dict[str, float]:
         """Train to epoch niter + niter_decay; returns the losses of the last step (the mean over the processes)."""
+        from .data import DatasetError
+
         spec, step, at = self.spec, self.step, self.position
         last_epoch = spec.niter + spec.niter_decay
         values: dict[str, float] = {}
@@ -253,45 +255,56 @@ class Trainer:
         if bf16_is_emulated(step.amp_dtype, self.device):
             self.say("note: --fp16 runs bfloat16 on this CPU without AVX512-BF16 or AMX (see `fastp2phd info`), which "
                      "is often slower than fp32: drop --fp16 to train in fp32")
-        while at.epoch <= last_epoch:
-            if step.fixed_global and at.epoch > spec.niter_fix_global:
-                step.train_whole_generator()
-                self.say(f"epoch {at.epoch}: training the whole generator")
-            step.set_learning_rate(learning_rate(spec, at.epoch))
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(at.epoch)
-            self.sampler.set_epoch(at.epoch, skip=math.ceil(at.epoch_iter / self.world))
-            progress = progress_bar(dataset_size, f"epoch {at.epoch}", self.is_main and not spec.no_progress)
-            progress.update(at.epoch_iter)
-            start = time.time()
-            for batch in self.loader:
-                before = at.total_steps
-                values, fake = self.update(batch)
-                if self.class_pixels is not None:  # (once the step has trained on them)
-                    self.class_pixels += torch.bincount(batch["label"].reshape(-1), minlength=spec.model.label_nc)
-                done = len(batch["path"]) * self.world
-                at.epoch_iter = min(at.epoch_iter + done, dataset_size)
-                at.total_steps += done
-                progress.update(done)
-                progress.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
-                if self._crossed(before, spec.print_freq):
-                    values = self._mean_over_processes(values)
-                    self.report.log(values, at.epoch, at.epoch_iter, at.total_steps,
-                                    (time.time() - start) / max(1, done))
-                if self._crossed(before, spec.display_freq):
-                    self.report.display(batch, fake, at.epoch, at.epoch_iter, at.total_steps)
-                if self._crossed(before, spec.save_latest_freq):
-                    self.say(f"saving the latest model (epoch {at.epoch}, total steps {at.total_steps})")
-                    self.save("latest")
+        started = at.total_steps
+        try:
+            while at.epoch <= last_epoch:
+                if step.fixed_global and at.epoch > spec.niter_fix_global:
+                    step.train_whole_generator()
+                    self.say(f"epoch {at.epoch}: training the whole generator")
+                step.set_learning_rate(learning_rate(spec, at.epoch))
+                if hasattr(self.dataset, "set_epoch"):
+                    self.dataset.set_epoch(at.epoch)
+                self.sampler.set_epoch(at.epoch, skip=math.ceil(at.epoch_iter / self.world))
+                progress = progress_bar(dataset_size, f"epoch {at.epoch}", self.is_main and not spec.no_progress)
+                progress.update(at.epoch_iter)
                 start = time.time()
-            progress.close()
-            at.epoch_iter = dataset_size
-            if at.epoch % spec.save_epoch_freq == 0 or at.epoch == last_epoch:
-                self.say(f"saving the model at the end of epoch {at.epoch}")
+                for batch in self.loader:
+                    before = at.total_steps
+                    values, fake = self.update(batch)
+                    if self.class_pixels is not None:  # (once the step has trained on them)
+                        self.class_pixels += torch.bincount(batch["label"].reshape(-1), minlength=spec.model.label_nc)
+                    done = len(batch["path"]) * self.world
+                    at.epoch_iter = min(at.epoch_iter + done, dataset_size)
+                    at.total_steps += done
+                    progress.update(done)
+                    progress.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
+                    if self._crossed(before, spec.print_freq):
+                        values = self._mean_over_processes(values)
+                        self.report.log(values, at.epoch, at.epoch_iter, at.total_steps,
+                                        (time.time() - start) / max(1, done))
+                    if self._crossed(before, spec.display_freq):
+                        self.report.display(batch, fake, at.epoch, at.epoch_iter, at.total_steps)
+                    if self._crossed(before, spec.save_latest_freq):
+                        self.say(f"saving the latest model (epoch {at.epoch}, total steps {at.total_steps})")
+                        self.save("latest")
+                    start = time.time()
+                progress.close()
+                at.epoch_iter = dataset_size
+                if at.epoch % spec.save_epoch_freq == 0 or at.epoch == last_epoch:
+                    self.say(f"saving the model at the end of epoch {at.epoch}")
+                    self.save("latest")
+                    if at.epoch % spec.save_epoch_freq == 0:
+                        self.save(str(at.epoch))
+                at.epoch, at.epoch_iter = at.epoch + 1, 0
+        except DatasetError:
+            # A bad file met mid-run (ids beyond --label_nc, say: the header check before the first step does not
+            # decode): keep what was trained since the last save. (One process only: a save takes every process,
+            # and under torchrun the others are stopping with this one.)
+            if not self.distributed and at.total_steps > started:
+                self.say(f"saving the latest model (epoch {at.epoch}, total steps {at.total_steps}) before stopping: "
+                         "once the file is fixed, --continue_train goes on from there")
                 self.save("latest")
-                if at.epoch % spec.save_epoch_freq == 0:
-                    self.save(str(at.epoch))
-            at.epoch, at.epoch_iter = at.epoch + 1, 0
+            raise
         self.report.close()
         # (Every process trained as many steps: all take part. A logged step's values are a mean already.)
         return self._mean_over_processes(values) if values else values

@@ -573,3 +573,22 @@ def test_a_bad_file_late_in_the_dataset_is_refused_before_the_first_step(damage,
     err = capsys.readouterr().err
     assert last.name in err and ("differ in size" if damage == "size" else "has PIL mode RGB") in err, err
     assert read == []  # no item was read: refused before the epoch began
+
+
+def test_a_bad_file_met_mid_run_keeps_the_steps_before_it(tmp_path, dataroot, capsys):
+    """Ids beyond --label_nc show only when a map is decoded: the run stops at that file, after saving the steps
+    trained since the last save, and goes on from there once the file is fixed."""
+    ck, data = tmp_path / "ck", bad_label_folder(tmp_path, dataroot)  # (its second label map holds id 40)
+    argv = train_args(ck, data, "--niter", "1", "--niter_decay", "0", "--serial_batches", "--batchSize", "1")
+    capsys.readouterr()
+    assert run(*argv) == 1
+    out, err = capsys.readouterr()
+    assert "saving the latest model (epoch 1, total steps 1) before stopping" in out, out
+    assert "40" in err and "--label_nc" in err, err
+    assert (ck / "run" / "iter.txt").read_text() == "1,1\n"
+    state = weights(ck / "run" / "latest_train_state.pth")
+    assert (state["epoch"], state["epoch_iter"], state["total_steps"]) == (1, 1, 1)
+    bad = sorted((data / "train_label").iterdir())[1]
+    bad.write_bytes((dataroot / "train_label" / bad.name).read_bytes())
+    assert run(*argv, "--continue_train") == 0
+    assert (ck / "run" / "iter.txt").read_text() == "2,0\n"
