@@ -31,6 +31,7 @@ from .console import progress_bar
 from .errors import Pix2PixHDError
 from .files import remove_leftover_temporaries, write_text
 from .specs import TrainSpec, recorded_options
+from .stopping import TrainingStopped, ignore_ctrl_c, stop_between_steps
 from .train_report import TrainingReport
 from .train_step import LOSS_NAMES  # noqa: F401  (a re-export)
 from .train_step import ImagePool, Position, TrainingError, TrainStep, learning_rate
@@ -158,7 +159,8 @@ class Trainer:
         self.loader = DataLoader(self.dataset, batch_size=spec.batchSize, sampler=self.sampler,
                                  num_workers=spec.nThreads, collate_fn=collate,
                                  drop_last=drops_last_batch(spec, device, self.sampler),
-                                 pin_memory=device.type == "cuda", persistent_workers=False)
+                                 pin_memory=device.type == "cuda", persistent_workers=False,
+                                 worker_init_fn=ignore_ctrl_c)
 
         self.position = Position()
         self.step = TrainStep(spec, device, position=self.position)
@@ -246,7 +248,6 @@ class Trainer:
 
         spec, step, at = self.spec, self.step, self.position
         last_epoch = spec.niter + spec.niter_decay
-        values: dict[str, float] = {}
         dataset_size = len(self.dataset)
         if at.epoch_iter >= dataset_size:  # a checkpoint taken at the very end of an epoch
             at.epoch, at.epoch_iter = at.epoch + 1, 0
@@ -256,59 +257,71 @@ class Trainer:
             self.say("note: --fp16 runs bfloat16 on this CPU without AVX512-BF16 or AMX (see `fastp2phd info`), which "
                      "is often slower than fp32: drop --fp16 to train in fp32")
         started = at.total_steps
-        try:
-            while at.epoch <= last_epoch:
-                if step.fixed_global and at.epoch > spec.niter_fix_global:
-                    step.train_whole_generator()
-                    self.say(f"epoch {at.epoch}: training the whole generator")
-                step.set_learning_rate(learning_rate(spec, at.epoch))
-                if hasattr(self.dataset, "set_epoch"):
-                    self.dataset.set_epoch(at.epoch)
-                self.sampler.set_epoch(at.epoch, skip=math.ceil(at.epoch_iter / self.world))
-                progress = progress_bar(dataset_size, f"epoch {at.epoch}", self.is_main and not spec.no_progress)
-                progress.update(at.epoch_iter)
-                start = time.time()
-                for batch in self.loader:
-                    before = at.total_steps
-                    values, fake = self.update(batch)
-                    if self.class_pixels is not None:  # (once the step has trained on them)
-                        self.class_pixels += torch.bincount(batch["label"].reshape(-1), minlength=spec.model.label_nc)
-                    done = len(batch["path"]) * self.world
-                    at.epoch_iter = min(at.epoch_iter + done, dataset_size)
-                    at.total_steps += done
-                    progress.update(done)
-                    progress.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
-                    if self._crossed(before, spec.print_freq):
-                        values = self._mean_over_processes(values)
-                        self.report.log(values, at.epoch, at.epoch_iter, at.total_steps,
-                                        (time.time() - start) / max(1, done))
-                    if self._crossed(before, spec.display_freq):
-                        self.report.display(batch, fake, at.epoch, at.epoch_iter, at.total_steps)
-                    if self._crossed(before, spec.save_latest_freq):
-                        self.say(f"saving the latest model (epoch {at.epoch}, total steps {at.total_steps})")
-                        self.save("latest")
-                    start = time.time()
-                progress.close()
-                at.epoch_iter = dataset_size
-                if at.epoch % spec.save_epoch_freq == 0 or at.epoch == last_epoch:
-                    self.say(f"saving the model at the end of epoch {at.epoch}")
+        with stop_between_steps(self.say, enabled=not self.distributed) as stop:
+            try:
+                values = self._epochs(last_epoch, dataset_size, stop)
+            except DatasetError:
+                # A bad file met mid-run (ids beyond --label_nc, say: the header check before the first step does
+                # not decode): keep what was trained since the last save. (One process only: a save takes every
+                # process, and under torchrun the others are stopping with this one.)
+                if not self.distributed and at.total_steps > started:
+                    self.say(f"saving the latest model (epoch {at.epoch}, total steps {at.total_steps}) before "
+                             "stopping: once the file is fixed, --continue_train goes on from there")
                     self.save("latest")
-                    if at.epoch % spec.save_epoch_freq == 0:
-                        self.save(str(at.epoch))
-                at.epoch, at.epoch_iter = at.epoch + 1, 0
-        except DatasetError:
-            # A bad file met mid-run (ids beyond --label_nc, say: the header check before the first step does not
-            # decode): keep what was trained since the last save. (One process only: a save takes every process,
-            # and under torchrun the others are stopping with this one.)
-            if not self.distributed and at.total_steps > started:
-                self.say(f"saving the latest model (epoch {at.epoch}, total steps {at.total_steps}) before stopping: "
-                         "once the file is fixed, --continue_train goes on from there")
-                self.save("latest")
-            raise
+                raise
         self.report.close()
         # (Every process trained as many steps: all take part. A logged step's values are a mean already.)
         return self._mean_over_processes(values) if values else values
 
+    def _epochs(self, last_epoch: int, dataset_size: int, stop) -> dict[str, float]:
+        """The epochs from the position on; a stop request (fastp2phd.stopping) ends them after its step is saved."""
+        spec, step, at = self.spec, self.step, self.position
+        values: dict[str, float] = {}
+        while at.epoch <= last_epoch:
+            if step.fixed_global and at.epoch > spec.niter_fix_global:
+                step.train_whole_generator()
+                self.say(f"epoch {at.epoch}: training the whole generator")
+            step.set_learning_rate(learning_rate(spec, at.epoch))
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(at.epoch)
+            self.sampler.set_epoch(at.epoch, skip=math.ceil(at.epoch_iter / self.world))
+            progress = progress_bar(dataset_size, f"epoch {at.epoch}", self.is_main and not spec.no_progress)
+            progress.update(at.epoch_iter)
+            start = time.time()
+            for batch in self.loader:
+                before = at.total_steps
+                values, fake = self.update(batch)
+                if self.class_pixels is not None:  # (once the step has trained on them)
+                    self.class_pixels += torch.bincount(batch["label"].reshape(-1), minlength=spec.model.label_nc)
+                done = len(batch["path"]) * self.world
+                at.epoch_iter = min(at.epoch_iter + done, dataset_size)
+                at.total_steps += done
+                progress.update(done)
+                progress.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
+                if self._crossed(before, spec.print_freq):
+                    values = self._mean_over_processes(values)
+                    self.report.log(values, at.epoch, at.epoch_iter, at.total_steps,
+                                    (time.time() - start) / max(1, done))
+                if self._crossed(before, spec.display_freq):
+                    self.report.display(batch, fake, at.epoch, at.epoch_iter, at.total_steps)
+                if self._crossed(before, spec.save_latest_freq) or stop.signal is not None:
+                    self.say(f"saving the latest model (epoch {at.epoch}, total steps {at.total_steps})")
+                    self.save("latest")
+                if stop.signal is not None:
+                    progress.close()
+                    raise TrainingStopped(f"stopped by {stop.signal.name} at epoch {at.epoch}, total steps "
+                                          f"{at.total_steps}, and saved: add --continue_train to go on from there",
+                                          stop.signal)
+                start = time.time()
+            progress.close()
+            at.epoch_iter = dataset_size
+            if at.epoch % spec.save_epoch_freq == 0 or at.epoch == last_epoch:
+                self.say(f"saving the model at the end of epoch {at.epoch}")
+                self.save("latest")
+                if at.epoch % spec.save_epoch_freq == 0:
+                    self.save(str(at.epoch))
+            at.epoch, at.epoch_iter = at.epoch + 1, 0
+        return values
 
 def _stop_with_torchrun(rank: int) -> None:
     """torchrun starts its processes in sessions of their own: they outlived a torchrun killed with SIGKILL
@@ -368,6 +381,9 @@ def _check_coarse_to_fine(spec: TrainSpec, warn: bool) -> None:
 def main_train(spec: TrainSpec, device: torch.device) -> int:
     try:
         train(spec, device)
+    except TrainingStopped as exc:
+        _say_error(str(exc))
+        return 128 + exc.signal  # (as a process ended by that signal reports it)
     except Pix2PixHDError as exc:  # anything else is a bug, and keeps its traceback
         # Data problems raised in a loader worker come back with the worker's traceback
         # in the message: keep its last line, the sentence that says what is wrong (without "module.Error: ").

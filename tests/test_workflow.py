@@ -2,7 +2,9 @@
 several processes, coarse-to-fine, and every bad input ending in one clear sentence."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -592,3 +594,83 @@ def test_a_bad_file_met_mid_run_keeps_the_steps_before_it(tmp_path, dataroot, ca
     bad.write_bytes((dataroot / "train_label" / bad.name).read_bytes())
     assert run(*argv, "--continue_train") == 0
     assert (ck / "run" / "iter.txt").read_text() == "2,0\n"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_signal_ends_the_run_after_its_step_and_saves_it(signum, tmp_path, dataroot, capsys, monkeypatch):
+    """Ctrl-C, or a scheduler's SIGTERM, during a step: the step finishes and is saved, and the run resumes there.
+    A second one stops at once, keeping the last save."""
+    from fastp2phd.training import Trainer
+
+    ck = tmp_path / "ck"
+    argv = train_args(ck, dataroot, "--niter", "1", "--niter_decay", "0", "--serial_batches", "--batchSize", "1")
+    update, signals_in_step = Trainer.update, {2: 1}  # step number -> signals sent during it
+
+    def update_with_signals(self, batch):
+        values = update(self, batch)
+        for _ in range(signals_in_step.get(self.position.total_steps + 1, 0)):
+            signal.raise_signal(signum)
+        return values
+
+    monkeypatch.setattr(Trainer, "update", update_with_signals)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    capsys.readouterr()
+    assert run(*argv) == 128 + signum
+    out, err = capsys.readouterr()
+    assert f"{signum.name}: stopping after this step" in out and "total steps 2" in out, out
+    assert err.strip() == (f"fastp2phd train: stopped by {signum.name} at epoch 1, total steps 2, and saved: add "
+                           "--continue_train to go on from there"), err
+    assert (ck / "run" / "iter.txt").read_text() == "1,2\n"
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # (the run's handlers are gone with it)
+
+    signals_in_step.clear()
+    signals_in_step[4] = 2  # a second signal: stopped at once, the save of step 2 kept
+    assert run(*argv, "--continue_train") == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert (ck / "run" / "iter.txt").read_text() == "1,2\n"
+
+    signals_in_step.clear()
+    assert run(*argv, "--continue_train") == 0
+    assert (ck / "run" / "iter.txt").read_text() == "2,0\n"
+
+
+def test_ctrl_c_in_a_terminal_stops_the_run_and_its_loader_workers_after_a_saved_step(tmp_path, dataroot):
+    # A terminal sends Ctrl-C to the whole process group, loader workers included.
+    ck = tmp_path / "ck"
+    argv = [sys.executable, "-m", "fastp2phd", *map(str, train_args(ck, dataroot, "--niter", "1000", "--niter_decay",
+                                                                      "0", "--batchSize", "1"))]
+    argv[argv.index("--nThreads") + 1] = "2"
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               start_new_session=True)
+    try:
+        assert process.stdout.readline().startswith("training run:")
+        time.sleep(2)  # (some steps in)
+        os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, out + err
+    assert err.startswith("fastp2phd train: stopped by SIGINT at epoch ") and "Traceback" not in err, err
+    assert "SIGINT: stopping after this step" in out, out
+    assert (ck / "run" / "iter.txt").is_file()
+
+
+def test_loader_workers_outlive_ctrl_c(tmp_path, dataroot):
+    # A worker Ctrl-C ended would break the batch the training process waits for (once the queued ones are used:
+    # a run bound by its data loading waits on an empty queue), where it should finish its step and save.
+    from fastp2phd.cli import build_parser
+    from fastp2phd.options import finish_options, train_spec
+    from fastp2phd.training import Trainer
+
+    argv = [str(a) for a in train_args(tmp_path / "ck", dataroot, "--batchSize", "1")]
+    argv[argv.index("--nThreads") + 1] = "1"
+    trainer = Trainer(train_spec(finish_options(build_parser().parse_args(argv), is_train=True)), torch.device("cpu"))
+    batches = iter(trainer.loader)
+    next(batches)
+    (worker,) = batches._workers
+    os.kill(worker.pid, signal.SIGINT)
+    for _ in range(5):  # every image of the epoch still comes
+        next(batches)
+    assert worker.is_alive()
+    del batches
