@@ -80,12 +80,9 @@ def test_eager_floor_host_time(benchmark, settings):
             provider="floor", fn=fn)
 
 
-_first_step_losses: dict[str, tuple[str, dict]] = {}  # smoke runs: the first provider's first-step losses
-
-
 @pytest.mark.parametrize("provider", ["fastp2phd", "reference", "official"])
 def test_training_step_host_time(benchmark, settings, provider, monkeypatch):
-    from bench_models import _make_official, training_options
+    from bench_models import _make_official, check_first_step_agrees, training_options
 
     from fastp2phd.training import Trainer
 
@@ -98,10 +95,7 @@ def test_training_step_host_time(benchmark, settings, provider, monkeypatch):
     if provider == "official":
         _make_official(step)
     batch = next(iter(trainer.loader))
-    if settings.smoke:  # every provider's first step: the same losses from the same weights and batch
-        values = {k: torch.tensor(float(v)) for k, v in step.step(batch)[0].items()}
-        first = _first_step_losses.setdefault("step", (provider, values))
-        check_agrees(settings, values, first[1], what=f"host overhead step {provider} vs {first[0]}", atol=1e-5,
-                     rtol=1e-3)
+    if settings.smoke:
+        check_first_step_agrees(settings, "host overhead training step", provider, step, batch)
     measure(benchmark, settings, suite="host overhead", case="512p training step at 4 channels and 32x64, no VGG",
             provider=provider, fn=lambda: step.step(batch))

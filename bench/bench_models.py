@@ -174,15 +174,20 @@ def test_training_step(benchmark, settings, index, provider, monkeypatch):
     case = f"{name} at {size[0]}x{size[1]}" + (" + E" if features and index < 2 else "")
     if settings.smoke:
         case = "smoke " + ("+ E" if features else "")
-    if settings.smoke:  # every provider's first step: the same losses from the same weights and batch
-        values = {k: torch.tensor(float(v)) for k, v in step.step(batch)[0].items()}
-        first = _first_step_losses.setdefault(case, (provider, values))
-        check_agrees(settings, values, first[1], what=f"training step {provider} vs {first[0]}", atol=1e-5, rtol=1e-3)
+    if settings.smoke:
+        check_first_step_agrees(settings, f"training step {case}", provider, step, batch)
     measure(benchmark, settings, suite="training step", case=case, provider=provider,
             fn=lambda: step.step(batch), images=opt.batchSize, slow=not settings.cuda, memory_base=memory_base)
 
 
 _first_step_losses: dict[str, tuple[str, dict]] = {}  # case -> (provider, losses of its first step), smoke runs
+
+
+def check_first_step_agrees(settings, case: str, provider: str, step, batch: dict) -> None:
+    """Every provider's first step of ``case``: the same losses from the same weights and batch (smoke runs)."""
+    values = {k: torch.tensor(float(v)) for k, v in step.step(batch)[0].items()}
+    first = _first_step_losses.setdefault(case, (provider, values))
+    check_agrees(settings, values, first[1], what=f"{case}: {provider} vs {first[0]}", atol=1e-5, rtol=1e-3)
 
 
 def _make_official(step) -> None:

@@ -323,6 +323,7 @@ class Trainer:
             at.epoch, at.epoch_iter = at.epoch + 1, 0
         return values
 
+
 def _stop_with_torchrun(rank: int) -> None:
     """torchrun starts its processes in sessions of their own: they outlived a torchrun killed with SIGKILL
     (or by the OOM killer), trained on and kept saving over the checkpoints of a --continue_train started
