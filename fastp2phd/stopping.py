@@ -1,7 +1,8 @@
 """Stopping a one-process training run between steps.
 
 The first Ctrl-C (SIGINT), or SIGTERM (what a cluster's scheduler sends before it preempts a job), lets the step in
-progress finish; the run then saves a checkpoint it resumes from exactly. A second one stops at once, as before
+progress finish; the run then saves a checkpoint it resumes from exactly, also where the signal ended the loader's
+workers with it (a scheduler signals the whole process group). A second one stops at once, as before
 (the last save stays whole: saves are atomic). Under torchrun every process would have to agree on the step to stop
 after, so there signals act as before.
 """
@@ -37,10 +38,15 @@ def stop_between_steps(say, enabled: bool = True):
         yield request
         return
 
+    muted: dict = {}
+
     def handle(signum, frame):
         if request.signal is not None:
             raise KeyboardInterrupt
         request.signal = signal.Signals(signum)
+        # A scheduler's SIGTERM reaches the loader workers too, and torch's SIGCHLD handler would raise from
+        # wherever the step is when one ends: the step is to finish (the run saves when the loader fails next).
+        muted[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         say(f"{request.signal.name}: stopping after this step, to save it (Ctrl-C again stops at once, keeping the "
             "last save)")
 
@@ -48,7 +54,7 @@ def stop_between_steps(say, enabled: bool = True):
     try:
         yield request
     finally:
-        for signum, handler in previous.items():
+        for signum, handler in (previous | muted).items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 

@@ -20,6 +20,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -288,7 +289,8 @@ class Trainer:
             progress = progress_bar(dataset_size, f"epoch {at.epoch}", self.is_main and not spec.no_progress)
             progress.update(at.epoch_iter)
             start = time.time()
-            for batch in self.loader:
+            batches = iter(self.loader)
+            while (batch := self._next_batch(batches, stop, progress)) is not None:
                 before = at.total_steps
                 values, fake = self.update(batch)
                 if self.class_pixels is not None:  # (once the step has trained on them)
@@ -304,14 +306,10 @@ class Trainer:
                                     (time.time() - start) / max(1, done))
                 if self._crossed(before, spec.display_freq):
                     self.report.display(batch, fake, at.epoch, at.epoch_iter, at.total_steps)
-                if self._crossed(before, spec.save_latest_freq) or stop.signal is not None:
-                    self.say(f"saving the latest model (epoch {at.epoch}, total steps {at.total_steps})")
-                    self.save("latest")
                 if stop.signal is not None:
-                    progress.close()
-                    raise TrainingStopped(f"stopped by {stop.signal.name} at epoch {at.epoch}, total steps "
-                                          f"{at.total_steps}, and saved: add --continue_train to go on from there",
-                                          stop.signal)
+                    self._save_and_stop(stop, progress)
+                if self._crossed(before, spec.save_latest_freq):
+                    self._save_latest()
                 start = time.time()
             progress.close()
             at.epoch_iter = dataset_size
@@ -322,6 +320,30 @@ class Trainer:
                     self.save(str(at.epoch))
             at.epoch, at.epoch_iter = at.epoch + 1, 0
         return values
+
+    def _next_batch(self, batches, stop, progress) -> dict | None:
+        """The epoch's next batch, None at its end. A scheduler signals the whole process group, so after a stop
+        request the loader's workers may be gone, with the batch a run bound by its data waits for: the steps
+        trained are saved all the same."""
+        try:
+            return next(batches)
+        except StopIteration:
+            return None
+        except Exception:
+            if stop.signal is None:
+                raise
+            self._save_and_stop(stop, progress)
+
+    def _save_latest(self) -> None:
+        self.say(f"saving the latest model (epoch {self.position.epoch}, total steps {self.position.total_steps})")
+        self.save("latest")
+
+    def _save_and_stop(self, stop, progress) -> NoReturn:
+        self._save_latest()
+        progress.close()
+        raise TrainingStopped(f"stopped by {stop.signal.name} at epoch {self.position.epoch}, total steps "
+                              f"{self.position.total_steps}, and saved: add --continue_train to go on from there",
+                              stop.signal)
 
 
 def _stop_with_torchrun(rank: int) -> None:

@@ -613,7 +613,7 @@ def test_a_stop_signal_ends_the_run_after_its_step_and_saves_it(signum, tmp_path
         return values
 
     monkeypatch.setattr(Trainer, "update", update_with_signals)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
     capsys.readouterr()
     assert run(*argv) == 128 + signum
     out, err = capsys.readouterr()
@@ -674,3 +674,34 @@ def test_loader_workers_outlive_ctrl_c(tmp_path, dataroot):
         next(batches)
     assert worker.is_alive()
     del batches
+
+
+SLOW = {"loading": "from fastp2phd.data import AlignedDataset as slowed; slow = '__getitem__'",
+        "steps": "from fastp2phd.training import Trainer as slowed; slow = 'update'"}
+
+
+@pytest.mark.parametrize("bound_by", SLOW)
+def test_a_schedulers_sigterm_to_the_whole_group_stops_the_run_after_a_saved_step(bound_by, tmp_path, dataroot):
+    # A scheduler signals the whole process group: the loader workers end with the run's process, during its step
+    # or while it waits on them for the next batch (a run bound by its data); the steps it trained are saved all the
+    # same, without a traceback.
+    ck = tmp_path / "ck"
+    args = [*map(str, train_args(ck, dataroot, "--niter", "1000", "--niter_decay", "0", "--batchSize", "1"))]
+    args[args.index("--nThreads") + 1] = "2"
+    slowed = (f"import sys, time; {SLOW[bound_by]}; call = getattr(slowed, slow); "
+              "setattr(slowed, slow, lambda self, i: (time.sleep(0.5), call(self, i))[1]); "
+              "from fastp2phd.cli import main; sys.exit(main(sys.argv[1:]))")
+    process = subprocess.Popen([sys.executable, "-c", slowed, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    try:
+        assert process.stdout.readline().startswith("training run:")
+        time.sleep(4)  # (some steps in, waiting for the next batch)
+        os.killpg(process.pid, signal.SIGTERM)
+        out, err = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 143, out + err
+    assert err.startswith("fastp2phd train: stopped by SIGTERM at epoch ") and "Traceback" not in err, err
+    epoch, steps = (ck / "run" / "iter.txt").read_text().split(",")
+    assert f"at epoch {epoch}, total steps {int(steps) + (int(epoch) - 1) * 6}, and saved" in err, err
