@@ -634,28 +634,6 @@ def test_a_stop_signal_ends_the_run_after_its_step_and_saves_it(signum, tmp_path
     assert (ck / "run" / "iter.txt").read_text() == "2,0\n"
 
 
-def test_ctrl_c_in_a_terminal_stops_the_run_and_its_loader_workers_after_a_saved_step(tmp_path, dataroot):
-    # A terminal sends Ctrl-C to the whole process group, loader workers included.
-    ck = tmp_path / "ck"
-    argv = [sys.executable, "-m", "fastp2phd", *map(str, train_args(ck, dataroot, "--niter", "1000", "--niter_decay",
-                                                                      "0", "--batchSize", "1"))]
-    argv[argv.index("--nThreads") + 1] = "2"
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               start_new_session=True)
-    try:
-        assert process.stdout.readline().startswith("training run:")
-        time.sleep(2)  # (some steps in)
-        os.killpg(process.pid, signal.SIGINT)
-        out, err = process.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 130, out + err
-    assert err.startswith("fastp2phd train: stopped by SIGINT at epoch ") and "Traceback" not in err, err
-    assert "SIGINT: stopping after this step" in out, out
-    assert (ck / "run" / "iter.txt").is_file()
-
-
 def test_loader_workers_outlive_ctrl_c(tmp_path, dataroot):
     # A worker Ctrl-C ended would break the batch the training process waits for (once the queued ones are used:
     # a run bound by its data loading waits on an empty queue), where it should finish its step and save.
@@ -676,32 +654,37 @@ def test_loader_workers_outlive_ctrl_c(tmp_path, dataroot):
     del batches
 
 
-SLOW = {"loading": "from fastp2phd.data import AlignedDataset as slowed; slow = '__getitem__'",
-        "steps": "from fastp2phd.training import Trainer as slowed; slow = 'update'"}
+SLOWED = {"loading": "from fastp2phd.data import AlignedDataset as slowed; slow = '__getitem__'",
+          "steps": "from fastp2phd.training import Trainer as slowed; slow = 'update'"}
 
 
-@pytest.mark.parametrize("bound_by", SLOW)
-def test_a_schedulers_sigterm_to_the_whole_group_stops_the_run_after_a_saved_step(bound_by, tmp_path, dataroot):
-    # A scheduler signals the whole process group: the loader workers end with the run's process, during its step
-    # or while it waits on them for the next batch (a run bound by its data); the steps it trained are saved all the
-    # same, without a traceback.
+@pytest.mark.parametrize("signum, bound_by", [(signal.SIGINT, None), (signal.SIGTERM, "loading"),
+                                               (signal.SIGTERM, "steps")], ids=["ctrl-c", "sigterm-loading",
+                                                                                "sigterm-steps"])
+def test_a_signal_to_the_whole_group_stops_the_run_after_a_saved_step(signum, bound_by, tmp_path, dataroot):
+    # A terminal's Ctrl-C and a scheduler's SIGTERM reach the whole process group, loader workers included. Ctrl-C
+    # leaves the workers be; SIGTERM ends them during the run's step, or while it waits on them for the next batch
+    # (a run bound by its data loading). Either way the steps trained are saved, without a traceback.
     ck = tmp_path / "ck"
     args = [*map(str, train_args(ck, dataroot, "--niter", "1000", "--niter_decay", "0", "--batchSize", "1"))]
     args[args.index("--nThreads") + 1] = "2"
-    slowed = (f"import sys, time; {SLOW[bound_by]}; call = getattr(slowed, slow); "
-              "setattr(slowed, slow, lambda self, i: (time.sleep(0.5), call(self, i))[1]); "
-              "from fastp2phd.cli import main; sys.exit(main(sys.argv[1:]))")
-    process = subprocess.Popen([sys.executable, "-c", slowed, *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
+    slowed = "" if bound_by is None else (
+        f"import time; {SLOWED[bound_by]}; call = getattr(slowed, slow); "
+        "setattr(slowed, slow, lambda self, i: (time.sleep(0.5), call(self, i))[1]); ")
+    process = subprocess.Popen([sys.executable, "-c", f"import sys; {slowed}from fastp2phd.cli import main; "
+                                "sys.exit(main(sys.argv[1:]))", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               start_new_session=True)
     try:
         assert process.stdout.readline().startswith("training run:")
-        time.sleep(4)  # (some steps in, waiting for the next batch)
-        os.killpg(process.pid, signal.SIGTERM)
+        time.sleep(3)  # (some steps in)
+        os.killpg(process.pid, signum)
         out, err = process.communicate(timeout=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 143, out + err
-    assert err.startswith("fastp2phd train: stopped by SIGTERM at epoch ") and "Traceback" not in err, err
-    epoch, steps = (ck / "run" / "iter.txt").read_text().split(",")
-    assert f"at epoch {epoch}, total steps {int(steps) + (int(epoch) - 1) * 6}, and saved" in err, err
+    assert process.returncode == 128 + signum, out + err
+    assert err.startswith(f"fastp2phd train: stopped by {signum.name} at epoch ") and "Traceback" not in err, err
+    assert f"{signum.name}: stopping after this step" in out, out
+    epoch, epoch_iter = map(int, (ck / "run" / "iter.txt").read_text().split(","))
+    assert f"total steps {(epoch - 1) * 6 + epoch_iter}, and saved" in err, err  # (6 images an epoch)
