@@ -16,7 +16,6 @@ import math
 import os
 import re
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -33,6 +32,7 @@ from .errors import Pix2PixHDError
 from .files import remove_leftover_temporaries, write_text
 from .specs import TrainSpec, recorded_options
 from .stopping import TrainingStopped, ignore_ctrl_c, stop_between_steps
+from .torchrun import first_to_say, peer_stopped, watch_torchrun
 from .train_report import TrainingReport
 from .train_step import LOSS_NAMES  # noqa: F401  (a re-export)
 from .train_step import ImagePool, Position, TrainingError, TrainStep, learning_rate
@@ -117,7 +117,7 @@ class Trainer:
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             if "TORCHELASTIC_RUN_ID" in os.environ:
-                _stop_with_torchrun(self.rank)
+                watch_torchrun(self.rank, _say_error)
         if self.distributed and spec.model.norm == "batch":
             raise TrainingError("--norm batch is not supported with several processes: its statistics would mix "
                                 "real and generated images; use --norm instance")
@@ -346,22 +346,6 @@ class Trainer:
                               stop.signal)
 
 
-def _stop_with_torchrun(rank: int) -> None:
-    """torchrun starts its processes in sessions of their own: they outlived a torchrun killed with SIGKILL
-    (or by the OOM killer), trained on and kept saving over the checkpoints of a --continue_train started
-    after it. Each now watches its torchrun (its parent) and ends when that is gone."""
-    agent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == agent:
-            time.sleep(1)
-        _say_error(f"torchrun has stopped, so process {rank} stops too; the last save is intact: add "
-                   "--continue_train to go on from there")
-        os._exit(1)  # (saves are atomic: stopping anywhere keeps the last one whole)
-
-    threading.Thread(target=watch, name="torchrun watch", daemon=True).start()
-
-
 def _make_folder(folder) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -412,10 +396,11 @@ def main_train(spec: TrainSpec, device: torch.device) -> int:
         # in the message: keep its last line, the sentence that says what is wrong (without "module.Error: ").
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         message = re.sub(r"^[\w.]+Error: ", "", message)
-        _say_error(message)
+        if first_to_say(message):
+            _say_error(message)
         return 1
     except RuntimeError as exc:
-        if not _peer_stopped(exc):
+        if not peer_stopped(exc):
             raise
         # The process that failed said why; a traceback from every other one would bury its sentence.
         _say_error(f"process {os.environ.get('RANK', '?')} stopped because another process of this run stopped "
@@ -429,12 +414,3 @@ def _say_error(sentence: str) -> None:
     # processes stopping at once interleaved them.
     sys.stderr.write(f"fastp2phd train: {sentence}\n")
     sys.stderr.flush()
-
-
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-
-
-def _peer_stopped(exc: RuntimeError) -> bool:
-    """Whether ``exc`` is a collective failing because another process of a torchrun group exited."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and (
-        isinstance(exc, dist.DistNetworkError) or any(text in str(exc) for text in _PEER_GONE))

@@ -250,6 +250,14 @@ def test_bad_data_in_one_process_ends_all_in_sentences(tmp_path, dataroot):
     assert "RuntimeError" not in result.stderr and "Connection closed" not in result.stderr, result.stderr
 
 
+def test_an_error_every_process_hits_is_said_once(tmp_path):
+    result = torchrun("train", "--name", "run", "--checkpoints_dir", tmp_path / "ck", "--dataroot", tmp_path / "none",
+                      "--device", "cpu", port=29545)
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if line.startswith("fastp2phd train: ")]
+    assert len(said) == 1 and "does not exist" in said[0] and "--dataroot" in said[0], result.stderr
+
+
 def test_only_train_runs_under_torchrun(tmp_path, monkeypatch, capsys):
     """Every other command would run once in each process, all writing the same files: refused, in one
     sentence (from the first process)."""
