@@ -1,16 +1,18 @@
-"""Stopping a one-process training run between steps.
+"""Stopping a training run between steps.
 
 The first Ctrl-C (SIGINT), or SIGTERM (what a cluster's scheduler sends before it preempts a job), lets the step in
 progress finish; the run then saves a checkpoint it resumes from exactly, also where the signal ended the loader's
 workers with it (a scheduler signals the whole process group). A second one stops at once, as before
-(the last save stays whole: saves are atomic). Under torchrun every process would have to agree on the step to stop
-after, so there signals act as before.
+(the last save stays whole: saves are atomic). Under torchrun (whose agent passes a SIGTERM or Ctrl-C on to its
+processes as SIGTERM, and kills them 30 s later) the processes agree on the step to stop after (``StopAgreement``).
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+from typing import Callable, NoReturn
 
 from .errors import Pix2PixHDError
 
@@ -29,8 +31,53 @@ class StopRequest:
     signal: signal.Signals | None = None  # the first stop signal received, if any
 
 
+class StopAgreement:
+    """Under torchrun every process stops after the same step, as a save takes all of them. The first to get a stop
+    signal writes the step two past its own into the process group's store, and each process reads it after every
+    step: DDP's gradient all-reduce, and the step's wait for its losses, keep the processes within a step of each
+    other, so each reads it in time. A round trip to the store a step; no collective, no wait for the GPU."""
+
+    def __init__(self, store, key: str, store_lost: Callable[[], NoReturn] | None = None):
+        self.store, self.key, self.store_lost = store, key, store_lost
+        self.steps = 0
+        self.target: tuple[int, signal.Signals] | None = None  # the step to stop after, and the signal
+
+    @classmethod
+    def of_process_group(cls, torchrun_gone: Callable[[], NoReturn]) -> StopAgreement | None:
+        """The agreement of the running process group; None where it has no store to agree in. Under torchrun the
+        store is its agent's: ``torchrun_gone`` ends the process where it fails (the watch of fastp2phd.torchrun
+        would, a moment later)."""
+        import torch.distributed as dist
+
+        try:
+            store = dist.distributed_c10d._get_default_store()
+        except Exception:
+            return None
+        run = (os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        # (A restarted group starts without a stop.)
+        return cls(store, "fastp2phd stop/" + "/".join(run), torchrun_gone if agent_store else None)
+
+    def after_step(self, received: signal.Signals | None) -> signal.Signals | None:
+        """Called by every process after each step with the signal it received, if any: the signal to stop on
+        now, once the step agreed on is done."""
+        self.steps += 1
+        if self.target is None:
+            try:
+                if received is not None:  # (the first process's step stands)
+                    self.store.compare_set(self.key, "", f"{self.steps + 2} {int(received)}")
+                if received is not None or self.store.check([self.key]):
+                    step, signum = map(int, self.store.get(self.key).decode().split())
+                    self.target = (step, signal.Signals(signum))
+            except Exception:
+                if self.store_lost is not None:
+                    self.store_lost()
+                raise
+        return self.target[1] if self.target is not None and self.steps >= self.target[0] else None
+
+
 @contextlib.contextmanager
-def stop_between_steps(say, enabled: bool = True):
+def stop_between_steps(say, enabled: bool = True, after: str = "this step"):
     """Inside, a first SIGINT or SIGTERM is recorded in the ``StopRequest`` yielded (and said), a second raises
     KeyboardInterrupt. Disabled, or off the main thread (where Python takes no handlers), signals act as they did."""
     request = StopRequest()
@@ -46,8 +93,9 @@ def stop_between_steps(say, enabled: bool = True):
         request.signal = signal.Signals(signum)
         # A scheduler's SIGTERM reaches the loader workers too, and torch's SIGCHLD handler would raise from
         # wherever the step is when one ends: the step is to finish (the run saves when the loader fails next).
-        muted[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        say(f"{request.signal.name}: stopping after this step, to save it (Ctrl-C again stops at once, keeping the "
+        # (A handler that does nothing, not SIG_DFL: Python reports a SIGCHLD already pending for it as a "race".)
+        muted[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore)
+        say(f"{request.signal.name}: stopping after {after}, to save it (Ctrl-C again stops at once, keeping the "
             "last save)")
 
     previous = {signum: signal.signal(signum, handle) for signum in STOP_SIGNALS}
@@ -56,6 +104,10 @@ def stop_between_steps(say, enabled: bool = True):
     finally:
         for signum, handler in (previous | muted).items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _ignore(signum, frame) -> None:
+    pass
 
 
 def ignore_ctrl_c(worker_id: int = 0) -> None:

@@ -6,9 +6,20 @@ import hashlib
 import os
 import threading
 import time
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch.distributed as dist
+
+
+_GONE = threading.Lock()
+
+
+def stop_as_torchrun_is_gone(rank: int, say: Callable[[str], None]) -> NoReturn:
+    """End this process, saying why, where its torchrun is gone (the watch below, or its store failing first)."""
+    with _GONE:  # (a second finder waits for the exit)
+        say(f"torchrun has stopped, so process {rank} stops too; the last save is intact: add "
+            "--continue_train to go on from there")
+        os._exit(1)  # (saves are atomic: stopping anywhere keeps the last one whole)
 
 
 def watch_torchrun(rank: int, say: Callable[[str], None]) -> None:
@@ -20,9 +31,7 @@ def watch_torchrun(rank: int, say: Callable[[str], None]) -> None:
     def watch() -> None:
         while os.getppid() == agent:
             time.sleep(1)
-        say(f"torchrun has stopped, so process {rank} stops too; the last save is intact: add "
-            "--continue_train to go on from there")
-        os._exit(1)  # (saves are atomic: stopping anywhere keeps the last one whole)
+        stop_as_torchrun_is_gone(rank, say)
 
     threading.Thread(target=watch, name="torchrun watch", daemon=True).start()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -31,8 +32,8 @@ from .console import progress_bar
 from .errors import Pix2PixHDError
 from .files import remove_leftover_temporaries, write_text
 from .specs import TrainSpec, recorded_options
-from .stopping import TrainingStopped, ignore_ctrl_c, stop_between_steps
-from .torchrun import first_to_say, peer_stopped, watch_torchrun
+from .stopping import StopAgreement, TrainingStopped, ignore_ctrl_c, stop_between_steps
+from .torchrun import first_to_say, peer_stopped, stop_as_torchrun_is_gone, watch_torchrun
 from .train_report import TrainingReport
 from .train_step import LOSS_NAMES  # noqa: F401  (a re-export)
 from .train_step import ImagePool, Position, TrainingError, TrainStep, learning_rate
@@ -178,6 +179,9 @@ class Trainer:
             train_state.start_from(self, Path(spec.load_pretrain))
         if self.distributed:
             self.step.distribute()
+        # Under torchrun the processes agree on the step to stop after, on a signal; None: no store to agree in.
+        self.stop_agreement = StopAgreement.of_process_group(
+            lambda: stop_as_torchrun_is_gone(self.rank, _say_error)) if self.distributed else None
         if self.is_main:  # once the data and what the run resumes from are accepted: a failed start keeps opt.txt
             write_text(self.run_folder / "opt.txt", recorded_options(spec.options()))
 
@@ -258,7 +262,8 @@ class Trainer:
             self.say("note: --fp16 runs bfloat16 on this CPU without AVX512-BF16 or AMX (see `fastp2phd info`), which "
                      "is often slower than fp32: drop --fp16 to train in fp32")
         started = at.total_steps
-        with stop_between_steps(self.say, enabled=not self.distributed) as stop:
+        with stop_between_steps(self.say, enabled=not self.distributed or self.stop_agreement is not None,
+                                after="this step" if not self.distributed else "a step every process agrees on") as stop:
             try:
                 values = self._epochs(last_epoch, dataset_size, stop)
             except DatasetError:
@@ -306,8 +311,8 @@ class Trainer:
                                     (time.time() - start) / max(1, done))
                 if self._crossed(before, spec.display_freq):
                     self.report.display(batch, fake, at.epoch, at.epoch_iter, at.total_steps)
-                if stop.signal is not None:
-                    self._save_and_stop(stop, progress)
+                if (signum := self._stop_after_this_step(stop)) is not None:
+                    self._save_and_stop(signum, progress)
                 if self._crossed(before, spec.save_latest_freq):
                     self._save_latest()
                 start = time.time()
@@ -330,20 +335,24 @@ class Trainer:
         except StopIteration:
             return None
         except Exception:
-            if stop.signal is None:
+            if stop.signal is None or self.distributed:  # (a save takes every process, and the others go on)
                 raise
-            self._save_and_stop(stop, progress)
+            self._save_and_stop(stop.signal, progress)
+
+    def _stop_after_this_step(self, stop) -> signal.Signals | None:
+        """The signal to stop on now: the one received, or under torchrun the one every process agreed on."""
+        return stop.signal if self.stop_agreement is None else self.stop_agreement.after_step(stop.signal)
 
     def _save_latest(self) -> None:
         self.say(f"saving the latest model (epoch {self.position.epoch}, total steps {self.position.total_steps})")
         self.save("latest")
 
-    def _save_and_stop(self, stop, progress) -> NoReturn:
+    def _save_and_stop(self, signum: signal.Signals, progress) -> NoReturn:
         self._save_latest()
         progress.close()
-        raise TrainingStopped(f"stopped by {stop.signal.name} at epoch {self.position.epoch}, total steps "
+        raise TrainingStopped(f"stopped by {signum.name} at epoch {self.position.epoch}, total steps "
                               f"{self.position.total_steps}, and saved: add --continue_train to go on from there",
-                              stop.signal)
+                              signum)
 
 
 def _make_folder(folder) -> None:
@@ -389,7 +398,8 @@ def main_train(spec: TrainSpec, device: torch.device) -> int:
     try:
         train(spec, device)
     except TrainingStopped as exc:
-        _say_error(str(exc))
+        if first_to_say(str(exc)):  # (under torchrun every process stopped so)
+            _say_error(str(exc))
         return 128 + exc.signal  # (as a process ended by that signal reports it)
     except Pix2PixHDError as exc:  # anything else is a bug, and keeps its traceback
         # Data problems raised in a loader worker come back with the worker's traceback

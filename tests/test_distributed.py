@@ -236,6 +236,46 @@ def test_a_killed_torchrun_takes_its_processes_with_it(tmp_path, dataroot):
     assert "Traceback" not in output, output
 
 
+def test_processes_agree_on_the_step_to_stop_after():
+    """The first signal received decides: the step two past that process's own, whichever process is a step ahead."""
+    import torch.distributed as dist
+
+    from fastp2phd.stopping import StopAgreement
+
+    store = dist.HashStore()
+    ahead, behind = StopAgreement(store, "stop"), StopAgreement(store, "stop")
+    assert ahead.after_step(None) is None and ahead.after_step(None) is None
+    assert ahead.after_step(signal.SIGTERM) is None  # step 3: stop after step 5
+    stops = {"ahead": [ahead.after_step(None), ahead.after_step(None)]}
+    stops["behind"] = [behind.after_step(None), behind.after_step(signal.SIGINT)]  # (too late to decide)
+    stops["behind"] += [behind.after_step(None) for _ in range(3)]
+    assert stops == {"ahead": [None, signal.SIGTERM], "behind": [None, None, None, None, signal.SIGTERM]}
+
+
+def test_a_stop_signal_to_torchrun_stops_every_process_after_one_saved_step(tmp_path, dataroot):
+    """A scheduler's SIGTERM (or Ctrl-C) reaches torchrun, which passes SIGTERM on to its processes and kills them 30 s
+    later: they agree on a step, save it (test_two_processes_resume_exactly resumes such a save) and stop, saying
+    so once."""
+    ck = tmp_path / "ck"
+    argv = train_args(ck, dataroot, "--niter", "1000", "--niter_decay", "0", "--batchSize", "1")
+    agent = subprocess.Popen(torchrun_command(*argv, port=29543), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=ROOT)
+    try:
+        assert agent.stdout.readline().startswith("training run:")
+        time.sleep(3)  # (some steps in)
+        agent.send_signal(signal.SIGTERM)
+        out, err = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+    said = [line for line in err.splitlines() if line.startswith("fastp2phd train: ")]
+    assert len(said) == 1 and said[0].startswith("fastp2phd train: stopped by SIGTERM at epoch "), err
+    assert not any(line.startswith("[rank") for line in err.splitlines()), err  # (a process's traceback)
+    assert "SIGTERM: stopping after a step every process agrees on" in out, out
+    state = load_torch(ck / "run" / "latest_train_state.pth")
+    assert f", total steps {state['total_steps']}, and saved" in said[0], said  # (an epoch's end saves as the next's)
+    assert len(state["pools"]) == 2  # (both processes took part in the save)
+
+
 def test_bad_data_in_one_process_ends_all_in_sentences(tmp_path, dataroot):
     """Scene 1's label map is bad, and only process 1 reads it (--serial_batches): it says why it stopped,
     process 0, whose collective then fails, says that it stopped with it, and neither prints a traceback."""
