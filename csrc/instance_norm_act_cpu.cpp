@@ -116,14 +116,18 @@ inline acc normalized(acc x, acc hi, acc lo, acc rstd) {
   return ((x - hi) - lo) * rstd;
 }
 
-// Running (count, mean, M2) in float64, merged with Chan's formula.
+// Running (count, mean, M2) in float64, merged with Chan's formula, and the plain float64 sum of the values
+// relative to the origin: for every type but float64 those differences and their sums are exact or nearly, so
+// sum / count is the mean correctly rounded where Chan's merges err by an ulp. That ulp decided the activation's
+// branch in backward at pixels equal to the mean (label-like planes: 0.78 of dx off there).
 struct Moments {
-  double count = 0, mean = 0, m2 = 0;
-  void merge(double n, double block_mean, double block_m2) {
+  double count = 0, mean = 0, m2 = 0, sum = 0;
+  void merge(double n, double block_mean, double block_m2, double block_sum) {
     if (n == 0) return;
     const double total = count + n, delta = block_mean - mean;
     mean += delta * (n / total);
     m2 += block_m2 + delta * delta * (count * n / total);
+    sum += block_sum;
     count = total;
   }
 };
@@ -192,7 +196,7 @@ FASTP2PHD_SIMD_CLONES void block_moments(const T* x, int64_t stride, int64_t n, 
     double s1, s2;
     shifted_sums<double>(x, stride, n, origin, s1, s2);
     const double mean = s1 / static_cast<double>(n);
-    moments.merge(static_cast<double>(n), mean, std::max(0.0, s2 - s1 * mean));
+    moments.merge(static_cast<double>(n), mean, std::max(0.0, s2 - s1 * mean), s1);
     return;
   }
   if constexpr (sizeof(T) == 2) {
@@ -200,8 +204,9 @@ FASTP2PHD_SIMD_CLONES void block_moments(const T* x, int64_t stride, int64_t n, 
     double s1, s2;
     shifted_sums<float>(x, stride, n, first, s1, s2);
     const double m2 = s2 - s1 * s1 / static_cast<double>(n);
-    if (s2 <= 4 * m2) {  // (false for NaN and inf: they take the two passes)
-      moments.merge(static_cast<double>(n), (static_cast<double>(first) - origin) + s1 / static_cast<double>(n), m2);
+    if (std::isfinite(s2) && s2 <= 4 * m2) {  // (NaN, inf and float32 sums past its range take the two passes)
+      const double shift = static_cast<double>(first) - origin;
+      moments.merge(static_cast<double>(n), shift + s1 / static_cast<double>(n), m2, static_cast<double>(n) * shift + s1);
       return;
     }
   }
@@ -233,7 +238,7 @@ FASTP2PHD_SIMD_CLONES void block_moments(const T* x, int64_t stride, int64_t n, 
   // size of x - origin, which an outlying origin makes large (1e4 among values near 1: 3e-15 of y in float64).
   const double offset = residual / static_cast<double>(n);
   moments.merge(static_cast<double>(n), (static_cast<double>(rounded) - origin) + offset,
-                m2 - static_cast<double>(n) * offset * offset);
+                m2 - static_cast<double>(n) * offset * offset, sum);
 }
 
 // Per-channel mean (relative to origin[c]) and M2 of R pixel rows of C channels, x[r * sp + c * sc]
@@ -266,7 +271,7 @@ FASTP2PHD_SIMD_CLONES void rows_moments(const T* x, int64_t sp, int64_t sc, int6
     }
     for (int64_t c = 0; c < C; ++c) {
       const double mean = sums[c] / static_cast<double>(R);
-      moments[c].merge(static_cast<double>(R), mean, std::max(0.0, m2[c] - sums[c] * mean));
+      moments[c].merge(static_cast<double>(R), mean, std::max(0.0, m2[c] - sums[c] * mean), sums[c]);
     }
     return;
   }
@@ -297,7 +302,7 @@ FASTP2PHD_SIMD_CLONES void rows_moments(const T* x, int64_t sp, int64_t sc, int6
     }
     const double offset = residual / static_cast<double>(R);
     moments[c].merge(static_cast<double>(R), (static_cast<double>(rounded_c) - origin[c]) + offset,
-                     total - static_cast<double>(R) * offset * offset);
+                     total - static_cast<double>(R) * offset * offset, sums[c]);
   }
 }
 
@@ -554,9 +559,10 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
     Moments total;
     for (int64_t k = 0; k < split.chunks; ++k) {
       const Moments& m = chunk_moments(k);
-      total.merge(m.count, m.mean, m.m2);
+      total.merge(m.count, m.mean, m.m2, m.sum);
     }
-    const double mean = origin[plane] + total.mean;
+    // (float64 keeps Chan's mean: its differences from the origin, the first block's mean, are not exact.)
+    const double mean = origin[plane] + (std::is_same_v<T, double> ? total.mean : total.sum / static_cast<double>(P));
     mean_p[plane] = mean;
     // A one-value plane normalises to 0 whatever eps is. Where var + eps is 0 (a constant plane, eps = 0), rstd is
     // 0 as PyTorch's invstd is, so y and dx are 0 (1 / 0 would make them 0 * inf = NaN).

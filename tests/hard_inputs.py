@@ -280,3 +280,42 @@ def check_eps_0(size, dtype: torch.dtype, activation: str, impl: str, device: st
     for actual, expected in ((y[:, 1:], y64.detach()), (dx[:, 1:], dx64)):
         bound = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype) or 2 * _rel_err(expected.to(dtype), expected)
         assert _rel_err(actual, expected) <= bound, f"{impl}: the random plane's error {_rel_err(actual, expected):.3g}"
+
+
+TIE_SHAPES = {"blocks": (1, 2, 50, 50), "channels": (1, 40, 7, 9)}  # (planes merged from blocks; channels_last rows)
+
+
+def _result(x, dy, activation, slope, impl, device):
+    if impl == "python kernels":
+        return python_kernels_result(x, dy, activation, slope)
+    return tuple(t.cpu() for t in path_result(x.to(device), dy.to(device), activation, slope, impl))
+
+
+def check_ties(shape, dtype: torch.dtype, channels_last: bool, impl: str, device: str = "cpu"):
+    """Small integers whose plane means are integers too, so many pixels sit exactly at their plane's mean: xhat is 0
+    there, where leaky_relu's gradient is the slope. A mean an ulp off (merged from blocks or from channels_last
+    rows) passed dy unscaled at those pixels, 0.5-0.8 of dx off."""
+    g = torch.Generator().manual_seed(0)
+    xd = torch.randint(-3, 4, shape, generator=g).double()
+    total = xd.sum(dim=(2, 3))
+    xd[:, :, 0, 0] -= total - (total / (shape[2] * shape[3])).round() * (shape[2] * shape[3])
+    dyd = torch.randn(shape, generator=g).to(dtype).double()
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    _, dx = _result(xd.to(dtype).contiguous(memory_format=layout), dyd.to(dtype), "leaky_relu", 0.2, impl, device)
+    centred = xd - xd.mean(dim=(2, 3), keepdim=True)  # (exact: integers)
+    rstd = (centred.square().mean(dim=(2, 3), keepdim=True) + 1e-5).rsqrt()
+    xhat = centred * rstd
+    gate = torch.where(xhat > 0, dyd, 0.2 * dyd)
+    expected = rstd * (gate - gate.mean(dim=(2, 3), keepdim=True) - xhat * (gate * xhat).mean(dim=(2, 3), keepdim=True))
+    assert (centred == 0).sum() > 100
+    error = (dx.double() - expected).abs().max() / (rstd.max() * dyd.abs().max())
+    assert error <= 4 * torch.finfo(dtype).eps, f"{impl}: dx off by {error:.2e} of rstd * |dy|"
+
+
+def check_huge_bfloat16(impl: str, device: str = "cpu"):
+    """bfloat16 values whose squares overflow float32 (where the CPU kernel sums bfloat16 in one pass): they gave
+    y = 0."""
+    values = torch.tensor([1e19, -1e19, 3e19, -3e19])
+    y, _ = _result(values.bfloat16().view(1, 1, 2, 2), torch.ones(1, 1, 2, 2, dtype=torch.bfloat16), "none", 0.0,
+                   impl, device)
+    torch.testing.assert_close(y.float().flatten(), values / values.square().mean().sqrt(), rtol=2 ** -7, atol=0)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from hard_inputs import DTYPES, EPS_0_SIZES, check_eps_0, check_path, parameters
+from hard_inputs import (DTYPES, EPS_0_SIZES, TIE_SHAPES, check_eps_0, check_huge_bfloat16, check_path, check_ties,
+                         parameters)
 import torch
 from support import requires_extension
 
@@ -24,3 +25,17 @@ def test_instance_norm_act_is_as_accurate_as_the_module_it_replaces(case, dtype,
 @pytest.mark.parametrize("size", EPS_0_SIZES)
 def test_eps_0_on_a_constant_plane_gives_0_as_pytorch_does(size, dtype, activation, impl):
     check_eps_0(size, DTYPES[dtype], activation, impl, device="cuda" if impl == "cuda" else "cpu")
+
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", TIE_SHAPES.values(), ids=TIE_SHAPES.keys())
+def test_pixels_at_their_planes_mean_take_pytorchs_branch_of_the_activation(shape, dtype, channels_last, impl):
+    check_ties(shape, dtype, channels_last, impl, device="cuda" if impl == "cuda" else "cpu")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_values_whose_squares_pass_float32s_range(impl):
+    check_huge_bfloat16(impl, device="cuda" if impl == "cuda" else "cpu")
