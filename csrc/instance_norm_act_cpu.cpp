@@ -206,7 +206,8 @@ FASTP2PHD_SIMD_CLONES void block_moments(const T* x, int64_t stride, int64_t n, 
     const double m2 = s2 - s1 * s1 / static_cast<double>(n);
     if (std::isfinite(s2) && s2 <= 4 * m2) {  // (NaN, inf and float32 sums past its range take the two passes)
       const double shift = static_cast<double>(first) - origin;
-      moments.merge(static_cast<double>(n), shift + s1 / static_cast<double>(n), m2, static_cast<double>(n) * shift + s1);
+      const double count = static_cast<double>(n);
+      moments.merge(count, shift + s1 / count, m2, count * shift + s1);
       return;
     }
   }

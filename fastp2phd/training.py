@@ -262,8 +262,8 @@ class Trainer:
             self.say("note: --fp16 runs bfloat16 on this CPU without AVX512-BF16 or AMX (see `fastp2phd info`), which "
                      "is often slower than fp32: drop --fp16 to train in fp32")
         started = at.total_steps
-        with stop_between_steps(self.say, enabled=not self.distributed or self.stop_agreement is not None,
-                                after="this step" if not self.distributed else "a step every process agrees on") as stop:
+        after = "a step every process agrees on" if self.distributed else "this step"
+        with stop_between_steps(self.say, not self.distributed or self.stop_agreement is not None, after) as stop:
             try:
                 values = self._epochs(last_epoch, dataset_size, stop)
             except DatasetError:

@@ -43,3 +43,29 @@ def test_backward_is_the_projection_of_the_gradient():
     f64 = feat.detach().double().requires_grad_(True)
     # fast_mode checks random directional derivatives: a few calls instead of one per input element.
     assert torch.autograd.gradcheck(lambda f: instance_mean(f, inst, impl="triton"), (f64,), fast_mode=True)
+
+
+HARD_PLANES = {
+    "constant": lambda g: torch.full((1, 2, 4, 2048), 0.3),
+    "large mean, small spread": lambda g: 1e3 + 1e-2 * torch.rand(1, 2, 4, 2048, generator=g),
+    "label-like": lambda g: (torch.rand(1, 2, 4, 2048, generator=g) < 0.05).double() * 0.5,
+    "near the largest float32": lambda g: 2e38 * (0.5 + torch.rand(1, 1, 4, 2048, generator=g)),
+}
+
+
+@pytest.mark.parametrize("case", HARD_PLANES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_hard_planes_in_every_dtype_are_the_float64_mean_rounded_once(case, dtype):
+    """Runs are scanned in float64 too: in float32 a tile of values near 1e3 erred by 65 ulps, and 2e38 overflowed."""
+    feat = HARD_PLANES[case](torch.Generator().manual_seed(17))
+    if dtype == torch.float16 and case == "near the largest float32":
+        feat = feat / 1e34  # (float16's range)
+    feat = feat.to(dtype)
+    inst = torch.zeros(1, 1, *feat.shape[2:], dtype=torch.int32)
+    inst[..., 2:, 700:] = 5  # two segments, each many runs long
+    expected = instance_mean(feat.double(), inst, impl="reference")
+    actual = instance_mean(feat, inst, impl="triton")
+    if dtype == torch.float64:
+        assert rel_err(actual, expected) < 1e-15
+    else:
+        assert torch.equal(actual, expected.to(dtype))
