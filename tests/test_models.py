@@ -1154,9 +1154,11 @@ def test_vgg_loss_by_hand():
         assert loss(x, x.clone()).item() == 0.0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_l1_loss_is_f_l1_loss_bit_for_bit(dtype):
-    """The sign-saving L1: F.l1_loss's value and gradients (in float32 under autocast, as CUDA's autocast runs it)."""
+@pytest.mark.parametrize("dtype, autocast", [(torch.float32, False), (torch.float64, False), (torch.bfloat16, True),
+                                             (torch.float32, True), (torch.float64, True)])
+def test_l1_loss_is_f_l1_loss_bit_for_bit(dtype, autocast):
+    """The sign-saving L1: F.l1_loss's value and gradients (under autocast at least in float32, as CUDA's autocast runs
+    it: float64 stays float64)."""
     from fastp2phd.models.losses import l1_loss
 
     g = torch.Generator().manual_seed(3)
@@ -1164,8 +1166,8 @@ def test_l1_loss_is_f_l1_loss_bit_for_bit(dtype):
     y = torch.randn(2, 5, 7, 9, generator=g).to(dtype)
     y[0, 0, 0] = x.detach()[0, 0, 0]  # zero differences: sign 0
     y.requires_grad_(True)
-    autocast = dtype == torch.bfloat16
-    expected = F.l1_loss(x.float(), y.float()) if autocast else F.l1_loss(x, y)
+    wide = torch.promote_types(dtype, torch.float32) if autocast else dtype
+    expected = F.l1_loss(x.to(wide), y.to(wide))
     grad = torch.tensor(3.7, dtype=expected.dtype)
     expected_grads = torch.autograd.grad(expected, (x, y), grad)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

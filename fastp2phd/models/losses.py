@@ -84,11 +84,13 @@ class _SignSavingL1(torch.autograd.Function):
 
 def l1_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``F.l1_loss(x, y)`` (mean reduction, same values and gradients), saving 1 byte per element for
-    backward instead of a full-precision difference. Under autocast it runs in float32, as CUDA's
-    autocast runs ``l1_loss``."""
+    backward instead of a full-precision difference. Under autocast it runs in float32 at least, as CUDA's
+    autocast runs ``l1_loss`` (float64 stays float64)."""
     if x.shape != y.shape:
         raise InvalidArgumentError(f"l1_loss: x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape")
-    dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else torch.promote_types(x.dtype, y.dtype)
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.promote_types(dtype, torch.float32)
     return _SignSavingL1.apply(x, y, dtype)
 
 
