@@ -17,6 +17,10 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The floating types the ops compute in (float8 types have no arithmetic on the CPU).
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
     """An (N, 1, H, W) tensor of integer ids (integer dtype, or float holding integers)."""
     if not isinstance(inst, torch.Tensor):
@@ -26,8 +30,9 @@ def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
             f"{op}: {name} must have shape (N, 1, H, W), got {tuple(inst.shape)}; "
             "for a single (H, W) map use inst[None, None]"
         )
-    if inst.dtype not in _ID_DTYPES and not inst.is_floating_point():
-        raise TypeError(f"{op}: {name} must hold integer ids (uint8, int8..int64 or float), got {inst.dtype}")
+    if inst.dtype not in _ID_DTYPES and inst.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must hold integer ids (uint8, int8..int64, or float16..float64 holding whole "
+                        f"numbers), got {inst.dtype}; convert it with .long()")
     # Data-dependent check: costs a pass (and a host sync on CUDA), so only for
     # float maps, and skipped while torch.compile or an exporter traces (they cannot branch on data).
     if inst.is_floating_point() and inst.numel() and inst.device.type != "meta" and not torch.compiler.is_compiling() \

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidArgumentError
-from ._common import (check_instance_map, check_same_device, empty_like_format, memory_format_of,
+from ._common import (FLOAT_DTYPES, check_instance_map, check_same_device, empty_like_format, memory_format_of,
                       tangents_may_flow)
 from ._dispatch import FastPath, select, triton_missing
 from ._library import extension_kernel_missing, op, register_kernel
@@ -186,8 +186,8 @@ def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto")
     ``feat``: (N, C, H, W) float16, bfloat16, float32 or float64. ``inst``: (N, 1, H, W) ids,
     uint8..int64, or float holding whole numbers within int64's range (sparse and large ids,
     such as Cityscapes' class*1000+k, are fine). A segment is the set of pixels of one batch
-    item that share an id; each channel is averaged over its segment (summed in float64; the
-    Triton path sums runs of at most 1024 pixels in float32 first). Returns a new tensor of
+    item that share an id; each channel is averaged over its segment (summed in float64).
+    Returns a new tensor of
     feat's dtype and layout (channels_last stays so); any strided views are accepted. Empty
     inputs give an empty result that autograd still connects to ``feat``.
 
@@ -199,8 +199,9 @@ def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto")
     if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
         shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
         raise InvalidArgumentError(f"instance_mean: feat must be an (N, C, H, W) tensor, got {shape}")
-    if not feat.is_floating_point():
-        raise TypeError(f"instance_mean: feat must be floating point, got {feat.dtype}; convert it with .float()")
+    if feat.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"instance_mean: feat must be float16, bfloat16, float32 or float64, got {feat.dtype}; convert "
+                        "it with .float()")
     check_same_device("instance_mean", feat=feat, inst=inst)
     check_instance_map("instance_mean", inst)
     if feat.shape[0] != inst.shape[0] or feat.shape[2:] != inst.shape[2:]:

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from ._common import ACTIVATIONS, empty_like_format, memory_format_of, stats_dtype, tangents_may_flow
+from ._common import ACTIVATIONS, FLOAT_DTYPES, empty_like_format, memory_format_of, stats_dtype, tangents_may_flow
 from ._dispatch import FastPath, select, triton_missing
 from ._library import LIBRARY, extension_kernel_missing, op, register_kernel
 
@@ -313,8 +313,9 @@ def instance_norm_act(
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InvalidArgumentError(f"instance_norm_act: x must be an (N, C, H, W) tensor, got {shape}")
-    if not x.is_floating_point():
-        raise TypeError(f"instance_norm_act: x must be floating point, got {x.dtype}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"instance_norm_act: x must be float16, bfloat16, float32 or float64, got {x.dtype}; convert "
+                        "it with .float()")
     check_activation(activation, negative_slope)
     # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) these may be SymFloats.
     if not (isinstance(eps, (int, float, torch.SymFloat)) and 0 <= eps < math.inf):

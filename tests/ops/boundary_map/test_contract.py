@@ -30,6 +30,7 @@ def test_empty_inputs_give_empty_outputs():
         (torch.zeros(4, 4, dtype=torch.int32), "shape \\(N, 1, H, W\\)"),
         (torch.zeros(1, 2, 4, 4, dtype=torch.int32), "shape \\(N, 1, H, W\\)"),
         (torch.zeros(1, 1, 4, 4, dtype=torch.bool), "integer ids"),
+        (torch.zeros(1, 1, 4, 4, dtype=torch.float8_e4m3fn), "integer ids"),
         (torch.full((1, 1, 4, 4), 0.5), "not whole numbers"),
         (torch.full((1, 1, 4, 4), float("nan")), "fractions, NaN, inf"),
         # In float16, -2**63 rounds to -inf: a range check alone let -inf through.

@@ -18,7 +18,11 @@ from .cases import IMPLS, make_inputs
     "feat, inst, error, message",
     [
         (torch.zeros(3, 4, 4), torch.zeros(1, 1, 4, 4), ValueError, "feat must be an \\(N, C, H, W\\)"),
-        (torch.zeros(1, 3, 4, 4, dtype=torch.int32), torch.zeros(1, 1, 4, 4), TypeError, "floating point"),
+        (torch.zeros(1, 3, 4, 4, dtype=torch.int32), torch.zeros(1, 1, 4, 4), TypeError, "float16, bfloat16, float32"),
+        # (float8 features and ids have no arithmetic on the CPU: refused in a sentence, not a kernel's error)
+        (torch.zeros(1, 3, 4, 4, dtype=torch.float8_e4m3fn), torch.zeros(1, 1, 4, 4), TypeError,
+         "feat must be float16, bfloat16, float32 or float64, got torch.float8_e4m3fn"),
+        (torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4, dtype=torch.float8_e5m2), TypeError, "integer ids"),
         (torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4), ValueError, "shape \\(N, 1, H, W\\)"),
         (torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 5), ValueError, "share batch size, height and width"),
         (torch.zeros(2, 3, 4, 4), torch.zeros(1, 1, 4, 4), ValueError, "share batch size"),

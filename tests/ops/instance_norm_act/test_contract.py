@@ -22,7 +22,8 @@ from .cases import DTYPES, PATHS
     "kwargs, error, message",
     [
         (dict(x=torch.zeros(3, 4, 4)), ValueError, "x must be an \\(N, C, H, W\\)"),
-        (dict(x=torch.zeros(1, 3, 4, 4, dtype=torch.int64)), TypeError, "floating point"),
+        (dict(x=torch.zeros(1, 3, 4, 4, dtype=torch.int64)), TypeError, "float16, bfloat16, float32 or float64"),
+        (dict(x=torch.zeros(1, 3, 4, 4, dtype=torch.float8_e4m3fn)), TypeError, "got torch.float8_e4m3fn"),
         (dict(x=torch.zeros(1, 3, 4, 4), activation="gelu"), ValueError, "activation must be one of"),
         (dict(x=torch.zeros(1, 3, 4, 4), eps=-1e-5), ValueError, "eps must be a finite number, 0 or more"),
         (dict(x=torch.zeros(1, 3, 4, 4), impl="cudnn"), ValueError, "unknown impl='cudnn'"),
