@@ -70,7 +70,7 @@ def instance_norm_act_reference(
         y = F.instance_norm(xc, eps=eps)
     else:  # F.instance_norm refuses one-value planes; x - mean is exactly 0 there
         y = xc - xc
-    return _activate(y, activation, negative_slope).to(x.dtype, memory_format=memory_format_of(x))
+    return _activate(y, activation, negative_slope).to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
 # ----------------------------------------------------------------------------- the operators
@@ -110,7 +110,7 @@ def _forward_reference_kernel(x, activation, negative_slope, eps):
     # are 0 (rsqrt(0) = inf would make them 0 * inf = NaN).
     rstd = torch.where(var + eps == 0, 0.0, torch.rsqrt(var + eps)).to(dtype)
     y = _activate(centred * rstd.view(*x.shape[:2], 1, 1), activation, negative_slope)
-    return y.to(x.dtype, memory_format=memory_format_of(x)), mean, rstd
+    return y.to(x.dtype).contiguous(memory_format=memory_format_of(x)), mean, rstd
 
 
 _forward_op = op("instance_norm_act")
@@ -176,7 +176,7 @@ def _times_norm_jacobian(v, xhat, rstd):
 def _backward_formula(grad, x, mean, rstd, activation, negative_slope):
     xhat = _normalize(x, mean, rstd)
     g = _times_act_grad(grad.to(rstd.dtype), xhat, activation, negative_slope)
-    return _times_norm_jacobian(g, xhat, rstd).to(x.dtype, memory_format=memory_format_of(x))
+    return _times_norm_jacobian(g, xhat, rstd).to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
 register_kernel("instance_norm_act_backward", "CUDA", _kernels.backward if _kernels is not None else _backward_formula)
@@ -216,7 +216,7 @@ def _input_grad(grad_y, grad_mean, grad_rstd, x, mean, rstd, activation, negativ
         extra = extra + grad_mean.to(rstd.dtype).view(N, C, 1, 1) / (H * W)
     if grad_rstd is not None:
         extra = extra - (grad_rstd * rstd * rstd).view(N, C, 1, 1) * xhat / (H * W)
-    return (dx + extra).to(x.dtype, memory_format=memory_format_of(x))
+    return (dx + extra).to(x.dtype).contiguous(memory_format=memory_format_of(x))
 
 
 def _backward(ctx, grad_y, grad_mean, grad_rstd):
@@ -255,7 +255,8 @@ class _ForwardADFunction(torch.autograd.Function):
         y_tangent = _times_act_grad(_times_norm_jacobian(t, xhat, rstd), xhat, ctx.activation, ctx.negative_slope)
         mean_tangent = t.mean(dim=(2, 3)).reshape(-1).to(mean.dtype)
         rstd_tangent = -(rstd * rstd) * (t * xhat).mean(dim=(2, 3)).reshape(-1)
-        return (y_tangent.to(x_tangent.dtype, memory_format=memory_format_of(x)), mean_tangent, rstd_tangent)
+        y_tangent = y_tangent.to(x_tangent.dtype).contiguous(memory_format=memory_format_of(x))
+        return y_tangent, mean_tangent, rstd_tangent
 
     @staticmethod
     def vmap(info, in_dims, x, activation, negative_slope, eps):
