@@ -6,7 +6,9 @@
 // of x - origin and its square; other types take two passes over the block while it sits in L1 (see
 // block_moments). x is read
 // from memory once for the statistics and once to write y; nothing is accumulated in the input's 16-bit
-// type, and no sum of squares of raw values is ever formed. The mean is returned in float64; y is computed as
+// type, and no sum of squares of raw values is ever formed. The mean is the float64 sum of x - origin over the count
+// (float64 input: a compensated sum of x), correctly rounded, so exact where the values hold it: pixels at the mean
+// get xhat 0 and PyTorch's branch of the activation. It is returned in float64; y is computed as
 // ((x - hi) - lo) * rstd with mean = hi + lo split into two floats, so the sign of every xhat (which
 // decides the activation and its gradient) is the sign of x - mean, as in float64.
 //
@@ -562,8 +564,21 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
       const Moments& m = chunk_moments(k);
       total.merge(m.count, m.mean, m.m2, m.sum);
     }
-    // (float64 keeps Chan's mean: its differences from the origin, the first block's mean, are not exact.)
-    const double mean = origin[plane] + (std::is_same_v<T, double> ? total.mean : total.sum / static_cast<double>(P));
+    double mean = origin[plane] + (std::is_same_v<T, double> ? total.mean : total.sum / static_cast<double>(P));
+    if constexpr (std::is_same_v<T, double>) {
+      // float64's differences from its origin (the first block's mean) are not exact, and Chan's merges err by an
+      // ulp, which decided the activation's branch at pixels equal to the mean (label-like planes). A compensated
+      // (Neumaier) sum of the values instead: its error is an ulp of the sum plus n^2 ulps^2 of their magnitudes,
+      // so the mean comes out correctly rounded, exact where the values hold it.
+      const T* base = xp + (plane / C) * in.sn + (plane % C) * in.sc;
+      double sum = 0, error = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        const double v = base[p * in.sp], next = sum + v;
+        error += std::abs(sum) >= std::abs(v) ? (sum - next) + v : (v - next) + sum;
+        sum = next;
+      }
+      if (std::isfinite(sum + error)) mean = (sum + error) / static_cast<double>(P);
+    }
     mean_p[plane] = mean;
     // A one-value plane normalises to 0 whatever eps is. Where var + eps is 0 (a constant plane, eps = 0), rstd is
     // 0 as PyTorch's invstd is, so y and dx are 0 (1 / 0 would make them 0 * inf = NaN).
@@ -641,10 +656,12 @@ void forward_kernel(const at::Tensor& x, at::Tensor& y, at::Tensor& mean_out, at
         plane_moments(unit / split.chunks, unit % split.chunks, buf.data(), partial[unit]);
     });
   }
-  for (int64_t plane = 0; plane < N * C; ++plane)
-    finish_plane(plane, [&](int64_t k) -> const Moments& {
-      return rows ? partial[((plane / C) * split.chunks + k) * C + plane % C] : partial[plane * per_plane + k];
-    });
+  at::parallel_for(0, N * C, grain(std::is_same_v<T, double> ? P : 1), [&](int64_t begin, int64_t end) {
+    for (int64_t plane = begin; plane < end; ++plane)
+      finish_plane(plane, [&](int64_t k) -> const Moments& {
+        return rows ? partial[((plane / C) * split.chunks + k) * C + plane % C] : partial[plane * per_plane + k];
+      });
+  });
 
   // Pass 2: y.
   with_act([&](auto act_tag) {

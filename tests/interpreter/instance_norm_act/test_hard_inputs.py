@@ -20,7 +20,7 @@ def test_eps_0_on_a_constant_plane_gives_0_as_pytorch_does(size, dtype, activati
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", TIE_SHAPES.values(), ids=TIE_SHAPES.keys())
 def test_pixels_at_their_planes_mean_take_pytorchs_branch_of_the_activation(shape, dtype, channels_last):
     check_ties(shape, dtype, channels_last, "triton")
