@@ -39,3 +39,20 @@ def test_pixels_at_their_planes_mean_take_pytorchs_branch_of_the_activation(shap
 @pytest.mark.parametrize("impl", IMPLS)
 def test_bfloat16_values_whose_squares_pass_float32s_range(impl):
     check_huge_bfloat16(impl, device="cuda" if impl == "cuda" else "cpu")
+
+
+@requires_extension
+def test_float64_pixels_at_a_mean_with_a_full_mantissa_normalise_to_exactly_0():
+    """Planes whose exact mean is a float64 value of 52 bits, which three pixels hold: the CPU kernel's mean is rounded
+    once (a compensated sum, then / P, rounded twice: 1 ulp off in 1 of 4 random planes, and xhat +tiny there). (Not
+    so F.instance_norm, which the reference runs: its mean errs by an ulp or two.)"""
+    from fastp2phd.ops import instance_norm_act
+
+    for seed in range(200):
+        g = torch.Generator().manual_seed(seed)
+        mean = 1 + 0.25 * torch.rand(1, generator=g, dtype=torch.float64).item()
+        offsets = torch.randint(1, 3, (int(torch.randint(2, 30, (1,), generator=g)),), generator=g).double() * 0.25
+        x = torch.cat([mean + offsets, mean - offsets, torch.full((3,), mean, dtype=torch.float64)])
+        x = x[torch.randperm(x.numel(), generator=g)].view(1, 1, 1, -1)
+        y = instance_norm_act(x, "none", impl="cpu")
+        assert torch.equal(y[x == mean], torch.zeros(3, dtype=torch.float64)), seed
