@@ -118,13 +118,10 @@ def test_instance_norm_act_kernels_compile_without_spills(config, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_instance_mean_kernels_compile_without_spills(dtype):
-    import triton.language as tl
-
     data = {"feat_ptr": TRITON_TYPES[dtype], "out_ptr": TRITON_TYPES[dtype], "segment_ptr": "i64",
             "sums_ptr": "fp64", "counts_ptr": "i32"}
-    scan = tl.float64 if dtype == torch.float64 else tl.float32
     for fn, constexprs in (
-        (mean_kernels._segment_sums_kernel, {"BLOCK": mean_kernels.BLOCK, "SCAN_DTYPE": scan, "stride_fp": 1}),
+        (mean_kernels._segment_sums_kernel, {"BLOCK": mean_kernels.BLOCK, "stride_fp": 1}),
         (mean_kernels._broadcast_means_kernel, {"BLOCK": mean_kernels.BLOCK, "stride_op": 1}),
     ):
         registers, spills = register_report(compile_kernel(fn, data, constexprs))
