@@ -68,10 +68,13 @@ def sparse_input_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     path = select("sparse_input_conv2d", impl, x.device, FAST_PATHS)
     tensors = (x, weight) if bias is None else (x, weight, bias)
     # Mixed dtypes go to F.conv2d, which casts them under autocast and refuses them otherwise; the kernel takes one.
+    # So does a 16-bit input under autocast to the other 16-bit type (float16 under bfloat16), which it casts too.
+    autocast = torch.is_autocast_enabled(x.device.type)
     if (path is None or any(t.dtype != x.dtype for t in tensors)
+            or (autocast and x.dtype not in (torch.float32, torch.float64, torch.get_autocast_dtype(x.device.type)))
             or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) or tangents_may_flow()):
         return sparse_input_conv2d_reference(x, weight, bias)
     y = path.run(x, weight, bias)
-    if torch.is_autocast_enabled(x.device.type) and x.dtype == torch.float32:
+    if autocast and x.dtype == torch.float32:
         y = y.to(torch.get_autocast_dtype(x.device.type))
     return y

@@ -160,6 +160,21 @@ def test_mixed_dtypes_give_what_the_convolution_gives(dtypes, impl):
         ops.sparse_input_conv2d(x, weight, bias, impl=impl)
 
 
+@pytest.mark.parametrize("impl", ["auto", "cpu"])
+@pytest.mark.parametrize("dtype, autocast_dtype", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16),
+                                                   (torch.bfloat16, torch.bfloat16), (torch.float64, torch.bfloat16)],
+                         ids=str)
+def test_autocast_gives_the_convolutions_dtype_and_values(dtype, autocast_dtype, impl):
+    """A 16-bit input under autocast to the other 16-bit type is cast as the convolution casts it (the kernel kept
+    the input's type: float16 back from bfloat16 autocast, and bfloat16 under float16 autocast 5.5x less accurate)."""
+    x = label_like(1, 8, 10, 12, dtype=torch.float32).to(dtype)
+    weight = torch.randn(4, 8, 3, 3, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.autocast("cpu", autocast_dtype):
+        expected, actual = F.conv2d(x, weight), ops.sparse_input_conv2d(x, weight, impl=impl)
+    assert actual.dtype == expected.dtype
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
 def test_a_weight_with_no_outputs_is_refused_as_the_convolution_refuses_it():
     """A sparse input and nowhere to write: the kernel must not reach its per-pixel loop."""
     x, weight = label_like(1, 12, 10, 14, dtype=torch.float32), torch.randn(0, 12, 3, 3)
