@@ -30,6 +30,9 @@ def instance_norm_act_module(
             "the result is still correct (there are no per-channel parameters), but check the preceding layer",
             stacklevel=3,
         )
+    if x.shape[-1] * x.shape[-2] == 1:  # (the op gives 0; the module it replaces refuses)
+        raise InvalidArgumentError(f"InstanceNormAct2d: expected more than 1 spatial element, as nn.InstanceNorm2d "
+                                   f"does (a one-pixel plane normalises to nothing), got input size {tuple(x.shape)}")
     if x.dim() == 3:
         return instance_norm_act(x[None], activation, negative_slope, eps, impl=impl)[0]
     return instance_norm_act(x, activation, negative_slope, eps, impl=impl)

@@ -270,3 +270,14 @@ def test_scripted_instance_norm_act_runs_pytorch_ops(activation):
     assert rel_err(scripted(x), module(x)) < 1e-6
     assert rel_err(scripted(x[1]), module(x[1])) < 1e-6  # unbatched
     assert "fastp2phd" not in scripted.code
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 1, 1), (3, 1, 1)])
+def test_instance_norm_act2d_refuses_one_pixel_planes_as_instance_norm2d_does(shape):
+    """The op normalises a one-pixel plane to 0; the module it replaces raises, in training and in eval."""
+    x = torch.randn(shape)
+    for training in (True, False):
+        with pytest.raises(ValueError, match="[Ee]xpected more than 1 spatial element"):
+            nn.InstanceNorm2d(3).train(training)(x)
+        with pytest.raises(ValueError, match="[Ee]xpected more than 1 spatial element"):
+            InstanceNormAct2d(3, "relu").train(training)(x)
