@@ -177,3 +177,18 @@ def one_sentence(capsys, *expected):
     for text in expected:
         assert text in err, err
     return err
+
+
+def check_instance_mean_is_the_float64_mean_rounded_once(feat: torch.Tensor, impl: str, split_row: int) -> None:
+    """Two segments, each many runs long (split at ``split_row`` and column 700): every path sums in float64, so each
+    mean is the float64 mean rounded once to feat's dtype (float64: within 1e-15)."""
+    from fastp2phd.ops import instance_mean
+
+    inst = torch.zeros(1, 1, *feat.shape[2:], dtype=torch.int32)
+    inst[..., split_row:, 700:] = 5
+    expected = instance_mean(feat.double(), inst, impl="reference")
+    actual = instance_mean(feat, inst, impl=impl)
+    if feat.dtype == torch.float64:
+        assert rel_err(actual, expected) < 1e-15
+    else:
+        assert torch.equal(actual, expected.to(feat.dtype))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from support import instance_mean_loop as loop_oracle
-from support import rel_err
+from support import check_instance_mean_is_the_float64_mean_rounded_once, rel_err
 
 from fastp2phd.ops import instance_mean
 
@@ -60,12 +60,4 @@ def test_hard_planes_in_every_dtype_are_the_float64_mean_rounded_once(case, dtyp
     feat = HARD_PLANES[case](torch.Generator().manual_seed(17))
     if dtype == torch.float16 and case == "near the largest float32":
         feat = feat / 1e34  # (float16's range)
-    feat = feat.to(dtype)
-    inst = torch.zeros(1, 1, *feat.shape[2:], dtype=torch.int32)
-    inst[..., 2:, 700:] = 5  # two segments, each many runs long
-    expected = instance_mean(feat.double(), inst, impl="reference")
-    actual = instance_mean(feat, inst, impl="triton")
-    if dtype == torch.float64:
-        assert rel_err(actual, expected) < 1e-15
-    else:
-        assert torch.equal(actual, expected.to(dtype))
+    check_instance_mean_is_the_float64_mean_rounded_once(feat.to(dtype), "triton", split_row=2)

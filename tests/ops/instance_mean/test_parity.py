@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import cityscapes_like, rel_err, requires_extension
+from support import (check_instance_mean_is_the_float64_mean_rounded_once, cityscapes_like, rel_err,
+                     requires_extension)
 from support import instance_mean_loop as loop_oracle
 
 from fastp2phd.ops import instance_mean, instance_mean_reference
@@ -120,16 +121,8 @@ HARD_PLANES = {
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_cpp_hard_planes_in_every_dtype(case, dtype):
     """Sums in float64 on every dtype: the result is the float64 mean rounded once to the dtype."""
-    g = torch.Generator().manual_seed(17)
-    feat = HARD_PLANES[case](g).to(dtype)
-    inst = torch.zeros(1, 1, *feat.shape[2:], dtype=torch.int32)
-    inst[..., 20:, 700:] = 5  # two segments, each many runs long
-    expected = instance_mean(feat.double(), inst, impl="reference")
-    actual = instance_mean(feat, inst, impl="cpp")
-    if dtype == torch.float64:
-        assert rel_err(actual, expected) < 1e-15
-    else:
-        assert torch.equal(actual, expected.to(dtype))
+    feat = HARD_PLANES[case](torch.Generator().manual_seed(17)).to(dtype)
+    check_instance_mean_is_the_float64_mean_rounded_once(feat, "cpp", split_row=20)
 
 
 @requires_extension
