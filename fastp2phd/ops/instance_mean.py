@@ -186,10 +186,9 @@ def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto")
     ``feat``: (N, C, H, W) float16, bfloat16, float32 or float64. ``inst``: (N, 1, H, W) ids,
     uint8..int64, or float holding whole numbers within int64's range (sparse and large ids,
     such as Cityscapes' class*1000+k, are fine). A segment is the set of pixels of one batch
-    item that share an id; each channel is averaged over its segment (summed in float64).
-    Returns a new tensor of
-    feat's dtype and layout (channels_last stays so); any strided views are accepted. Empty
-    inputs give an empty result that autograd still connects to ``feat``.
+    item that share an id; each channel is averaged over its segment (summed in float64). Returns
+    a new tensor of feat's dtype and layout (channels_last stays so); any strided views are
+    accepted. Empty inputs give an empty result that autograd still connects to ``feat``.
 
     Differentiable in ``feat`` in every mode (backward, double backward, forward-mode AD,
     vmap): the op is a projection, so its gradient is the same pooling of the gradient.
