@@ -190,6 +190,13 @@ def python_kernels_result(x, dy, activation, slope):
     return y, module._backward_formula(dy, x, mean, rstd, activation, slope)
 
 
+def result_of(impl, x, dy, activation, slope, device="cpu"):
+    """(y, dx) on the CPU from ``impl`` (an ``impl`` of the op, or "python kernels") run on ``device``."""
+    if impl == "python kernels":
+        return python_kernels_result(x, dy, activation, slope)
+    return tuple(t.cpu() for t in path_result(x.to(device), dy.to(device), activation, slope, impl))
+
+
 def errors(y, dx, expected_y, expected_dx, rstd, dy):
     """(forward, backward) error against the oracle on the planes where it is finite, and whether the
     non-finite planes are non-finite in y too. Forward: relative to max |y|, at least 1. Backward: relative to the size
@@ -217,10 +224,7 @@ def check_path(case: str, dtype: torch.dtype, channels_last: bool, activation: s
     dy = torch.randn(x.shape, generator=_generator(3)).to(dtype)
     expected_y, expected_dx, rstd = oracle(x, dy, activation, slope)
 
-    if impl == "python kernels":
-        y, dx = python_kernels_result(x, dy, activation, slope)
-    else:
-        y, dx = (t.cpu() for t in path_result(x.to(device), dy.to(device), activation, slope, impl))
+    y, dx = result_of(impl, x, dy, activation, slope, device)
     assert y.dtype == dtype and dx.dtype == dtype
     forward, backward, nan_planes = errors(y, dx, expected_y, expected_dx, rstd, dy)
     assert nan_planes, f"{impl}: a plane holding NaN or inf must give NaN"
@@ -285,12 +289,6 @@ def check_eps_0(size, dtype: torch.dtype, activation: str, impl: str, device: st
 TIE_SHAPES = {"blocks": (1, 2, 50, 50), "channels": (1, 40, 7, 9)}  # (planes merged from blocks; channels_last rows)
 
 
-def _result(x, dy, activation, slope, impl, device):
-    if impl == "python kernels":
-        return python_kernels_result(x, dy, activation, slope)
-    return tuple(t.cpu() for t in path_result(x.to(device), dy.to(device), activation, slope, impl))
-
-
 def check_ties(shape, dtype: torch.dtype, channels_last: bool, impl: str, device: str = "cpu"):
     """Small integers whose plane means are integers too, so many pixels sit exactly at their plane's mean: xhat is 0
     there, where leaky_relu's gradient is the slope. A mean an ulp off (merged from blocks or from channels_last
@@ -301,7 +299,7 @@ def check_ties(shape, dtype: torch.dtype, channels_last: bool, impl: str, device
     xd[:, :, 0, 0] -= total - (total / (shape[2] * shape[3])).round() * (shape[2] * shape[3])
     dyd = torch.randn(shape, generator=g).to(dtype).double()
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    _, dx = _result(xd.to(dtype).contiguous(memory_format=layout), dyd.to(dtype), "leaky_relu", 0.2, impl, device)
+    _, dx = result_of(impl, xd.to(dtype).contiguous(memory_format=layout), dyd.to(dtype), "leaky_relu", 0.2, device)
     centred = xd - xd.mean(dim=(2, 3), keepdim=True)  # (exact: integers)
     rstd = (centred.square().mean(dim=(2, 3), keepdim=True) + 1e-5).rsqrt()
     xhat = centred * rstd
@@ -316,6 +314,6 @@ def check_huge_bfloat16(impl: str, device: str = "cpu"):
     """bfloat16 values whose squares overflow float32 (where the CPU kernel sums bfloat16 in one pass): they gave
     y = 0."""
     values = torch.tensor([1e19, -1e19, 3e19, -3e19])
-    y, _ = _result(values.bfloat16().view(1, 1, 2, 2), torch.ones(1, 1, 2, 2, dtype=torch.bfloat16), "none", 0.0,
-                   impl, device)
+    y, _ = result_of(impl, values.bfloat16().view(1, 1, 2, 2), torch.ones(1, 1, 2, 2, dtype=torch.bfloat16), "none",
+                     0.0, device)
     torch.testing.assert_close(y.float().flatten(), values / values.square().mean().sqrt(), rtol=2 ** -7, atol=0)
