@@ -1,10 +1,11 @@
 """Stopping a training run between steps.
 
 The first Ctrl-C (SIGINT), or SIGTERM (what a cluster's scheduler sends before it preempts a job), lets the step in
-progress finish; the run then saves a checkpoint it resumes from exactly, also where the signal ended the loader's
-workers with it (a scheduler signals the whole process group). A second one stops at once, as before
+progress finish; the run then saves a checkpoint it resumes from exactly. A second one stops at once, as before
 (the last save stays whole: saves are atomic). Under torchrun (whose agent passes a SIGTERM or Ctrl-C on to its
 processes as SIGTERM, and kills them 30 s later) the processes agree on the step to stop after (``StopAgreement``).
+A terminal, a scheduler and torchrun signal a whole process group, so the data loader's workers ignore these
+signals (``start_loader_workers``, ``loader_worker_start``): the run needs its next batch to finish its step.
 """
 from __future__ import annotations
 
@@ -85,16 +86,10 @@ def stop_between_steps(say, enabled: bool = True, after: str = "this step"):
         yield request
         return
 
-    muted: dict = {}
-
     def handle(signum, frame):
         if request.signal is not None:
             raise KeyboardInterrupt
         request.signal = signal.Signals(signum)
-        # A scheduler's SIGTERM reaches the loader workers too, and torch's SIGCHLD handler would raise from
-        # wherever the step is when one ends: the step is to finish (the run saves when the loader fails next).
-        # (A handler that does nothing, not SIG_DFL: Python reports a SIGCHLD already pending for it as a "race".)
-        muted[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, _ignore)
         say(f"{request.signal.name}: stopping after {after}, to save it (Ctrl-C again stops at once, keeping the "
             "last save)")
 
@@ -102,16 +97,29 @@ def stop_between_steps(say, enabled: bool = True, after: str = "this step"):
     try:
         yield request
     finally:
-        for signum, handler in (previous | muted).items():
+        for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
-def _ignore(signum, frame) -> None:
-    pass
+@contextlib.contextmanager
+def start_loader_workers():
+    """Around the start of a data loader's workers (``iter(loader)``): a stop signal waits until they ignore it,
+    so that one sent to the whole group as a worker starts does not end it. The signal reaches this process then."""
+    if not hasattr(signal, "pthread_sigmask"):  # (Windows: no process groups to signal)
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # (a forked or spawned worker inherits the mask)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
-def ignore_ctrl_c(worker_id: int = 0) -> None:
-    """A data loader worker's start: a terminal's Ctrl-C reaches the whole process group, and a worker it ended
-    would break the batch the main process waits for; the main process ends its workers itself. (SIGTERM still
-    ends a worker: the loader's own shutdown sends it to one that does not stop.)"""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def loader_worker_start(worker_id: int = 0) -> None:
+    """A data loader worker's ``worker_init_fn``: it ignores Ctrl-C and SIGTERM, which a terminal, a scheduler or
+    torchrun sends to the whole process group, as a worker they ended would break the batch the run's step waits
+    for. The training process stops between steps and ends its workers itself (they also end when it is gone)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)  # (discards one pending while held by start_loader_workers)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

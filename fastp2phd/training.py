@@ -32,7 +32,7 @@ from .console import progress_bar
 from .errors import Pix2PixHDError
 from .files import remove_leftover_temporaries, write_text
 from .specs import TrainSpec, recorded_options
-from .stopping import StopAgreement, TrainingStopped, ignore_ctrl_c, stop_between_steps
+from .stopping import StopAgreement, TrainingStopped, loader_worker_start, start_loader_workers, stop_between_steps
 from .torchrun import first_to_say, peer_stopped, stop_as_torchrun_is_gone, watch_torchrun
 from .train_report import TrainingReport
 from .train_step import LOSS_NAMES  # noqa: F401  (a re-export)
@@ -162,7 +162,7 @@ class Trainer:
                                  num_workers=spec.nThreads, collate_fn=collate,
                                  drop_last=drops_last_batch(spec, device, self.sampler),
                                  pin_memory=device.type == "cuda", persistent_workers=False,
-                                 worker_init_fn=ignore_ctrl_c)
+                                 worker_init_fn=loader_worker_start)
 
         self.position = Position()
         self.step = TrainStep(spec, device, position=self.position)
@@ -294,8 +294,9 @@ class Trainer:
             progress = progress_bar(dataset_size, f"epoch {at.epoch}", self.is_main and not spec.no_progress)
             progress.update(at.epoch_iter)
             start = time.time()
-            batches = iter(self.loader)
-            while (batch := self._next_batch(batches, stop, progress)) is not None:
+            with start_loader_workers():
+                batches = iter(self.loader)
+            while (batch := next(batches, None)) is not None:
                 before = at.total_steps
                 values, fake = self.update(batch)
                 if self.class_pixels is not None:  # (once the step has trained on them)
@@ -325,19 +326,6 @@ class Trainer:
                     self.save(str(at.epoch))
             at.epoch, at.epoch_iter = at.epoch + 1, 0
         return values
-
-    def _next_batch(self, batches, stop, progress) -> dict | None:
-        """The epoch's next batch, None at its end. A scheduler signals the whole process group, so after a stop
-        request the loader's workers may be gone, with the batch a run bound by its data waits for: the steps
-        trained are saved all the same."""
-        try:
-            return next(batches)
-        except StopIteration:
-            return None
-        except Exception:
-            if stop.signal is None or self.distributed:  # (a save takes every process, and the others go on)
-                raise
-            self._save_and_stop(stop.signal, progress)
 
     def _stop_after_this_step(self, stop) -> signal.Signals | None:
         """The signal to stop on now: the one received, or under torchrun the one every process agreed on."""

@@ -18,7 +18,7 @@ import torch
 from fastp2phd.cli import main
 from fastp2phd.files import load_torch
 from test_workflow import (ROOT, FEATURES, _assert_equal, _Stop, _trainer, bad_label_folder,  # noqa: F401
-                           dataroot, train_args)  # (dataroot: the fixture)
+                           cli_slowed, dataroot, train_args)  # (dataroot: the fixture)
 
 
 def _train_in_process(rank: int, store: str, argv: list[str], stop_at: int | None) -> None:
@@ -189,9 +189,9 @@ def test_more_processes_than_gpus_is_one_sentence(tmp_path, dataroot, monkeypatc
         Trainer(spec, torch.device("cuda"))
 
 
-def torchrun_command(*argv, port: int) -> list[str]:
+def torchrun_command(*argv, port: int, program=("-m", "fastp2phd")) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-            "-m", "fastp2phd", *map(str, argv)]
+            *map(str, program), *map(str, argv)]
 
 
 def torchrun(*argv, port: int) -> subprocess.CompletedProcess:
@@ -253,13 +253,17 @@ def test_processes_agree_on_the_step_to_stop_after():
 
 
 def test_a_stop_signal_to_torchrun_stops_every_process_after_one_saved_step(tmp_path, dataroot):
-    """A scheduler's SIGTERM (or Ctrl-C) reaches torchrun, which passes SIGTERM on to its processes and kills them 30 s
-    later: they agree on a step, save it (test_two_processes_resume_exactly resumes such a save) and stop, saying
-    so once."""
+    """A scheduler's SIGTERM (or Ctrl-C) reaches torchrun, which passes SIGTERM on to its processes' groups, loader
+    workers included, and kills them 30 s later: they agree on a step, save it (test_two_processes_resume_exactly
+    resumes such a save) and stop, saying so once. The run is bound by its data loading: each process waits on its
+    workers for the next batch (a worker the signal ended broke it, with a traceback in each process)."""
     ck = tmp_path / "ck"
-    argv = train_args(ck, dataroot, "--niter", "1000", "--niter_decay", "0", "--batchSize", "1")
-    agent = subprocess.Popen(torchrun_command(*argv, port=29543), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=ROOT)
+    argv = [*map(str, train_args(ck, dataroot, "--niter", "1000", "--niter_decay", "0", "--batchSize", "1"))]
+    argv[argv.index("--nThreads") + 1] = "2"
+    script = tmp_path / "train_slowly.py"
+    script.write_text(cli_slowed("loading"))
+    agent = subprocess.Popen(torchrun_command(*argv, port=29543, program=[script]), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert agent.stdout.readline().startswith("training run:")
         time.sleep(3)  # (some steps in)

@@ -634,45 +634,58 @@ def test_a_stop_signal_ends_the_run_after_its_step_and_saves_it(signum, tmp_path
     assert (ck / "run" / "iter.txt").read_text() == "2,0\n"
 
 
-def test_loader_workers_outlive_ctrl_c(tmp_path, dataroot):
-    # A worker Ctrl-C ended would break the batch the training process waits for (once the queued ones are used:
-    # a run bound by its data loading waits on an empty queue), where it should finish its step and save.
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_loader_workers_outlive_stop_signals(signum, tmp_path, dataroot):
+    # A terminal, a scheduler and torchrun signal the whole process group. A worker the signal ended would break the
+    # batch the training process waits for (once the queued ones are used: a run bound by its data loading waits on
+    # an empty queue), where it should finish its step and save. The signal comes as the workers start, too: it
+    # waits for them to ignore it, and then reaches the training process.
     from fastp2phd.cli import build_parser
     from fastp2phd.options import finish_options, train_spec
+    from fastp2phd.stopping import start_loader_workers
     from fastp2phd.training import Trainer
 
     argv = [str(a) for a in train_args(tmp_path / "ck", dataroot, "--batchSize", "1")]
-    argv[argv.index("--nThreads") + 1] = "1"
+    argv[argv.index("--nThreads") + 1] = "2"
     trainer = Trainer(train_spec(finish_options(build_parser().parse_args(argv), is_train=True)), torch.device("cpu"))
-    batches = iter(trainer.loader)
-    next(batches)
-    (worker,) = batches._workers
-    os.kill(worker.pid, signal.SIGINT)
-    for _ in range(5):  # every image of the epoch still comes
-        next(batches)
-    assert worker.is_alive()
+    received = []
+    previous = signal.signal(signum, lambda s, frame: received.append(s))
+    try:
+        with start_loader_workers():
+            batches = iter(trainer.loader)
+            for pid in [worker.pid for worker in batches._workers] + [os.getpid()]:
+                os.kill(pid, signum)
+            received_as_they_start = list(received)
+        for _ in range(6):  # every image of the epoch still comes
+            next(batches)
+        assert all(worker.is_alive() for worker in batches._workers)
+        assert received_as_they_start == [] and received == [signum]
+    finally:
+        signal.signal(signum, previous)
     del batches
 
 
-SLOWED = {"loading": "from fastp2phd.data import AlignedDataset as slowed; slow = '__getitem__'",
-          "steps": "from fastp2phd.training import Trainer as slowed; slow = 'update'"}
+def cli_slowed(bound_by: str | None) -> str:
+    """Python source that runs the command line with each image's loading, or each step, taking 0.5 s more."""
+    slowed = {None: "", "loading": "from fastp2phd.data import AlignedDataset as slowed; slow = '__getitem__'; ",
+              "steps": "from fastp2phd.training import Trainer as slowed; slow = 'update'; "}[bound_by]
+    if slowed:
+        slowed += ("call = getattr(slowed, slow); "
+                   "setattr(slowed, slow, lambda self, i: (time.sleep(0.5), call(self, i))[1]); ")
+    return f"import sys, time; {slowed}from fastp2phd.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 @pytest.mark.parametrize("signum, bound_by", [(signal.SIGINT, None), (signal.SIGTERM, "loading"),
                                                (signal.SIGTERM, "steps")], ids=["ctrl-c", "sigterm-loading",
                                                                                 "sigterm-steps"])
 def test_a_signal_to_the_whole_group_stops_the_run_after_a_saved_step(signum, bound_by, tmp_path, dataroot):
-    # A terminal's Ctrl-C and a scheduler's SIGTERM reach the whole process group, loader workers included. Ctrl-C
-    # leaves the workers be; SIGTERM ends them during the run's step, or while it waits on them for the next batch
-    # (a run bound by its data loading). Either way the steps trained are saved, without a traceback.
+    # A terminal's Ctrl-C and a scheduler's SIGTERM reach the whole process group, loader workers included, which
+    # ignore them: the run finishes its step, whether it is in one or waits on the workers for the next batch (a
+    # run bound by its data loading), and saves it, without a traceback.
     ck = tmp_path / "ck"
     args = [*map(str, train_args(ck, dataroot, "--niter", "1000", "--niter_decay", "0", "--batchSize", "1"))]
     args[args.index("--nThreads") + 1] = "2"
-    slowed = "" if bound_by is None else (
-        f"import time; {SLOWED[bound_by]}; call = getattr(slowed, slow); "
-        "setattr(slowed, slow, lambda self, i: (time.sleep(0.5), call(self, i))[1]); ")
-    process = subprocess.Popen([sys.executable, "-c", f"import sys; {slowed}from fastp2phd.cli import main; "
-                                "sys.exit(main(sys.argv[1:]))", *args],
+    process = subprocess.Popen([sys.executable, "-c", cli_slowed(bound_by), *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                start_new_session=True)
     try:
