@@ -111,7 +111,7 @@ def test_instance_norm_act_kernels_compile_without_spills(config, dtype):
                     (norm_kernels._backward_sums_kernel, grads),
                     (norm_kernels._backward_dx_kernel, {**grads, "MAX_CHUNKS_P2": max_chunks})]
     for fn, constexprs in kernels:
-        warps = norm_kernels._warps(block_c, block_p)
+        warps = norm_kernels._warps(block_c, block_p, dtype)
         registers, spills = register_report(compile_kernel(fn, data, constexprs, num_warps=warps))
         assert spills == 0, f"{fn.__name__} {constexprs}: {spills} bytes of spill stores ({registers} registers)"
 
