@@ -1,11 +1,13 @@
 """Stopping a training run between steps.
 
 The first Ctrl-C (SIGINT), or SIGTERM (what a cluster's scheduler sends before it preempts a job), lets the step in
-progress finish; the run then saves a checkpoint it resumes from exactly. A second one stops at once, as before
-(the last save stays whole: saves are atomic). Under torchrun (whose agent passes a SIGTERM or Ctrl-C on to its
-processes as SIGTERM, and kills them 30 s later) the processes agree on the step to stop after (``StopAgreement``).
-A terminal, a scheduler and torchrun signal a whole process group, so the data loader's workers ignore these
-signals (``start_loader_workers``, ``loader_worker_start``): the run needs its next batch to finish its step.
+progress finish; the run then saves a checkpoint it resumes from exactly. A second Ctrl-C stops at once, as before
+(the last save stays whole: saves are atomic); another SIGTERM does not, as a job's processes may get several (Slurm
+signals every process of a job, and torchrun passes its own on). Under torchrun (whose agent passes a SIGTERM or
+Ctrl-C on to its processes as SIGTERM, and kills them 30 s later) the processes agree on the step to stop after
+(``StopAgreement``). A terminal, a scheduler and torchrun signal a whole process group, so the data loader's workers
+ignore these signals (``start_loader_workers``, ``loader_worker_start``): the run needs its next batch to finish its
+step.
 """
 from __future__ import annotations
 
@@ -79,8 +81,8 @@ class StopAgreement:
 
 @contextlib.contextmanager
 def stop_between_steps(say, enabled: bool = True, after: str = "this step"):
-    """Inside, a first SIGINT or SIGTERM is recorded in the ``StopRequest`` yielded (and said), a second raises
-    KeyboardInterrupt. Disabled, or off the main thread (where Python takes no handlers), signals act as they did."""
+    """Inside, a first SIGINT or SIGTERM is recorded in the ``StopRequest`` yielded (and said), a SIGINT after it
+    raises KeyboardInterrupt. Disabled, or off the main thread (where Python takes no handlers), signals act as they did."""
     request = StopRequest()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield request
@@ -88,7 +90,9 @@ def stop_between_steps(say, enabled: bool = True, after: str = "this step"):
 
     def handle(signum, frame):
         if request.signal is not None:
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # another SIGTERM is the same request (see above)
         request.signal = signal.Signals(signum)
         say(f"{request.signal.name}: stopping after {after}, to save it (Ctrl-C again stops at once, keeping the "
             "last save)")

@@ -255,8 +255,9 @@ def test_processes_agree_on_the_step_to_stop_after():
 def test_a_stop_signal_to_torchrun_stops_every_process_after_one_saved_step(tmp_path, dataroot):
     """A scheduler's SIGTERM (or Ctrl-C) reaches torchrun, which passes SIGTERM on to its processes' groups, loader
     workers included, and kills them 30 s later: they agree on a step, save it (test_two_processes_resume_exactly
-    resumes such a save) and stop, saying so once. The run is bound by its data loading: each process waits on its
-    workers for the next batch (a worker the signal ended broke it, with a traceback in each process)."""
+    resumes such a save) and stop, saying so once. Slurm signals every process of the job, so each gets two
+    SIGTERMs (the second stopped it at once, unsaved). The run is bound by its data loading: each process waits on
+    its workers for the next batch (a worker the signal ended broke it, with a traceback in each process)."""
     ck = tmp_path / "ck"
     argv = [*map(str, train_args(ck, dataroot, "--niter", "1000", "--niter_decay", "0", "--batchSize", "1"))]
     argv[argv.index("--nThreads") + 1] = "2"
@@ -267,7 +268,8 @@ def test_a_stop_signal_to_torchrun_stops_every_process_after_one_saved_step(tmp_
     try:
         assert agent.stdout.readline().startswith("training run:")
         time.sleep(3)  # (some steps in)
-        agent.send_signal(signal.SIGTERM)
+        for pid in _processes_naming(str(ck)):  # as Slurm signals a job: every process, torchrun's agent included
+            os.kill(pid, signal.SIGTERM)
         out, err = agent.communicate(timeout=60)
     finally:
         agent.kill()
