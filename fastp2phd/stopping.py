@@ -82,7 +82,8 @@ class StopAgreement:
 @contextlib.contextmanager
 def stop_between_steps(say, enabled: bool = True, after: str = "this step"):
     """Inside, a first SIGINT or SIGTERM is recorded in the ``StopRequest`` yielded (and said), a SIGINT after it
-    raises KeyboardInterrupt. Disabled, or off the main thread (where Python takes no handlers), signals act as they did."""
+    raises KeyboardInterrupt. Disabled, or off the main thread (where Python takes no handlers), signals act as they
+    did."""
     request = StopRequest()
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield request
