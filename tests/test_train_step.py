@@ -123,17 +123,37 @@ def test_gradients_are_freed_after_the_step():
     assert all(p.grad is None for p in [*step.model.parameters(), *step.netD.parameters()])
 
 
+def test_d_activations_for_g_loss_are_freed_before_the_vgg_loss_is_built():
+    # D's pass for G's loss keeps every layer's output for backward; G's losses give their gradients one branch at
+    # a time, so none of them is alive through VGG's pass (they were: the 1024p step's peak, with checkpointing).
+    import weakref
+
+    from torch.utils._pytree import tree_leaves
+
+    opt = finish_options(build_parser().parse_args(["train", "--resize_or_crop", "none", *TINY]), is_train=True)
+    step = TrainStep(train_spec(opt), torch.device("cpu"), vgg=Vgg19(pretrained=False))
+    d_outputs, alive_at_vgg = [], []
+    step.netD.register_forward_hook(lambda module, args, out: d_outputs.append(
+        [weakref.ref(t) for t in tree_leaves(out)]))
+    step.vgg_loss.register_forward_pre_hook(lambda module, args: alive_at_vgg.append(
+        sum(ref() is not None for ref in d_outputs[-1])))
+    step.step(batch())
+    assert len(d_outputs) == 2 and len(d_outputs[-1]) == 2 * 5  # (D's loss, then G's: 2 scales of 5 layers)
+    assert alive_at_vgg == [0]
+
+
 def generator_loss(argv):
     """One step's logged losses, the loss G's backward starts from, and the generated and real images."""
     opt = finish_options(build_parser().parse_args(["train", "--resize_or_crop", "none", *TINY, *argv]), is_train=True)
     torch.manual_seed(0)
     step = TrainStep(train_spec(opt), torch.device("cpu"), vgg=Vgg19(pretrained=False))
     scaled, scale = [], step.scaler.scale
-    step.scaler.scale = lambda loss: scaled.append(loss.detach()) or scale(loss)  # D's loss, then G's
+    # D's loss, then G's in parts: D's branch (GAN and feature matching), then VGG's (and L1)
+    step.scaler.scale = lambda loss: scaled.append(loss.detach()) or scale(loss)
     data = batch()
     values, fake = step.step(data)
-    assert len(scaled) == 2
-    return values, scaled[1].item(), fake, data["image"]
+    assert len(scaled) == 3
+    return values, scaled[1].item() + scaled[2].item(), fake, data["image"]
 
 
 def test_the_l1_loss_is_off_by_default():
