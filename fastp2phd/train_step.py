@@ -337,16 +337,18 @@ class TrainStep:
             # loss were alive through VGG's backward, the step's peak (label2city_1024p, fp32, checkpointing:
             # 7.98 GiB then, 7.14 now).
             generated = fake.detach().requires_grad_(fake.requires_grad)  # (a leaf: its graphs end there)
-            fake_pair = torch.cat([input_label, generated], dim=1)
-            pooled_fake = self.pool.query(fake_pair.detach())
+            pooled_fake = self.pool.query(torch.cat([input_label, generated.detach()], dim=1))
             self.on_phase("D forward")
             if model_spec.norm == "instance":  # per-sample norms: one batch for both pairs
-                pred = self.disc(torch.cat([pooled_fake, torch.cat([input_label, real], dim=1)], dim=0))
-                pred_fake_pool, pred_real = split_batch(pred, pooled_fake.shape[0])
+                pairs, fakes = torch.cat([pooled_fake, torch.cat([input_label, real], dim=1)]), pooled_fake.shape[0]
+                del pooled_fake  # (copied into the pairs: not alive through D's pass)
+                pred = self.disc(pairs)
+                del pairs
+                pred_fake_pool, pred_real = split_batch(pred, fakes)
             else:  # batch norm statistics must not mix fake and real images
                 pred = None
                 pred_fake_pool, pred_real = self.disc(pooled_fake), self.disc(torch.cat([input_label, real], dim=1))
-            del pooled_fake, input_label  # (G's graph keeps what it needs)
+                del pooled_fake
             loss_D_fake = self.gan_loss(pred_fake_pool, False)
             loss_D_real = self.gan_loss(pred_real, True)
         losses_D = {"D_real": loss_D_real.detach(), "D_fake": loss_D_fake.detach()}
@@ -359,8 +361,8 @@ class TrainStep:
         self.optimizer_G.zero_grad(set_to_none=True)
         with autocast:
             with frozen(self.netD):
-                pred_fake = self.netD(fake_pair)
-            del fake_pair
+                pred_fake = self.netD(torch.cat([input_label, generated], dim=1))
+            del input_label  # (G's graph keeps what it needs)
             loss_G_GAN = self.gan_loss(pred_fake, True)
             loss_G_feat = (feature_matching_loss(pred_fake, pred_real, spec.lambda_feat)
                            if not spec.no_ganFeat_loss else fake.new_zeros(()))
