@@ -338,17 +338,20 @@ class TrainStep:
             # 7.98 GiB then, 7.14 now).
             generated = fake.detach().requires_grad_(fake.requires_grad)  # (a leaf: its graphs end there)
             pooled_fake = self.pool.query(torch.cat([input_label, generated.detach()], dim=1))
+            # Under autocast the real pair is built in the label's low-precision type, as the fake one is: D's first
+            # convolution casts it so anyway, and a float32 pair (and its cast copy) doubled the bytes of D's input.
+            real_pair = torch.cat([input_label, real.to(input_label.dtype)], dim=1)
             self.on_phase("D forward")
             if model_spec.norm == "instance":  # per-sample norms: one batch for both pairs
-                pairs, fakes = torch.cat([pooled_fake, torch.cat([input_label, real], dim=1)]), pooled_fake.shape[0]
-                del pooled_fake  # (copied into the pairs: not alive through D's pass)
+                pairs, fakes = torch.cat([pooled_fake, real_pair]), pooled_fake.shape[0]
+                del pooled_fake, real_pair  # (copied into the pairs: not alive through D's pass)
                 pred = self.disc(pairs)
                 del pairs
                 pred_fake_pool, pred_real = split_batch(pred, fakes)
             else:  # batch norm statistics must not mix fake and real images
                 pred = None
-                pred_fake_pool, pred_real = self.disc(pooled_fake), self.disc(torch.cat([input_label, real], dim=1))
-                del pooled_fake
+                pred_fake_pool, pred_real = self.disc(pooled_fake), self.disc(real_pair)
+                del pooled_fake, real_pair
             loss_D_fake = self.gan_loss(pred_fake_pool, False)
             loss_D_real = self.gan_loss(pred_real, True)
         losses_D = {"D_real": loss_D_real.detach(), "D_fake": loss_D_fake.detach()}
