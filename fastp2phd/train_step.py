@@ -335,7 +335,7 @@ class TrainStep:
             # G's losses take their gradients at ``generated`` one branch at a time (D's, then VGG's), each graph
             # freed before the next is built, and G's backward runs once on their sum: D's activations for G's
             # loss were alive through VGG's backward, the step's peak (label2city_1024p, fp32, checkpointing:
-            # 7.98 GiB then, 7.14 now).
+            # 7.98 GiB, 7.14 without them).
             generated = fake.detach().requires_grad_(fake.requires_grad)  # (a leaf: its graphs end there)
             pooled_fake = self.pool.query(torch.cat([input_label, generated.detach()], dim=1))
             # Under autocast the real pair is built in the label's low-precision type, as the fake one is: D's first
