@@ -21,6 +21,13 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    """``t`` holds one of FLOAT_DTYPES."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}; convert it with "
+                        ".float()")
+
+
 def check_instance_map(op: str, inst: torch.Tensor, name: str = "inst") -> None:
     """An (N, 1, H, W) tensor of integer ids (integer dtype, or float holding integers)."""
     if not isinstance(inst, torch.Tensor):

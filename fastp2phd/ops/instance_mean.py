@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InvalidArgumentError
-from ._common import (FLOAT_DTYPES, check_instance_map, check_same_device, empty_like_format, memory_format_of,
+from ._common import (check_float, check_instance_map, check_same_device, empty_like_format, memory_format_of,
                       tangents_may_flow)
 from ._dispatch import FastPath, select, triton_missing
 from ._library import extension_kernel_missing, op, register_kernel
@@ -198,9 +198,7 @@ def instance_mean(feat: torch.Tensor, inst: torch.Tensor, *, impl: str = "auto")
     if not isinstance(feat, torch.Tensor) or feat.dim() != 4:
         shape = tuple(feat.shape) if isinstance(feat, torch.Tensor) else type(feat).__name__
         raise InvalidArgumentError(f"instance_mean: feat must be an (N, C, H, W) tensor, got {shape}")
-    if feat.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"instance_mean: feat must be float16, bfloat16, float32 or float64, got {feat.dtype}; convert "
-                        "it with .float()")
+    check_float("instance_mean", "feat", feat)
     check_same_device("instance_mean", feat=feat, inst=inst)
     check_instance_map("instance_mean", inst)
     if feat.shape[0] != inst.shape[0] or feat.shape[2:] != inst.shape[2:]:

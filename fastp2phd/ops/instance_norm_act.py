@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
-from ._common import ACTIVATIONS, FLOAT_DTYPES, empty_like_format, memory_format_of, stats_dtype, tangents_may_flow
+from ._common import ACTIVATIONS, check_float, empty_like_format, memory_format_of, stats_dtype, tangents_may_flow
 from ._dispatch import FastPath, select, triton_missing
 from ._library import LIBRARY, extension_kernel_missing, op, register_kernel
 
@@ -302,9 +302,9 @@ def instance_norm_act(
 
     Accuracy: on every path the error against float64 is at most twice that of
     ``nn.InstanceNorm2d`` + the activation in x's dtype, and at most twice the reference path's
-    (float64: within 1e-10, for eps not far below the plane's variance). The fast paths keep float64 statistics and never accumulate in x's
-    16-bit type (the CPU kernel sums 16-bit input in float32 blocks of 2048 values, merged in
-    float64: about 1e-6 relative, far below y's rounding).
+    (float64: within 1e-10, for eps not far below the plane's variance). The fast paths keep float64
+    statistics and never accumulate in x's 16-bit type (the CPU kernel sums 16-bit input in float32
+    blocks of 2048 values, merged in float64: about 1e-6 relative, far below y's rounding).
 
     Differentiable in every mode (backward, double backward, forward-mode AD, vmap); on the fast paths
     the output may be modified in place before backward (the reference, as F.relu, saves its output).
@@ -315,9 +315,7 @@ def instance_norm_act(
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise InvalidArgumentError(f"instance_norm_act: x must be an (N, C, H, W) tensor, got {shape}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"instance_norm_act: x must be float16, bfloat16, float32 or float64, got {x.dtype}; convert "
-                        "it with .float()")
+    check_float("instance_norm_act", "x", x)
     check_activation(activation, negative_slope)
     # Comparisons rather than math.isfinite: under torch.compile(dynamic=True) these may be SymFloats.
     if not (isinstance(eps, (int, float, torch.SymFloat)) and 0 <= eps < math.inf):
