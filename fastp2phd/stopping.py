@@ -6,12 +6,13 @@ progress finish; the run then saves a checkpoint it resumes from exactly. A seco
 signals every process of a job, and torchrun passes its own on). Under torchrun (whose agent passes a SIGTERM or
 Ctrl-C on to its processes as SIGTERM, and kills them 30 s later) the processes agree on the step to stop after
 (``StopAgreement``). A terminal, a scheduler and torchrun signal a whole process group, so the data loader's workers
-ignore these signals (``start_loader_workers``, ``loader_worker_start``): the run needs its next batch to finish its
-step.
+ignore these signals while the run takes their batches (``LoaderWorkerSignals``): it needs its next batch to finish
+its step.
 """
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import threading
@@ -106,25 +107,44 @@ def stop_between_steps(say, enabled: bool = True, after: str = "this step"):
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
-@contextlib.contextmanager
-def start_loader_workers():
-    """Around the start of a data loader's workers (``iter(loader)``): a stop signal waits until they ignore it,
-    so that one sent to the whole group as a worker starts does not end it. The signal reaches this process then."""
-    if not hasattr(signal, "pthread_sigmask"):  # (Windows: no process groups to signal)
-        yield
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # (a forked or spawned worker inherits the mask)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+class LoaderWorkerSignals:
+    """The data loader workers' stop signals; an instance is the loader's ``worker_init_fn``.
 
+    A terminal, a scheduler and torchrun send Ctrl-C and SIGTERM to the whole process group (Slurm to every process
+    of the job). A worker they ended would break the batch the run's step waits for, so the workers ignore them:
+    the training process stops between steps and ends its workers itself (they also end when it is gone). Once the
+    training process leaves its batches (``batches``), a SIGTERM ends a worker again: the loader's shutdown
+    terminates a worker that does not return from the dataset (a hung read, say) with one.
+    """
 
-def loader_worker_start(worker_id: int = 0) -> None:
-    """A data loader worker's ``worker_init_fn``: it ignores Ctrl-C and SIGTERM, which a terminal, a scheduler or
-    torchrun sends to the whole process group, as a worker they ended would break the batch the run's step waits
-    for. The training process stops between steps and ends its workers itself (they also end when it is gone)."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)  # (discards one pending while held by start_loader_workers)
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    def __init__(self):
+        self._ending = multiprocessing.RawValue("b", False)  # (shared with forked and spawned workers)
+
+    def __call__(self, worker_id: int = 0) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (both discard one pending while ``batches`` held it)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self._ending.value:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    @contextlib.contextmanager
+    def batches(self, loader):
+        """``iter(loader)``, its workers started with the stop signals held until they ignore them (one sent to the
+        whole group as a worker starts reaches this process then)."""
+        self._ending.value = False
+        if hasattr(signal, "pthread_sigmask"):  # (Windows: no process groups to signal)
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # (a new worker inherits the mask)
+            try:
+                batches = iter(loader)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        else:
+            batches = iter(loader)
+        try:
+            yield batches
+        finally:
+            self._ending.value = True

@@ -32,7 +32,7 @@ from .console import progress_bar
 from .errors import Pix2PixHDError
 from .files import remove_leftover_temporaries, write_text
 from .specs import TrainSpec, recorded_options
-from .stopping import StopAgreement, TrainingStopped, loader_worker_start, start_loader_workers, stop_between_steps
+from .stopping import LoaderWorkerSignals, StopAgreement, TrainingStopped, stop_between_steps
 from .torchrun import first_to_say, peer_stopped, stop_as_torchrun_is_gone, watch_torchrun
 from .train_report import TrainingReport
 from .train_step import LOSS_NAMES  # noqa: F401  (a re-export)
@@ -158,11 +158,12 @@ class Trainer:
                 f"{len(self.dataset)} image(s) of the dataset")
             warnings.warn(f"--batchSize {spec.batchSize} is larger than the {images}, so every batch holds only "
                           f"those; lower --batchSize, or add images", stacklevel=2)
+        self.worker_signals = LoaderWorkerSignals()
         self.loader = DataLoader(self.dataset, batch_size=spec.batchSize, sampler=self.sampler,
                                  num_workers=spec.nThreads, collate_fn=collate,
                                  drop_last=drops_last_batch(spec, device, self.sampler),
                                  pin_memory=device.type == "cuda", persistent_workers=False,
-                                 worker_init_fn=loader_worker_start)
+                                 worker_init_fn=self.worker_signals)
 
         self.position = Position()
         self.step = TrainStep(spec, device, position=self.position)
@@ -294,29 +295,28 @@ class Trainer:
             progress = progress_bar(dataset_size, f"epoch {at.epoch}", self.is_main and not spec.no_progress)
             progress.update(at.epoch_iter)
             start = time.time()
-            with start_loader_workers():
-                batches = iter(self.loader)
-            while (batch := next(batches, None)) is not None:
-                before = at.total_steps
-                values, fake = self.update(batch)
-                if self.class_pixels is not None:  # (once the step has trained on them)
-                    self.class_pixels += torch.bincount(batch["label"].reshape(-1), minlength=spec.model.label_nc)
-                done = len(batch["path"]) * self.world
-                at.epoch_iter = min(at.epoch_iter + done, dataset_size)
-                at.total_steps += done
-                progress.update(done)
-                progress.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
-                if self._crossed(before, spec.print_freq):
-                    values = self._mean_over_processes(values)
-                    self.report.log(values, at.epoch, at.epoch_iter, at.total_steps,
-                                    (time.time() - start) / max(1, done))
-                if self._crossed(before, spec.display_freq):
-                    self.report.display(batch, fake, at.epoch, at.epoch_iter, at.total_steps)
-                if (signum := self._stop_after_this_step(stop)) is not None:
-                    self._save_and_stop(signum, progress)
-                if self._crossed(before, spec.save_latest_freq):
-                    self._save_latest()
-                start = time.time()
+            with self.worker_signals.batches(self.loader) as batches:
+                while (batch := next(batches, None)) is not None:
+                    before = at.total_steps
+                    values, fake = self.update(batch)
+                    if self.class_pixels is not None:  # (once the step has trained on them)
+                        self.class_pixels += torch.bincount(batch["label"].reshape(-1), minlength=spec.model.label_nc)
+                    done = len(batch["path"]) * self.world
+                    at.epoch_iter = min(at.epoch_iter + done, dataset_size)
+                    at.total_steps += done
+                    progress.update(done)
+                    progress.set_postfix({k: f"{v:.3f}" for k, v in values.items()}, refresh=False)
+                    if self._crossed(before, spec.print_freq):
+                        values = self._mean_over_processes(values)
+                        self.report.log(values, at.epoch, at.epoch_iter, at.total_steps,
+                                        (time.time() - start) / max(1, done))
+                    if self._crossed(before, spec.display_freq):
+                        self.report.display(batch, fake, at.epoch, at.epoch_iter, at.total_steps)
+                    if (signum := self._stop_after_this_step(stop)) is not None:
+                        self._save_and_stop(signum, progress)
+                    if self._crossed(before, spec.save_latest_freq):
+                        self._save_latest()
+                    start = time.time()
             progress.close()
             at.epoch_iter = dataset_size
             if at.epoch % spec.save_epoch_freq == 0 or at.epoch == last_epoch:

@@ -648,27 +648,53 @@ def test_loader_workers_outlive_stop_signals(signum, tmp_path, dataroot):
     # waits for them to ignore it, and then reaches the training process.
     from fastp2phd.cli import build_parser
     from fastp2phd.options import finish_options, train_spec
-    from fastp2phd.stopping import start_loader_workers
     from fastp2phd.training import Trainer
 
     argv = [str(a) for a in train_args(tmp_path / "ck", dataroot, "--batchSize", "1")]
     argv[argv.index("--nThreads") + 1] = "2"
     trainer = Trainer(train_spec(finish_options(build_parser().parse_args(argv), is_train=True)), torch.device("cpu"))
-    received = []
-    previous = signal.signal(signum, lambda s, frame: received.append(s))
-    try:
-        with start_loader_workers():
+    received, received_as_they_start = [], []
+
+    class SignalledAsWorkersStart:
+        def __iter__(self):
             batches = iter(trainer.loader)
             for pid in [worker.pid for worker in batches._workers] + [os.getpid()]:
                 os.kill(pid, signum)
-            received_as_they_start = list(received)
-        for _ in range(6):  # every image of the epoch still comes
-            next(batches)
-        assert all(worker.is_alive() for worker in batches._workers)
-        assert received_as_they_start == [] and received == [signum]
+            received_as_they_start.extend(received)
+            return batches
+
+    previous = signal.signal(signum, lambda s, frame: received.append(s))
+    try:
+        with trainer.worker_signals.batches(SignalledAsWorkersStart()) as batches:
+            for _ in range(6):  # every image of the epoch still comes
+                next(batches)
+            assert all(worker.is_alive() for worker in batches._workers)
+            assert received_as_they_start == [] and received == [signum]
     finally:
         signal.signal(signum, previous)
     del batches
+
+
+def test_a_run_interrupted_while_a_loader_worker_hangs_ends(tmp_path, dataroot):
+    # The workers ignore the stop signals while the run takes their batches; once it leaves them, the loader's
+    # shutdown ends one that never returns from the dataset (a hung network read, say) with SIGTERM, as before.
+    hung = ("import sys, time; from fastp2phd.data import AlignedDataset; "
+            "AlignedDataset.__getitem__ = lambda self, i: time.sleep(3600); "
+            "from fastp2phd.cli import main; sys.exit(main(sys.argv[1:]))")
+    args = [*map(str, train_args(tmp_path / "ck", dataroot, "--batchSize", "1"))]
+    args[args.index("--nThreads") + 1] = "2"
+    process = subprocess.Popen([sys.executable, "-c", hung, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT, start_new_session=True)
+    try:
+        assert process.stdout.readline().startswith("training run:")
+        for _ in range(2):  # a stop request, which the step waiting on the hung batch never honours; then at once
+            time.sleep(2)
+            os.killpg(process.pid, signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130 and "interrupted" in err, out + err
 
 
 def cli_slowed(bound_by: str | None) -> str:
