@@ -1178,6 +1178,102 @@ def test_l1_loss_is_f_l1_loss_bit_for_bit(dtype, autocast):
     assert grads[0].dtype == dtype
 
 
+@pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, True), (torch.float32, False)], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_l1_loss_takes_a_large_widened_difference_by_chunks(dtype, autocast, layout, monkeypatch):
+    """bf16 features under autocast: above WIDENED_CHUNK_ELEMENTS the float32 difference is taken a few channels at
+    a time (the last chunk uneven), never whole; the value is F.l1_loss's within float32 rounding, the gradients bit
+    for bit. A float32 difference of float32 inputs is not wider than they are: it stays whole, bit for bit."""
+    from fastp2phd.memory import LiveBytes
+    from fastp2phd.models import losses
+
+    monkeypatch.setattr(losses, "WIDENED_CHUNK_ELEMENTS", 2 * 2 * 40 * 48)  # two channels of 2x7x40x48: 4 chunks
+    g = torch.Generator().manual_seed(5)
+    base = torch.full((2, 7, 40, 96), float("nan"), dtype=dtype)  # a sentinel buffer: "strided" reads every other
+    x = (torch.randn(2, 7, 40, 48, generator=g) * 3 + 100).to(dtype)  # a large mean, a small spread
+    y = (torch.randn(2, 7, 40, 48, generator=g) * 3 + 100).to(dtype)
+    y[1, 6] = x[1, 6]  # zero differences (sign 0), in the last chunk
+    if layout == "channels_last":
+        x, y = x.contiguous(memory_format=torch.channels_last), y.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = base[..., ::2].copy_(x)
+    x.requires_grad_(True)
+    y.requires_grad_(True)
+    expected = F.l1_loss(x.float(), y.float())
+    grad = torch.tensor(3.7)
+    expected_grads = torch.autograd.grad(expected, (x, y), grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        value = losses.l1_loss(x, y)
+    grads = torch.autograd.grad(value, (x, y), grad)
+    assert value.dtype == torch.float32
+    if autocast:
+        assert_rel_close(value.detach(), expected, 2e-7)
+    else:
+        assert torch.equal(value, expected)
+    assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads))
+    assert grads[0].dtype == dtype
+    with LiveBytes() as tracker, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        a, b = x.detach().clone().requires_grad_(True), y.detach().clone()  # (the tracker charges their views nothing)
+        before = tracker.live
+        tracker.reset_peak()
+        losses.l1_loss(a, b)
+        # Chunked: the signs (1 byte each), a chunk's float32 difference and its masks, 3 bytes an element; whole,
+        # the float32 difference alone takes 4.
+        assert (tracker.peak - before < a.numel() * 4) == autocast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+def test_vgg_max_pool_keeps_no_indices_and_is_max_pool2d_bit_for_bit(dtype, layout):
+    """VGG's pools find the maxima again in backward: values, gradients, double backward and forward AD equal
+    nn.MaxPool2d's bit for bit, with ReLU-like ties (the first maximum takes the gradient), NaN and -inf windows and
+    odd sizes; and the pool keeps nothing for backward but its input (the native one adds int64 indices)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from fastp2phd.memory import LiveBytes
+    from fastp2phd.models.vgg import IndexFreeMaxPool2d
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 3, 9, 11, generator=g).relu_().to(dtype)  # half zeros: tied windows
+    x[0, 0, :2, :2] = float("nan")
+    x[1, 0, 0, 0] = x[1, 0, 1, 1] = float("nan")  # two NaN in one window
+    x[0, 1, 2:4, 2:4] = float("-inf")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "strided":  # a view into a sentinel buffer
+        x = torch.full((2, 3, 9, 22), 7.0, dtype=dtype)[..., ::2].copy_(x)
+    pools = [type(m) for m in Vgg19(pretrained=False).features if isinstance(m, torch.nn.MaxPool2d)]
+    assert pools == [IndexFreeMaxPool2d] * 4
+    outputs, grads, double_grads = [], [], []
+    for pool in (torch.nn.MaxPool2d(2, 2), IndexFreeMaxPool2d(2, 2)):
+        leaf = x.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        grad_out = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(1), dtype=dtype)
+        grad_out.requires_grad_(True)
+        out = pool(leaf)
+        (dx,) = torch.autograd.grad(out, leaf, grad_out, create_graph=True)
+        (ddx,) = torch.autograd.grad(dx, grad_out, torch.ones_like(dx))
+        outputs.append(out.detach())
+        grads.append(dx.detach())
+        double_grads.append(ddx)
+    assert torch.equal(outputs[0].nan_to_num(), outputs[1].nan_to_num()) and outputs[1].isnan().sum() == 2
+    assert outputs[1].stride() == outputs[0].stride() and grads[1].stride() == grads[0].stride()
+    assert torch.equal(grads[0], grads[1]) and torch.equal(double_grads[0], double_grads[1])
+    tangent = torch.randn(x.shape, generator=g).to(dtype)
+    with fwAD.dual_level():
+        expected = fwAD.unpack_dual(F.max_pool2d(fwAD.make_dual(x, tangent), 2, 2)).tangent
+        dual = fwAD.make_dual(x.detach().clone().requires_grad_(True), tangent)
+        assert torch.equal(fwAD.unpack_dual(IndexFreeMaxPool2d(2, 2)(dual)).tangent, expected)
+    kept = []
+    for pool in (torch.nn.MaxPool2d(2, 2), IndexFreeMaxPool2d(2, 2)):
+        with LiveBytes() as tracker:
+            leaf = torch.zeros(1, 64, 32, 32, requires_grad=True)
+            before = tracker.live
+            out = pool(leaf)
+            kept.append(tracker.live - before - out.untyped_storage().nbytes())
+            del out
+    assert kept == [64 * 16 * 16 * 8, 0]  # the native pool's int64 indices
+
+
 def test_vgg_loss_by_slices_equals_whole_feature_maps_and_checkpoints():
     """Slice by slice (targets freed early), and recomputed in backward: the same loss and gradient."""
     torch.manual_seed(0)

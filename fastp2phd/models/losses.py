@@ -54,21 +54,37 @@ class GANLoss(nn.Module):
         return self._one(input[-1], target_is_real)
 
 
+# A difference wider than its inputs (float32, of bf16 features under autocast) is taken this many elements at a
+# time: at VGG's first layer at 2048x1024 a whole one is 512 MiB, four times the signs kept for backward.
+WIDENED_CHUNK_ELEMENTS = 1 << 24
+
+
 class _SignSavingL1(torch.autograd.Function):
     """mean |x - y| that keeps only sign(x - y), one byte per element, for backward.
 
-    ``F.l1_loss`` keeps the whole difference (or both inputs) until backward; the gradient
-    needs only its sign. Forward and gradient are bit for bit those of ``F.l1_loss``.
+    ``F.l1_loss`` keeps the whole difference (or both inputs) until backward; the gradient needs only its sign.
+    Value and gradient are bit for bit ``F.l1_loss``'s, except where the difference is wider than both inputs and
+    larger than ``WIDENED_CHUNK_ELEMENTS``: it is then taken and summed a few channels at a time (the sum in
+    float64), which rounds the value differently, as closely; the gradient stays bit for bit.
     """
 
     @staticmethod
     def forward(ctx, x, y, dtype):
-        # One full-size temporary: the difference in ``dtype`` (x converted, y promoted inside the kernel).
-        diff = x.to(dtype, copy=True).sub_(y)
-        sign = diff.gt(0).to(torch.int8).sub_(diff.lt(0).to(torch.int8))  # torch.sign without a full-size float
+        ctx.numel, ctx.dtypes = x.numel(), (x.dtype, y.dtype)
+        widened = dtype.itemsize > max(x.dtype.itemsize, y.dtype.itemsize)
+        chunks = _chunks(x, WIDENED_CHUNK_ELEMENTS) if widened else [(0, 0)]
+        if len(chunks) == 1:
+            # One full-size temporary: the difference in ``dtype`` (x converted, y promoted inside the kernel).
+            diff = x.to(dtype, copy=True).sub_(y)
+            ctx.save_for_backward(_sign(diff))
+            return diff.abs_().mean()
+        sign = torch.empty_like(x, dtype=torch.int8)
+        total = x.new_zeros((), dtype=torch.float64)
+        for start, length in chunks:
+            total += _abs_sum_and_sign(x.narrow(1, start, length), y.narrow(1, start, length), dtype,
+                                       sign.narrow(1, start, length))
         ctx.save_for_backward(sign)
-        ctx.numel, ctx.dtypes = diff.numel(), (x.dtype, y.dtype)
-        return diff.abs_().mean()
+        return (total / ctx.numel).to(dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -80,6 +96,27 @@ class _SignSavingL1(torch.autograd.Function):
         grads = [sign.to(dtype).mul_(scale.to(dtype) if sign_of_input > 0 else -scale.to(dtype)) if needed else None
                  for needed, dtype, sign_of_input in zip(ctx.needs_input_grad, ctx.dtypes, (1, -1))]
         return grads[0], grads[1], None
+
+
+def _sign(diff: torch.Tensor) -> torch.Tensor:
+    """torch.sign as int8, without a full-size float."""
+    return diff.gt(0).to(torch.int8).sub_(diff.lt(0).to(torch.int8))
+
+
+def _abs_sum_and_sign(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, sign: torch.Tensor) -> torch.Tensor:
+    """sum |x - y| in ``dtype``, writing sign(x - y) into ``sign``; the difference is freed on return."""
+    diff = x.to(dtype, copy=True).sub_(y)
+    sign.copy_(_sign(diff))
+    return diff.abs_().sum()
+
+
+def _chunks(x: torch.Tensor, elements: int) -> list[tuple[int, int]]:
+    """(start, length) along dim 1 (channels) of about ``elements`` each; one whole chunk for fewer than 2 dims."""
+    if x.dim() < 2 or x.shape[1] == 0:
+        return [(0, 0)]
+    per_channel = max(1, x.numel() // x.shape[1])
+    step = max(1, elements // per_channel)
+    return [(start, min(step, x.shape[1] - start)) for start in range(0, x.shape[1], step)]
 
 
 def l1_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointReadError, Pix2PixHDError
@@ -47,6 +48,58 @@ def find_vgg19_weights(path: str | os.PathLike | None = None) -> Path | None:
     return cached if cached.is_file() else None
 
 
+class _MaxPoolKeepingItsInput(torch.autograd.Function):
+    """F.max_pool2d, whose backward finds the maxima again from the input instead of keeping their int64 indices.
+
+    The input is kept by the layers around it anyway (VGG's ReLU keeps it), so the indices (8 bytes an output
+    element, 480 MiB over VGG's pools at 2048x1024) are what the pool alone held; finding them again costs one more
+    pass over the input. Values and gradients are F.max_pool2d's bit for bit (the same kernels), ties and NaN
+    included; backward is differentiable (double backward), and forward AD is supported.
+    """
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
+        ctx.pool = (kernel_size, stride, padding, dilation, ceil_mode)
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def _indices(ctx, x):
+        with torch.no_grad():
+            return F.max_pool2d(x, *ctx.pool, return_indices=True)[1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        indices = _MaxPoolKeepingItsInput._indices(ctx, x)
+        kernel_size, stride, padding, dilation, ceil_mode = ctx.pool
+        dx = torch.ops.aten.max_pool2d_with_indices_backward(grad, x, _pair(kernel_size), _pair(stride),
+                                                             _pair(padding), _pair(dilation), ceil_mode, indices)
+        return dx, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):
+        (x,) = ctx.saved_tensors
+        indices = _MaxPoolKeepingItsInput._indices(ctx, x)
+        return x_tangent.flatten(-2).gather(-1, indices.flatten(-2)).view(indices.shape)
+
+
+def _pair(value) -> list[int]:
+    return [value, value] if isinstance(value, int) else list(value)
+
+
+class IndexFreeMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` (same values and gradients) that keeps no int64 indices for backward
+    (``_MaxPoolKeepingItsInput``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.return_indices or not (torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x)
+        return _MaxPoolKeepingItsInput.apply(x, self.kernel_size, self.stride, self.padding, self.dilation,
+                                             self.ceil_mode)
+
+
 class Vgg19(nn.Module):
     """Frozen VGG19 trunk returning relu1_1, relu2_1, relu3_1, relu4_1 and relu5_1.
 
@@ -61,7 +114,7 @@ class Vgg19(nn.Module):
         channels = 3
         for item in _CONFIG:
             if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(IndexFreeMaxPool2d(2, 2))
             else:
                 layers += [nn.Conv2d(channels, item, 3, padding=1), nn.ReLU(True)]
                 channels = item
