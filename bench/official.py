@@ -100,11 +100,24 @@ def official_instance_features(feat_map: torch.Tensor, inst: torch.Tensor, label
 # ----------------------------------------------------------------------------- the original training step
 
 
+def official_vgg_features(vgg, x: torch.Tensor) -> list[torch.Tensor]:
+    """torchvision's VGG19 trunk, run as the original runs it: its max pools keep int64 indices for backward
+    (fastp2phd's Vgg19 finds the maxima again instead)."""
+    import torch.nn.functional as F
+
+    features = []
+    for vgg_slice in vgg.slices():
+        for layer in vgg_slice:
+            x = F.max_pool2d(x, layer.kernel_size, layer.stride) if isinstance(layer, torch.nn.MaxPool2d) else layer(x)
+        features.append(x)
+    return features
+
+
 def official_vgg_loss(vgg, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The original VGGLoss: all five feature maps of both images, then L1 per map."""
     import torch.nn.functional as F
 
-    x_feats, y_feats = vgg(x), vgg(y)
+    x_feats, y_feats = official_vgg_features(vgg, x), official_vgg_features(vgg, y)
     loss = x.new_zeros(())
     for weight, xf, yf in zip((1.0 / 32, 1.0 / 16, 1.0 / 8, 1.0 / 4, 1.0), x_feats, y_feats):
         loss = loss + weight * F.l1_loss(xf, yf.detach())
