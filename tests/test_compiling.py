@@ -2,6 +2,7 @@
 what cannot be compiled (no working compiler, a new size under CUDA graphs) says so in one sentence."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -36,7 +37,11 @@ def networks():
         "Encoder": (Encoder(3, 3, ngf=4, n_downsampling=2), (image, instances())),
         "MultiscaleDiscriminator": (MultiscaleDiscriminator(6, ndf=4, n_layers=2, num_D=2), (torch.randn(2, 6, 32, 64),)),
         "Pix2PixHD with features": (model, (model.encode_input(label, instances()), instances(), label, image)),
-        "VGGLoss": (VGGLoss(vgg=Vgg19(pretrained=False)), (torch.rand(1, 3, 32, 64), torch.rand(1, 3, 32, 64))),
+        # (the generated image requires grad: VGG's layers then keep what backward needs)
+        "VGGLoss": (VGGLoss(vgg=Vgg19(pretrained=False)), (torch.rand(1, 3, 32, 64, requires_grad=True),
+                                                           torch.rand(1, 3, 32, 64))),
+        "VGGLoss, checkpointed": (VGGLoss(vgg=Vgg19(pretrained=False), checkpoint=True),
+                                  (torch.rand(1, 3, 32, 64, requires_grad=True), torch.rand(1, 3, 32, 64))),
     }
 
 
@@ -52,41 +57,84 @@ def test_networks_compile_whole_with_no_graph_break(name, autocast):
 
 
 def train_step(compile_mode: str):
-    """A TrainStep of a tiny model on the CPU, its weights from a fixed seed."""
+    """A TrainStep of a tiny model with features and a checkpointed VGG loss on the CPU, its weights from a fixed
+    seed."""
     from fastp2phd.cli import build_parser
     from fastp2phd.options import finish_options, train_spec
     from fastp2phd.train_step import TrainStep
 
     torch._dynamo.reset()
-    argv = ["train", "--resize_or_crop", "none", *TINY, "--instance_feat", "--no_vgg_loss", "--compile", compile_mode]
+    argv = ["train", "--resize_or_crop", "none", *TINY, "--instance_feat", "--checkpoint_activations",
+            "--compile", compile_mode]
     spec = train_spec(finish_options(build_parser().parse_args(argv), is_train=True))
     torch.manual_seed(0)
-    return TrainStep(spec, torch.device("cpu"))
+    return TrainStep(spec, torch.device("cpu"), vgg=Vgg19(pretrained=False))
 
 
-def test_a_compiled_training_step_matches_the_eager_one():
+@contextlib.contextmanager
+def cuda_graph_checks(monkeypatch):
+    """Inductor's reasons not to record a compiled graph in a CUDA graph, checked on the CPU (where they stop at
+    "cpu device", left out here): yields a list that gets (forward or backward, CUDA graphs on, the lowering's
+    reason, the other reasons) per graph compiled inside; None where this torch's Inductor checks elsewhere."""
+    cudagraph_utils = pytest.importorskip("torch._inductor.cudagraph_utils")
+    output_code = pytest.importorskip("torch._inductor.output_code")
+    compiled_graph = getattr(output_code, "CompiledFxGraph", None)
+    if not all(hasattr(m, n) for m, n in ((cudagraph_utils, "check_lowering_disable_cudagraph"),
+                                          (output_code, "cudagraph_post_compile"), (compiled_graph, "post_compile"))):
+        yield None
+        return
+    graphs = []
+    post_compile = compiled_graph.post_compile
+
+    def checked_post_compile(self, example_inputs, constants, graph_kwargs):
+        info = self.cudagraph_info
+        graphs.append(("backward" if graph_kwargs.get("is_backward") else "forward", bool(graph_kwargs["cudagraphs"]),
+                       self.disabled_cudagraphs_reason, None if info is None else info.cudagraph_fail_reasons))
+        return post_compile(self, example_inputs, constants, graph_kwargs)
+
+    monkeypatch.setattr(cudagraph_utils, "check_lowering_disable_cudagraph", lambda devices: None)
+    monkeypatch.setattr(output_code, "cudagraph_post_compile", lambda *args: None)  # (no graphs on the CPU)
+    monkeypatch.setattr(compiled_graph, "post_compile", checked_post_compile)
+    # Partitions skip some checks; a cached graph keeps its old reasons; and every mutated input (but the weights)
+    # is a reason now, where on a GPU CUDA graph trees check some as they run.
+    with torch._inductor.config.patch({"graph_partition": False, "fx_graph_cache": False,
+                                       "triton.cudagraph_support_input_mutation": False}):
+        yield graphs
+
+
+def test_a_compiled_training_step_matches_the_eager_one_and_qualifies_for_cuda_graphs(monkeypatch):
     """Each of three steps starts the compiled and the eager step from the same state (a copy: loading shares the
     optimiser's tensors), and both give the same losses and, from the second step on, the same weights. Adam's
     first update is lr * g / (|g| + eps), about lr * sign(g), so a weight whose gradient is rounding noise moves
     2 lr apart (0.2% of G's here): chained, such ulp-level differences between compiled and eager kernels grew to
     1.4e-4 of a loss by the third step for some seeds. Later updates scale a gradient by its running size, so a
     weight whose gradient is near 0 still moves up to about lr apart: every weight within 2 lr, and all but 1 in
-    10^3 to rounding (with pix2pixHD's initialisation, 11 of G's 68904 moved 1.4e-5 to 2.8e-5 apart)."""
-    compiled, eager = train_step("default"), train_step("off")
-    assert compiled.model.netG._compiled_call_impl is not None and eager.model.netG._compiled_call_impl is None
-    for i in range(3):
-        compiled.load_state_dict(copy.deepcopy(eager.state_dict()))
-        c, e = compiled.step(batch(seed=1 + i))[0], eager.step(batch(seed=1 + i))[0]
-        assert c.keys() == e.keys() and all(c[k] == pytest.approx(e[k], rel=1e-5, abs=1e-6) for k in c), (i, c, e)
-        # The same update: the compiled networks keep their state_dict keys and hold the same weights.
-        for net_c, net_e in ((compiled.model, eager.model), (compiled.netD, eager.netD)):
-            sd_c, sd_e = net_c.state_dict(), net_e.state_dict()
-            assert sd_c.keys() == sd_e.keys()
-            if i > 0:
-                pairs = [(sd_c[k], sd_e[k]) for k in sd_c if sd_c[k].dim() > 1]
-                assert all(torch.allclose(x, y, rtol=0, atol=2 * 2e-4) for x, y in pairs)
-                outside = sum((~torch.isclose(x, y, rtol=1e-4, atol=1e-5)).sum().item() for x, y in pairs)
-                assert outside <= sum(x.numel() for x, _ in pairs) // 1000, outside
+    10^3 to rounding (with pix2pixHD's initialisation, 11 of G's 68904 moved 1.4e-5 to 2.8e-5 apart).
+
+    On a GPU, reduce-overhead records each compiled forward and backward in a CUDA graph, unless Inductor finds a
+    reason not to (an input mutated, an op a CUDA graph cannot hold, an unbacked size): it then runs that graph
+    without one, with a log line, and the step loses the speed it was compiled for. No graph has a reason."""
+    with cuda_graph_checks(monkeypatch) as graphs:
+        compiled, eager = train_step("reduce-overhead"), train_step("off")
+        assert compiled.model.netG._compiled_call_impl is not None and eager.model.netG._compiled_call_impl is None
+        for i in range(3):
+            compiled.load_state_dict(copy.deepcopy(eager.state_dict()))
+            c, e = compiled.step(batch(seed=1 + i))[0], eager.step(batch(seed=1 + i))[0]
+            assert c.keys() == e.keys() and all(c[k] == pytest.approx(e[k], rel=1e-5, abs=1e-6) for k in c), (i, c, e)
+            # The same update: the compiled networks keep their state_dict keys and hold the same weights.
+            for net_c, net_e in ((compiled.model, eager.model), (compiled.netD, eager.netD)):
+                sd_c, sd_e = net_c.state_dict(), net_e.state_dict()
+                assert sd_c.keys() == sd_e.keys()
+                if i > 0:
+                    pairs = [(sd_c[k], sd_e[k]) for k in sd_c if sd_c[k].dim() > 1]
+                    assert all(torch.allclose(x, y, rtol=0, atol=2 * 2e-4) for x, y in pairs)
+                    outside = sum((~torch.isclose(x, y, rtol=1e-4, atol=1e-5)).sum().item() for x, y in pairs)
+                    assert outside <= sum(x.numel() for x, _ in pairs) // 1000, outside
+    if graphs is not None:
+        # G with E, D for D's loss, D frozen for G's, the VGG loss: each forward, and its backward.
+        assert sum(kind == "forward" for kind, *_ in graphs) >= 4, graphs
+        assert sum(kind == "backward" for kind, *_ in graphs) >= 3, graphs
+        assert all(graph == (graph[0], True, None, []) for graph in graphs), graphs
 
 
 def test_without_a_working_compiler_it_warns_once_and_stays_eager(monkeypatch):
@@ -201,14 +249,19 @@ def test_cuda_graphs_train_like_the_eager_step():
     from fastp2phd.options import finish_options, train_spec
     from fastp2phd.train_step import TrainStep
 
+    from torch._dynamo.utils import counters
+
     losses = {}
     for mode in ("reduce-overhead", "off"):
         torch._dynamo.reset()
-        argv = ["train", "--resize_or_crop", "none", *TINY, "--instance_feat", "--no_vgg_loss", "--compile", mode]
+        counters.clear()
+        argv = ["train", "--resize_or_crop", "none", *TINY, "--instance_feat", "--checkpoint_activations",
+                "--compile", mode]
         torch.manual_seed(0)
         step = TrainStep(train_spec(finish_options(build_parser().parse_args(argv), is_train=True)),
-                         torch.device("cuda"))
+                         torch.device("cuda"), vgg=Vgg19(pretrained=False))
         losses[mode] = [step.step(batch(seed=1 + i))[0] for i in range(4)]
+        assert counters["inductor"]["cudagraph_skips"] == 0  # every compiled graph replays in a CUDA graph
         if mode == "reduce-overhead":
             with pytest.raises(CompileError, match="records CUDA graphs for one input size"):
                 step.step(batch(h=32, seed=9))

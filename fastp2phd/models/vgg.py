@@ -94,7 +94,9 @@ class IndexFreeMaxPool2d(nn.MaxPool2d):
     (``_MaxPoolKeepingItsInput``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.return_indices or not (torch.is_grad_enabled() and x.requires_grad):
+        # Compiled, the native pool: what backward keeps is the partitioner's choice there (and Dynamo does not
+        # trace a Function with a custom jvp).
+        if self.return_indices or torch.compiler.is_compiling() or not (torch.is_grad_enabled() and x.requires_grad):
             return super().forward(x)
         return _MaxPoolKeepingItsInput.apply(x, self.kernel_size, self.stride, self.padding, self.dilation,
                                              self.ceil_mode)
