@@ -36,7 +36,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 
 if wants tests; then
 step "GPU tests"
-timeout 240 "$py" -m pytest tests/ops/test_cuda.py tests/ops/*/test_cuda*.py tests/ops/test_triton_compile.py \
+timeout 300 "$py" -m pytest tests/ops/test_cuda.py tests/ops/*/test_cuda*.py tests/ops/test_triton_compile.py \
     tests/test_compiling.py -q -p no:cacheprovider >"$out/tests.log" 2>&1 || status=1
 tail -3 "$out/tests.log"
 # The hard-input accuracy suite on the Triton kernels, compiled this time (the interpreter runs it everywhere).

@@ -1225,9 +1225,10 @@ def test_l1_loss_takes_a_large_widened_difference_by_chunks(dtype, autocast, lay
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_vgg_max_pool_keeps_no_indices_and_is_max_pool2d_bit_for_bit(dtype, layout):
-    """VGG's pools find the maxima again in backward: values, gradients, double backward and forward AD equal
-    nn.MaxPool2d's bit for bit, with ReLU-like ties (the first maximum takes the gradient), NaN and -inf windows and
-    odd sizes; and the pool keeps nothing for backward but its input (the native one adds int64 indices)."""
+    """VGG's pools find the maxima again in backward: values, gradients, double backward, forward AD and
+    torch.func's grad and vmap equal nn.MaxPool2d's bit for bit, with ReLU-like ties (the first maximum takes
+    the gradient), NaN and -inf windows and odd sizes; and the pool keeps nothing for backward but its input
+    (the native one adds int64 indices)."""
     import torch.autograd.forward_ad as fwAD
 
     from fastp2phd.memory import LiveBytes
@@ -1263,6 +1264,10 @@ def test_vgg_max_pool_keeps_no_indices_and_is_max_pool2d_bit_for_bit(dtype, layo
         expected = fwAD.unpack_dual(F.max_pool2d(fwAD.make_dual(x, tangent), 2, 2)).tangent
         dual = fwAD.make_dual(x.detach().clone().requires_grad_(True), tangent)
         assert torch.equal(fwAD.unpack_dual(IndexFreeMaxPool2d(2, 2)(dual)).tangent, expected)
+    weights = torch.randn(3, 4, 5, generator=g).to(dtype)  # torch.func's transforms, per image
+    by_image = [torch.func.vmap(torch.func.grad(lambda plane: (pool(plane) * weights).sum()))(x.detach())
+                for pool in (torch.nn.MaxPool2d(2, 2), IndexFreeMaxPool2d(2, 2))]
+    assert torch.equal(*by_image)
     kept = []
     for pool in (torch.nn.MaxPool2d(2, 2), IndexFreeMaxPool2d(2, 2)):
         with LiveBytes() as tracker:

@@ -54,15 +54,20 @@ class _MaxPoolKeepingItsInput(torch.autograd.Function):
     The input is kept by the layers around it anyway (VGG's ReLU keeps it), so the indices (8 bytes an output
     element, 480 MiB over VGG's pools at 2048x1024) are what the pool alone held; finding them again costs one more
     pass over the input. Values and gradients are F.max_pool2d's bit for bit (the same kernels), ties and NaN
-    included; backward is differentiable (double backward), and forward AD is supported.
+    included; backward is differentiable (double backward), and forward AD and torch.func's transforms work.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, kernel_size, stride, padding, dilation, ceil_mode):
-        ctx.pool = (kernel_size, stride, padding, dilation, ceil_mode)
+    def forward(x, kernel_size, stride, padding, dilation, ceil_mode):
+        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, *ctx.pool = inputs
         ctx.save_for_backward(x)
         ctx.save_for_forward(x)
-        return F.max_pool2d(x, kernel_size, stride, padding, dilation, ceil_mode)
 
     @staticmethod
     def _indices(ctx, x):
