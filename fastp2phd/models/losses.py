@@ -72,8 +72,8 @@ class _SignSavingL1(torch.autograd.Function):
     def forward(ctx, x, y, dtype):
         ctx.numel, ctx.dtypes = x.numel(), (x.dtype, y.dtype)
         widened = dtype.itemsize > max(x.dtype.itemsize, y.dtype.itemsize)
-        chunks = _chunks(x, WIDENED_CHUNK_ELEMENTS) if widened else [(0, 0)]
-        if len(chunks) == 1:
+        chunks = _chunks(x, WIDENED_CHUNK_ELEMENTS) if widened else []
+        if len(chunks) < 2:
             # One full-size temporary: the difference in ``dtype`` (x converted, y promoted inside the kernel).
             diff = x.to(dtype, copy=True).sub_(y)
             ctx.save_for_backward(_sign(diff))
@@ -111,9 +111,9 @@ def _abs_sum_and_sign(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, sign
 
 
 def _chunks(x: torch.Tensor, elements: int) -> list[tuple[int, int]]:
-    """(start, length) along dim 1 (channels) of about ``elements`` each; one whole chunk for fewer than 2 dims."""
-    if x.dim() < 2 or x.shape[1] == 0:
-        return [(0, 0)]
+    """(start, length) along dim 1 (channels) of about ``elements`` each; none for fewer than 2 dims."""
+    if x.dim() < 2:
+        return []
     per_channel = max(1, x.numel() // x.shape[1])
     step = max(1, elements // per_channel)
     return [(start, min(step, x.shape[1] - start)) for start in range(0, x.shape[1], step)]
