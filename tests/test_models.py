@@ -14,6 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from autograd_modes import assert_same_gradients
+
 from fastp2phd.errors import CheckpointReadError
 
 from fastp2phd.models import (
@@ -1178,6 +1180,53 @@ def test_l1_loss_is_f_l1_loss_bit_for_bit(dtype, autocast):
     assert grads[0].dtype == dtype
 
 
+def test_the_perceptual_and_feature_matching_losses_serve_forward_ad_and_torch_func():
+    """Forward AD (dual tensors, torch.func.jvp), torch.func.grad and vmap run through VGGLoss and
+    feature_matching_loss as through the same losses built on F.l1_loss, which the sign-saving L1 replaces."""
+    import torch.autograd.forward_ad as fwAD
+
+    from fastp2phd.models.losses import feature_matching_loss, l1_loss
+
+    g = torch.Generator().manual_seed(8)
+    vgg = Vgg19(pretrained=False)
+    x, y, tangent = (torch.randn(1, 3, 16, 24, generator=g, dtype=torch.float64) for _ in range(3))
+    vgg.double()
+
+    def vgg_loss_with_f_l1(a):
+        return sum(w * F.l1_loss(fa, fb) for w, fa, fb in zip(VGGLoss.weights, vgg(a), vgg(y)))
+
+    loss = VGGLoss(vgg=vgg, checkpoint=True)
+    value, value_tangent = torch.func.jvp(lambda a: loss(a, y), (x,), (tangent,))
+    expected, expected_tangent = torch.func.jvp(vgg_loss_with_f_l1, (x,), (tangent,))
+    assert expected_tangent.abs() > 0
+    assert_rel_close(value, expected, 1e-12)
+    assert_rel_close(value_tangent, expected_tangent, 1e-12)
+    with fwAD.dual_level():
+        dual = fwAD.unpack_dual(loss(fwAD.make_dual(x, tangent), y))
+    assert dual.tangent is not None, "forward-mode AD dropped the tangent"
+    assert_rel_close(dual.tangent, expected_tangent, 1e-12)
+    assert_rel_close(torch.func.grad(lambda a: loss(a, y))(x), torch.func.grad(vgg_loss_with_f_l1)(x), 1e-12)
+
+    fake = [[torch.randn(1, 2, 5, 5, generator=g, dtype=torch.float64) for _ in range(3)] for _ in range(2)]
+    real = [[torch.randn_like(t) for t in scale] for scale in fake]
+    first = fake[0][0]
+
+    def matching(feature, with_f_l1):
+        pred = [[feature] + fake[0][1:], fake[1]]
+        if with_f_l1:  # 2 discriminators of 2 feature layers each: weight 4 / 2 / 2 * lambda_feat 10
+            return sum(F.l1_loss(f, r) for pf, pr in zip(pred, real) for f, r in zip(pf[:-1], pr[:-1])) * 10.0
+        return feature_matching_loss(pred, real)
+
+    tangents = [torch.func.jvp(lambda f: matching(f, with_f_l1), (first,), (torch.ones_like(first),))
+                for with_f_l1 in (False, True)]
+    assert tangents[1][1].abs() > 0
+    assert_rel_close(tangents[0][0], tangents[1][0], 1e-12)
+    assert_rel_close(tangents[0][1], tangents[1][1], 1e-12)
+    batch = torch.randn(4, 3, 16, 24, generator=g, dtype=torch.float64)
+    per_item = torch.func.vmap(l1_loss)(batch, batch.flip(0))
+    assert_rel_close(per_item, torch.stack([F.l1_loss(a, b) for a, b in zip(batch, batch.flip(0))]), 1e-12)
+
+
 @pytest.mark.parametrize("dtype, autocast", [(torch.bfloat16, True), (torch.float32, False)], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
 def test_l1_loss_takes_a_large_widened_difference_by_chunks(dtype, autocast, layout, monkeypatch):
@@ -1315,6 +1364,13 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(name):
         results.append((out.detach(), [p.grad for p in net.parameters()]))
         with torch.no_grad():  # no autograd: no recomputation either, the plain forward
             assert torch.equal(net(x, inst) if name == "Encoder" else net(x), out)
+        # torch.func refuses checkpointing's saved-tensor hooks: the network keeps its activations there.
+        params = dict(net.named_parameters())
+        grads = torch.func.grad(lambda p: torch.func.functional_call(net, p, (x, inst)[:2 if name == "Encoder" else 1])
+                                .square().sum())(params)
+        # (Under torch.func the IN layers take their differentiable path: equal within rounding.)
+        assert_same_gradients([grads[k] if p.grad is not None else None for k, p in params.items()],
+                              [p.grad for p in params.values()], 1e-5)
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 

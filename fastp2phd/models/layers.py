@@ -110,7 +110,10 @@ def check_input(network: nn.Module, x, channels: int, multiple: int = 1, flag_hi
 
 def checkpointed(fn, *args):
     """``fn(*args)``, keeping only ``args`` for backward and recomputing the rest there (non-reentrant
-    ``torch.utils.checkpoint``, which restores the RNG and autocast state: the same values)."""
+    ``torch.utils.checkpoint``, which restores the RNG and autocast state: the same values). Under a torch.func
+    transform, which refuses the saved-tensor hooks checkpointing is built on, ``fn(*args)`` keeping everything."""
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        return fn(*args)
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgumentError
+from ..ops._common import tangents_may_flow
 from .layers import checkpointed
 from .vgg import Vgg19
 
@@ -122,12 +123,16 @@ def _chunks(x: torch.Tensor, elements: int) -> list[tuple[int, int]]:
 def l1_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``F.l1_loss(x, y)`` (mean reduction, same values and gradients), saving 1 byte per element for
     backward instead of a full-precision difference. Under autocast it runs in float32 at least, as CUDA's
-    autocast runs ``l1_loss`` (float64 stays float64)."""
+    autocast runs ``l1_loss`` (float64 stays float64). Under forward AD or a torch.func transform it is
+    ``F.l1_loss`` itself."""
     if x.shape != y.shape:
         raise InvalidArgumentError(f"l1_loss: x {tuple(x.shape)} and y {tuple(y.shape)} must have the same shape")
     dtype = torch.promote_types(x.dtype, y.dtype)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.promote_types(dtype, torch.float32)
+    if tangents_may_flow():
+        # Forward AD and torch.func's transforms: _SignSavingL1 has no jvp (one would stop Dynamo tracing it).
+        return F.l1_loss(x.to(dtype), y.to(dtype))
     return _SignSavingL1.apply(x, y, dtype)
 
 
