@@ -1375,6 +1375,25 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(name):
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_the_global_generator_scripts_like_the_original_and_runs_without_fastp2phd(fused, tmp_path):
+    """torch.jit.script takes G1 as it takes the original's (a Sequential of PyTorch's modules): the saved
+    script runs in a process that never imports fastp2phd, with G1's outputs."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(12)
+    net = GlobalGenerator(5, 3, ngf=4, n_downsampling=2, n_blocks=2, fused=fused).eval()
+    x = torch.randn(1, 5, 16, 24)
+    torch.save(x, tmp_path / "x.pt")
+    torch.jit.script(net).save(str(tmp_path / "g.pt"))
+    code = (f"import sys, torch; out = torch.jit.load({str(tmp_path / 'g.pt')!r})(torch.load({str(tmp_path / 'x.pt')!r}));"
+            f"torch.save(out, {str(tmp_path / 'out.pt')!r}); assert 'fastp2phd' not in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert_rel_close(torch.load(tmp_path / "out.pt"), net(x).detach(), 1e-5)
+
+
 def test_networks_compile_fullgraph():
     """The fused networks (with the registered instance_mean op inside the encoder) trace as one graph."""
     torch._dynamo.reset()

@@ -60,6 +60,7 @@ class OfficialCheckpointMixin:
 
     FLAGS: dict[str, str] = {}
     options: dict[str, Any]
+    __jit_ignored_attributes__ = ["options"]  # a type TorchScript does not know; forward does not read it there
 
     @classmethod
     def options_from_state_dict(cls, state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -164,6 +164,8 @@ class GlobalGenerator(OfficialCheckpointMixin, nn.Module):
         self.checkpoint = checkpoint
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript (which the original G1 takes): the layers alone
+            return self.model(input)
         check_input(self, input, self.options["input_nc"], 2 ** self.options["n_downsampling"], _INPUT_FLAGS)
         return run_stages(self.model, input, self.stages, self.checkpoint)
 
