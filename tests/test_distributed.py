@@ -61,7 +61,15 @@ def _gloo_workers() -> set[int]:
     tasks = Path("/proc/self/task")
     if not tasks.is_dir():
         return set()
-    return {int(task.name) for task in tasks.iterdir() if (task / "comm").read_text().strip() == "pt_gloo_runloop"}
+    return {int(task.name) for task in tasks.iterdir() if _thread_name(task) == "pt_gloo_runloop"}
+
+
+def _thread_name(task: Path) -> str | None:
+    """A thread's name; None for one that ended since its folder was listed."""
+    try:
+        return (task / "comm").read_text().strip()
+    except FileNotFoundError:
+        return None
 
 
 def _two_processes(tmp_path, argv, stop_at=None) -> list[dict[str, float]] | None:
