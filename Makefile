@@ -37,8 +37,9 @@ install: $(STAMP)
 
 # Two processes: the Triton kernels run in Triton's interpreter on CPU tensors, which
 # needs TRITON_INTERPRET=1 before Triton is imported and breaks torch.compile. They run side by
-# side: the interpreter is one thread of Python (9 of the 25 minutes on 2 cores, one after the
-# other), so it takes the core the main suite leaves idle. Its report is printed when both are done.
+# side: the interpreter is one thread of Python (9 minutes), so it takes the core the main suite
+# (14 minutes) leaves idle; on 2 cores make test took 22 minutes so, 27 to 29 one after the other.
+# Its report is printed when both are done.
 test: $(TEST_STAMP)
 	$(PY) -m fastp2phd info
 	@log=$$(mktemp); \
