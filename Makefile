@@ -37,13 +37,13 @@ install: $(STAMP)
 
 # Two processes: the Triton kernels run in Triton's interpreter on CPU tensors, which
 # needs TRITON_INTERPRET=1 before Triton is imported and breaks torch.compile. They run side by
-# side: the interpreter is one thread of Python (9 minutes), so it takes the core the main suite
-# (14 minutes) leaves idle; on 2 cores make test took 22 minutes so, 27 to 29 one after the other.
+# side: the interpreter is one thread of Python (9 minutes), and the main suite (14 minutes) keeps
+# about one core of two busy, so the interpreter runs niced, on the time the main suite leaves.
 # Its report is printed when both are done.
 test: $(TEST_STAMP)
 	$(PY) -m fastp2phd info
 	@log=$$(mktemp); \
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/interpreter $(PYTEST_ARGS) > $$log 2>&1 & interpreter=$$!; \
+	TRITON_INTERPRET=1 nice -n 10 $(PY) -m pytest tests/interpreter $(PYTEST_ARGS) > $$log 2>&1 & interpreter=$$!; \
 	trap 'kill $$interpreter 2>/dev/null' INT TERM; \
 	$(PY) -m pytest $(PYTEST_ARGS); suite=$$?; \
 	wait $$interpreter; interpreted=$$?; \
