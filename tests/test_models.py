@@ -1180,6 +1180,20 @@ def test_l1_loss_is_f_l1_loss_bit_for_bit(dtype, autocast):
     assert grads[0].dtype == dtype
 
 
+def test_l1_loss_of_nan_and_inf_differences_is_f_l1_loss_bit_for_bit():
+    """NaN differences (a NaN input, inf - inf) make the loss NaN and get gradient 0, as F.l1_loss's (torch.sign of
+    NaN is 0); inf differences get the sign's gradient."""
+    from fastp2phd.models.losses import l1_loss
+
+    x = torch.tensor([1.0, float("nan"), float("inf"), float("inf"), -float("inf"), 2.0, 3.0]).requires_grad_(True)
+    y = torch.tensor([0.5, 1.0, 1.0, float("inf"), 0.0, 2.0, 4.0])
+    value, expected = l1_loss(x, y), F.l1_loss(x, y)
+    grad, expected_grad = torch.autograd.grad(value, x)[0], torch.autograd.grad(expected, x)[0]
+    assert value.isnan() and expected.isnan()
+    assert torch.equal(grad, expected_grad)
+    assert (grad != 0).tolist() == [True, False, True, False, True, False, True]
+
+
 def test_the_perceptual_and_feature_matching_losses_serve_forward_ad_and_torch_func():
     """Forward AD (dual tensors, torch.func.jvp), torch.func.grad and vmap run through VGGLoss and
     feature_matching_loss as through the same losses built on F.l1_loss, which the sign-saving L1 replaces."""

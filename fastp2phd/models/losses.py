@@ -90,18 +90,20 @@ class _SignSavingL1(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         # PyTorch's gradient is (grad / numel) * sign(diff), then cast to the input's dtype. Multiplying
-        # by -1, 0 or 1 is exact, so scaling the sign in the input's dtype gives the same values with
-        # one full-size tensor instead of three.
+        # by -1, 0 or 1 is exact, so scaling the int8 sign by the scale in the input's dtype (the product
+        # takes the scale's dtype) gives the same values in one full-size tensor and one kernel.
         (sign,) = ctx.saved_tensors
         scale = grad / ctx.numel
-        grads = [sign.to(dtype).mul_(scale.to(dtype) if sign_of_input > 0 else -scale.to(dtype)) if needed else None
+        grads = [sign * (scale.to(dtype) if sign_of_input > 0 else -scale.to(dtype)) if needed else None
                  for needed, dtype, sign_of_input in zip(ctx.needs_input_grad, ctx.dtypes, (1, -1))]
         return grads[0], grads[1], None
 
 
 def _sign(diff: torch.Tensor) -> torch.Tensor:
-    """torch.sign as int8, without a full-size float."""
-    return diff.gt(0).to(torch.int8).sub_(diff.lt(0).to(torch.int8))
+    """torch.sign as int8, without a full-size float: the two comparisons' bytes read as int8 (True is 1), no
+    copies. A NaN difference gets 0, as torch.sign gives (so F.l1_loss's gradient is 0 there too)."""
+    sign = diff.gt(0).view(torch.int8)
+    return sign.sub_(diff.lt(0).view(torch.int8))
 
 
 def _abs_sum_and_sign(x: torch.Tensor, y: torch.Tensor, dtype: torch.dtype, sign: torch.Tensor) -> torch.Tensor:
