@@ -1379,9 +1379,8 @@ def test_activation_checkpointing_gives_the_same_outputs_and_gradients(name):
         with torch.no_grad():  # no autograd: no recomputation either, the plain forward
             assert torch.equal(net(x, inst) if name == "Encoder" else net(x), out)
         # torch.func refuses checkpointing's saved-tensor hooks: the network keeps its activations there.
-        params = dict(net.named_parameters())
-        grads = torch.func.grad(lambda p: torch.func.functional_call(net, p, (x, inst)[:2 if name == "Encoder" else 1])
-                                .square().sum())(params)
+        params, args = dict(net.named_parameters()), ((x, inst) if name == "Encoder" else (x,))
+        grads = torch.func.grad(lambda p: torch.func.functional_call(net, p, args).square().sum())(params)
         # (Under torch.func the IN layers take their differentiable path: equal within rounding.)
         assert_same_gradients([grads[k] if p.grad is not None else None for k, p in params.items()],
                               [p.grad for p in params.values()], 1e-5)
