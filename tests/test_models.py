@@ -1194,6 +1194,19 @@ def test_l1_loss_of_nan_and_inf_differences_is_f_l1_loss_bit_for_bit():
     assert (grad != 0).tolist() == [True, False, True, False, True, False, True]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_the_l1_gradient_is_the_same_from_the_gpus_direct_multiply(dtype):
+    """Backward scales the int8 sign by converting it first on the CPU and by one mixed-dtype multiply on a GPU:
+    the same values, signed zeros included, in the scale's dtype (the GPU's formula, run here on the CPU)."""
+    from fastp2phd.models.losses import _scaled
+
+    sign = torch.tensor([[-1, 0, 1], [1, -1, 0]], dtype=torch.int8)
+    for scale in (torch.tensor(-0.37, dtype=dtype), torch.tensor(3e-5, dtype=dtype)):
+        direct, converted = sign * scale, _scaled(sign, scale)
+        assert direct.dtype == converted.dtype == dtype
+        assert torch.equal(direct, converted) and torch.equal(direct.signbit(), converted.signbit())
+
+
 def test_the_perceptual_and_feature_matching_losses_serve_forward_ad_and_torch_func():
     """Forward AD (dual tensors, torch.func.jvp), torch.func.grad and vmap run through VGGLoss and
     feature_matching_loss as through the same losses built on F.l1_loss, which the sign-saving L1 replaces."""
