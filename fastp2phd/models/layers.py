@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..nn import InstanceNormAct2d
+from ..ops._common import functorch_transform
 
 NORMS = ("instance", "batch")
 PADDINGS = ("reflect", "replicate", "zero")
@@ -112,7 +113,7 @@ def checkpointed(fn, *args):
     """``fn(*args)``, keeping only ``args`` for backward and recomputing the rest there (non-reentrant
     ``torch.utils.checkpoint``, which restores the RNG and autocast state: the same values). Under a torch.func
     transform, which refuses the saved-tensor hooks checkpointing is built on, ``fn(*args)`` keeping everything."""
-    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+    if functorch_transform() is not None:
         return fn(*args)
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 

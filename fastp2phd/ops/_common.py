@@ -108,8 +108,16 @@ def tangents_may_flow() -> bool:
         return False
     if torch.autograd.forward_ad._current_level >= 0:
         return True
-    transform = torch._C._functorch.peek_interpreter_stack()
+    transform = functorch_transform()
     return transform is not None and transform.key() in _GRAD_TRANSFORMS
+
+
+def functorch_transform():
+    """The innermost torch.func transform (grad, jvp, vmap, ...) running, or None; None while torch.compile
+    traces, which handles the transforms itself."""
+    if torch.compiler.is_compiling():
+        return None
+    return torch._C._functorch.peek_interpreter_stack()
 
 
 _GRAD_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp,
