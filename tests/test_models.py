@@ -1180,14 +1180,16 @@ def test_l1_loss_is_f_l1_loss_bit_for_bit(dtype, autocast):
     assert grads[0].dtype == dtype
 
 
-def test_l1_loss_of_nan_and_inf_differences_is_f_l1_loss_bit_for_bit():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_l1_loss_of_nan_and_inf_differences_is_f_l1_loss_bit_for_bit(compiled):
     """NaN differences (a NaN input, inf - inf) make the loss NaN and get gradient 0, as F.l1_loss's (torch.sign of
-    NaN is 0); inf differences get the sign's gradient."""
+    NaN is 0); inf differences get the sign's gradient. Compiled too, where the int8 sign has its own formula."""
     from fastp2phd.models.losses import l1_loss
 
+    loss = torch.compile(l1_loss, fullgraph=True) if compiled else l1_loss
     x = torch.tensor([1.0, float("nan"), float("inf"), float("inf"), -float("inf"), 2.0, 3.0]).requires_grad_(True)
     y = torch.tensor([0.5, 1.0, 1.0, float("inf"), 0.0, 2.0, 4.0])
-    value, expected = l1_loss(x, y), F.l1_loss(x, y)
+    value, expected = loss(x, y), F.l1_loss(x, y)
     grad, expected_grad = torch.autograd.grad(value, x)[0], torch.autograd.grad(expected, x)[0]
     assert value.isnan() and expected.isnan()
     assert torch.equal(grad, expected_grad)

@@ -112,8 +112,9 @@ def check_input(network: nn.Module, x, channels: int, multiple: int = 1, flag_hi
 def checkpointed(fn, *args):
     """``fn(*args)``, keeping only ``args`` for backward and recomputing the rest there (non-reentrant
     ``torch.utils.checkpoint``, which restores the RNG and autocast state: the same values). Under a torch.func
-    transform, which refuses the saved-tensor hooks checkpointing is built on, ``fn(*args)`` keeping everything."""
-    if functorch_transform() is not None:
+    transform, which refuses the saved-tensor hooks checkpointing is built on, and under forward AD, which
+    checkpointing before torch 2.13 cannot carry, ``fn(*args)`` keeping everything."""
+    if functorch_transform() is not None or torch.autograd.forward_ad._current_level >= 0:
         return fn(*args)
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 

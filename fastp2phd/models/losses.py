@@ -110,7 +110,11 @@ def _scaled(sign: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def _sign(diff: torch.Tensor) -> torch.Tensor:
     """torch.sign as int8, without a full-size float: the two comparisons' bytes read as int8 (True is 1), no
-    copies. A NaN difference gets 0, as torch.sign gives (so F.l1_loss's gradient is 0 there too)."""
+    copies. A NaN difference gets 0, as torch.sign gives (so F.l1_loss's gradient is 0 there too). Compiled, the
+    comparisons are converted instead: Inductor fuses them into one kernel either way, and before torch 2.13 it
+    cannot lower a bool tensor viewed as int8."""
+    if torch.compiler.is_compiling():
+        return diff.gt(0).to(torch.int8) - diff.lt(0).to(torch.int8)
     sign = diff.gt(0).view(torch.int8)
     return sign.sub_(diff.lt(0).view(torch.int8))
 
