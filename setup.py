@@ -11,6 +11,7 @@ against the torch that is already installed.
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import find_packages, setup
@@ -42,6 +43,7 @@ def extension_modules():
     # selects such as `x > 0 ? dy : 0` as branches instead of vectorising them.
     cxx_flags = ["-O3", "-fno-trapping-math", *openmp]
     if with_cuda:
+        _default_cuda_archs(torch)
         ext = CUDAExtension(
             "fastp2phd._C",
             cpp_sources + cuda_sources,
@@ -53,6 +55,19 @@ def extension_modules():
         ext = CppExtension("fastp2phd._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=openmp)
     print(f"fastp2phd: building the extension with{'' if with_cuda else 'out'} CUDA kernels")
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+def _default_cuda_archs(torch):
+    """On a machine without a GPU (a container build), torch's build finds no GPU architecture to compile for and
+    fails with an IndexError: build for the ones torch itself was built for, unless TORCH_CUDA_ARCH_LIST says."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_available():
+        return
+    flags = getattr(torch._C, "_cuda_getArchFlags", lambda: "")()
+    archs = [f"{m[1]}.{m[2]}" for m in re.finditer(r"\bsm_(\d+)(\d)\b", flags)]
+    if archs:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs) + "+PTX"
+        print("fastp2phd: no GPU is visible, so the CUDA kernels are built for the architectures torch was built "
+              f"for: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (set it to build for fewer)")
 
 
 ext_modules, cmdclass = extension_modules()
