@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import InvalidArgumentError
 from ..nn import InstanceNormAct2d
-from ..ops._common import functorch_transform
+from ..ops._common import forward_ad_active, functorch_transform
 
 NORMS = ("instance", "batch")
 PADDINGS = ("reflect", "replicate", "zero")
@@ -114,7 +114,7 @@ def checkpointed(fn, *args):
     ``torch.utils.checkpoint``, which restores the RNG and autocast state: the same values). Under a torch.func
     transform, which refuses the saved-tensor hooks checkpointing is built on, and under forward AD, which
     checkpointing before torch 2.13 cannot carry, ``fn(*args)`` keeping everything."""
-    if functorch_transform() is not None or torch.autograd.forward_ad._current_level >= 0:
+    if functorch_transform() is not None or forward_ad_active():
         return fn(*args)
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 

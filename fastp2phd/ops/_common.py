@@ -106,10 +106,15 @@ def tangents_may_flow() -> bool:
     """
     if torch.compiler.is_compiling():
         return False
-    if torch.autograd.forward_ad._current_level >= 0:
+    if forward_ad_active():
         return True
     transform = functorch_transform()
     return transform is not None and transform.key() in _GRAD_TRANSFORMS
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD dual level (``torch.autograd.forward_ad.dual_level``) is open."""
+    return torch.autograd.forward_ad._current_level >= 0
 
 
 def functorch_transform():
